@@ -1,0 +1,303 @@
+"""`blip` command line. Exit codes: 0 ok, 1 some rows failed (reported), 2 usage or fatal error (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A fatal, user-facing error: printed as one line, exit code 2."""
+
+
+def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        parser.add_argument("--model", "-m", required=True,
+                            help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth")
+        parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights/compute dtype (default: float32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
+
+
+def _generation(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip", description="BLIP vision-language models: caption images, answer "
+                                     "questions, match and compare images with text, convert checkpoints.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log what happens (loading, resizing, ...)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("caption", help="write a caption for each image",
+                       description="Caption images. Example: blip caption --model DIR a.jpg b.png --num-beams 3 "
+                                   "--format jsonl")
+    _common(p)
+    _generation(p, 20)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--prompt", help='text the caption starts with, e.g. "a picture of"')
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy/beam")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-captions", type=int, default=1, help="captions per image (beam width or samples)")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+
+    p = sub.add_parser("vqa", help="answer questions about images",
+                       description='Answer questions. One --image with several --question flags asks each question '
+                                   'about that image; equal numbers pair them up. Example: blip vqa --model DIR '
+                                   '--image a.jpg --question "how many dogs?" --question "what colour?"')
+    _common(p)
+    _generation(p, 10)
+    p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
+    p.add_argument("--question", action="append", required=True, help="question (repeatable)")
+    p.add_argument("--answers", help="rank these candidate answers instead of generating: a JSON list or a "
+                                     "file with one answer per line")
+
+    p = sub.add_parser("match", help="image-text matching probability (ITM head)",
+                       description="P(match) for each image-text pair; one image with several texts, or pairwise.")
+    _common(p)
+    p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
+    p.add_argument("--text", action="append", required=True, help="text (repeatable)")
+
+    p = sub.add_parser("similarity", help="contrastive (ITC) cosine similarity of every image with every text")
+    _common(p)
+    p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
+    p.add_argument("--text", action="append", required=True, help="text (repeatable)")
+
+    p = sub.add_parser("convert", help="convert a checkpoint (e.g. an original .pth) to a Hugging Face folder",
+                       description="Load any checkpoint blip reads and save it as a complete Hugging Face folder.")
+    p.add_argument("source", help="checkpoint: .pth file, HF folder or hub id")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--kind", choices=["caption", "vqa", "retrieval"],
+                   help="which model to take out of a multi-part (pretrain) checkpoint")
+    p.add_argument("--image-size", type=int, help="resize the position embeddings for this input size")
+    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (original .pth files ship none)")
+    p.add_argument("--config", help="config.json (or its folder) describing the model, for a .pth whose sizes "
+                                    "cannot be read off its shapes (attention heads other than 64 wide)")
+
+    sub.add_parser("list", help="list the published checkpoints blip knows by name")
+
+    p = sub.add_parser("data", help="generate datasets (the synthetic shapes world)")
+    p.add_argument("dataset", choices=["shapes"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the generator (see `blip data shapes -h`)")
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on the tiny preset (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    return parser
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace):
+    import blip
+    from blip.weights.load import CheckpointError
+
+    try:
+        return blip.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                         batch_size=args.batch_size)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def _decode_all(paths: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Decode every image once; failures are collected per path instead of stopping the run."""
+    from blip.transforms import ImageDecodeError, load_image
+
+    images, errors = {}, {}
+    for path in dict.fromkeys(paths):
+        try:
+            images[path] = load_image(path, name=path)
+        except (ImageDecodeError, OSError) as e:
+            errors[path] = str(e)
+    return images, errors
+
+
+def _emit(args: argparse.Namespace, row: dict[str, Any], text: str) -> None:
+    print(json.dumps(row, ensure_ascii=False) if args.format == "jsonl" else text, flush=True)
+
+
+def _report_errors(args: argparse.Namespace, errors: dict[str, str]) -> int:
+    for path, message in errors.items():
+        if args.format == "jsonl":
+            print(json.dumps({"image": path, "error": message}), flush=True)
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAILED_ROWS if errors else EXIT_OK
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    model = _load(args)
+    images, errors = _decode_all(args.images)
+    good = [p for p in args.images if p in images]
+    if good:
+        try:
+            results = model.caption([images[p] for p in good], prompt=args.prompt, num_beams=args.num_beams,
+                                    max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                    do_sample=args.sample, top_p=args.top_p, top_k=args.top_k,
+                                    temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                                    num_captions=args.num_captions, seed=args.seed)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        for path, result in zip(good, results):
+            for cap in result if isinstance(result, list) else [result]:
+                _emit(args, {"image": path, "caption": cap.text, "score": cap.score}, f"{path}\t{cap.text}")
+    return _report_errors(args, errors)
+
+
+def _pairs(images: list[str], texts: list[str], what: str) -> list[tuple[str, str]]:
+    if len(images) == 1:
+        return [(images[0], t) for t in texts]
+    if len(texts) == 1:
+        return [(i, texts[0]) for i in images]
+    if len(images) != len(texts):
+        raise CliError(f"{len(images)} --image but {len(texts)} --{what}: give one image, one {what}, or equal "
+                       f"numbers")
+    return list(zip(images, texts))
+
+
+def _read_answers(spec: str) -> list[str]:
+    path = Path(spec)
+    text = path.read_text() if path.exists() else spec
+    try:
+        answers = json.loads(text)
+    except json.JSONDecodeError:
+        answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(answers, list) or not answers:
+        raise CliError(f"--answers {spec!r}: expected a JSON list or one answer per line")
+    return [str(a) for a in answers]
+
+
+def cmd_vqa(args: argparse.Namespace) -> int:
+    pairs = _pairs(args.image, args.question, "question")
+    for _, question in pairs:
+        if not question.strip():
+            raise CliError("a --question is empty")
+    answers = _read_answers(args.answers) if args.answers else None
+    model = _load(args)
+    images, errors = _decode_all(args.image)
+    good = [(i, q) for i, q in pairs if i in images]
+    if good:
+        try:
+            results = model.answer([images[i] for i, _ in good], [q for _, q in good], answers=answers,
+                                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        for (path, question), ans in zip(good, results):
+            _emit(args, {"image": path, "question": question, "answer": ans.text, "score": ans.score},
+                  f"{path}\t{question}\t{ans.text}")
+    return _report_errors(args, errors)
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    pairs = _pairs(args.image, args.text, "text")
+    model = _load(args)
+    images, errors = _decode_all(args.image)
+    good = [(i, t) for i, t in pairs if i in images]
+    if good:
+        try:
+            probs = model.match([images[i] for i, _ in good], [t for _, t in good])
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        for (path, text), prob in zip(good, probs):
+            _emit(args, {"image": path, "text": text, "score": prob}, f"{path}\t{text}\t{prob:.4f}")
+    return _report_errors(args, errors)
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    model = _load(args)
+    images, errors = _decode_all(args.image)
+    good = [p for p in args.image if p in images]
+    if good:
+        try:
+            sims = model.similarity([images[p] for p in good], args.text)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        for path, row in zip(good, sims.tolist()):
+            for text, sim in zip(args.text, row):
+                _emit(args, {"image": path, "text": text, "score": sim}, f"{path}\t{text}\t{sim:.4f}")
+    return _report_errors(args, errors)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import blip
+    from blip.weights.load import CheckpointError
+
+    try:
+        model = blip.load(args.source, kind=args.kind, image_size=args.image_size, tokenizer=args.tokenizer,
+                          config=args.config)
+        model.save(args.output)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    report = model.report
+    print(f"wrote {args.output}: a {model.config.kind!r} model ({model.model.num_parameters() / 1e6:.2f}M parameters) "
+          f"from {report.layout} layout {report.weights_file}")
+    if report.dropped_keys:
+        print(f"dropped {len(report.dropped_keys)} training-only or unused entries "
+              f"(e.g. {', '.join(report.dropped_keys[:3])})")
+    if report.resized_position_embedding:
+        old, new = report.resized_position_embedding
+        print(f"resized the position embedding from {old} to {new} patches")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from blip.weights.registry import PRETRAINED
+
+    for name, info in PRETRAINED.items():
+        print(f"{name:20s} {info.hub_id:42s} {info.kind:10s} {info.vision}  {info.description}")
+    return EXIT_OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from blip.data import shapes
+
+    return shapes.cli_main(args.args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blip.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "caption": cmd_caption, "vqa": cmd_vqa, "match": cmd_match, "similarity": cmd_similarity,
+    "convert": cmd_convert, "list": cmd_list, "data": cmd_data, "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as e:
+        print(f"blip {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Model configuration: dataclasses, named presets, and the Hugging Face `config.json` mapping.
+
+Field defaults are the defaults transformers uses for a field missing from a BLIP `config.json`, so a minimal hub
+config (which only states what differs) resolves to the same model here and there. Note the trap in
+`TextConfig.num_attention_heads`: the default is 8, while every real checkpoint uses 12 (see FACTS.md §1.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ModelKind = Literal["caption", "vqa", "retrieval", "pretrain"]
+
+# Which heads each kind of model carries, and the transformers class name for each kind.
+KIND_PARTS: dict[str, tuple[str, ...]] = {
+    "caption": ("text_decoder",),
+    "vqa": ("text_encoder", "text_decoder"),
+    "retrieval": ("text_encoder", "heads"),
+    "pretrain": ("text_encoder", "text_decoder", "heads"),
+}
+HF_ARCHITECTURES: dict[str, str] = {
+    "caption": "BlipForConditionalGeneration",
+    "vqa": "BlipForQuestionAnswering",
+    "retrieval": "BlipForImageTextRetrieval",
+}
+KIND_TASKS: dict[str, frozenset[str]] = {
+    "caption": frozenset({"caption"}),
+    "vqa": frozenset({"vqa"}),
+    "retrieval": frozenset({"itm", "itc"}),
+    "pretrain": frozenset({"caption", "itm", "itc"}),
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 768  # ViT width (768 base, 1024 large)
+    intermediate_size: int = 3072  # MLP width
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 384  # square input side in pixels
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5  # transformers' value; the original code used 1e-6
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, training only
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2 + 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 30524  # bert-base-uncased 30522 + [DEC] + [ENC]
+    hidden_size: int = 768
+    encoder_hidden_size: int = 768  # width of the image tokens the cross-attention reads (= vision hidden size)
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8  # transformers' default; real checkpoints say 12
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    bos_token_id: int = 30522  # [DEC], starts every decoder sequence
+    pad_token_id: int = 0
+    sep_token_id: int = 102  # [SEP], the end of every generated sequence
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlipConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    kind: ModelKind = "caption"  # None only transiently, while a loader infers it from the weights
+    embed_dim: int = 256  # ITC projection width (`image_text_hidden_size`)
+
+    @property
+    def enc_token_id(self) -> int:
+        """[ENC]: the token the original code put at position 0 for the image-grounded encoder."""
+        return self.text.bos_token_id + 1
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        return KIND_TASKS[self.kind]
+
+    def replace(self, **changes: Any) -> BlipConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- Hugging Face config.json -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], kind: ModelKind | None = None) -> BlipConfig:
+        """Build from a transformers `config.json` dict; missing fields take transformers' defaults."""
+        if kind is None:
+            kind = kind_from_architectures(data.get("architectures") or [])
+        vision = _dataclass_from(VisionConfig, data.get("vision_config") or {})
+        text_data = dict(data.get("text_config") or {})
+        for key in ("eos_token_id",):
+            text_data.pop(key, None)
+        text = _dataclass_from(TextConfig, text_data)
+        # transformers ties the text side's cross-attention width to the vision width.
+        text = dataclasses.replace(text, encoder_hidden_size=vision.hidden_size)
+        embed_dim = int(data.get("image_text_hidden_size", 256))
+        return cls(vision=vision, text=text, kind=kind, embed_dim=embed_dim)  # kind None: let the weights tell
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A complete `config.json` that transformers loads as the matching Blip* class."""
+        if self.kind not in HF_ARCHITECTURES:
+            raise ValueError(f"a {self.kind!r} model has no transformers class; save its parts separately")
+        vision = dataclasses.asdict(self.vision)
+        vision.pop("drop_path_rate")
+        vision.update(model_type="blip_vision_model", hidden_act="gelu")
+        text = dataclasses.asdict(self.text)
+        text.update(model_type="blip_text_model", hidden_act="gelu", is_decoder=True, eos_token_id=2)
+        return {
+            "architectures": [HF_ARCHITECTURES[self.kind]],
+            "model_type": "blip",
+            "image_text_hidden_size": self.embed_dim,
+            "projection_dim": 512,
+            "logit_scale_init_value": 2.6592,
+            "text_config": text,
+            "vision_config": vision,
+        }
+
+
+def kind_from_architectures(architectures: list[str]) -> ModelKind | None:
+    for kind, name in HF_ARCHITECTURES.items():
+        if name in architectures:
+            return kind  # type: ignore[return-value]
+    return None
+
+
+def _dataclass_from(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        if key in ("image_size", "patch_size") and isinstance(value, list | tuple):
+            if len(set(value)) != 1:
+                raise ValueError(f"non-square {key} {value} is not supported")
+            value = value[0]
+        values[key] = value
+    return cls(**values)
+
+
+# --- presets -----------------------------------------------------------------------------------------------------
+
+
+def _text(**kw: Any) -> TextConfig:
+    return TextConfig(num_attention_heads=12, **kw)
+
+
+VISION_BASE = VisionConfig()
+VISION_LARGE = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+
+PRESETS: dict[str, BlipConfig] = {
+    "blip_base_caption": BlipConfig(VISION_BASE, _text(), "caption"),
+    "blip_large_caption": BlipConfig(VISION_LARGE, _text(encoder_hidden_size=1024), "caption"),
+    "blip_base_vqa": BlipConfig(VISION_BASE, _text(), "vqa"),
+    "blip_base_retrieval": BlipConfig(VISION_BASE, _text(), "retrieval"),
+    "blip_large_retrieval": BlipConfig(VISION_LARGE, _text(encoder_hidden_size=1024), "retrieval"),
+    "blip_base_pretrain": BlipConfig(VisionConfig(image_size=224), _text(), "pretrain"),
+    # Tiny model for tests and the shapes world: builds in milliseconds, trains on a CPU.
+    "blip_test": BlipConfig(
+        VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                     patch_size=8),
+        TextConfig(vocab_size=30524, hidden_size=64, encoder_hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64),
+        "pretrain",
+        embed_dim=32,
+    ),
+}
+
+
+def get_preset(name: str, **changes: Any) -> BlipConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]

@@ -1,0 +1,58 @@
+"""Image-text matching (ITM head) and contrastive similarity / embeddings (ITC projections)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from blip.tasks.common import MAX_TEXT_TOKENS, chunks, group_rows, model_input
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+
+@torch.inference_mode()
+def match_probabilities(blip: Blip, images: list[Image.Image], texts: list[str], image_index: list[int]) -> list[float]:
+    """P(match) for each (images[image_index[t]], texts[t]) pair from the ITM head."""
+    model = blip.model
+    device = next(model.parameters()).device
+    out = [0.0] * len(texts)
+    for chunk in chunks(len(texts), blip.batch_size):
+        rows = list(chunk)
+        used = sorted({image_index[r] for r in rows})
+        local = {img: i for i, img in enumerate(used)}
+        owner = [local[image_index[r]] for r in rows]
+        order, per_image = group_rows(owner, len(used))
+        ids, mask = blip.tokenizer([texts[rows[o]] for o in order], max_length=MAX_TEXT_TOKENS)
+        image_embeds = model.encode_image(model_input(blip.transform([images[i] for i in used]), model))
+        index = None if per_image else torch.tensor([owner[o] for o in order], device=device)
+        cross = model.image_cross_kv(image_embeds, index=index)
+        states = model.encode_multimodal(ids.to(device), mask.to(device), cross=cross)
+        probs = model.itm_logits(states).float().softmax(-1)[:, 1].tolist()
+        for position, o in enumerate(order):
+            out[rows[o]] = probs[position]
+    return out
+
+
+@torch.inference_mode()
+def image_embeddings(blip: Blip, images: list[Image.Image]) -> torch.Tensor:
+    """L2-normalised ITC image features `[n, embed_dim]` (float32, on CPU)."""
+    feats = []
+    for chunk in chunks(len(images), blip.batch_size):
+        pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model)
+        feats.append(blip.model.image_features(blip.model.encode_image(pixels)).float().cpu())
+    return torch.cat(feats)
+
+
+@torch.inference_mode()
+def text_embeddings(blip: Blip, texts: list[str]) -> torch.Tensor:
+    """L2-normalised ITC text features `[n, embed_dim]` (float32, on CPU); [CLS] at position 0, no image."""
+    device = next(blip.model.parameters()).device
+    feats = []
+    for chunk in chunks(len(texts), max(blip.batch_size, 32)):
+        ids, mask = blip.tokenizer([texts[i] for i in chunk], max_length=MAX_TEXT_TOKENS)
+        states = blip.model.encode_text(ids.to(device), mask.to(device))
+        feats.append(blip.model.text_features(states).float().cpu())
+    return torch.cat(feats)

@@ -1,0 +1,93 @@
+"""Visual question answering: generate an answer, or rank a given answer list (the original evaluation mode)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from blip.models.bert import CrossKV
+from blip.models.generation import GenerationConfig, generate
+from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, model_input
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+RANK_TOP_K = 128  # candidates kept after the first-token pass (original VQA evaluation)
+RANK_LABEL_SMOOTHING = 0.1
+
+
+@torch.inference_mode()
+def encode_questions(blip: Blip, images: list[Image.Image], questions: list[str],
+                     image_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Question states `[Q, L, D]` and mask `[Q, L]`, each question grounded in its image; the ViT runs once per
+    distinct image and each image's cross-attention keys/values are projected once."""
+    model = blip.model
+    order, per_image = group_rows(image_index, len(images))
+    ids, mask = blip.tokenizer([questions[r] for r in order], max_length=MAX_TEXT_TOKENS)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    image_embeds = model.encode_image(model_input(blip.transform(images), model))
+    index = None if per_image else torch.tensor([image_index[r] for r in order], device=device)
+    cross = model.image_cross_kv(image_embeds, index=index)
+    states = model.encode_multimodal(ids, mask, cross=cross)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = inverse.to(device)
+    return states.index_select(0, inverse), mask.index_select(0, inverse)
+
+
+def _answer_cross(blip: Blip, states: torch.Tensor, mask: torch.Tensor) -> CrossKV:
+    return blip.model.text_decoder.bert.cross_kv(states, mask)
+
+
+@torch.inference_mode()
+def answer_questions(blip: Blip, images: list[Image.Image], questions: list[str], image_index: list[int], *,
+                     generation: GenerationConfig, answers: list[str] | None = None) -> list[Answer]:
+    """One answer per question; `image_index[q]` says which of `images` question q is about."""
+    results: list[Answer] = []
+    for chunk in chunks(len(questions), blip.batch_size):
+        rows = list(chunk)
+        used = sorted({image_index[r] for r in rows})
+        local = {img: i for i, img in enumerate(used)}
+        states, mask = encode_questions(blip, [images[i] for i in used], [questions[r] for r in rows],
+                                        [local[image_index[r]] for r in rows])
+        cross = _answer_cross(blip, states, mask)
+        if answers is None:
+            bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+            for (seq,) in generate(blip.model.text_decoder, cross, [bos], generation, eos_id=eos):
+                results.append(Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids))
+        else:
+            results.extend(_rank(blip, cross, answers))
+    return results
+
+
+def _rank(blip: Blip, cross: CrossKV, answers: list[str]) -> list[Answer]:
+    """Original rank mode: keep the top-k answers by first-token probability, then re-score those k by teacher
+    forcing; score = -(sum of label-smoothed token cross-entropies), as the official VQA numbers were made."""
+    decoder = blip.model.text_decoder
+    device = cross.keys[0].device
+    num_questions = cross.keys[0].shape[0]
+    ids, mask = blip.tokenizer(answers)
+    ids[:, 0] = blip.config.text.bos_token_id
+    ids, mask = ids.to(device), mask.to(device)
+    start = torch.full((num_questions, 1), blip.config.text.bos_token_id, device=device)
+    first = decoder(start, cross=cross, last_only=True).float().softmax(-1)  # (Q, V)
+    k = min(RANK_TOP_K, len(answers))
+    top_probs, top = first[:, ids[:, 1]].topk(k, dim=1)  # (Q, k)
+
+    cand_ids, cand_mask = ids[top.reshape(-1)], mask[top.reshape(-1)]  # (Q*k, La), grouped k rows per question
+    logits = decoder(cand_ids, cand_mask, cross=cross).float()
+    targets = cand_ids[:, 1:].masked_fill(cand_mask[:, 1:] == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
+                           label_smoothing=RANK_LABEL_SMOOTHING).sum(1)
+    scores = (-loss).view(num_questions, k)
+    best = scores.argmax(1)
+    out = []
+    for q in range(num_questions):
+        j = int(top[q, best[q]])
+        token_ids = ids[j][mask[j].bool()].tolist()
+        out.append(Answer(answers[j], float(scores[q, best[q]]), token_ids))
+    return out

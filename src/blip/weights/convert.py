@@ -1,0 +1,174 @@
+"""THE place where foreign checkpoint keys are mapped onto ours (and back).
+
+Our modules use the Hugging Face BLIP key layout, so an HF state dict needs only its tied/derived entries
+normalised; the original Salesforce `.pth` layout differs in the ViT names and carries training-only state
+(momentum encoders, feature queues, temperature) that inference models drop. See FACTS.md §2.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from blip.config import BlipConfig, TextConfig, VisionConfig
+
+# Salesforce ViT names -> HF names, applied as (regex, replacement) in order.
+SALESFORCE_VISION_SWAPS: list[tuple[str, str]] = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+]
+HF_VISION_SWAPS: list[tuple[str, str]] = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+]
+# Training-only state of the original pretrain/retrieval files; no inference model has a place for it.
+SALESFORCE_TRAINING_ONLY = re.compile(
+    r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.|^(image_queue|text_queue|idx_queue|queue_ptr"
+    r"|ptr_queue|temp)$"
+)
+DECODER_WEIGHT = "text_decoder.cls.predictions.decoder.weight"
+DECODER_BIAS = "text_decoder.cls.predictions.decoder.bias"
+DECODER_EMBEDDINGS = "text_decoder.bert.embeddings.word_embeddings.weight"
+
+
+def _rename(key: str, swaps: list[tuple[str, str]]) -> str:
+    for pattern, replacement in swaps:
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    return key
+
+
+def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    """Take the state dict out of a training checkpoint and strip DDP/compile prefixes."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                return unwrap_state_dict(obj[key])
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("not a state dict: expected a mapping of parameter names to tensors (or {'model': ...})")
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def is_salesforce_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("visual_encoder.") for k in state_dict)
+
+
+def convert_hf_blip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise an HF BLIP state dict: legacy LayerNorm names, position-id buffers, tied LM-head entries."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.endswith("embeddings.position_ids") or key == DECODER_BIAS:
+            continue  # a buffer we derive, and an alias of `predictions.bias`
+        out[key] = value
+    if DECODER_EMBEDDINGS in out:
+        out.setdefault(DECODER_WEIGHT, out[DECODER_EMBEDDINGS])
+    return out
+
+
+def convert_salesforce_blip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Original `.pth` layout -> ours. Returns the converted dict and the training-only keys that were dropped."""
+    out, dropped = {}, []
+    for key, value in state_dict.items():
+        if SALESFORCE_TRAINING_ONLY.search(key):
+            dropped.append(key)
+            continue
+        out[_rename(key, SALESFORCE_VISION_SWAPS)] = value
+    return convert_hf_blip(out), dropped
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Dispatch on signature keys: Salesforce layout or HF layout."""
+    if is_salesforce_layout(state_dict):
+        return convert_salesforce_blip(state_dict)
+    return convert_hf_blip(state_dict), []
+
+
+def to_salesforce(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours/HF -> the original layout (tied LM-head entries written under every name, as the original saves)."""
+    out = {_rename(k, HF_VISION_SWAPS): v for k, v in convert_hf_blip(state_dict).items()}
+    if "text_decoder.cls.predictions.bias" in out:
+        out[DECODER_BIAS] = out["text_decoder.cls.predictions.bias"]
+    return out
+
+
+def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> what transformers' `save_pretrained` writes: tied LM-head entries omitted."""
+    return {k: v for k, v in state_dict.items() if k not in (DECODER_WEIGHT, DECODER_BIAS)}
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], kind: str | None = None) -> BlipConfig:
+    """A config for a converted state dict that came without one (original `.pth` files): shapes tell the sizes."""
+    sd = state_dict
+    if "vision_model.embeddings.class_embedding" not in sd:
+        raise ValueError("no vision encoder in this checkpoint (expected 'visual_encoder.*' or 'vision_model.*' keys)")
+    width = sd["vision_model.embeddings.class_embedding"].shape[-1]
+    patch = sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+    grid = int(round((sd["vision_model.embeddings.position_embedding"].shape[1] - 1) ** 0.5))
+    vision = VisionConfig(
+        hidden_size=width,
+        intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count_layers(sd, "vision_model.encoder.layers."),
+        num_attention_heads=max(1, width // 64),
+        image_size=grid * patch,
+        patch_size=patch,
+    )
+    kind = kind or infer_kind(sd)
+    has_encoder = any(k.startswith("text_encoder.") for k in sd)
+    prefix = "text_encoder." if has_encoder else "text_decoder.bert."
+    hidden = sd[prefix + "embeddings.word_embeddings.weight"].shape[1]
+    text = TextConfig(
+        vocab_size=sd[prefix + "embeddings.word_embeddings.weight"].shape[0],
+        hidden_size=hidden,
+        encoder_hidden_size=width,
+        intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=_count_layers(sd, prefix + "encoder.layer."),
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
+    )
+    embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
+    return BlipConfig(vision=vision, text=text, kind=kind, embed_dim=embed_dim)
+
+
+def infer_kind(state_dict: dict[str, torch.Tensor]) -> str:
+    """caption / vqa / retrieval / pretrain from which parts a (converted) state dict holds."""
+    has_encoder = any(k.startswith("text_encoder.") for k in state_dict)
+    has_decoder = any(k.startswith("text_decoder.") for k in state_dict)
+    has_heads = "itm_head.weight" in state_dict
+    if has_decoder and has_encoder and has_heads:
+        return "pretrain"
+    if has_decoder and has_encoder:
+        return "vqa"
+    if has_encoder and has_heads:
+        return "retrieval"
+    if has_decoder:
+        return "caption"
+    raise ValueError("cannot tell the model kind: no text_encoder/text_decoder keys in this checkpoint")
+
+
+def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0

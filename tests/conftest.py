@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from oracle import TinySpec, build_hf_checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Factory: a transformers-made random-weight checkpoint folder per spec, built once per session."""
+    made: dict[str, Path] = {}
+
+    def make(spec: TinySpec | None = None, **kwargs) -> Path:
+        spec = spec or TinySpec(**kwargs)
+        key = repr(spec)
+        if key not in made:
+            made[key] = build_hf_checkpoint(tmp_path_factory.mktemp(f"hf_{spec.kind}"), spec)
+        return made[key]
+
+    return make
