@@ -19,8 +19,11 @@ WORDS = (
     "yes no one zero ? . , ' s t play ##s ##ing ##ed ##er ##ly un ##able"
 ).split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-HF_CLASSES = {"caption": "BlipForConditionalGeneration", "vqa": "BlipForQuestionAnswering",
-              "retrieval": "BlipForImageTextRetrieval"}
+HF_CLASSES = {
+    "caption": "BlipForConditionalGeneration",
+    "vqa": "BlipForQuestionAnswering",
+    "retrieval": "BlipForImageTextRetrieval",
+}
 
 
 @dataclass
@@ -59,17 +62,31 @@ def build_hf_checkpoint(folder: Path, spec: TinySpec) -> Path:
     image_processor = BlipImageProcessor(size={"height": spec.image_size, "width": spec.image_size})
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
-    text_config = dict(vocab_size=len(vocab) + 2, hidden_size=spec.text_hidden, intermediate_size=spec.text_ffn,
-                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                       max_position_embeddings=64, bos_token_id=len(vocab), sep_token_id=vocab.index("[SEP]"),
-                       pad_token_id=0, encoder_hidden_size=spec.vision_hidden)
-    vision_config = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_mlp,
-                         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                         image_size=spec.image_size, patch_size=spec.patch_size)
+    text_config = dict(
+        vocab_size=len(vocab) + 2,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_ffn,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=64,
+        bos_token_id=len(vocab),
+        sep_token_id=vocab.index("[SEP]"),
+        pad_token_id=0,
+        encoder_hidden_size=spec.vision_hidden,
+    )
+    vision_config = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_mlp,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
     text_config.update(spec.extra.get("text", {}))
     vision_config.update(spec.extra.get("vision", {}))
-    config = BlipConfig(text_config=text_config, vision_config=vision_config,
-                        image_text_hidden_size=spec.extra.get("embed_dim", 24))
+    config = BlipConfig(
+        text_config=text_config, vision_config=vision_config, image_text_hidden_size=spec.extra.get("embed_dim", 24)
+    )
     torch.manual_seed(spec.seed)
     model = getattr(transformers, HF_CLASSES[spec.kind])(config).eval()
     randomize(model, spec)

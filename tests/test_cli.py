@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from oracle import TinySpec, make_images
 from safetensors.torch import load_file
 
 import blip
 from blip.cli import main
 from blip.weights import convert
+from oracle import TinySpec, make_images
 
 CAPTION = TinySpec(kind="caption", seed=21)
 VQA = TinySpec(kind="vqa", seed=22)
@@ -43,8 +43,24 @@ def run(capsys, argv):
 def test_caption_jsonl_with_bad_images(hf_checkpoints, image_files, capsys):
     folder = hf_checkpoints(CAPTION)
     good, corrupt, truncated = image_files
-    code, out, err = run(capsys, ["caption", "--model", str(folder), *good[:2], corrupt, good[2], truncated,
-                                  "--num-beams", "3", "--max-new-tokens", "8", "--format", "jsonl"])
+    code, out, err = run(
+        capsys,
+        [
+            "caption",
+            "--model",
+            str(folder),
+            *good[:2],
+            corrupt,
+            good[2],
+            truncated,
+            "--num-beams",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--format",
+            "jsonl",
+        ],
+    )
     assert code == 1
     rows = [json.loads(line) for line in out.splitlines()]
     by_image = {r["image"]: r for r in rows}
@@ -67,8 +83,22 @@ def test_caption_text_output_and_prompt(hf_checkpoints, image_files, capsys):
 def test_vqa_several_questions_about_one_image(hf_checkpoints, image_files, capsys):
     folder = hf_checkpoints(VQA)
     good, _, _ = image_files
-    code, out, _ = run(capsys, ["vqa", "--model", str(folder), "--image", good[0], "--question", "how many dogs?",
-                                "--question", "what colour?", "--format", "jsonl"])
+    code, out, _ = run(
+        capsys,
+        [
+            "vqa",
+            "--model",
+            str(folder),
+            "--image",
+            good[0],
+            "--question",
+            "how many dogs?",
+            "--question",
+            "what colour?",
+            "--format",
+            "jsonl",
+        ],
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     expected = blip.load(folder).answer(good[0], ["how many dogs?", "what colour?"])
@@ -80,8 +110,22 @@ def test_vqa_rank_mode_from_answer_list(hf_checkpoints, image_files, capsys, tmp
     good, _, _ = image_files
     answers = tmp_path / "answers.txt"
     answers.write_text("yes\nno\ntwo\n")
-    code, out, _ = run(capsys, ["vqa", "-m", str(hf_checkpoints(VQA)), "--image", good[0], "--question", "is it?",
-                                "--answers", str(answers), "--format", "jsonl"])
+    code, out, _ = run(
+        capsys,
+        [
+            "vqa",
+            "-m",
+            str(hf_checkpoints(VQA)),
+            "--image",
+            good[0],
+            "--question",
+            "is it?",
+            "--answers",
+            str(answers),
+            "--format",
+            "jsonl",
+        ],
+    )
     assert code == 0 and json.loads(out)["answer"] in {"yes", "no", "two"}
 
 
@@ -95,13 +139,16 @@ def test_match_and_similarity(hf_checkpoints, image_files, capsys):
     folder = hf_checkpoints(RETRIEVAL)
     good, _, _ = image_files
     long_text = " ".join(["red circle"] * 60)  # far beyond 35 tokens: truncated, not an error
-    code, out, _ = run(capsys, ["match", "-m", str(folder), "--image", good[0], "--text", "a dog", "--text",
-                                long_text, "--format", "jsonl"])
+    code, out, _ = run(
+        capsys,
+        ["match", "-m", str(folder), "--image", good[0], "--text", "a dog", "--text", long_text, "--format", "jsonl"],
+    )
     assert code == 0
     scores = [json.loads(line)["score"] for line in out.splitlines()]
     assert scores == pytest.approx(blip.load(folder).match(good[0], ["a dog", long_text]), abs=1e-6)
-    code, out, _ = run(capsys, ["similarity", "-m", str(folder), "--image", good[0], "--image", good[1], "--text",
-                                "a", "--text", "b"])
+    code, out, _ = run(
+        capsys, ["similarity", "-m", str(folder), "--image", good[0], "--image", good[1], "--text", "a", "--text", "b"]
+    )
     assert code == 0 and len(out.splitlines()) == 4
 
 
@@ -118,8 +165,9 @@ def test_convert_pth_round_trip(hf_checkpoints, image_files, capsys, tmp_path):
     original = convert.to_salesforce(load_file(str(folder / "model.safetensors")))
     pth = tmp_path / "model_base_caption.pth"
     torch.save({"model": original}, pth)
-    code, out, _ = run(capsys, ["convert", str(pth), str(tmp_path / "hf"), "--tokenizer", str(folder), "--config",
-                                  str(folder)])
+    code, out, _ = run(
+        capsys, ["convert", str(pth), str(tmp_path / "hf"), "--tokenizer", str(folder), "--config", str(folder)]
+    )
     assert code == 0 and "caption" in out
     good, _, _ = image_files
     converted = blip.load(tmp_path / "hf").caption(good, num_beams=2, max_new_tokens=8)
@@ -131,6 +179,7 @@ def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "blip.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("caption", "vqa", "match", "similarity", "convert", "demo"):
         assert command in out.stdout
-    out = subprocess.run([sys.executable, "-m", "blip.cli", "caption", "--help"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "blip.cli", "caption", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--num-beams" in out.stdout and "--format" in out.stdout

@@ -15,14 +15,20 @@ from blip.models.generation import GenerationConfig
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
-from blip.tasks.common import Answer, Caption, ImageInput, as_list, pair_up, unique_images
+from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
 from blip.tokenizer import BlipTokenizer
 from blip.transforms import ImageTransform
 from blip.weights.load import CheckpointError, LoadReport, load_model, locate, save_model
 from blip.weights.registry import DEFAULT_TOKENIZER_SOURCE, EXAMPLE_FOR_TASK
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -36,8 +42,16 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 class Blip:
     """A loaded BLIP checkpoint. Every method takes images as PIL images, paths or raw bytes (one or a list)."""
 
-    def __init__(self, model: BlipModel, tokenizer: BlipTokenizer, transform: ImageTransform, *,
-                 source: str = "", report: LoadReport | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model: BlipModel,
+        tokenizer: BlipTokenizer,
+        transform: ImageTransform,
+        *,
+        source: str = "",
+        report: LoadReport | None = None,
+        batch_size: int = 16,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.transform = transform
@@ -66,21 +80,44 @@ class Blip:
 
     def _need(self, task: str) -> None:
         if task not in self.tasks:
-            raise ValueError(f"this checkpoint ({self.source or 'model'}, a {self.config.kind!r} model) has no head "
-                             f"for {task!r}: that needs {EXAMPLE_FOR_TASK[task]}")
+            raise ValueError(
+                f"this checkpoint ({self.source or 'model'}, a {self.config.kind!r} model) has no head "
+                f"for {task!r}: that needs {EXAMPLE_FOR_TASK[task]}"
+            )
 
     # --- tasks -------------------------------------------------------------------------------------------------
 
-    def caption(self, images: ImageInput | list[ImageInput], prompt: str | None = None, num_beams: int = 1,
-                max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False, top_p: float = 0.9,
-                top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
-                length_penalty: float = 1.0, num_captions: int = 1, seed: int | None = None) -> list[Any]:
+    def caption(
+        self,
+        images: ImageInput | list[ImageInput],
+        prompt: str | None = None,
+        num_beams: int = 1,
+        max_new_tokens: int = 20,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+        seed: int | None = None,
+    ) -> list[Any]:
         """Captions, one per image (a list of `num_captions` per image when `num_captions > 1`)."""
         self._need("caption")
-        generation = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      num_beams=num_beams, do_sample=do_sample, top_p=top_p, top_k=top_k,
-                                      temperature=temperature, repetition_penalty=repetition_penalty,
-                                      length_penalty=length_penalty, num_return_sequences=num_captions, seed=seed)
+        generation = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            top_p=top_p,
+            top_k=top_k,
+            temperature=temperature,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            num_return_sequences=num_captions,
+            seed=seed,
+        )
         generation.validate()
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
@@ -88,8 +125,14 @@ class Blip:
         results = [per_image[i] for i in index]
         return [r[0] for r in results] if num_captions == 1 else results
 
-    def answer(self, images: ImageInput | list[ImageInput], questions: str | list[str],
-               answers: list[str] | None = None, num_beams: int = 1, max_new_tokens: int = 10) -> list[Answer]:
+    def answer(
+        self,
+        images: ImageInput | list[ImageInput],
+        questions: str | list[str],
+        answers: list[str] | None = None,
+        num_beams: int = 1,
+        max_new_tokens: int = 10,
+    ) -> list[Answer]:
         """One answer per question. One image with several questions encodes the image once. With `answers`,
         ranks that answer list instead of generating."""
         self._need("vqa")
@@ -99,8 +142,7 @@ class Blip:
         generation = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
         generation.validate()
         decoded, index = unique_images(image_list)
-        return vqa_task.answer_questions(self, decoded, question_list, index, generation=generation,
-                                         answers=answers)
+        return vqa_task.answer_questions(self, decoded, question_list, index, generation=generation, answers=answers)
 
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
         """ITM probability that each (image, text) pair matches."""
@@ -140,9 +182,17 @@ class Blip:
         (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
-def load(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, *,
-         kind: str | None = None, image_size: int | None = None, tokenizer: str | os.PathLike | None = None,
-         config: BlipConfig | str | os.PathLike | None = None, batch_size: int = 16) -> Blip:
+def load(
+    source: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    kind: str | None = None,
+    image_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    config: BlipConfig | str | os.PathLike | None = None,
+    batch_size: int = 16,
+) -> Blip:
     """Load a BLIP checkpoint: a hub id (`Salesforce/blip-image-captioning-base`), a short name
     (`blip.list_pretrained()`), a local Hugging Face folder, or an original Salesforce `.pth` file.
 
@@ -150,8 +200,9 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: s
     resizes the position embeddings; `tokenizer` names a folder or vocab file when the checkpoint has none;
     `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes."""
     torch_dtype = parse_dtype(dtype)
-    model, folder, report = load_model(source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype,
-                                       config=config)
+    model, folder, report = load_model(
+        source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config
+    )
     blip_tokenizer = _load_tokenizer(folder, tokenizer, source)
     transform = ImageTransform.from_pretrained(folder) if (folder / "preprocessor_config.json").exists() else None
     if transform is None or transform.image_size != model.config.vision.image_size:
@@ -169,13 +220,16 @@ def _load_tokenizer(folder: Path, tokenizer: str | os.PathLike | None, source: s
     try:
         return BlipTokenizer.from_pretrained(locate(DEFAULT_TOKENIZER_SOURCE))
     except Exception as e:
-        raise CheckpointError(f"{source} ships no tokenizer (no tokenizer.json or vocab.txt in {folder}) and the "
-                              f"default bert-base-uncased tokenizer from {DEFAULT_TOKENIZER_SOURCE} is not available: "
-                              f"pass tokenizer=<folder or vocab.txt>") from e
+        raise CheckpointError(
+            f"{source} ships no tokenizer (no tokenizer.json or vocab.txt in {folder}) and the "
+            f"default bert-base-uncased tokenizer from {DEFAULT_TOKENIZER_SOURCE} is not available: "
+            f"pass tokenizer=<folder or vocab.txt>"
+        ) from e
 
 
-def create_model(config: BlipConfig | str, tokenizer: BlipTokenizer | str | os.PathLike, *, seed: int = 0,
-                 batch_size: int = 16) -> Blip:
+def create_model(
+    config: BlipConfig | str, tokenizer: BlipTokenizer | str | os.PathLike, *, seed: int = 0, batch_size: int = 16
+) -> Blip:
     """A randomly initialised model for a config or preset name (for training from scratch and tests)."""
     from blip.config import get_preset
     from blip.models.init import init_weights
@@ -187,4 +241,3 @@ def create_model(config: BlipConfig | str, tokenizer: BlipTokenizer | str | os.P
     model.eval()
     tok = tokenizer if isinstance(tokenizer, BlipTokenizer) else BlipTokenizer.from_pretrained(tokenizer)
     return Blip(model, tok, ImageTransform(image_size=cfg.vision.image_size), source="(new)", batch_size=batch_size)
-

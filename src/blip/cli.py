@@ -19,12 +19,20 @@ class CliError(Exception):
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        parser.add_argument("--model", "-m", required=True,
-                            help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth")
+        parser.add_argument(
+            "--model",
+            "-m",
+            required=True,
+            help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
+        )
         parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights/compute dtype (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights/compute dtype (default: float32)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     parser.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
 
@@ -35,14 +43,19 @@ def _generation(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip", description="BLIP vision-language models: caption images, answer "
-                                     "questions, match and compare images with text, convert checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="blip",
+        description="BLIP vision-language models: caption images, answer "
+        "questions, match and compare images with text, convert checkpoints.",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log what happens (loading, resizing, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("caption", help="write a caption for each image",
-                       description="Caption images. Example: blip caption --model DIR a.jpg b.png --num-beams 3 "
-                                   "--format jsonl")
+    p = sub.add_parser(
+        "caption",
+        help="write a caption for each image",
+        description="Caption images. Example: blip caption --model DIR a.jpg b.png --num-beams 3 --format jsonl",
+    )
     _common(p)
     _generation(p, 20)
     p.add_argument("images", nargs="+", help="image files")
@@ -56,19 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-captions", type=int, default=1, help="captions per image (beam width or samples)")
     p.add_argument("--seed", type=int, default=None, help="seed for --sample")
 
-    p = sub.add_parser("vqa", help="answer questions about images",
-                       description='Answer questions. One --image with several --question flags asks each question '
-                                   'about that image; equal numbers pair them up. Example: blip vqa --model DIR '
-                                   '--image a.jpg --question "how many dogs?" --question "what colour?"')
+    p = sub.add_parser(
+        "vqa",
+        help="answer questions about images",
+        description="Answer questions. One --image with several --question flags asks each question "
+        "about that image; equal numbers pair them up. Example: blip vqa --model DIR "
+        '--image a.jpg --question "how many dogs?" --question "what colour?"',
+    )
     _common(p)
     _generation(p, 10)
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--question", action="append", required=True, help="question (repeatable)")
-    p.add_argument("--answers", help="rank these candidate answers instead of generating: a JSON list or a "
-                                     "file with one answer per line")
+    p.add_argument(
+        "--answers",
+        help="rank these candidate answers instead of generating: a JSON list or a file with one answer per line",
+    )
 
-    p = sub.add_parser("match", help="image-text matching probability (ITM head)",
-                       description="P(match) for each image-text pair; one image with several texts, or pairwise.")
+    p = sub.add_parser(
+        "match",
+        help="image-text matching probability (ITM head)",
+        description="P(match) for each image-text pair; one image with several texts, or pairwise.",
+    )
     _common(p)
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--text", action="append", required=True, help="text (repeatable)")
@@ -78,16 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--text", action="append", required=True, help="text (repeatable)")
 
-    p = sub.add_parser("convert", help="convert a checkpoint (e.g. an original .pth) to a Hugging Face folder",
-                       description="Load any checkpoint blip reads and save it as a complete Hugging Face folder.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (e.g. an original .pth) to a Hugging Face folder",
+        description="Load any checkpoint blip reads and save it as a complete Hugging Face folder.",
+    )
     p.add_argument("source", help="checkpoint: .pth file, HF folder or hub id")
     p.add_argument("output", help="folder to write")
-    p.add_argument("--kind", choices=["caption", "vqa", "retrieval"],
-                   help="which model to take out of a multi-part (pretrain) checkpoint")
+    p.add_argument(
+        "--kind",
+        choices=["caption", "vqa", "retrieval"],
+        help="which model to take out of a multi-part (pretrain) checkpoint",
+    )
     p.add_argument("--image-size", type=int, help="resize the position embeddings for this input size")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (original .pth files ship none)")
-    p.add_argument("--config", help="config.json (or its folder) describing the model, for a .pth whose sizes "
-                                    "cannot be read off its shapes (attention heads other than 64 wide)")
+    p.add_argument(
+        "--config",
+        help="config.json (or its folder) describing the model, for a .pth whose sizes "
+        "cannot be read off its shapes (attention heads other than 64 wide)",
+    )
 
     sub.add_parser("list", help="list the published checkpoints blip knows by name")
 
@@ -108,8 +138,9 @@ def _load(args: argparse.Namespace):
     from blip.weights.load import CheckpointError
 
     try:
-        return blip.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                         batch_size=args.batch_size)
+        return blip.load(
+            args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
 
@@ -148,11 +179,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
     good = [p for p in args.images if p in images]
     if good:
         try:
-            results = model.caption([images[p] for p in good], prompt=args.prompt, num_beams=args.num_beams,
-                                    max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                    do_sample=args.sample, top_p=args.top_p, top_k=args.top_k,
-                                    temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                                    num_captions=args.num_captions, seed=args.seed)
+            results = model.caption(
+                [images[p] for p in good],
+                prompt=args.prompt,
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.min_new_tokens,
+                do_sample=args.sample,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                temperature=args.temperature,
+                repetition_penalty=args.repetition_penalty,
+                num_captions=args.num_captions,
+                seed=args.seed,
+            )
         except ValueError as e:
             raise CliError(str(e)) from e
         for path, result in zip(good, results):
@@ -167,8 +207,7 @@ def _pairs(images: list[str], texts: list[str], what: str) -> list[tuple[str, st
     if len(texts) == 1:
         return [(i, texts[0]) for i in images]
     if len(images) != len(texts):
-        raise CliError(f"{len(images)} --image but {len(texts)} --{what}: give one image, one {what}, or equal "
-                       f"numbers")
+        raise CliError(f"{len(images)} --image but {len(texts)} --{what}: give one image, one {what}, or equal numbers")
     return list(zip(images, texts))
 
 
@@ -195,13 +234,21 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     good = [(i, q) for i, q in pairs if i in images]
     if good:
         try:
-            results = model.answer([images[i] for i, _ in good], [q for _, q in good], answers=answers,
-                                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+            results = model.answer(
+                [images[i] for i, _ in good],
+                [q for _, q in good],
+                answers=answers,
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+            )
         except ValueError as e:
             raise CliError(str(e)) from e
         for (path, question), ans in zip(good, results):
-            _emit(args, {"image": path, "question": question, "answer": ans.text, "score": ans.score},
-                  f"{path}\t{question}\t{ans.text}")
+            _emit(
+                args,
+                {"image": path, "question": question, "answer": ans.text, "score": ans.score},
+                f"{path}\t{question}\t{ans.text}",
+            )
     return _report_errors(args, errors)
 
 
@@ -240,17 +287,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from blip.weights.load import CheckpointError
 
     try:
-        model = blip.load(args.source, kind=args.kind, image_size=args.image_size, tokenizer=args.tokenizer,
-                          config=args.config)
+        model = blip.load(
+            args.source, kind=args.kind, image_size=args.image_size, tokenizer=args.tokenizer, config=args.config
+        )
         model.save(args.output)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
     report = model.report
-    print(f"wrote {args.output}: a {model.config.kind!r} model ({model.model.num_parameters() / 1e6:.2f}M parameters) "
-          f"from {report.layout} layout {report.weights_file}")
+    print(
+        f"wrote {args.output}: a {model.config.kind!r} model ({model.model.num_parameters() / 1e6:.2f}M parameters) "
+        f"from {report.layout} layout {report.weights_file}"
+    )
     if report.dropped_keys:
-        print(f"dropped {len(report.dropped_keys)} training-only or unused entries "
-              f"(e.g. {', '.join(report.dropped_keys[:3])})")
+        print(
+            f"dropped {len(report.dropped_keys)} training-only or unused entries "
+            f"(e.g. {', '.join(report.dropped_keys[:3])})"
+        )
     if report.resized_position_embedding:
         old, new = report.resized_position_embedding
         print(f"resized the position embedding from {old} to {new} patches")
@@ -278,8 +330,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "caption": cmd_caption, "vqa": cmd_vqa, "match": cmd_match, "similarity": cmd_similarity,
-    "convert": cmd_convert, "list": cmd_list, "data": cmd_data, "demo": cmd_demo,
+    "caption": cmd_caption,
+    "vqa": cmd_vqa,
+    "match": cmd_match,
+    "similarity": cmd_similarity,
+    "convert": cmd_convert,
+    "list": cmd_list,
+    "data": cmd_data,
+    "demo": cmd_demo,
 }
 
 

@@ -168,10 +168,23 @@ PRESETS: dict[str, BlipConfig] = {
     "blip_base_pretrain": BlipConfig(VisionConfig(image_size=224), _text(), "pretrain"),
     # Tiny model for tests and the shapes world: builds in milliseconds, trains on a CPU.
     "blip_test": BlipConfig(
-        VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                     patch_size=8),
-        TextConfig(vocab_size=30524, hidden_size=64, encoder_hidden_size=64, intermediate_size=128,
-                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64),
+        VisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        TextConfig(
+            vocab_size=30524,
+            hidden_size=64,
+            encoder_hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
         "pretrain",
         embed_dim=32,
     ),

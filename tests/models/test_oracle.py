@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import TinySpec, hf_load, make_images
 
 import blip
+from oracle import TinySpec, hf_load, make_images
 
 CAPTION_SPECS = {
     "small": TinySpec(kind="caption"),
-    "wide-text": TinySpec(kind="caption", text_hidden=48, text_heads=3, text_ffn=64, vision_hidden=24,
-                          vision_heads=3, seed=1),
-    "deep-patch4": TinySpec(kind="caption", vision_layers=3, text_layers=3, image_size=24, patch_size=4,
-                            extra_vocab=37, seed=2),
-    "one-head": TinySpec(kind="caption", text_heads=1, vision_heads=1, image_size=48, patch_size=16, seed=3,
-                         eos_bias=2.5),
+    "wide-text": TinySpec(
+        kind="caption", text_hidden=48, text_heads=3, text_ffn=64, vision_hidden=24, vision_heads=3, seed=1
+    ),
+    "deep-patch4": TinySpec(
+        kind="caption", vision_layers=3, text_layers=3, image_size=24, patch_size=4, extra_vocab=37, seed=2
+    ),
+    "one-head": TinySpec(
+        kind="caption", text_heads=1, vision_heads=1, image_size=48, patch_size=16, seed=3, eos_bias=2.5
+    ),
 }
 
 
@@ -62,9 +65,11 @@ def test_caption_min_tokens_and_repetition_penalty(hf_checkpoints):
     ours = blip.load(folder)
     hf, processor = hf_load(folder, "caption")
     images = make_images(4, seed=9)
-    for gen in (dict(num_beams=1, min_new_tokens=5, repetition_penalty=1.3),
-                dict(num_beams=3, min_new_tokens=4, repetition_penalty=1.1, length_penalty=0.6),
-                dict(num_beams=2, max_new_tokens=7, length_penalty=2.0)):
+    for gen in (
+        dict(num_beams=1, min_new_tokens=5, repetition_penalty=1.3),
+        dict(num_beams=3, min_new_tokens=4, repetition_penalty=1.1, length_penalty=0.6),
+        dict(num_beams=2, max_new_tokens=7, length_penalty=2.0),
+    ):
         gen.setdefault("max_new_tokens", 10)
         results = ours.caption(images, prompt="a photo of", **gen)
         for image, result in zip(images, results):
@@ -80,8 +85,14 @@ def test_several_beam_captions_match_num_return_sequences(hf_checkpoints):
     image = make_images(1, seed=4)[0]
     captions = ours.caption([image], num_beams=4, num_captions=3, max_new_tokens=10)[0]
     inputs = processor(images=image, return_tensors="pt")
-    out = hf.generate(**inputs, num_beams=4, num_return_sequences=3, max_new_tokens=10, output_scores=True,
-                      return_dict_in_generate=True)
+    out = hf.generate(
+        **inputs,
+        num_beams=4,
+        num_return_sequences=3,
+        max_new_tokens=10,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     for cap, seq, score in zip(captions, out.sequences, out.sequences_scores):
         ids = seq.tolist()
         while len(ids) > len(cap.token_ids) and ids[-1] == 0:
@@ -97,8 +108,9 @@ def test_batch_composition_does_not_change_results(hf_checkpoints):
     batched = ours.caption(images, num_beams=3, max_new_tokens=10)[:4]
     assert [c.token_ids for c in alone] == [c.token_ids for c in batched]
     ours.batch_size = 3
-    assert [c.token_ids for c in ours.caption(images[:4], num_beams=3, max_new_tokens=10)] == \
-        [c.token_ids for c in alone]
+    assert [c.token_ids for c in ours.caption(images[:4], num_beams=3, max_new_tokens=10)] == [
+        c.token_ids for c in alone
+    ]
 
 
 def test_sampling_is_seeded_and_respects_top_k(hf_checkpoints):
@@ -115,8 +127,14 @@ def test_sampling_is_seeded_and_respects_top_k(hf_checkpoints):
 
 
 VQA_SPEC = TinySpec(kind="vqa", text_hidden=32, vision_hidden=32, seed=5)
-QUESTIONS = ["how many dogs are there?", "what color is the sky", "where is the woman sitting?", "is it a cat?",
-             "what shape is on the left?", "two?"]
+QUESTIONS = [
+    "how many dogs are there?",
+    "what color is the sky",
+    "where is the woman sitting?",
+    "is it a cat?",
+    "what shape is on the left?",
+    "two?",
+]
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -126,8 +144,10 @@ def test_vqa_generate_matches_transformers(hf_checkpoints, num_beams):
     hf, processor = hf_load(folder, "vqa")
     images = make_images(3, seed=21)
     # one image, six questions (image encoded once) and pairwise mixed images
-    cases = [([images[0]] * len(QUESTIONS), ours.answer(images[0], QUESTIONS, num_beams=num_beams)),
-             (images, ours.answer(images, QUESTIONS[:3], num_beams=num_beams))]
+    cases = [
+        ([images[0]] * len(QUESTIONS), ours.answer(images[0], QUESTIONS, num_beams=num_beams)),
+        (images, ours.answer(images, QUESTIONS[:3], num_beams=num_beams)),
+    ]
     for case_images, answers in cases:
         for image, question, answer in zip(case_images, QUESTIONS, answers):
             inputs = processor(images=image, text=question, return_tensors="pt")
@@ -151,18 +171,30 @@ def test_vqa_rank_mode_picks_the_best_scoring_answer(hf_checkpoints):
     decoded = [image.convert("RGB")]
     states, qmask = encode_questions(ours, decoded, QUESTIONS[:1], [0])
     with torch.no_grad():
-        logits = ours.model.lm_logits(ids, mask, states.expand(len(candidates), -1, -1),
-                                      qmask.expand(len(candidates), -1))
+        logits = ours.model.lm_logits(
+            ids, mask, states.expand(len(candidates), -1, -1), qmask.expand(len(candidates), -1)
+        )
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
-                                             label_smoothing=0.1).sum(1)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, reduction="none", label_smoothing=0.1
+    ).sum(1)
     assert ranked[0].text == candidates[int(loss.argmin())]
     assert ranked[0].score == pytest.approx(-loss.min().item(), abs=1e-4)
 
 
-RETRIEVAL_SPECS = [TinySpec(kind="retrieval", text_hidden=40, text_heads=5, seed=6),
-                   TinySpec(kind="retrieval", vision_hidden=48, vision_heads=4, image_size=40, patch_size=10,
-                            text_layers=3, seed=7, extra={"embed_dim": 16})]
+RETRIEVAL_SPECS = [
+    TinySpec(kind="retrieval", text_hidden=40, text_heads=5, seed=6),
+    TinySpec(
+        kind="retrieval",
+        vision_hidden=48,
+        vision_heads=4,
+        image_size=40,
+        patch_size=10,
+        text_layers=3,
+        seed=7,
+        extra={"embed_dim": 16},
+    ),
+]
 TEXTS = ["a red circle on the left", "two dogs on the beach", "a woman sitting", "blue", "what is this?"]
 
 
@@ -197,10 +229,13 @@ def test_encoder_outputs_match_transformers(hf_checkpoints):
         ours_image = ours.model.encode_image(inputs["pixel_values"])
         hf_image = hf.vision_model(inputs["pixel_values"]).last_hidden_state
         ours_text = ours.model.encode_text(inputs["input_ids"], inputs["attention_mask"])
-        hf_text = hf.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        hf_text = hf.text_encoder(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
         ours_mm = ours.model.encode_multimodal(inputs["input_ids"], inputs["attention_mask"], ours_image)
-        hf_mm = hf.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                encoder_hidden_states=hf_image).last_hidden_state
+        hf_mm = hf.text_encoder(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], encoder_hidden_states=hf_image
+        ).last_hidden_state
     valid = inputs["attention_mask"].bool()
     assert (ours_image - hf_image).abs().max() < 1e-4
     assert (ours_text - hf_text)[valid].abs().max() < 1e-4
@@ -230,15 +265,26 @@ def test_interpolated_position_embeddings_match_transformers(hf_checkpoints):
     assert ours.caption(image, max_new_tokens=10)[0].token_ids == out[0].tolist()
 
 
-@pytest.mark.slow
 def test_base_size_caption_matches_transformers(tmp_path):
-    """The real BLIP-base shapes (ViT-B/16 at 384, 12-layer BERT with 12 heads), random weights."""
+    """The real BLIP-base shapes (ViT-B/16 at 384, 12-layer BERT with 12 heads), random weights (~30 s)."""
     import transformers
+
     from oracle import build_hf_checkpoint
 
-    spec = TinySpec(kind="caption", vision_hidden=768, vision_layers=12, vision_heads=12, vision_mlp=3072,
-                    image_size=384, patch_size=16, text_hidden=768, text_layers=12, text_heads=12, text_ffn=3072,
-                    eos_bias=0.0)
+    spec = TinySpec(
+        kind="caption",
+        vision_hidden=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_mlp=3072,
+        image_size=384,
+        patch_size=16,
+        text_hidden=768,
+        text_layers=12,
+        text_heads=12,
+        text_ffn=3072,
+        eos_bias=0.0,
+    )
     folder = build_hf_checkpoint(tmp_path / "base", spec)
     ours = blip.load(folder)
     hf = transformers.BlipForConditionalGeneration.from_pretrained(folder).eval()

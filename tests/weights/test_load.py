@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from oracle import TinySpec, hf_load, make_images
 from safetensors.torch import load_file, save_file
 
 import blip
 from blip.weights import convert
 from blip.weights.load import CheckpointError
+from oracle import TinySpec, hf_load, make_images
 
 CAPTION = TinySpec(kind="caption", seed=11)
 VQA = TinySpec(kind="vqa", seed=12)

@@ -37,8 +37,9 @@ class CrossKV:
     def select(self, index: torch.Tensor) -> CrossKV:
         """Keep encoder sequences `index` (used when finished images leave the batch)."""
         mask = None if self.mask is None else self.mask.index_select(0, index)
-        return CrossKV([k.index_select(0, index) for k in self.keys], [v.index_select(0, index) for v in self.values],
-                       mask)
+        return CrossKV(
+            [k.index_select(0, index) for k in self.keys], [v.index_select(0, index) for v in self.values], mask
+        )
 
 
 class KVCache:
@@ -127,10 +128,13 @@ class TextAttention(nn.Module):
         self.output = AttentionOutput(cfg)
 
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _split_heads(self.self.key(states), self.num_heads), _split_heads(self.self.value(states), self.num_heads)
+        return _split_heads(self.self.key(states), self.num_heads), _split_heads(
+            self.self.value(states), self.num_heads
+        )
 
-    def forward_self(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, cache: KVCache | None,
-                     layer: int) -> torch.Tensor:
+    def forward_self(
+        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
         q = _split_heads(self.self.query(x), self.num_heads)
         k, v = self.project_kv(x)
         if cache is not None:
@@ -171,8 +175,15 @@ class TextLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AttentionOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, cross: CrossKV | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cross: CrossKV | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
         x = self.attention.forward_self(x, mask, causal, cache, layer)
         if cross is not None:
             x = self.crossattention.forward_cross(x, cross, layer)
@@ -212,8 +223,9 @@ class TextTransformer(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.encoder.layer
 
-    def cross_kv(self, states: torch.Tensor, mask: torch.Tensor | None = None,
-                 index: torch.Tensor | None = None) -> CrossKV:
+    def cross_kv(
+        self, states: torch.Tensor, mask: torch.Tensor | None = None, index: torch.Tensor | None = None
+    ) -> CrossKV:
         """Project `states [E, N, W]` to every layer's cross-attention K/V once. `mask`: `[E, N]`, 1 = attend."""
         keys, values = [], []
         for layer in self.layers:
@@ -223,8 +235,15 @@ class TextTransformer(nn.Module):
         bool_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :].bool()
         return CrossKV(keys, values, bool_mask, index)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cross: CrossKV | None = None, causal: bool = False, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cross: CrossKV | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         start = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, start)
         mask = _self_attention_mask(attention_mask, causal, x.shape[1])
@@ -285,8 +304,15 @@ class TextDecoder(nn.Module):
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cross: CrossKV | None = None, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cross: CrossKV | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits `[B, T, V]` (or `[B, V]` for the last position with `last_only`)."""
         h = self.bert(input_ids, attention_mask, cross=cross, causal=True, cache=cache)
         if last_only:

@@ -45,8 +45,14 @@ class BlipModel(nn.Module):
         """Unimodal text encoder (no image): `[B, T]` -> `[B, T, D]`; position 0 must be [CLS]."""
         return self._require("text_encoder")(input_ids, attention_mask)
 
-    def encode_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          image_embeds: torch.Tensor | None = None, *, cross: CrossKV | None = None) -> torch.Tensor:
+    def encode_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None = None,
+        *,
+        cross: CrossKV | None = None,
+    ) -> torch.Tensor:
         """Image-grounded text encoder: text cross-attends to image tokens. Pass `image_embeds` or a prepared
         `cross` (from `image_cross_kv`, to share one image's projections across many texts)."""
         encoder = self._require("text_encoder")
@@ -71,8 +77,13 @@ class BlipModel(nn.Module):
         """`[B, 2]` match logits from the image-grounded encoder's position 0; class 1 = match."""
         return self._require("itm_head")(multimodal_embeds[:, 0])
 
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor,
-                  image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def lm_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Teacher-forced decoder logits `[B, T, V]` over `image_embeds` (or question states for VQA)."""
         decoder = self._require("text_decoder")
         return decoder(input_ids, attention_mask, cross=decoder.bert.cross_kv(image_embeds, image_mask))

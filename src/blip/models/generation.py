@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from blip.models.bert import CrossKV, KVCache, TextDecoder
 
@@ -48,8 +47,9 @@ class GenerationConfig:
         if self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
-                             f"({self.num_beams})")
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})"
+            )
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise ValueError("greedy decoding returns one sequence: use num_beams >= n or do_sample for several")
         if not 0.0 < self.top_p <= 1.0:
@@ -68,8 +68,9 @@ class Sequence:
     score: float
 
 
-def _process_logits(scores: torch.Tensor, sequences: torch.Tensor, new_len: int, cfg: GenerationConfig,
-                    eos_id: int) -> torch.Tensor:
+def _process_logits(
+    scores: torch.Tensor, sequences: torch.Tensor, new_len: int, cfg: GenerationConfig, eos_id: int
+) -> torch.Tensor:
     """Repetition penalty, then min-length, as transformers orders them. Modifies `scores` in place."""
     if cfg.repetition_penalty != 1.0:
         seen = scores.gather(1, sequences)
@@ -98,8 +99,9 @@ def _warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, *,
-             eos_id: int) -> list[list[Sequence]]:
+def generate(
+    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, *, eos_id: int
+) -> list[list[Sequence]]:
     """Decode for each of the `E` sources in `cross`; returns `num_return_sequences` sequences per source."""
     cfg.validate()
     if cross.index is not None:
@@ -113,8 +115,9 @@ def _prefix(prefix_ids: list[int], rows: int, device: torch.device) -> torch.Ten
     return torch.tensor(prefix_ids, dtype=torch.long, device=device).expand(rows, -1)
 
 
-def _sample_or_greedy(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig,
-                      eos_id: int) -> list[list[Sequence]]:
+def _sample_or_greedy(
+    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, eos_id: int
+) -> list[list[Sequence]]:
     num_sources, per_source = cross.keys[0].shape[0], cfg.num_return_sequences
     device = cross.keys[0].device
     prefix_len, total = len(prefix_ids), len(prefix_ids) + cfg.max_new_tokens
@@ -167,12 +170,15 @@ def _sample_or_greedy(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int
     out: list[list[Sequence]] = []
     seqs, lens, scs = sequences.tolist(), lengths.tolist(), scores.tolist()
     for source in range(num_sources):
-        out.append([Sequence(seqs[r][: lens[r]], scs[r]) for r in range(source * per_source, (source + 1) * per_source)])
+        out.append(
+            [Sequence(seqs[r][: lens[r]], scs[r]) for r in range(source * per_source, (source + 1) * per_source)]
+        )
     return out
 
 
-def _beam_search(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig,
-                 eos_id: int) -> list[list[Sequence]]:
+def _beam_search(
+    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, eos_id: int
+) -> list[list[Sequence]]:
     num_sources, k = cross.keys[0].shape[0], cfg.num_beams
     device = cross.keys[0].device
     prefix_len, total = len(prefix_ids), len(prefix_ids) + cfg.max_new_tokens
@@ -198,8 +204,9 @@ def _beam_search(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cf
         n = active.shape[0]
         logits = decoder(step_ids, cross=cross, cache=cache, last_only=True).float()
         logprobs = logits.log_softmax(-1)
-        logprobs = _process_logits(logprobs, running[:, :, :cur_len].reshape(n * k, cur_len), cur_len - prefix_len,
-                                   cfg, eos_id)
+        logprobs = _process_logits(
+            logprobs, running[:, :, :cur_len].reshape(n * k, cur_len), cur_len - prefix_len, cfg, eos_id
+        )
         vocab = logprobs.shape[-1]
         totals = (logprobs.view(n, k, vocab) + running_scores[:, :, None]).view(n, k * vocab)
         cand_scores, cand_index = torch.topk(totals, candidates, dim=1)  # (n, 2k), sorted
@@ -256,6 +263,7 @@ def _beam_search(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cf
     out: list[list[Sequence]] = []
     seqs, lens, scs = best.tolist(), best_lengths.tolist(), best_scores.tolist()
     for source in range(num_sources):
-        out.append([Sequence(seqs[source][j][: lens[source][j]], scs[source][j])
-                    for j in range(cfg.num_return_sequences)])
+        out.append(
+            [Sequence(seqs[source][j][: lens[source][j]], scs[source][j]) for j in range(cfg.num_return_sequences)]
+        )
     return out

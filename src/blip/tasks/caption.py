@@ -25,8 +25,9 @@ def prompt_prefix(blip: Blip, prompt: str | None) -> list[int]:
 
 
 @torch.inference_mode()
-def caption_images(blip: Blip, images: list[Image.Image], *, prompt: str | None = None,
-                   generation: GenerationConfig) -> list[list[Caption]]:
+def caption_images(
+    blip: Blip, images: list[Image.Image], *, prompt: str | None = None, generation: GenerationConfig
+) -> list[list[Caption]]:
     """`num_return_sequences` captions for each decoded image, in order."""
     decoder = blip.model.text_decoder
     prefix = prompt_prefix(blip, prompt)

@@ -75,8 +75,10 @@ def pair_up(images: Any, texts: Any, what: str) -> tuple[list[ImageInput], list[
     elif single_text and not single_image:
         text_list = text_list * len(image_list)
     elif len(image_list) != len(text_list):
-        raise ValueError(f"{len(image_list)} images but {len(text_list)} {what}s: give one image, one {what}, "
-                         f"or lists of the same length")
+        raise ValueError(
+            f"{len(image_list)} images but {len(text_list)} {what}s: give one image, one {what}, "
+            f"or lists of the same length"
+        )
     for i, text in enumerate(text_list):
         if not isinstance(text, str):
             raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")

@@ -20,8 +20,9 @@ RANK_LABEL_SMOOTHING = 0.1
 
 
 @torch.inference_mode()
-def encode_questions(blip: Blip, images: list[Image.Image], questions: list[str],
-                     image_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_questions(
+    blip: Blip, images: list[Image.Image], questions: list[str], image_index: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Question states `[Q, L, D]` and mask `[Q, L]`, each question grounded in its image; the ViT runs once per
     distinct image and each image's cross-attention keys/values are projected once."""
     model = blip.model
@@ -44,16 +45,24 @@ def _answer_cross(blip: Blip, states: torch.Tensor, mask: torch.Tensor) -> Cross
 
 
 @torch.inference_mode()
-def answer_questions(blip: Blip, images: list[Image.Image], questions: list[str], image_index: list[int], *,
-                     generation: GenerationConfig, answers: list[str] | None = None) -> list[Answer]:
+def answer_questions(
+    blip: Blip,
+    images: list[Image.Image],
+    questions: list[str],
+    image_index: list[int],
+    *,
+    generation: GenerationConfig,
+    answers: list[str] | None = None,
+) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
     results: list[Answer] = []
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         used = sorted({image_index[r] for r in rows})
         local = {img: i for i, img in enumerate(used)}
-        states, mask = encode_questions(blip, [images[i] for i in used], [questions[r] for r in rows],
-                                        [local[image_index[r]] for r in rows])
+        states, mask = encode_questions(
+            blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
+        )
         cross = _answer_cross(blip, states, mask)
         if answers is None:
             bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
@@ -81,8 +90,9 @@ def _rank(blip: Blip, cross: CrossKV, answers: list[str]) -> list[Answer]:
     cand_ids, cand_mask = ids[top.reshape(-1)], mask[top.reshape(-1)]  # (Q*k, La), grouped k rows per question
     logits = decoder(cand_ids, cand_mask, cross=cross).float()
     targets = cand_ids[:, 1:].masked_fill(cand_mask[:, 1:] == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
-                           label_smoothing=RANK_LABEL_SMOOTHING).sum(1)
+    loss = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, reduction="none", label_smoothing=RANK_LABEL_SMOOTHING
+    ).sum(1)
     scores = (-loss).view(num_questions, k)
     best = scores.argmax(1)
     out = []

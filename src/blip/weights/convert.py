@@ -66,7 +66,7 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

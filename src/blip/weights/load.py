@@ -26,7 +26,12 @@ from blip.weights.registry import HUB_FILES, resolve_name
 _logger = logging.getLogger(__name__)
 
 POS_EMBED = "vision_model.embeddings.position_embedding"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -64,13 +69,16 @@ def _download(repo_id: str) -> Path:
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
             if not any((folder / f).exists() for f in WEIGHT_FILES):
-                folder = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model.bin*"],
-                                                local_files_only=local_only))
+                folder = Path(
+                    snapshot_download(repo_id, allow_patterns=["pytorch_model.bin*"], local_files_only=local_only)
+                )
             return folder
         except Exception as e:  # network errors, missing repos, offline mode: try the cache, then report both
             errors.append(f"{type(e).__name__}: {e}")
-    raise CheckpointError(f"cannot load {repo_id!r}: not a local path, and the hub could not provide it "
-                          f"(nor the local cache). Details: {' | '.join(errors)}")
+    raise CheckpointError(
+        f"cannot load {repo_id!r}: not a local path, and the hub could not provide it "
+        f"(nor the local cache). Details: {' | '.join(errors)}"
+    )
 
 
 def _weights_file(folder: Path) -> Path:
@@ -121,9 +129,15 @@ def read_config(folder: Path, kind: str | None = None) -> BlipConfig | None:
     return BlipConfig.from_hf_dict(data, kind=kind)  # type: ignore[arg-type]
 
 
-def load_model(source: str | os.PathLike, *, kind: str | None = None, image_size: int | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               config: BlipConfig | str | os.PathLike | None = None) -> tuple[BlipModel, Path, LoadReport]:
+def load_model(
+    source: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: BlipConfig | str | os.PathLike | None = None,
+) -> tuple[BlipModel, Path, LoadReport]:
     """Build the model a checkpoint describes and load it strictly. Returns (model, folder, report).
 
     `config` (a BlipConfig or an HF config.json) overrides the checkpoint's own or, for an original `.pth` that
@@ -177,8 +191,9 @@ def _with_image_size(config: BlipConfig, image_size: int):
     return dataclasses.replace(config.vision, image_size=image_size)
 
 
-def _drop_unused_parts(state: dict[str, torch.Tensor], config: BlipConfig,
-                       dropped: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _drop_unused_parts(
+    state: dict[str, torch.Tensor], config: BlipConfig, dropped: list[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """When the caller asked for a smaller kind (e.g. a captioner from a pretrain file), drop the other parts."""
     from blip.config import KIND_PARTS
 
@@ -202,8 +217,11 @@ def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {source} does not match a {model.config.kind!r} BLIP model:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):

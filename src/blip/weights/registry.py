@@ -29,9 +29,19 @@ PRETRAINED: dict[str, PretrainedInfo] = {
     "itm-large-flickr": _info("Salesforce/blip-itm-large-flickr", "retrieval", "ViT-L", "Flickr30k retrieval / ITM"),
 }
 # Files a BLIP folder may hold; only these are fetched from the hub.
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-             "pytorch_model.bin.index.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
-             "special_tokens_map.json", "preprocessor_config.json", "processor_config.json"]
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
 # Where the tokenizer of an original `.pth` (which ships none) comes from: every BLIP-1 hub repo carries the same
 # bert-base-uncased files.
 DEFAULT_TOKENIZER_SOURCE = "Salesforce/blip-image-captioning-base"

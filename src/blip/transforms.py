@@ -1,0 +1,347 @@
+"""Image decoding and preprocessing.
+
+- `load_image`: path / bytes / PIL image -> 8-bit RGB PIL image, refusing oversized and broken data up front.
+- `ImageTransform`: evaluation preprocessing, equal to transformers' BlipImageProcessor (PIL backend): RGB conversion
+  (transparency composited onto white), bicubic resize of the 8-bit image to a square (no crop, aspect not kept),
+  x/255, CLIP mean/std normalisation -> float32 [B, 3, S, S].
+- `TrainTransform`: the original BLIP training augmentation (RandomResizedCrop, flip, RandAugment), PIL only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Images over 64 megapixels (e.g. 8000x8000) are refused before their pixel data is decoded: a decoded RGB image of
+# that size already takes 192 MB. Pillow's own guard (Image.MAX_IMAGE_PIXELS, ~89.5 MP) also applies and is reported
+# the same way, so raising max_pixels above it has no effect unless Image.MAX_IMAGE_PIXELS is raised too.
+DEFAULT_MAX_PIXELS = 64_000_000
+PREPROCESSOR_FILE = "preprocessor_config.json"
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value transformers stores as "resample"
+
+ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an image. The message starts with the input's name and gives the reason."""
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode `source` into an RGB PIL image.
+
+    Paths and bytes: the header is read first and images over `max_pixels` are refused before decoding; EXIF
+    orientation is applied; the pixel data is fully decoded here, so empty, non-image, truncated or corrupt data (and
+    unreadable files) raise `ImageDecodeError` naming `name` (default: the path, or "bytes"). A PIL image is used as
+    it is (no EXIF rotation, no size limit). Either way the result goes through `to_rgb`.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source, name=name or "image")
+    if isinstance(source, bytes | bytearray | memoryview):
+        name = name or "bytes"
+        data = bytes(source)
+        if not data:
+            raise ImageDecodeError(f"{name}: empty data (0 bytes)")
+        image = _decode(io.BytesIO(data), name, max_pixels)
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source).expanduser()
+        name = name or str(source)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
+        if path.is_dir():
+            raise ImageDecodeError(f"{name}: is a directory, not an image file")
+        if size == 0:
+            raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        image = _decode(path, name, max_pixels)
+    else:
+        raise TypeError(f"{name or 'image'}: expected a PIL image, a path or bytes, got {type(source).__name__}")
+    return to_rgb(image, name=name)
+
+
+def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"{name}: image is {width}x{height} = {width * height} pixels, over the "
+                        f"limit of {max_pixels} (max_pixels); refused before decoding"
+                    )
+                opened.load()  # decode everything now, so truncated data fails here and not later
+                return ImageOps.exif_transpose(opened)  # a new image in every case; `opened` is closed on exit
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"{name}: image too large, refused before decoding ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"{name}: not an image in a format Pillow can read") from e
+    except OSError as e:
+        if isinstance(fp, Path) and e.errno is not None:
+            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
+        raise ImageDecodeError(f"{name}: truncated or corrupt image data ({e})") from e
+    except Exception as e:  # Pillow's plugins raise SyntaxError, ValueError, struct.error, EOFError, ...
+        raise ImageDecodeError(f"{name}: corrupt image data ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
+    """transformers' `convert_to_rgb`: an image with an alpha band or a transparency key is converted to RGBA and
+    composited onto opaque white; anything else goes through Pillow's `convert("RGB")` (grey, palette, CMYK, YCbCr;
+    32-bit and 16-bit integer and float modes are clipped to 0..255, not rescaled, exactly as transformers does).
+    RGB images without transparency are returned as they are."""
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageDecodeError(f"{name}: cannot convert mode {image.mode} to RGB ({e})") from e
+
+
+def _normalisation_table(mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[3, 256] float32: the normalised value of every 8-bit level per channel, computed with the same operations
+    (and roundings) as transformers: float64 x*(1/255) -> float32, then (x - mean) / std in float32."""
+    levels = (torch.arange(256, dtype=torch.float64) * (1 / 255)).to(torch.float32)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None]
+    return (levels[None, :] - mean_t) / std_t
+
+
+def _to_tensor(images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """8-bit RGB images of one size -> normalised float32 [B, 3, H, W]."""
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
+    table = _normalisation_table(mean, std)
+    out = torch.empty(pixels.shape, dtype=torch.float32)
+    for c in range(3):  # a table lookup per channel: exact, and faster than the arithmetic
+        out[:, c] = table[c][pixels[:, c].int()]
+    return out
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Evaluation preprocessing; equals transformers' BlipImageProcessor (PIL backend) bit for bit."""
+
+    image_size: int = 384
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any size, any mode) -> float32 [B, 3, S, S]."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        size = (self.image_size, self.image_size)
+        resized = [to_rgb(im, name=f"image {i}").resize(size, Image.Resampling.BICUBIC) for i, im in enumerate(images)]
+        if not resized:
+            return torch.empty(0, 3, *size)
+        return _to_tensor(resized, self.mean, self.std)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> ImageTransform:
+        """Settings from `folder`/preprocessor_config.json (or that file's path); defaults when there is none."""
+        path = Path(folder)
+        path = path / PREPROCESSOR_FILE if path.is_dir() or not path.suffix else path
+        if not path.is_file():
+            return cls()
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from e
+        size = config.get("size", 384)
+        if isinstance(size, dict):
+            if "height" not in size or "width" not in size or size["height"] != size["width"]:
+                raise ValueError(f"{path}: size {size} is not a square {{'height': S, 'width': S}}")
+            size = size["height"]
+        unsupported = {
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "resample": BICUBIC,
+            "do_center_crop": False,
+            "do_pad": False,
+        }
+        for key, expected in unsupported.items():
+            if config.get(key, expected) not in (expected, None):
+                raise ValueError(
+                    f"{path}: {key}={config[key]!r} is not supported (BLIP preprocessing needs {expected})"
+                )
+        if not math.isclose(config.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-9):
+            raise ValueError(f"{path}: rescale_factor {config['rescale_factor']} is not supported (needs 1/255)")
+        mean = tuple(float(x) for x in config.get("image_mean", OPENAI_CLIP_MEAN))
+        std = tuple(float(x) for x in config.get("image_std", OPENAI_CLIP_STD))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"{path}: image_mean and image_std need 3 values each")
+        return cls(image_size=int(size), mean=mean, std=std)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write preprocessor_config.json as transformers writes it for BlipImageProcessor."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "image_processor_type": "BlipImageProcessor",
+            "processor_class": "BlipProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": BICUBIC,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+        (folder / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training augmentation
+
+Rng = random.Random | torch.Generator | None
+
+
+class _Draws:
+    """Uniform floats and integers from a random.Random, a torch.Generator, or (None) Python's global generator."""
+
+    def __init__(self, rng: Rng):
+        self.rng = random if rng is None else rng
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        if isinstance(self.rng, torch.Generator):
+            u = torch.rand((), generator=self.rng, dtype=torch.float64).item()
+        else:
+            u = self.rng.random()
+        return low + (high - low) * u
+
+    def randint(self, low: int, high: int) -> int:
+        """low..high inclusive."""
+        if isinstance(self.rng, torch.Generator):
+            return int(torch.randint(low, high + 1, (), generator=self.rng).item())
+        return self.rng.randint(low, high)
+
+
+RANDAUGMENT_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Brightness",
+    "Sharpness",
+    "Equalize",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+MAX_LEVEL = 10  # RandAugment magnitudes are on a 0..10 scale
+FILL = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """BLIP's training augmentation: RandomResizedCrop(scale, ratio 3/4..4/3, bicubic) -> horizontal flip (p=0.5) ->
+    RandAugment(N=2, M=5) over RANDAUGMENT_OPS, each sampled op applied with p=0.5, fill grey (128,128,128) -> /255 ->
+    normalise. Magnitudes follow the original code at M=5: shear 0.15, translate 5 pixels, rotate 15 degrees (each
+    with a random sign), enhancement factor (M/10)*1.8+0.1 = 1.0 (so Brightness and Sharpness leave the image as is).
+    Pass a random.Random or torch.Generator to make it reproducible."""
+
+    image_size: int = 384
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    randaugment: bool = True
+    num_ops: int = 2
+    magnitude: int = 5
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image], rng: Rng = None) -> torch.Tensor:
+        """Augmented, normalised float32 [B, 3, S, S]."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        draws = _Draws(rng)
+        augmented = [self.augment(im, draws) for im in images]
+        if not augmented:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        return _to_tensor(augmented, self.mean, self.std)
+
+    def augment(self, image: Image.Image, rng: Rng | _Draws = None) -> Image.Image:
+        """One image -> augmented 8-bit RGB PIL image of size S x S."""
+        draws = rng if isinstance(rng, _Draws) else _Draws(rng)
+        image = to_rgb(image)
+        top, left, height, width = self._crop_box(image.width, image.height, draws)
+        image = image.crop((left, top, left + width, top + height))
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        if self.hflip and draws.uniform() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment:
+            ops = [RANDAUGMENT_OPS[draws.randint(0, len(RANDAUGMENT_OPS) - 1)] for _ in range(self.num_ops)]
+            for op in ops:
+                if draws.uniform() > 0.5:
+                    continue
+                image = self._apply(op, image, draws)
+        return image
+
+    def _crop_box(self, width: int, height: int, draws: _Draws) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's box (top, left, height, width): up to 10 tries at a random area fraction in `scale` and a
+        log-uniform aspect ratio in `ratio`; if none fits, the largest centred box whose ratio is within `ratio`."""
+        area = width * height
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * draws.uniform(*self.scale)
+            aspect = math.exp(draws.uniform(log_low, log_high))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return draws.randint(0, height - h), draws.randint(0, width - w), h, w
+        actual = width / height
+        if actual < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif actual > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def _apply(self, op: str, image: Image.Image, draws: _Draws) -> Image.Image:
+        level = self.magnitude / MAX_LEVEL
+        bilinear = Image.Resampling.BILINEAR
+
+        def affine(a: float, b: float, c: float, d: float, e: float, f: float) -> Image.Image:
+            # PIL maps each output pixel (x, y) to the input pixel (a x + b y + c, d x + e y + f)
+            return image.transform(image.size, Image.Transform.AFFINE, (a, b, c, d, e, f), bilinear, fillcolor=FILL)
+
+        if op == "Identity":
+            return image
+        if op == "AutoContrast":
+            return ImageOps.autocontrast(image)
+        if op == "Equalize":
+            return ImageOps.equalize(image)
+        if op in ("Brightness", "Sharpness"):
+            enhancer = ImageEnhance.Brightness if op == "Brightness" else ImageEnhance.Sharpness
+            return enhancer(image).enhance(level * 1.8 + 0.1)
+        sign = -1.0 if draws.uniform() > 0.5 else 1.0
+        if op == "ShearX":
+            return affine(1, -sign * level * 0.3, 0, 0, 1, 0)
+        if op == "ShearY":
+            return affine(1, 0, 0, -sign * level * 0.3, 1, 0)
+        if op == "TranslateX":
+            return affine(1, 0, sign * level * 10, 0, 1, 0)
+        if op == "TranslateY":
+            return affine(1, 0, 0, 0, 1, sign * level * 10)
+        if op == "Rotate":
+            return image.rotate(sign * level * 30, resample=bilinear, fillcolor=FILL)
+        raise ValueError(f"unknown RandAugment op {op!r}")
