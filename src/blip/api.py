@@ -132,6 +132,7 @@ class Blip:
         answers: list[str] | None = None,
         num_beams: int = 1,
         max_new_tokens: int = 10,
+        min_new_tokens: int = 0,
     ) -> list[Answer]:
         """One answer per question. One image with several questions encodes the image once. With `answers`,
         ranks that answer list instead of generating."""
@@ -139,7 +140,7 @@ class Blip:
         image_list, question_list = pair_up(images, questions, "question")
         if answers is not None and (not answers or not all(isinstance(a, str) and a.strip() for a in answers)):
             raise ValueError("answers must be a non-empty list of non-empty strings")
-        generation = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        generation = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams)
         generation.validate()
         decoded, index = unique_images(image_list)
         return vqa_task.answer_questions(self, decoded, question_list, index, generation=generation, answers=answers)

@@ -133,10 +133,20 @@ class TextAttention(nn.Module):
         )
 
     def forward_self(
-        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None,
+        layer: int,
+        queries: int | None = None,
     ) -> torch.Tensor:
-        q = _split_heads(self.self.query(x), self.num_heads)
+        """Self-attention; with `queries`, only the first `queries` positions are computed (keys see all)."""
         k, v = self.project_kv(x)
+        if queries is not None:
+            x = x[:, :queries]
+            mask = mask[:, :, :queries] if mask is not None and mask.shape[2] > 1 else mask
+        q = _split_heads(self.self.query(x), self.num_heads)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -183,8 +193,9 @@ class TextLayer(nn.Module):
         cross: CrossKV | None,
         cache: KVCache | None,
         layer: int,
+        queries: int | None = None,
     ) -> torch.Tensor:
-        x = self.attention.forward_self(x, mask, causal, cache, layer)
+        x = self.attention.forward_self(x, mask, causal, cache, layer, queries)
         if cross is not None:
             x = self.crossattention.forward_cross(x, cross, layer)
         return self.output(self.intermediate(x), x)
@@ -243,12 +254,16 @@ class TextTransformer(nn.Module):
         cross: CrossKV | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        first_only: bool = False,
     ) -> torch.Tensor:
+        """Hidden states `[B, T, D]`; with `first_only` (bidirectional use, e.g. ITC/ITM heads that read position
+        0 only) the last layer computes position 0 alone and `[B, 1, D]` is returned."""
         start = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, start)
         mask = _self_attention_mask(attention_mask, causal, x.shape[1])
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, causal, cross, cache, i)
+            x = layer(x, mask, causal, cross, cache, i, 1 if first_only and i == last else None)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return x

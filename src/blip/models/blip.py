@@ -41,9 +41,12 @@ class BlipModel(nn.Module):
         """pixels `[B, 3, S, S]` -> image tokens `[B, N, Dv]`."""
         return self.vision_model(pixel_values)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Unimodal text encoder (no image): `[B, T]` -> `[B, T, D]`; position 0 must be [CLS]."""
-        return self._require("text_encoder")(input_ids, attention_mask)
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, first_only: bool = False
+    ) -> torch.Tensor:
+        """Unimodal text encoder (no image): `[B, T]` -> `[B, T, D]`; position 0 must be [CLS]. `first_only`
+        computes only what position 0 needs in the last layer (for ITC features) and returns `[B, 1, D]`."""
+        return self._require("text_encoder")(input_ids, attention_mask, first_only=first_only)
 
     def encode_multimodal(
         self,
@@ -52,13 +55,15 @@ class BlipModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         *,
         cross: CrossKV | None = None,
+        first_only: bool = False,
     ) -> torch.Tensor:
         """Image-grounded text encoder: text cross-attends to image tokens. Pass `image_embeds` or a prepared
-        `cross` (from `image_cross_kv`, to share one image's projections across many texts)."""
+        `cross` (from `image_cross_kv`, to share one image's projections across many texts). `first_only`: see
+        `encode_text` (the ITM head reads position 0 only)."""
         encoder = self._require("text_encoder")
         if cross is None:
             cross = encoder.cross_kv(image_embeds)
-        return encoder(input_ids, attention_mask, cross=cross)
+        return encoder(input_ids, attention_mask, cross=cross, first_only=first_only)
 
     def image_cross_kv(self, image_embeds: torch.Tensor, index: torch.Tensor | None = None) -> CrossKV:
         return self._require("text_encoder").cross_kv(image_embeds, index=index)

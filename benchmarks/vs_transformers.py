@@ -1,0 +1,358 @@
+"""blip vs transformers at BLIP-base size, measured side by side in one run.
+
+    .venv/bin/python benchmarks/vs_transformers.py [--repeats 3] [--threads 2] [--out runs/bench/vs_transformers.json]
+
+Builds random-weight base-size checkpoints (ViT-B/16 at 384, 12-layer BERT with 12 heads, 30524-token vocabulary)
+with transformers, loads each in both libraries, checks that the outputs agree, then times both on the same inputs
+(median of `--repeats` runs, preprocessing included on both sides) and prints ratio = transformers time / our time.
+Also prints the machine's fp32 matmul rate and memory bandwidth, the vision encoder's share of that rate, the
+decode step against the time to read the decoder's weights once, peak RSS, and bf16 speed/agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import blip  # noqa: E402
+from oracle import SPECIAL, WORDS, TinySpec, build_hf_checkpoint, make_images  # noqa: E402
+
+BASE = dict(
+    vision_hidden=768,
+    vision_layers=12,
+    vision_heads=12,
+    vision_mlp=3072,
+    image_size=384,
+    patch_size=16,
+    text_hidden=768,
+    text_layers=12,
+    text_heads=12,
+    text_ffn=3072,
+    eos_bias=0.0,
+    extra_vocab=30522 - len(SPECIAL) - len(dict.fromkeys(WORDS)),
+)
+QUESTIONS = [
+    "how many dogs are in the picture?",
+    "what is the woman doing?",
+    "where is she sitting?",
+    "what color is the sky?",
+    "is there a dog?",
+    "what is on the left?",
+]
+TEXTS = [
+    "a woman sitting on the beach with her dog",
+    "two dogs playing in the sand near the water",
+    "a red circle on the left of a blue square",
+    "a man standing near a tree",
+    "a small cat on a white sofa",
+    "a picture of a beach",
+    "three shapes on a black background",
+    "the sky is blue and the sand is white",
+]
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(threads: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = timed(lambda: a @ b, 5)
+    return 2 * 2048**3 / t
+
+
+def memory_bandwidth() -> float:
+    x = torch.randn(128 * 1024 * 1024 // 4 * 4)  # 512 MiB
+    x.sum()
+    t = timed(lambda: x.sum(), 5)
+    return x.numel() * 4 / t
+
+
+def vit_flops(cfg) -> float:
+    n, d, m, layers = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_layer = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
+    patch = 2 * (n - 1) * d * 3 * cfg.patch_size**2
+    return layers * per_layer + patch
+
+
+def peak_rss_child(folder: Path) -> dict:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
+    code = f"""
+import json, torch, blip
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+torch.set_num_threads(2)
+after_import = hwm()
+m = blip.load({str(folder)!r})
+after_load = hwm()
+from oracle import make_images
+m.caption(make_images(1)[0], max_new_tokens=20)
+peak = hwm()
+params = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.model.parameters()}}.values()) / 2**20
+print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=peak, param_mib=params)))
+"""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}:{ROOT / 'src'}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench/vs_transformers.json")
+    parser.add_argument("--only", nargs="*", help="run only these workloads (by key)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    work = Path(tempfile.mkdtemp(prefix="blip-bench-"))
+    results: dict[str, dict] = {}
+    machine = {
+        "matmul_gflops": matmul_rate(args.threads) / 1e9,
+        "bandwidth_gbs": memory_bandwidth() / 1e9,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    print(
+        f"machine: fp32 matmul {machine['matmul_gflops']:.1f} GFLOP/s, read bandwidth "
+        f"{machine['bandwidth_gbs']:.1f} GB/s, {args.threads} threads",
+        flush=True,
+    )
+
+    def want(key: str) -> bool:
+        return not args.only or key in args.only
+
+    def record(key: str, label: str, hf_fn, ours_fn, target: float, agree: bool) -> None:
+        hf_fn(), ours_fn()  # warm-up
+        t_hf, t_ours = timed(hf_fn, args.repeats), timed(ours_fn, args.repeats)
+        ratio = t_hf / t_ours
+        results[key] = dict(
+            label=label,
+            transformers_s=t_hf,
+            ours_s=t_ours,
+            ratio=ratio,
+            target=target,
+            met=ratio >= target,
+            outputs_agree=agree,
+        )
+        print(
+            f"{label:48s} transformers {t_hf:7.2f}s  ours {t_ours:7.2f}s  ratio {ratio:5.2f}x  (target >= "
+            f"{target}x{'' if ratio >= target else ', MISSED'})  outputs agree: {agree}",
+            flush=True,
+        )
+
+    # --- captioning --------------------------------------------------------------------------------------------
+    caption_dir = build_hf_checkpoint(work / "caption", TinySpec(kind="caption", **BASE))
+    ours = blip.load(caption_dir)
+    hf = transformers.BlipForConditionalGeneration.from_pretrained(caption_dir).eval()
+    processor = transformers.BlipProcessor.from_pretrained(caption_dir)
+    images8 = make_images(8, seed=1)
+
+    def hf_caption(images, **gen):
+        with torch.inference_mode():
+            return hf.generate(**processor(images=images, return_tensors="pt"), **gen)
+
+    for key, label, images, gen, target in [
+        ("caption_beam3_b8", "caption, beam 3, batch 8, 20 new tokens", images8, dict(num_beams=3), 2.5),
+        ("caption_greedy_b8", "caption, greedy, batch 8, 20 new tokens", images8, dict(num_beams=1), 1.4),
+        ("caption_greedy_b1", "caption, greedy, batch 1, 20 new tokens", images8[:1], dict(num_beams=1), 1.3),
+    ]:
+        if not want(key):
+            continue
+        gen = dict(gen, max_new_tokens=20, min_new_tokens=20)
+        theirs = [seq[seq != 0].tolist() for seq in hf_caption(images, **gen)]
+        mine = [c.token_ids for c in ours.caption(images, **gen)]
+        record(
+            key,
+            label,
+            lambda images=images, gen=gen: hf_caption(images, **gen),
+            lambda images=images, gen=gen: ours.caption(images, **gen),
+            target,
+            [m for m in mine] == [t[: len(m)] for t, m in zip(theirs, mine)],
+        )
+
+    if want("vision_b8"):
+        pixels = processor(images=images8, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            agree = bool(
+                (ours.model.encode_image(pixels) - hf.vision_model(pixels).last_hidden_state).abs().max() < 1e-3
+            )
+
+        def ours_vit():
+            with torch.inference_mode():
+                ours.model.encode_image(pixels)
+
+        def hf_vit():
+            with torch.inference_mode():
+                hf.vision_model(pixels)
+
+        record("vision_b8", "vision encoder, batch 8 (pixels ready)", hf_vit, ours_vit, 1.0, agree)
+        flops = vit_flops(ours.config.vision) * 8
+        rate = flops / results["vision_b8"]["ours_s"] / 1e9
+        share = rate / machine["matmul_gflops"]
+        results["vision_b8"].update(gflop=flops / 1e9, ours_gflops=rate, share_of_matmul=share, target_share=0.85)
+        print(
+            f"  vision encoder: {flops / 1e9:.0f} GFLOP, ours {rate:.1f} GFLOP/s = {share:.0%} of the measured "
+            f"matmul rate (target >= 85%); transformers {flops / results['vision_b8']['transformers_s'] / 1e9:.1f}"
+            f" GFLOP/s",
+            flush=True,
+        )
+
+    if want("decode_step_b1"):
+        decoder = ours.model.text_decoder
+        from blip.models.bert import KVCache
+
+        with torch.inference_mode():
+            image_embeds = ours.model.encode_image(ours.transform(images8[:1]))
+            cross = decoder.bert.cross_kv(image_embeds)
+            steps = 19
+
+            def decode():
+                cache = KVCache(len(decoder.bert.layers), steps + 1)
+                ids = torch.tensor([[ours.config.text.bos_token_id]])
+                decoder(ids, cross=cross, cache=cache, last_only=True)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    ids = decoder(ids, cross=cross, cache=cache, last_only=True).argmax(-1, keepdim=True)
+                return (time.perf_counter() - start) / steps
+
+            decode()
+            step = statistics.median(decode() for _ in range(args.repeats))
+        read = [
+            p
+            for n, p in decoder.named_parameters()
+            if "crossattention.self.key" not in n and "crossattention.self.value" not in n
+        ]
+        weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in read}.values())
+        read_time = weight_bytes / (machine["bandwidth_gbs"] * 1e9)
+        results["decode_step_b1"] = dict(
+            step_ms=step * 1e3,
+            weight_mb=weight_bytes / 1e6,
+            read_ms=read_time * 1e3,
+            ratio_to_read=step / read_time,
+            target=1.5,
+            met=step / read_time <= 1.5,
+        )
+        print(
+            f"decode step, batch 1: {step * 1e3:.1f} ms; reading the decoder's {weight_bytes / 1e6:.0f} MB of "
+            f"weights takes {read_time * 1e3:.1f} ms -> {step / read_time:.2f}x (target <= 1.5x)",
+            flush=True,
+        )
+
+    if want("bf16"):
+        fp32 = [c.token_ids for c in ours.caption(make_images(16, seed=3), max_new_tokens=20)]
+        ours_bf16 = blip.load(caption_dir, dtype="bfloat16")
+        bf16 = [c.token_ids for c in ours_bf16.caption(make_images(16, seed=3), max_new_tokens=20)]
+        same = sum(a == b for a, b in zip(fp32, bf16))
+        t32 = timed(lambda: ours.caption(images8, max_new_tokens=20, min_new_tokens=20), args.repeats)
+        t16 = timed(lambda: ours_bf16.caption(images8, max_new_tokens=20, min_new_tokens=20), args.repeats)
+        results["bf16_cpu"] = dict(fp32_s=t32, bf16_s=t16, speedup=t32 / t16, identical_captions=same, of=16)
+        print(
+            f"bf16 on CPU, caption greedy b8: fp32 {t32:.2f}s, bf16 {t16:.2f}s ({t32 / t16:.2f}x); bf16 captions "
+            f"identical to fp32 for {same}/16 images (random weights)",
+            flush=True,
+        )
+        del ours_bf16
+
+    if want("peak_rss"):
+        rss = peak_rss_child(caption_dir)
+        budget = rss["param_mib"] + 350
+        results["peak_rss"] = dict(rss, budget_mib=budget, met=rss["peak_mib"] <= budget)
+        print(
+            f"peak RSS, caption model loaded + one caption: {rss['peak_mib']:.0f} MiB (import {rss['import_mib']:.0f}"
+            f", loaded {rss['loaded_mib']:.0f}); parameters {rss['param_mib']:.0f} MiB; budget {budget:.0f} MiB",
+            flush=True,
+        )
+    del hf, ours
+
+    # --- VQA -----------------------------------------------------------------------------------------------------
+    if want("vqa_6q"):
+        vqa_dir = build_hf_checkpoint(work / "vqa", TinySpec(kind="vqa", **BASE))
+        ours = blip.load(vqa_dir)
+        hf = transformers.BlipForQuestionAnswering.from_pretrained(vqa_dir).eval()
+        processor = transformers.BlipProcessor.from_pretrained(vqa_dir)
+        image = make_images(1, seed=5)[0]
+
+        # VQA answers are short ("1", "on the beach"): 3 new tokens each, forced so both sides do the same work.
+        gen = dict(max_new_tokens=3, min_new_tokens=3)
+
+        def hf_vqa():
+            with torch.inference_mode():
+                inputs = processor(images=[image] * 6, text=QUESTIONS, padding=True, return_tensors="pt")
+                return hf.generate(**inputs, **gen)
+
+        mine = [a.token_ids for a in ours.answer(image, QUESTIONS, **gen)]
+        alone = []
+        for q in QUESTIONS:
+            with torch.inference_mode():
+                inputs = processor(images=image, text=q, return_tensors="pt")
+                alone.append(hf.generate(**inputs, **gen)[0].tolist())
+        record(
+            "vqa_6q",
+            "VQA, 6 questions about one image (3 tokens)",
+            hf_vqa,
+            lambda: ours.answer(image, QUESTIONS, **gen),
+            5.0,
+            mine == alone,
+        )
+        del hf, ours
+
+    # --- retrieval / ITM / ITC --------------------------------------------------------------------------------------
+    if want("itm_1x8") or want("itc_text_b32"):
+        itm_dir = build_hf_checkpoint(work / "itm", TinySpec(kind="retrieval", **BASE))
+        ours = blip.load(itm_dir)
+        hf = transformers.BlipForImageTextRetrieval.from_pretrained(itm_dir).eval()
+        processor = transformers.BlipProcessor.from_pretrained(itm_dir)
+        image = make_images(1, seed=6)[0]
+
+        def hf_itm():
+            with torch.inference_mode():
+                inputs = processor(images=[image] * 8, text=TEXTS, padding=True, return_tensors="pt")
+                return hf(**inputs).itm_score.softmax(-1)[:, 1]
+
+        if want("itm_1x8"):
+            agree = max(abs(a - b) for a, b in zip(ours.match(image, TEXTS), hf_itm().tolist())) < 1e-4
+            record("itm_1x8", "ITM, 1 image x 8 texts", hf_itm, lambda: ours.match(image, TEXTS), 4.0, agree)
+
+        texts32 = [f"{t} number {i}" for i in range(4) for t in TEXTS]
+
+        def hf_itc():
+            with torch.inference_mode():
+                inputs = processor.tokenizer(texts32, padding=True, return_tensors="pt")
+                states = hf.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                return torch.nn.functional.normalize(hf.text_proj(states.last_hidden_state[:, 0]), dim=-1)
+
+        if want("itc_text_b32"):
+            agree = bool((ours.embed_texts(texts32) - hf_itc()).abs().max() < 1e-4)
+            record(
+                "itc_text_b32", "ITC text embeddings, batch 32", hf_itc, lambda: ours.embed_texts(texts32), 1.3, agree
+            )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=machine, results=results), indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
