@@ -27,22 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import blip  # noqa: E402
-from oracle import SPECIAL, WORDS, TinySpec, build_hf_checkpoint, make_images  # noqa: E402
+from oracle import base_spec, build_hf_checkpoint, make_images  # noqa: E402
 
-BASE = dict(
-    vision_hidden=768,
-    vision_layers=12,
-    vision_heads=12,
-    vision_mlp=3072,
-    image_size=384,
-    patch_size=16,
-    text_hidden=768,
-    text_layers=12,
-    text_heads=12,
-    text_ffn=3072,
-    eos_bias=0.0,
-    extra_vocab=30522 - len(SPECIAL) - len(dict.fromkeys(WORDS)),
-)
 QUESTIONS = [
     "how many dogs are in the picture?",
     "what is the woman doing?",
@@ -162,7 +148,7 @@ def main() -> None:
         )
 
     # --- captioning --------------------------------------------------------------------------------------------
-    caption_dir = build_hf_checkpoint(work / "caption", TinySpec(kind="caption", **BASE))
+    caption_dir = build_hf_checkpoint(work / "caption", base_spec("caption"))
     ours = blip.load(caption_dir)
     hf = transformers.BlipForConditionalGeneration.from_pretrained(caption_dir).eval()
     processor = transformers.BlipProcessor.from_pretrained(caption_dir)
@@ -287,7 +273,7 @@ def main() -> None:
 
     # --- VQA -----------------------------------------------------------------------------------------------------
     if want("vqa_6q"):
-        vqa_dir = build_hf_checkpoint(work / "vqa", TinySpec(kind="vqa", **BASE))
+        vqa_dir = build_hf_checkpoint(work / "vqa", base_spec("vqa"))
         ours = blip.load(vqa_dir)
         hf = transformers.BlipForQuestionAnswering.from_pretrained(vqa_dir).eval()
         processor = transformers.BlipProcessor.from_pretrained(vqa_dir)
@@ -319,7 +305,7 @@ def main() -> None:
 
     # --- retrieval / ITM / ITC --------------------------------------------------------------------------------------
     if want("itm_1x8") or want("itc_text_b32"):
-        itm_dir = build_hf_checkpoint(work / "itm", TinySpec(kind="retrieval", **BASE))
+        itm_dir = build_hf_checkpoint(work / "itm", base_spec("retrieval"))
         ours = blip.load(itm_dir)
         hf = transformers.BlipForImageTextRetrieval.from_pretrained(itm_dir).eval()
         processor = transformers.BlipProcessor.from_pretrained(itm_dir)

@@ -45,6 +45,27 @@ class TinySpec:
     extra: dict = field(default_factory=dict)
 
 
+# BLIP-base: ViT-B/16 at 384, 12-layer BERT with 12 heads; a full 30524-token vocabulary (so the LM head is real).
+BASE_SIZES = dict(
+    vision_hidden=768,
+    vision_layers=12,
+    vision_heads=12,
+    vision_mlp=3072,
+    image_size=384,
+    patch_size=16,
+    text_hidden=768,
+    text_layers=12,
+    text_heads=12,
+    text_ffn=3072,
+    eos_bias=0.0,
+)
+
+
+def base_spec(kind: str, full_vocab: bool = True, **changes) -> TinySpec:
+    extra = 30522 - len(SPECIAL) - len(dict.fromkeys(WORDS)) if full_vocab else 0
+    return TinySpec(kind=kind, extra_vocab=extra, **{**BASE_SIZES, **changes})
+
+
 def write_vocab(folder: Path, extra: int = 0) -> list[str]:
     vocab = SPECIAL + [w for w in dict.fromkeys(WORDS)] + [f"w{i}" for i in range(extra)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")

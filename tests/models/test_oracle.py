@@ -269,22 +269,9 @@ def test_base_size_caption_matches_transformers(tmp_path):
     """The real BLIP-base shapes (ViT-B/16 at 384, 12-layer BERT with 12 heads), random weights (~30 s)."""
     import transformers
 
-    from oracle import build_hf_checkpoint
+    from oracle import base_spec, build_hf_checkpoint
 
-    spec = TinySpec(
-        kind="caption",
-        vision_hidden=768,
-        vision_layers=12,
-        vision_heads=12,
-        vision_mlp=3072,
-        image_size=384,
-        patch_size=16,
-        text_hidden=768,
-        text_layers=12,
-        text_heads=12,
-        text_ffn=3072,
-        eos_bias=0.0,
-    )
+    spec = base_spec("caption", full_vocab=False)
     folder = build_hf_checkpoint(tmp_path / "base", spec)
     ours = blip.load(folder)
     hf = transformers.BlipForConditionalGeneration.from_pretrained(folder).eval()

@@ -13,29 +13,32 @@ import torch
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
 
-# Salesforce ViT names -> HF names, applied as (regex, replacement) in order.
-SALESFORCE_VISION_SWAPS: list[tuple[str, str]] = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+# Original (Salesforce) ViT names <-> HF names; "{i}" is a layer number. Whole names end without a dot; the
+# others are prefixes followed by "weight"/"bias".
+VISION_NAMES: list[tuple[str, str]] = [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.blocks.{i}.norm1.", "vision_model.encoder.layers.{i}.layer_norm1."),
+    ("visual_encoder.blocks.{i}.norm2.", "vision_model.encoder.layers.{i}.layer_norm2."),
+    ("visual_encoder.blocks.{i}.attn.qkv.", "vision_model.encoder.layers.{i}.self_attn.qkv."),
+    ("visual_encoder.blocks.{i}.attn.proj.", "vision_model.encoder.layers.{i}.self_attn.projection."),
+    ("visual_encoder.blocks.{i}.mlp.", "vision_model.encoder.layers.{i}.mlp."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
 ]
-HF_VISION_SWAPS: list[tuple[str, str]] = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
-]
+
+
+def _swaps(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs mapping the left names of `pairs` to the right ones."""
+    swaps = []
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(r"\{i\}", r"(\d+)") + ("" if source.endswith(".") else "$")
+        swaps.append((pattern, target.replace("{i}", r"\1")))
+    return swaps
+
+
+SALESFORCE_VISION_SWAPS = _swaps(VISION_NAMES)
+HF_VISION_SWAPS = _swaps([(hf, original) for original, hf in VISION_NAMES])
 # Training-only state of the original pretrain/retrieval files; no inference model has a place for it.
 SALESFORCE_TRAINING_ONLY = re.compile(
     r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.|^(image_queue|text_queue|idx_queue|queue_ptr"
