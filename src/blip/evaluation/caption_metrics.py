@@ -162,7 +162,7 @@ class _Rule:
 
 
 @lru_cache(maxsize=1)
-def _rules() -> tuple[_Rule, ...]:
+def _rules() -> tuple[tuple[_Rule, ...], re.Pattern[str]]:
     """Build the lexer rules (once; building the Unicode classes takes ~0.1 s)."""
     letter_cls = _unicode_class(lambda c: unicodedata.category(c)[0] == "L", _EXTRA_LETTERS)
     pure_letter = _unicode_class(lambda c: unicodedata.category(c)[0] == "L")
@@ -175,7 +175,8 @@ def _rules() -> tuple[_Rule, ...]:
     space_nl = f"(?:{space}|{newline})"
     sgml_name = "[A-Za-z][A-Za-z0-9_:.-]*"
     sgml_value = "(?:'[^'\\r\\n]*'|\"[^\"\\r\\n]*\")"
-    sgml = f"<(?:[!?][A-Za-z-][^>\\r\\n]*|/?{sgml_name}(?: +(?:{sgml_name}(?: *= *{sgml_value})?|{sgml_value}))* */?) *>"
+    sgml_attr = f"(?:{sgml_name}(?: *= *{sgml_value})?|{sgml_value})"
+    sgml = f"<(?:[!?][A-Za-z-][^>\\r\\n]*|/?{sgml_name}(?: +{sgml_attr})* */?) *>"
     apos = "(?:['\u0092\u2019]|(?i:&apos;))"
     apos_etc = f"(?:{apos}|[`\u0091\u2018\u201b])"
     word = f"{letter}(?:{letter}|{digit})*(?:[.!?]{letter}(?:{letter}|{digit})*)*"
@@ -218,17 +219,15 @@ def _rules() -> tuple[_Rule, ...]:
         r"(?:(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])[0-9]{3,4}[- \u00a0]?"
         r"[0-9]{3,5}|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5})"
     )
-    url_end = "[^ \t\n\f\r\"<>|.!?(){},-]"
-    full_url = _ci("https?") + f"://[^ \t\n\f\r\"<>|()]+{url_end}"
+    url_end = '[^ \t\n\f\r"<>|.!?(){},-]'
+    full_url = _ci("https?") + f'://[^ \t\n\f\r"<>|()]+{url_end}'
     # NB: ",-_" below is a character *range* (0x2C-0x5F), as in the Java grammar.
     likely_url = (
-        f"(?:(?:{_ci('www')}\\.(?:[^ \t\n\f\r\"<>|.!?(){{}},]+\\.)+[a-zA-Z]{{2,4}})"
-        f"|(?:(?:[^ \t\n\f\r\"`'<>|.!?(){{}},-_$]+\\.)+{_ci('com|net|org|edu')}))(?:/[^ \t\n\f\r\"<>|()]+{url_end})?"
+        f'(?:(?:{_ci("www")}\\.(?:[^ \t\n\f\r"<>|.!?(){{}},]+\\.)+[a-zA-Z]{{2,4}})'
+        f'|(?:(?:[^ \t\n\f\r"`\'<>|.!?(){{}},-_$]+\\.)+{_ci("com|net|org|edu")}))(?:/[^ \t\n\f\r"<>|()]+{url_end})?'
     )
-    email_x = " \t\n\f\r\"<>|(){}\u00a0"
-    email = (
-        f"(?:<|{_ci('&lt;')})?[a-zA-Z0-9][^{email_x}]*@(?:[^{email_x}.]+\\.)*[^{email_x}.]+(?:>|{_ci('&gt;')})?"
-    )
+    email_x = ' \t\n\f\r"<>|(){}\u00a0'
+    email = f"(?:<|{_ci('&lt;')})?[a-zA-Z0-9][^{email_x}]*@(?:[^{email_x}.]+\\.)*[^{email_x}.]+(?:>|{_ci('&gt;')})?"
     file_ext = _ci(
         "bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt|ps"
         "|py|sql|tar|txt|wav|x|xml|zip"
@@ -334,12 +333,17 @@ def _rules() -> tuple[_Rule, ...]:
         (newline, None, _NEWLINE),
         (_ci("&nbsp;"), None, _DROP),
     ]
-    return tuple(_Rule(pattern, trail, action) for pattern, trail, action in specs)
+    rules = tuple(_Rule(pattern, trail, action) for pattern, trail, action in specs)
+    # Any abbreviation that could keep a word's final period; used by the word-before-period fast path.
+    abbreviation = re.compile(f"(?:{abbrev1}|{abbrev4}\\.|{abbrev3})")
+    return rules, abbreviation
 
 
-# Fast paths for the common case (plain words and sentence punctuation between spaces). They give the same result as
-# the full rule set: no rule can match past a space from a letter-initial ASCII word except with the same token.
+# Fast paths for the common case (plain words, a sentence-final "word." and punctuation between spaces). They give the
+# same result as the full rule set: from a letter-initial ASCII word, no rule can match past a following space except
+# with the same token, and only an abbreviation rule can take the period of a "word." before a space.
 _FAST_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*(?=[ \t\n]|\Z)")
+_FAST_WORD_PERIOD = re.compile(r"[A-Za-z][A-Za-z0-9]*(?=\.(?:[ \t\n]|\Z))")
 _FAST_SPACE = re.compile(r"[ \t]+")
 _FAST_PUNCT = re.compile(r"(?:\.(?! \.)|,)(?=[ \t\n]|\Z)")
 _SPLIT_WORDS = frozenset({"cannot", "gonna", "gotta", "lemme", "gimme", "wanna"})
@@ -347,7 +351,7 @@ _SPLIT_WORDS = frozenset({"cannot", "gonna", "gotta", "lemme", "gimme", "wanna"}
 
 def _lex(text: str) -> list[str]:
     """PTBLexer tokens of ``text`` (original case); each line break becomes a ``"\\n"`` token."""
-    rules = _rules()
+    rules, abbreviation = _rules()
     pos, n = 0, len(text)
     out: list[str] = []
     while pos < n:
@@ -355,8 +359,16 @@ def _lex(text: str) -> list[str]:
         if c == " " or c == "\t":
             pos = _FAST_SPACE.match(text, pos).end()  # type: ignore[union-attr]
             continue
+        if c == "\n":  # no rule starts with a newline except the newline rule
+            out.append("\n")
+            pos += 1
+            continue
         if "a" <= c <= "z" or "A" <= c <= "Z":
             m = _FAST_WORD.match(text, pos)
+            if m is None:  # "dog." at a sentence end: the word, unless it is an abbreviation that keeps the period
+                m = _FAST_WORD_PERIOD.match(text, pos)
+                if m is not None and abbreviation.match(text, pos) is not None:
+                    m = None
             if m is not None and m.group().lower() not in _SPLIT_WORDS:
                 out.append(m.group())
                 pos = m.end()
