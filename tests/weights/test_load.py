@@ -56,6 +56,34 @@ def test_salesforce_pth_loads_like_the_hf_folder(hf_checkpoints, tmp_path, spec)
     assert same(outputs(from_pth, images), outputs(from_hf, images))
 
 
+def test_split_qkv_checkpoints_are_fused(hf_checkpoints, tmp_path):
+    folder = hf_checkpoints(CAPTION)
+    original = convert.to_salesforce(load_file(str(folder / "model.safetensors")))
+    split = {}
+    for key, value in original.items():
+        if ".attn.qkv." in key:
+            q, k, v = value.chunk(3, dim=0)
+            kind = key.rsplit(".", 1)[1]
+            for name, part in zip("qkv", (q, k, v)):
+                split[key.replace(".qkv.", f".{name}_proj.")] = part
+            if kind == "bias":  # EVA-style: q_bias and v_bias only, k bias implied zero
+                for name, part in (("q", q), ("v", v)):
+                    split[key.replace("qkv.bias", f"{name}_bias")] = part
+                for name in "qkv":
+                    split.pop(key.replace(".qkv.", f".{name}_proj."))
+        else:
+            split[key] = value
+    converted, _ = convert.convert_state_dict(split)
+    reference, _ = convert.convert_state_dict(original)
+    for key, value in converted.items():
+        if "qkv.bias" in key:
+            q, _, v = reference[key].chunk(3)
+            assert torch.equal(value, torch.cat([q, torch.zeros_like(q), v]))
+        else:
+            assert torch.equal(value, reference[key]), key
+    assert set(converted) == set(reference)
+
+
 def test_pth_with_other_image_size_gets_position_embeddings_resized(hf_checkpoints, tmp_path):
     folder = hf_checkpoints(CAPTION)
     state = convert.to_salesforce(load_file(str(folder / "model.safetensors")))

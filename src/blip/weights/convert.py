@@ -99,7 +99,33 @@ def convert_salesforce_blip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[s
             dropped.append(key)
             continue
         out[_rename(key, SALESFORCE_VISION_SWAPS)] = value
-    return convert_hf_blip(out), dropped
+    return convert_hf_blip(fuse_split_qkv(out)), dropped
+
+
+SPLIT_QKV = re.compile(r"^(visual_encoder\.blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)$")
+SPLIT_QV_BIAS = re.compile(r"^(visual_encoder\.blocks\.\d+\.attn)\.(q|v)_bias$")
+
+
+def fuse_split_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ViT attention stored as separate q/k/v projections (`attn.q.weight`, `attn.q_proj.bias`, ...) or with
+    separate `q_bias`/`v_bias` (no k bias, as EVA-style ViTs save it) -> one fused `attn.qkv`, rows [q | k | v]."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, value in state_dict.items():
+        if m := SPLIT_QKV.match(key):
+            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        elif m := SPLIT_QV_BIAS.match(key):
+            parts.setdefault((m.group(1), "bias"), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for (prefix, kind), pieces in parts.items():
+        if kind == "bias" and "k" not in pieces and {"q", "v"} <= set(pieces):
+            pieces["k"] = torch.zeros_like(pieces["q"])
+        if set(pieces) != {"q", "k", "v"}:
+            raise ValueError(f"{prefix}: split attention {kind} needs q, k and v; found {sorted(pieces)}")
+        fused = _rename(f"{prefix}.qkv.{kind}", SALESFORCE_VISION_SWAPS)
+        out[fused] = torch.cat([pieces["q"], pieces["k"], pieces["v"]], dim=0)
+    return out
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
