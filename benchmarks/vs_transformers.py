@@ -65,6 +65,14 @@ def matmul_rate(threads: int) -> float:
     return 2 * 2048**3 / t
 
 
+def vit_gemm_rate() -> float:
+    """fp32 rate of the ViT-B MLP's GEMM at batch 8 (8 x 577 tokens)."""
+    x, w = torch.randn(8 * 577, 768), torch.randn(3072, 768)
+    torch.nn.functional.linear(x, w)
+    t = timed(lambda: torch.nn.functional.linear(x, w), 5)
+    return 2 * x.shape[0] * 768 * 3072 / t
+
+
 def memory_bandwidth() -> float:
     x = torch.randn(128 * 1024 * 1024 // 4 * 4)  # 512 MiB
     x.sum()
@@ -193,14 +201,26 @@ def main() -> None:
                 hf.vision_model(pixels)
 
         record("vision_b8", "vision encoder, batch 8 (pixels ready)", hf_vit, ours_vit, 1.0, agree)
+        # The machine's rate drifts with load: measure it right around our own timing and compare like with like.
+        before = matmul_rate(args.threads)
+        t_ours = timed(ours_vit, args.repeats)
+        after = matmul_rate(args.threads)
+        peak = (before + after) / 2 / 1e9
         flops = vit_flops(ours.config.vision) * 8
-        rate = flops / results["vision_b8"]["ours_s"] / 1e9
-        share = rate / machine["matmul_gflops"]
-        results["vision_b8"].update(gflop=flops / 1e9, ours_gflops=rate, share_of_matmul=share, target_share=0.85)
+        rate = flops / t_ours / 1e9
+        gemm = vit_gemm_rate() / 1e9
+        results["vision_b8"].update(
+            gflop=flops / 1e9,
+            ours_gflops=rate,
+            matmul_gflops=peak,
+            vit_gemm_gflops=gemm,
+            share_of_matmul=rate / peak,
+            target_share=0.85,
+        )
         print(
-            f"  vision encoder: {flops / 1e9:.0f} GFLOP, ours {rate:.1f} GFLOP/s = {share:.0%} of the measured "
-            f"matmul rate (target >= 85%); transformers {flops / results['vision_b8']['transformers_s'] / 1e9:.1f}"
-            f" GFLOP/s",
+            f"  vision encoder: {flops / 1e9:.0f} GFLOP in {t_ours:.2f}s = {rate:.1f} GFLOP/s = {rate / peak:.0%} of "
+            f"the fp32 matmul rate measured around it ({peak:.0f} GFLOP/s, 2048^3; target >= 85%); the ViT's own "
+            f"largest GEMM (4616x768 @ 768x3072) runs at {gemm:.0f} GFLOP/s = {gemm / peak:.0%}",
             flush=True,
         )
 
