@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo lint format bench clean
+.PHONY: setup chromium test test-all demo lint format bench clean
 
 setup: $(STAMP)
 
@@ -12,24 +12,30 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,eval]'
+	$(PIP) -e '.[dev,all]'
 	touch $(STAMP)
 
-test: setup
+# Debian's chromium for the web-page test (Playwright drives /usr/bin/chromium; no browser download).
+chromium:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup chromium
 	$(PY) -m pytest -q -m ''
 
 demo: setup
 	$(VENV)/bin/blip demo --out runs/demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks configs
+	$(VENV)/bin/ruff format --check src tests benchmarks configs
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks configs
 
 bench: setup
 	$(PY) benchmarks/vs_transformers.py

@@ -1,0 +1,359 @@
+"""`blip batch ...` and `blip retrieve ...` (wired into `blip` by blip.cli; also `python -m blip.jobs batch|retrieve`).
+
+Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage or fatal error (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
+from blip.jobs.index import INDEX_KINDS
+from blip.jobs.runner import JobError, TaskOptions
+from blip.jobs.sources import IMAGE_EXTENSIONS, INPUT_KINDS, InputError, InputOptions
+from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, JobMismatchError
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
+
+_logger = logging.getLogger(__name__)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job")
+    g.add_argument("--model", "-m", required=True, help="hub id, short name, local HF folder or .pth")
+    g.add_argument(
+        "--input",
+        "-i",
+        required=True,
+        help="a folder of images (recursive), a .csv/.jsonl manifest, or WebDataset .tar shards "
+        "(paths, globs or brace patterns like 'data/web-{000000..000009}.tar')",
+    )
+    g.add_argument("--out", "-o", required=True, help="output folder (rerun the same command to resume)")
+    g.add_argument("--format", choices=OUTPUT_FORMATS, default="jsonl", help="result shards (default: jsonl)")
+    g.add_argument("--overwrite", action="store_true", help="discard earlier results in --out and start over")
+    g.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    g.add_argument("--shard-size", type=int, default=1000, help="rows per output shard (default: 1000)")
+    g.add_argument("--limit", type=int, help="only the first N rows of the input")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights/compute dtype (default fp32)")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
+    g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
+    g.add_argument("--prefetch", type=int, default=4, help="batches decoded ahead of the model (default: 4)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+
+    g = p.add_argument_group("input")
+    g.add_argument("--input-type", choices=INPUT_KINDS, default="auto", help="what --input is (default: by its name)")
+    g.add_argument("--image-column", help="manifest column with the image path or URL (default: image, path, url, ...)")
+    g.add_argument(
+        "--id-column", help='manifest column with the row id written as "image" (default: id, else the path)'
+    )
+    g.add_argument("--text-column", help="manifest column with the text (default: text or caption)")
+    g.add_argument("--question-column", help="manifest column with the question (default: question)")
+    g.add_argument("--root", help="folder that relative manifest paths start from (default: the manifest's folder)")
+    g.add_argument(
+        "--extensions",
+        default=",".join(IMAGE_EXTENSIONS),
+        help="folder inputs: file extensions taken as images, comma-separated, or '*' for every file",
+    )
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINES, default="auto", help="auto: torchrun when launched by it, else local")
+    g.add_argument("--ray-address", help="Ray cluster to join ('auto' or host:port; default: start a local one)")
+    g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
+    g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+
+
+def _generation(p: argparse.ArgumentParser, max_new_tokens: int) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("generation")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    return g
+
+
+def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a task over every image of a folder, manifest or WebDataset: results go to atomic shards "
+        "in --out with a _manifest.json and errors.jsonl; rerunning the same command resumes. Scale out with "
+        "`torchrun --nproc_per_node N -m blip.jobs batch ...` or --engine ray.",
+    )
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    p = sub.add_parser("caption", help="caption every image", description="Caption every image.")
+    _common(p)
+    g = _generation(p, 20)
+    g.add_argument("--prompt", help='text the caption starts with, e.g. "a picture of"')
+    g.add_argument("--num-captions", type=int, default=1, help="captions per image (<= --num-beams)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+
+    p = sub.add_parser(
+        "vqa",
+        help="answer questions about every image",
+        description="Answer a question per row (the manifest's question column), or ask every --question about "
+        "every image.",
+    )
+    _common(p)
+    g = _generation(p, 10)
+    g.add_argument("--question", action="append", help="ask this about every image (repeatable)")
+    g.add_argument("--answers", help="rank these answers instead of generating: a JSON list or a file, one per line")
+
+    p = sub.add_parser(
+        "match",
+        help="image-text matching probability of every row",
+        description="ITM probability for each row's image and text (the manifest's text column), or for every "
+        "image with each --text.",
+    )
+    _common(p)
+    p.add_argument("--text", action="append", help="pair every image with this text (repeatable)")
+
+    p = sub.add_parser(
+        "embed",
+        help="ITC image embeddings and a search index",
+        description="L2-normalised ITC embeddings of every image (.npy or .safetensors shards, row i of the vectors "
+        "= line i of the rows), then a search index for `blip retrieve`.",
+    )
+    _common(p)
+    p.add_argument("--embed-format", choices=EMBED_FORMATS, default="npy", help="vector shards (default: npy)")
+    p.add_argument(
+        "--index",
+        dest="index_type",
+        choices=INDEX_KINDS,
+        default="auto",
+        help="search index: flat (exact), ivf, hnsw (faiss), none, or auto (flat up to 100k images)",
+    )
+    return parser
+
+
+def _read_answers(spec: str) -> tuple[str, ...]:
+    path = Path(spec)
+    text = path.read_text(encoding="utf-8") if path.is_file() else spec
+    try:
+        answers = json.loads(text)
+    except json.JSONDecodeError:
+        answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise _UsageError(f"--answers {spec!r}: expected a JSON list or a file with one answer per line")
+    return tuple(answers)
+
+
+def config_from_args(args: argparse.Namespace) -> BatchConfig:
+    task = args.task
+    questions = tuple(getattr(args, "question", None) or ())
+    texts = tuple(getattr(args, "text", None) or ())
+    if any(not q.strip() for q in questions):
+        raise _UsageError("a --question is empty")
+    if any(not t.strip() for t in texts):
+        raise _UsageError("a --text is empty")
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    inputs = InputOptions(
+        kind=args.input_type,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        text_column=args.text_column,
+        question_column=args.question_column,
+        root=args.root,
+        extensions=extensions,
+        questions=questions,
+        texts=texts,
+        limit=args.limit,
+    )
+    answers = _read_answers(args.answers) if getattr(args, "answers", None) else None
+    options = TaskOptions(
+        prompt=getattr(args, "prompt", None),
+        num_beams=getattr(args, "num_beams", 1),
+        max_new_tokens=getattr(args, "max_new_tokens", None),
+        min_new_tokens=getattr(args, "min_new_tokens", 0),
+        num_captions=getattr(args, "num_captions", 1),
+        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+        length_penalty=getattr(args, "length_penalty", 1.0),
+        answers=answers,
+    )
+    engine = EngineOptions(
+        engine=args.engine,
+        ray_address=args.ray_address,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    return BatchConfig(
+        task=task,
+        model=args.model,
+        input=args.input,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        output_format=args.format,
+        embed_format=getattr(args, "embed_format", "npy"),
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        index_type=getattr(args, "index_type", "auto"),
+        inputs=inputs,
+        options=options,
+        engine=engine,
+    )
+
+
+def _fatal(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _setup_logging(verbose: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    elif verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def batch_main(argv: list[str] | None = None, prog: str = "blip batch") -> int:
+    """`blip batch caption|vqa|match|embed ...`; returns the exit code."""
+    from blip.weights.load import CheckpointError
+
+    parser = build_batch_parser(prog)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        cfg = config_from_args(args)
+        result = run_batch(cfg)
+    except (_UsageError, InputError, JobMismatchError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
+        return _fatal(f"{prog} {args.task}", str(e))
+    except RuntimeError as e:  # e.g. an optional package that is missing
+        return _fatal(f"{prog} {args.task}", str(e))
+    except KeyboardInterrupt:
+        print(f"{prog} {args.task}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    s = result.summary
+    if not result.primary:
+        return result.exit_code
+    verb = "resumed" if result.resumed else "ran"
+    print(
+        f"{prog} {args.task}: {verb} on {result.engine} in {result.seconds:.1f}s: {s.rows} rows, {s.rows_ok} ok, "
+        f"{s.rows_failed} failed -> {result.out}",
+        file=sys.stderr,
+    )
+    if s.rows_failed:
+        print(f"{prog} {args.task}: failed rows and reasons are in {result.out / 'errors.jsonl'}", file=sys.stderr)
+    if result.index:
+        print(
+            f"{prog} {args.task}: index {result.index['backend']}/{result.index['kind']} over "
+            f"{result.index['count']} images in {result.out / 'index'}",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# blip retrieve
+
+
+def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Search an image collection embedded by `blip batch embed`: top-k by ITC (cosine), re-ranked "
+        'by ITM, with both scores. Example: blip retrieve --index out/ "a dog on a beach"',
+    )
+    p.add_argument("queries", nargs="*", help="text queries")
+    p.add_argument("--index", required=True, help="the `blip batch embed` output folder (or its index/ folder)")
+    p.add_argument("--model", "-m", help="the checkpoint that made the embeddings (default: the one recorded)")
+    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    p.add_argument("--image", action="append", default=[], help="an image query (repeatable): similar images by ITC")
+    p.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
+    p.add_argument("--no-rerank", action="store_true", help="text queries: ITC order only, no ITM re-ranking")
+    p.add_argument("--nprobe", type=int, help="ivf: cells searched per query")
+    p.add_argument("--ef-search", type=int, help="hnsw: search breadth")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") -> int:
+    """`blip retrieve --index DIR "query" ... [--image q.jpg]`; returns the exit code."""
+    import blip
+    from blip.jobs.batch import model_fingerprint, resolve_device
+    from blip.jobs.index import SearchIndexError, load_collection_index, search_images, search_texts
+    from blip.transforms import ImageDecodeError
+    from blip.weights.load import CheckpointError
+
+    parser = build_retrieve_parser(prog)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not args.queries and not args.image:
+        return _fatal(prog, "give a text query, or --image")
+    if any(not q.strip() for q in args.queries):
+        return _fatal(prog, "a query is empty")
+    if args.top_k < 1:
+        return _fatal(prog, "--top-k must be >= 1")
+    try:
+        collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
+        model_source = args.model or collection.meta.get("model_source")
+        if not model_source:
+            raise SearchIndexError("the index does not record its model: pass --model")
+        recorded = (collection.meta.get("model") or {}).get("sha256")
+        if recorded and model_fingerprint(model_source, args.tokenizer)["sha256"] != recorded:
+            raise SearchIndexError(
+                f"{model_source} is not the checkpoint that embedded this collection "
+                f"({collection.meta.get('model_source')}); its ITC space would not match"
+            )
+        model = blip.load(model_source, device=resolve_device(args.device), dtype=args.dtype, tokenizer=args.tokenizer)
+        started = time.perf_counter()
+        results: list[tuple[str, list[Any]]] = []
+        if args.queries:
+            hits = search_texts(model, collection, args.queries, top_k=args.top_k, rerank=not args.no_rerank)
+            results += list(zip(args.queries, hits))
+        if args.image:
+            hits = search_images(model, collection, args.image, top_k=args.top_k)
+            results += list(zip(args.image, hits))
+        elapsed = time.perf_counter() - started
+    except (SearchIndexError, CheckpointError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as e:
+        return _fatal(prog, str(e))
+    for query, hits in results:
+        if args.format == "jsonl":
+            for hit in hits:
+                row = {"query": query, "rank": hit.rank, "image": hit.image, "itc": hit.itc, "itm": hit.itm}
+                print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"# {query}")
+            for hit in hits:
+                itm = "" if hit.itm is None else f"\titm={hit.itm:.4f}"
+                print(f"{hit.rank}\t{hit.image}\titc={hit.itc:.4f}{itm}")
+    info = collection.index.info
+    print(
+        f"{prog}: {len(results)} queries in {elapsed * 1000:.1f} ms ({info.backend}/{info.kind} index, "
+        f"{info.count} images)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m blip.jobs batch ...` / `python -m blip.jobs retrieve ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "batch":
+        return batch_main(argv[1:])
+    if argv and argv[0] == "retrieve":
+        return retrieve_main(argv[1:])
+    print("usage: python -m blip.jobs batch|retrieve ...", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,308 @@
+"""Running the model on a batch of rows (the same `blip.tasks` functions as everywhere else), and working through
+shards: prefetch, run, journal each batch, commit each finished shard.
+
+A row whose image cannot be read, or whose inference fails on its own, becomes an error row; the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from blip.jobs.pipeline import Decoded, Prefetcher, decode_key
+from blip.jobs.sources import Row, read_image
+from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
+from blip.models.generation import GenerationConfig
+from blip.tasks.caption import caption_images
+from blip.tasks.itm import image_embeddings, match_probabilities
+from blip.tasks.vqa import answer_questions
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+_logger = logging.getLogger(__name__)
+
+TASKS = ("caption", "vqa", "match", "embed")
+MODEL_TASK = {"caption": "caption", "vqa": "vqa", "match": "itm", "embed": "itc"}
+DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 10}
+MAX_FAILED_BATCHES = 3  # consecutive batches whose every row failed inference: something is wrong with the job
+
+
+class JobError(RuntimeError):
+    """The job cannot go on (not a row's fault). Finished work is kept; a rerun resumes."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Options that change results (they are part of the job's fingerprint)."""
+
+    prompt: str | None = None
+    num_beams: int = 1
+    max_new_tokens: int | None = None  # default: 20 for captions, 10 for answers
+    min_new_tokens: int = 0
+    num_captions: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    answers: tuple[str, ...] | None = None  # VQA: rank these answers instead of generating
+
+    def generation(self, task: str) -> GenerationConfig:
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 20),
+            min_new_tokens=self.min_new_tokens,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+            length_penalty=self.length_penalty,
+            num_return_sequences=self.num_captions if task == "caption" else 1,
+        )
+        config.validate()
+        return config
+
+    def describe(self, task: str) -> dict[str, Any]:
+        """The options that matter for `task`, as plain JSON."""
+        if task == "caption":
+            g = self.generation(task)
+            return {
+                "prompt": self.prompt,
+                "num_beams": g.num_beams,
+                "max_new_tokens": g.max_new_tokens,
+                "min_new_tokens": g.min_new_tokens,
+                "num_captions": g.num_return_sequences,
+                "repetition_penalty": g.repetition_penalty,
+                "length_penalty": g.length_penalty,
+            }
+        if task == "vqa":
+            if self.answers:
+                return {"answers": list(self.answers)}
+            g = self.generation(task)
+            return {"num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens}
+        return {}
+
+
+def check_model_task(blip: Blip, task: str) -> None:
+    need = MODEL_TASK[task]
+    if need not in blip.tasks:
+        blip._need(need)  # raises the API's own message naming the checkpoint kind that has the head
+
+
+class TaskRunner:
+    """One batch of rows -> one result per row: {"ok": output row} or {"error": error row} (+ embeddings)."""
+
+    def __init__(self, blip: Blip, task: str, options: TaskOptions):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        check_model_task(blip, task)
+        self.blip = blip
+        self.task = task
+        self.options = options
+        self.generation = options.generation(task) if task in ("caption", "vqa") else None
+        self._failed_batches = 0
+
+    @property
+    def image_size(self) -> int:
+        return self.blip.transform.image_size
+
+    def load(self, row: Row) -> Image.Image:
+        return read_image(row, self.image_size)
+
+    def error_row(self, row: Row, reason: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": row.id}
+        if self.task == "vqa":
+            out["question"] = row.question
+        elif self.task == "match":
+            out["text"] = row.text
+        out["error"] = reason
+        return out
+
+    def run(self, rows: Sequence[Row], decoded: Decoded) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        items: list[dict[str, Any] | None] = [None] * len(rows)
+        good: list[int] = []
+        for i, row in enumerate(rows):
+            reason = decoded.errors.get(decode_key(row))
+            if reason is not None:
+                items[i] = {"error": self.error_row(row, reason)}
+            else:
+                good.append(i)
+        vectors: dict[int, np.ndarray] = {}
+        if good:
+            try:
+                outputs = self._infer([rows[i] for i in good], decoded)
+                self._failed_batches = 0
+            except Exception as e:
+                _logger.warning("a batch of %d rows failed (%s: %s); retrying its rows one by one", len(good), *_why(e))
+                outputs = self._infer_one_by_one([rows[i] for i in good], decoded)
+            for i, output in zip(good, outputs):
+                if isinstance(output, str):
+                    items[i] = {"error": self.error_row(rows[i], output)}
+                elif isinstance(output, np.ndarray):
+                    items[i] = {"ok": self._embed_row(rows[i])}
+                    vectors[i] = output
+                else:
+                    items[i] = {"ok": output}
+        embeddings = None
+        if self.task == "embed":
+            ok = [i for i in range(len(rows)) if i in vectors]
+            dim = self.blip.config.embed_dim
+            embeddings = np.stack([vectors[i] for i in ok]) if ok else np.zeros((0, dim), np.float32)
+        return [item for item in items if item is not None], embeddings
+
+    def _infer_one_by_one(self, rows: list[Row], decoded: Decoded) -> list[Any]:
+        outputs: list[Any] = []
+        for row in rows:
+            try:
+                outputs += self._infer([row], decoded)
+            except Exception as e:
+                _logger.debug("row %s failed", row.id, exc_info=True)
+                outputs.append("inference failed: {}: {}".format(*_why(e)))
+        if all(isinstance(o, str) for o in outputs):
+            self._failed_batches += 1
+            if self._failed_batches >= MAX_FAILED_BATCHES:
+                raise JobError(f"every row of {MAX_FAILED_BATCHES} batches in a row failed: {outputs[-1]}")
+        else:
+            self._failed_batches = 0
+        return outputs
+
+    def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
+        """Outputs for rows whose images decoded: an output row (or an embedding) per row, in order."""
+        slots: dict[str, int] = {}
+        images: list[Image.Image] = []
+        index: list[int] = []
+        for row in rows:
+            key = decode_key(row)
+            if key not in slots:
+                slots[key] = len(images)
+                images.append(decoded.images[key])
+            index.append(slots[key])
+        blip = self.blip
+        if self.task == "caption":
+            per_image = caption_images(blip, images, prompt=self.options.prompt, generation=self.generation)
+            return [self._caption_row(row, per_image[k]) for row, k in zip(rows, index)]
+        if self.task == "vqa":
+            answers = list(self.options.answers) if self.options.answers else None
+            questions = [row.question or "" for row in rows]
+            results = answer_questions(blip, images, questions, index, generation=self.generation, answers=answers)
+            return [
+                {"image": row.id, "question": row.question, "answer": a.text, "score": a.score}
+                for row, a in zip(rows, results)
+            ]
+        if self.task == "match":
+            probs = match_probabilities(blip, images, [row.text or "" for row in rows], index)
+            return [{"image": row.id, "text": row.text, "score": p} for row, p in zip(rows, probs)]
+        feats = image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
+        return [feats[k] for k in index]
+
+    def _caption_row(self, row: Row, captions: list[Any]) -> dict[str, Any]:
+        if len(captions) == 1:
+            return {"image": row.id, "caption": captions[0].text, "score": captions[0].score}
+        return {"image": row.id, "captions": [c.text for c in captions], "scores": [c.score for c in captions]}
+
+    def _embed_row(self, row: Row) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": row.id, "source": row.source}
+        if row.text is not None:
+            out["text"] = row.text
+        return out
+
+
+def _why(e: BaseException) -> tuple[str, str]:
+    return type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass
+class ShardTask:
+    shard: int
+    rows: list[Row]
+
+
+@dataclass
+class _ShardState:
+    task: ShardTask
+    journal: Journal
+
+
+@dataclass
+class _Batch:
+    state: _ShardState
+    start: int
+    rows: list[Row] = field(default_factory=list)
+
+
+def split_shards(rows: list[Row], shard_size: int) -> list[ShardTask]:
+    return [ShardTask(k, rows[start : start + shard_size]) for k, start in enumerate(range(0, len(rows), shard_size))]
+
+
+class ShardWorker:
+    """Works through shards in one process: decode ahead, run the model, journal each batch, commit each shard."""
+
+    def __init__(
+        self,
+        runner: TaskRunner,
+        out: OutputDir,
+        job_fingerprint: str,
+        *,
+        batch_size: int = 16,
+        workers: int = 2,
+        prefetch: int = 4,
+    ):
+        self.runner = runner
+        self.out = out
+        self.job_fingerprint = job_fingerprint
+        self.batch_size = max(1, batch_size)
+        self.prefetcher: Prefetcher[_Batch] = Prefetcher(runner.load, lambda b: b.rows, workers=workers, depth=prefetch)
+
+    def process(
+        self,
+        shards: Sequence[ShardTask],
+        *,
+        progress: Callable[[int], None] | None = None,
+        on_commit: Callable[[Receipt], None] | None = None,
+    ) -> list[Receipt]:
+        done = self.out.done_shards()
+        states = []
+        receipts: list[Receipt] = []
+        try:
+            for task in shards:
+                if task.shard in done:
+                    continue
+                header = {"journal": 1, "shard": task.shard, "rows": len(task.rows), "job": self.job_fingerprint}
+                state = _ShardState(task, self.out.open_journal(task.shard, header))
+                if progress and state.journal.rows_done:
+                    progress(state.journal.rows_done)
+                states.append(state)
+            for state in states:
+                if state.journal.rows_done >= len(state.task.rows):  # journaled in full before a crash
+                    receipts.append(self._commit(state, on_commit))
+            for batch, decoded in self.prefetcher(self._batches(states)):
+                items, embeddings = self.runner.run(batch.rows, decoded)
+                state = batch.state
+                state.journal.append(BatchRecord(batch.start, items, embeddings))
+                if progress:
+                    progress(len(batch.rows))
+                if state.journal.rows_done >= len(state.task.rows):
+                    receipts.append(self._commit(state, on_commit))
+        finally:
+            for state in states:
+                state.journal.close()
+        return receipts
+
+    def _batches(self, states: list[_ShardState]) -> Iterator[_Batch]:
+        for state in states:
+            rows = state.task.rows
+            for start in range(state.journal.rows_done, len(rows), self.batch_size):
+                yield _Batch(state, start, rows[start : start + self.batch_size])
+
+    def _commit(self, state: _ShardState, on_commit: Callable[[Receipt], None] | None) -> Receipt:
+        task = state.task
+        receipt = self.out.commit(task.shard, len(task.rows), state.journal.records, self.job_fingerprint)
+        state.journal.remove()
+        _logger.info("shard %d done: %d rows, %d failed", task.shard, receipt.rows, len(receipt.errors))
+        if on_commit:
+            on_commit(receipt)
+        return receipt

@@ -1,0 +1,24 @@
+"""`blip serve`: an HTTP endpoint for loaded BLIP models (needs the `serve` extra: fastapi, uvicorn, httpx).
+
+    from blip.serve import create_app, ServeSettings
+    app = create_app({"caption": blip.load(...)}, ServeSettings(max_batch=16))
+
+Modules: app (routes), schemas (bodies), batching (micro-batcher), runners (merged task calls), inputs (images from
+requests), fetch (safe URL fetcher), middleware (limits, metrics, access log), metrics, settings, cli.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blip.serve.settings import ServeSettings
+
+__all__ = ["ServeSettings", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":  # imported on use, so `import blip.serve` works without fastapi installed
+        from blip.serve.app import create_app
+
+        return create_app
+    raise AttributeError(name)

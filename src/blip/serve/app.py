@@ -1,0 +1,485 @@
+"""The HTTP server: `create_app(models, settings)` returns a FastAPI app serving loaded `Blip` models.
+
+Routes (schemas in `blip.serve.schemas`):
+- `POST /score`                 Azure ML online-endpoint schema (captioning or VQA by columns)
+- `POST /`, `POST /predict`     the model card's schema: several questions per image, or captions
+- `POST /v1/caption|vqa|match|similarity` (JSON) and `.../upload` (multipart): our API, with scores and options
+- `GET /v1/models`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /` (web page / liveness)
+
+Every model call goes through the micro-batcher (`blip.serve.batching`) into the task functions in `blip.tasks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from blip.serve.fetch import SafeFetcher
+from blip.serve.inputs import ImageSource, from_ref, from_string
+from blip.serve.middleware import ServeMiddleware
+from blip.serve.runners import VqaOptions
+from blip.serve.schemas import (
+    AnswerOut,
+    ApiError,
+    AzureRequest,
+    AzureResult,
+    CaptionForm,
+    CaptionOut,
+    CaptionParams,
+    CaptionRequest,
+    CaptionResponse,
+    CaptionResult,
+    CardImageResult,
+    CardRequest,
+    CardResponse,
+    ErrorResponse,
+    MatchResponse,
+    ModelInfo,
+    ModelsResponse,
+    PairRequest,
+    SimilarityResponse,
+    StatusResponse,
+    TextsForm,
+    VqaForm,
+    VqaParams,
+    VqaRequest,
+    VqaResponse,
+    VqaResult,
+)
+from blip.serve.service import Service
+from blip.serve.settings import ServeSettings
+from blip.tasks.common import Caption
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+_logger = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "malformed request (e.g. body is not JSON)"},
+    401: {"model": ErrorResponse, "description": "missing or wrong token (when the server has one)"},
+    408: {"model": ErrorResponse, "description": "the request body did not arrive in time"},
+    413: {"model": ErrorResponse, "description": "body or image too large"},
+    422: {"model": ErrorResponse, "description": "invalid field, image or URL; the error names the field"},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded, timed out, or not ready; retry later",
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
+}
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+STATUS_CODES.update({408: "body_timeout", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request"})
+
+bearer = HTTPBearer(auto_error=False, description="the server's token, when started with one")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+ModelQuery = Annotated[str | None, Query(description="a loaded model's name (default: the first able to)")]
+Uploads = Annotated[list[UploadFile], File(description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)")]
+
+
+# --- helpers for the routes -----------------------------------------------------------------------------------------
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _caption_out(caption: Caption) -> CaptionOut:
+    return CaptionOut(text=caption.text, score=_finite(caption.score), token_ids=list(caption.token_ids))
+
+
+def _pairing(n_images: int, n_texts: int) -> list[int]:
+    """image index per text for match: one image with each text, each image with one text, or pairwise."""
+    if n_images == 1:
+        return [0] * n_texts
+    if n_texts == 1 or n_images == n_texts:
+        return list(range(n_images))
+    raise ApiError(
+        422,
+        "invalid_request",
+        f"texts: {n_images} images but {n_texts} texts: give one image, one text, or lists of the same length",
+        field="texts",
+    )
+
+
+async def _read_uploads(files: list[UploadFile], limit: int) -> list[ImageSource]:
+    sources = []
+    for i, upload in enumerate(files):
+        data = await upload.read(limit + 1)
+        sources.append(ImageSource(f"images[{i}]", "bytes", data))
+    return sources
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    field = _field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        message = f"body: not valid JSON ({reason})" if reason else "body: not valid JSON"
+        return _error_response(400, "malformed_json", message, "body")
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    message = f"{field}: {msg}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return _error_response(422, "invalid_request", message, field)
+
+
+def _error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _page() -> tuple[str, str]:
+    """The web page, and a Content-Security-Policy allowing exactly its inline script and style."""
+    try:
+        html = PAGE.read_text(encoding="utf-8")
+    except OSError:
+        html = "<!doctype html><title>blip</title><p>The web page is not installed; the API is at /docs.</p>"
+    hashes = []
+    for tag in ("script", "style"):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        digests = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+        hashes.append(digests or "'none'")
+    csp = (
+        f"default-src 'none'; script-src {hashes[0]}; style-src {hashes[1]}; img-src 'self' blob: data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, csp
+
+
+# --- the app --------------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    models: dict[str, Blip] | None = None,
+    settings: ServeSettings | None = None,
+    *,
+    loader: Callable[[], dict[str, Blip]] | None = None,
+    fetcher: SafeFetcher | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """A FastAPI app serving `models` (name -> loaded Blip), or the models `loader` returns (loaded in the
+    background after start; /readyz says 503 until then)."""
+    settings = settings or ServeSettings()
+    if models is None and loader is None:
+        raise ValueError("give models or a loader")
+    svc = Service(models, settings, loader=loader, fetcher=fetcher, on_load_error=on_load_error)
+    page, csp = _page()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.batcher.start()
+        load_task = asyncio.create_task(svc.load_models()) if loader is not None else None
+        try:
+            yield
+        finally:
+            if load_task is not None and not load_task.done():
+                load_task.cancel()
+            await anyio.to_thread.run_sync(svc.batcher.close, settings.timeout_s)
+            await svc.fetcher.aclose()
+
+    app = FastAPI(
+        title="blip",
+        version="0.1.0",
+        summary="BLIP captioning, visual question answering and image-text matching",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(
+        ServeMiddleware,
+        metrics=svc.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_connections=settings.max_connections,
+        retry_after_s=settings.retry_after_s,
+        known_paths=lambda: {getattr(r, "path", "") for r in app.routes},
+        body_timeout_s=settings.timeout_s,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        field = "body" if exc.status_code in (400, 408, 413) else None
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and field:
+            message = message if message.startswith("body") else f"body: {message}"
+        return _error_response(exc.status_code, code, message, field, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        _logger.exception("internal error on %s %s", request.method, request.url.path)
+        return _error_response(500, "internal_error", "internal error; see the server log")
+
+    async def require_auth(credentials: Credentials) -> None:
+        svc.authorize(credentials)
+
+    auth = [Depends(require_auth)]
+
+    # --- service routes ----------------------------------------------------------------------------------------------
+
+    @app.get(
+        "/",
+        response_model=StatusResponse,
+        tags=["service"],
+        summary="web page (Accept: text/html) or liveness (JSON)",
+        responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
+    )
+    async def index(request: Request) -> Any:
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse(page, headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
+        return StatusResponse(status="ok", models=sorted(svc.models) if svc.loaded else [])
+
+    @app.get("/healthz", response_model=StatusResponse, tags=["service"], summary="the process is alive")
+    async def healthz() -> StatusResponse:
+        return StatusResponse(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=StatusResponse,
+        tags=["service"],
+        summary="200 when the models are loaded and requests are taken, else 503",
+        responses={503: {"model": StatusResponse, "description": "not ready"}},
+    )
+    async def readyz() -> Any:
+        if svc.ready:
+            return StatusResponse(status="ready", models=sorted(svc.models))
+        body = StatusResponse(status="not ready", reason=svc.not_ready_reason())
+        return JSONResponse(body.model_dump(), status_code=503, headers=svc.retry_headers())
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get(
+        "/v1/models", response_model=ModelsResponse, tags=["blip"], responses={401: ERRORS[401]}, dependencies=auth
+    )
+    async def list_models() -> ModelsResponse:
+        infos = [
+            ModelInfo(name=n, kind=str(m.config.kind), tasks=sorted(m.tasks), source=m.source)
+            for n, m in (svc.models.items() if svc.loaded else [])
+        ]
+        return ModelsResponse(models=infos)
+
+    # --- Azure ML schema ---------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/score",
+        response_model=list[AzureResult],
+        tags=["Azure ML"],
+        responses=ERRORS,
+        summary='Azure ML online endpoint: columns ["image"] captions, ["image", "text"] answers',
+        dependencies=auth,
+    )
+    async def score(body: AzureRequest, model: ModelQuery = None) -> list[AzureResult]:
+        data = body.input_data
+        columns = data.columns
+        if columns not in (["image"], ["image", "text"]):
+            raise svc.invalid("input_data.columns", f'expected ["image"] or ["image", "text"], got {columns}')
+        if data.index is not None and len(data.index) != len(data.data):
+            raise svc.invalid("input_data.index", f"{len(data.index)} ids for {len(data.data)} rows")
+        for i, row in enumerate(data.data):
+            if len(row) != len(columns):
+                message = f"expected {len(columns)} values ({columns}), got {len(row)}"
+                raise svc.invalid(f"input_data.data[{i}]", message)
+        sources = [from_string(row[0], f"input_data.data[{i}][0]") for i, row in enumerate(data.data)]
+        if columns == ["image"]:
+            name, blip = svc.resolve(model, "caption")
+            captions = await svc.caption(name, blip, CaptionParams(), sources, field="input_data.data")
+            return [AzureResult(text=c[0].text) for c in captions]
+        name, blip = svc.resolve(model, "vqa")
+        svc.check_count(len(sources), svc.settings.max_texts, "input_data.data", "rows")
+        svc.check_count(len({s.value for s in sources}), svc.settings.max_images, "input_data.data", "distinct images")
+        questions = [row[1] for row in data.data]
+        for i, question in enumerate(questions):
+            if not question.strip():
+                raise svc.invalid(f"input_data.data[{i}][1]", "the question is empty")
+        svc.check_texts([(f"input_data.data[{i}][1]", q) for i, q in enumerate(questions)])
+        options = VqaOptions(svc.vqa_config(1, 10, 0, blip))
+        answers = await svc.answer(name, options, sources, questions, list(range(len(questions))))
+        return [AzureResult(text=a.text) for a in answers]
+
+    # --- the model card's schema -------------------------------------------------------------------------------------
+
+    async def predict(body: CardRequest, credentials: Credentials, model: ModelQuery = None) -> CardResponse:
+        svc.authorize(credentials, body.secret_token)
+        inputs = body.inputs
+        sources = [from_ref(ref, f"inputs.images[{i}]") for i, ref in enumerate(inputs.images)]
+        if inputs.texts is None:
+            name, blip = svc.resolve(model, "caption", field="inputs.texts")
+            captions = await svc.caption(name, blip, CaptionParams(), sources, field="inputs.images")
+            return CardResponse(captions=[CardImageResult(image_results=[c[0].text]) for c in captions])
+        if len(inputs.texts) != len(inputs.images):
+            message = f"{len(inputs.texts)} question lists for {len(inputs.images)} images (texts[i]: images[i])"
+            raise svc.invalid("inputs.texts", message)
+        name, blip = svc.resolve(model, "vqa", field="inputs.texts")
+        svc.check_count(len(sources), svc.settings.max_images, "inputs.images", "images")
+        questions = [q for group in inputs.texts for q in group]
+        image_of = [i for i, group in enumerate(inputs.texts) for _ in group]
+        svc.check_count(len(questions), svc.settings.max_texts, "inputs.texts", "questions")
+        svc.check_texts([(f"inputs.texts[{i}][{j}]", q) for i, g in enumerate(inputs.texts) for j, q in enumerate(g)])
+        options = VqaOptions(svc.vqa_config(1, 10, 0, blip))
+        answers = await svc.answer(name, options, sources, questions, image_of)
+        results: list[list[str]] = [[] for _ in inputs.images]
+        for image, answer in zip(image_of, answers):
+            results[image].append(answer.text)
+        return CardResponse(captions=[CardImageResult(image_results=r) for r in results])
+
+    for path in ("/", "/predict"):
+        app.add_api_route(
+            path,
+            predict,
+            methods=["POST"],
+            response_model=CardResponse,
+            tags=["model card"],
+            responses=ERRORS,
+            summary="model-card schema: texts[i] are the questions about images[i]; no texts: captions",
+            operation_id=f"predict{path.replace('/', '_')}",
+        )
+
+    # --- our API -----------------------------------------------------------------------------------------------------
+
+    async def caption_route(params: CaptionParams, model: str | None, sources: list[ImageSource]) -> CaptionResponse:
+        name, blip = svc.resolve(model, "caption")
+        captions = await svc.caption(name, blip, params, sources)
+        return CaptionResponse(
+            model=name, results=[CaptionResult(captions=[_caption_out(c) for c in per]) for per in captions]
+        )
+
+    @app.post("/v1/caption", response_model=CaptionResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def caption(body: CaptionRequest) -> CaptionResponse:
+        """Captions with scores and token ids; `num_captions` per image."""
+        sources = [from_ref(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
+        return await caption_route(body, body.model, sources)
+
+    @app.post("/v1/caption/upload", response_model=CaptionResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def caption_upload(form: Annotated[CaptionForm, Form()], images: Uploads) -> CaptionResponse:
+        """/v1/caption with images uploaded as multipart files."""
+        svc.check_count(len(images), svc.settings.max_images, "images", "images")
+        return await caption_route(form, form.model, await _read_uploads(images, svc.settings.fetch_max_bytes))
+
+    async def vqa_route(
+        params: VqaParams | VqaForm, model: str | None, sources: list[ImageSource], groups: list[list[str]]
+    ) -> VqaResponse:
+        name, blip = svc.resolve(model, "vqa")
+        svc.check_count(len(sources), svc.settings.max_images, "images", "images")
+        questions = [q for group in groups for q in group]
+        image_of = [i for i, group in enumerate(groups) for _ in group]
+        svc.check_count(len(questions), svc.settings.max_texts, "questions", "questions")
+        svc.check_texts([(f"questions[{i}][{j}]", q) for i, g in enumerate(groups) for j, q in enumerate(g)])
+        generation = svc.vqa_config(params.num_beams, params.max_new_tokens, params.min_new_tokens, blip)
+        answers_list = svc.check_answers(getattr(params, "answers", None), blip)
+        answers = await svc.answer(name, VqaOptions(generation, answers_list), sources, questions, image_of)
+        results: list[list[AnswerOut]] = [[] for _ in sources]
+        for image, question, answer in zip(image_of, questions, answers):
+            score = _finite(answer.score)
+            results[image].append(
+                AnswerOut(question=question, text=answer.text, score=score, token_ids=answer.token_ids)
+            )
+        return VqaResponse(model=name, results=[VqaResult(answers=r) for r in results])
+
+    @app.post("/v1/vqa", response_model=VqaResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def vqa(body: VqaRequest) -> VqaResponse:
+        """Answers with scores: `questions[i]` are the questions about `images[i]`; each image is encoded once."""
+        if len(body.questions) != len(body.images):
+            raise svc.invalid("questions", f"{len(body.questions)} question lists for {len(body.images)} images")
+        sources = [from_ref(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
+        return await vqa_route(body, body.model, sources, body.questions)
+
+    @app.post("/v1/vqa/upload", response_model=VqaResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def vqa_upload(form: Annotated[VqaForm, Form()], images: Uploads) -> VqaResponse:
+        """/v1/vqa with multipart files; every `questions` field is asked about every uploaded image."""
+        svc.check_count(len(images), svc.settings.max_images, "images", "images")
+        sources = await _read_uploads(images, svc.settings.fetch_max_bytes)
+        return await vqa_route(form, form.model, sources, [list(form.questions) for _ in sources])
+
+    async def match_route(model: str | None, sources: list[ImageSource], texts: list[str]) -> MatchResponse:
+        name, _ = svc.resolve(model, "match")
+        svc.check_count(len(sources), svc.settings.max_images, "images", "images")
+        svc.check_count(len(texts), svc.settings.max_texts, "texts", "texts")
+        svc.check_texts([(f"texts[{i}]", t) for i, t in enumerate(texts)])
+        image_of = _pairing(len(sources), len(texts))
+        texts = texts * len(sources) if len(texts) == 1 and len(sources) > 1 else texts
+        scores = await svc.match(name, sources, texts, image_of)
+        return MatchResponse(model=name, scores=scores)
+
+    @app.post("/v1/match", response_model=MatchResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def match(body: PairRequest) -> MatchResponse:
+        """ITM probability that image and text match: one image with each text, or pairwise."""
+        sources = [from_ref(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
+        return await match_route(body.model, sources, list(body.texts))
+
+    @app.post("/v1/match/upload", response_model=MatchResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def match_upload(form: Annotated[TextsForm, Form()], images: Uploads) -> MatchResponse:
+        svc.check_count(len(images), svc.settings.max_images, "images", "images")
+        sources = await _read_uploads(images, svc.settings.fetch_max_bytes)
+        return await match_route(form.model, sources, list(form.texts))
+
+    async def similarity_route(model: str | None, sources: list[ImageSource], texts: list[str]) -> SimilarityResponse:
+        name, _ = svc.resolve(model, "similarity")
+        svc.check_count(len(sources), svc.settings.max_images, "images", "images")
+        svc.check_count(len(texts), svc.settings.max_texts, "texts", "texts")
+        svc.check_texts([(f"texts[{i}]", t) for i, t in enumerate(texts)])
+        return SimilarityResponse(model=name, scores=await svc.similarity(name, sources, texts))
+
+    @app.post("/v1/similarity", response_model=SimilarityResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def similarity(body: PairRequest) -> SimilarityResponse:
+        """ITC cosine similarity of every image with every text."""
+        sources = [from_ref(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
+        return await similarity_route(body.model, sources, list(body.texts))
+
+    @app.post(
+        "/v1/similarity/upload", response_model=SimilarityResponse, tags=["blip"], responses=ERRORS, dependencies=auth
+    )
+    async def similarity_upload(form: Annotated[TextsForm, Form()], images: Uploads) -> SimilarityResponse:
+        svc.check_count(len(images), svc.settings.max_images, "images", "images")
+        sources = await _read_uploads(images, svc.settings.fetch_max_bytes)
+        return await similarity_route(form.model, sources, list(form.texts))
+
+    return app

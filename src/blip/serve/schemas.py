@@ -1,0 +1,293 @@
+"""Request and response bodies of every route (pydantic), and the one error shape all failures use.
+
+Three request schemas:
+- Azure ML online endpoint (`POST /score`): `{"input_data": {"columns", "index", "data"}}` -> `[{"text": ...}]`.
+- The model card's custom schema (`POST /`, `POST /predict`): `{"secret_token", "inputs": {"texts", "images"}}`
+  -> `{"captions": [{"image_results": [...]}]}`.
+- Our own API (`POST /v1/...`), with scores and generation options.
+Limits that depend on the server's settings (images per request, tokens, beams) are checked by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+class ApiError(Exception):
+    """A failure answered as `{"error": {"code", "message", "field"}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+ModelName = Annotated[str | None, Field(description="a loaded model's name; default: the first that can do the task")]
+
+
+EXAMPLE_PNG = (  # a 2x2 red PNG, for the schema's examples
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8oaHBwMDAxMDAwMDAAAAN6gEcJJUQNAAAAABJRU5ErkJggg=="
+)
+
+
+def _examples(*examples: dict[str, Any]) -> dict[str, Any]:
+    return {"examples": list(examples)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Lenient(BaseModel):
+    """External schemas and form fields: unknown fields are ignored (as the services that defined those schemas do;
+    and a form's file parts arrive beside its fields)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. invalid_request, invalid_image, url_refused")
+    message: str = Field(description="what is wrong, starting with the field it concerns")
+    field: str | None = Field(None, description="the request field at fault, e.g. inputs.images[0].url")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+
+
+class ImageRef(_Strict):
+    """An image by public http(s) URL or as base64 of the encoded file (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
+
+    url: str | None = Field(None, min_length=1, max_length=4096, description="http:// or https:// URL")
+    b64: str | None = Field(None, min_length=1, description="base64 of the image file (whitespace is ignored)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.url is None) == (self.b64 is None):
+            raise ValueError("give exactly one of 'url' or 'b64'")
+        return self
+
+
+# --- Azure ML online endpoint (POST /score) ------------------------------------------------------------------------
+
+
+class AzureInputData(_Lenient):
+    columns: list[str] = Field(
+        min_length=1, max_length=2, description='["image"] to caption, ["image", "text"] to answer questions'
+    )
+    index: list[int | str] | None = Field(None, description="row ids; the answer list follows this order")
+    data: list[list[str]] = Field(min_length=1, description="rows: [image] or [image, question]; image = URL or base64")
+
+
+class AzureRequest(_Lenient):
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {"input_data": {"columns": ["image"], "index": [0], "data": [[EXAMPLE_PNG]]}},
+            {"input_data": {"columns": ["image", "text"], "index": [7], "data": [[EXAMPLE_PNG, "what colour?"]]}},
+        )
+    )
+    input_data: AzureInputData
+    params: dict[str, Any] | None = Field(None, description="accepted and ignored")
+
+
+class AzureResult(BaseModel):
+    text: str
+
+
+# --- the model card's schema (POST /, POST /predict) ---------------------------------------------------------------
+
+
+class CardInputs(_Lenient):
+    texts: list[Annotated[list[Text], Field(min_length=1)]] | None = Field(
+        None, description="texts[i]: the questions about images[i]; leave out to caption"
+    )
+    images: list[ImageRef] = Field(min_length=1)
+
+
+class CardRequest(_Lenient):
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {"inputs": {"texts": [["what is it?", "what colour?"]], "images": [{"b64": EXAMPLE_PNG}]}},
+            {"inputs": {"images": [{"b64": EXAMPLE_PNG}]}},
+        )
+    )
+    secret_token: str | None = Field(None, description="compared with the server's token when it has one")
+    inputs: CardInputs
+
+
+class CardImageResult(BaseModel):
+    image_results: list[str] = Field(description="one answer per question, in order (or the caption)")
+
+
+class CardResponse(BaseModel):
+    captions: list[CardImageResult]
+
+
+# --- our API (POST /v1/...) ---------------------------------------------------------------------------------------
+
+
+class CaptionParams(_Strict):
+    """Generation options; the server may cap max_new_tokens, num_beams and num_captions lower."""
+
+    prompt: str | None = Field(None, max_length=500, description='text the caption starts with, e.g. "a picture of"')
+    num_beams: int = Field(1, ge=1, le=16, description="beam width; 1 = greedy (or sampling)")
+    max_new_tokens: int = Field(20, ge=1, le=256)
+    min_new_tokens: int = Field(0, ge=0, le=256)
+    do_sample: bool = Field(False, description="nucleus/top-k sampling instead of greedy or beam search")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100_000)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    length_penalty: float = Field(1.0, ge=-100.0, le=100.0)
+    num_captions: int = Field(1, ge=1, le=16, description="captions per image (<= num_beams, or with do_sample)")
+    seed: int | None = Field(None, ge=0, le=2**53, description="random seed for do_sample")
+
+
+class CaptionRequest(CaptionParams):
+    model_config = ConfigDict(
+        json_schema_extra=_examples({"images": [{"b64": EXAMPLE_PNG}], "num_beams": 3, "max_new_tokens": 20})
+    )
+    images: list[ImageRef] = Field(min_length=1)
+    model: ModelName = None
+
+
+class CaptionForm(CaptionParams):
+    """Multipart form fields of /v1/caption/upload (the images are the `images` file parts)."""
+
+    model_config = _Lenient.model_config
+    model: ModelName = None
+
+
+class CaptionOut(BaseModel):
+    text: str
+    score: float | None = Field(description="sequence log-probability (beam: length-penalised); null if not finite")
+    token_ids: list[int]
+
+
+class CaptionResult(BaseModel):
+    captions: list[CaptionOut]
+
+
+class CaptionResponse(BaseModel):
+    model: str
+    results: list[CaptionResult] = Field(description="one per image, in order")
+
+
+class VqaParams(_Strict):
+    num_beams: int = Field(1, ge=1, le=16)
+    max_new_tokens: int = Field(10, ge=1, le=256)
+    min_new_tokens: int = Field(0, ge=0, le=256)
+    answers: list[Text] | None = Field(
+        None, min_length=1, description="rank these candidate answers instead of generating"
+    )
+
+
+class VqaRequest(VqaParams):
+    model_config = ConfigDict(
+        json_schema_extra=_examples({"images": [{"b64": EXAMPLE_PNG}], "questions": [["what is it?", "how many?"]]})
+    )
+    images: list[ImageRef] = Field(min_length=1)
+    questions: list[Annotated[list[Text], Field(min_length=1)]] = Field(
+        min_length=1, description="questions[i]: the questions about images[i]"
+    )
+    model: ModelName = None
+
+
+class VqaForm(_Lenient):
+    """Multipart form fields of /v1/vqa/upload: every question is asked about every uploaded image."""
+
+    questions: list[Text] = Field(min_length=1)
+    num_beams: int = Field(1, ge=1, le=16)
+    max_new_tokens: int = Field(10, ge=1, le=256)
+    min_new_tokens: int = Field(0, ge=0, le=256)
+    model: ModelName = None
+
+
+class AnswerOut(BaseModel):
+    question: str
+    text: str
+    score: float | None
+    token_ids: list[int]
+
+
+class VqaResult(BaseModel):
+    answers: list[AnswerOut]
+
+
+class VqaResponse(BaseModel):
+    model: str
+    results: list[VqaResult] = Field(description="one per image, one answer per question")
+
+
+class PairRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra=_examples({"images": [{"b64": EXAMPLE_PNG}], "texts": ["a red square", "a dog"]})
+    )
+    images: list[ImageRef] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
+    model: ModelName = None
+
+
+class TextsForm(_Lenient):
+    """Multipart form fields of /v1/match/upload and /v1/similarity/upload."""
+
+    texts: list[Text] = Field(min_length=1)
+    model: ModelName = None
+
+
+class MatchResponse(BaseModel):
+    model: str
+    scores: list[float] = Field(
+        description="P(match) per pair: one image with each text, each image with one text, or pairwise"
+    )
+
+
+class SimilarityResponse(BaseModel):
+    model: str
+    scores: list[list[float]] = Field(description="ITC cosine similarity [image][text]")
+
+
+# --- service -----------------------------------------------------------------------------------------------------
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    tasks: list[str]
+    source: str
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class StatusResponse(BaseModel):
+    status: Literal["ok", "ready", "not ready"]
+    models: list[str] = Field(default_factory=list)
+    reason: str | None = None

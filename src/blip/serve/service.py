@@ -1,0 +1,332 @@
+"""What the routes share (`Service`): settings, models, the micro-batcher, the image loader, metrics; auth, model
+choice and limit checks; and `run()`, which takes a request from admission to its model result."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi.security import HTTPAuthorizationCredentials
+
+from blip.models.generation import GenerationConfig
+from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
+from blip.serve.fetch import FetchLimits, SafeFetcher
+from blip.serve.inputs import ImageLoader, ImageSource
+from blip.serve.metrics import ServerMetrics
+from blip.serve.runners import (
+    BatchKey,
+    CaptionOptions,
+    CaptionWork,
+    ImageItem,
+    PairWork,
+    SimilarityWork,
+    TaskRunner,
+    VqaOptions,
+    rows,
+)
+from blip.serve.schemas import ApiError, CaptionParams
+from blip.serve.settings import ServeSettings
+from blip.tasks.caption import prompt_prefix
+from blip.tasks.common import Answer, Caption
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+_logger = logging.getLogger(__name__)
+
+HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc"}  # route task -> model head
+WHAT = {
+    "caption": "caption images",
+    "vqa": "answer questions",
+    "match": "match images with texts",
+    "similarity": "compare images with texts",
+}
+
+
+class Service:
+    """What the routes share: settings, models, batcher, image loader, metrics."""
+
+    def __init__(
+        self,
+        models: dict[str, Blip] | None,
+        settings: ServeSettings,
+        loader: Callable[[], dict[str, Blip]] | None = None,
+        fetcher: SafeFetcher | None = None,
+        on_load_error: Callable[[BaseException], None] | None = None,
+    ):
+        self.settings = settings
+        self.models: dict[str, Blip] = dict(models or {})
+        self.loader = loader
+        self.on_load_error = on_load_error
+        self.loaded = loader is None
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics()
+        self.batcher = MicroBatcher(
+            TaskRunner(self.models),
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            on_batch=self._observe_batch,
+        )
+        limits = FetchLimits(
+            max_bytes=settings.fetch_max_bytes,
+            max_redirects=settings.fetch_max_redirects,
+            connect_timeout_s=settings.fetch_connect_timeout_s,
+            read_timeout_s=settings.fetch_read_timeout_s,
+            total_timeout_s=settings.fetch_total_timeout_s,
+        )
+        self.fetcher = fetcher or SafeFetcher(limits, allow_loopback=settings.fetch_allow_loopback)
+        self.images = ImageLoader(
+            self.fetcher,
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.fetch_max_bytes,
+            decode_workers=settings.decode_workers,
+        )
+        self._solo = itertools.count()
+        gauge = self.metrics.gauge
+        gauge("blip_queue_depth", "Jobs waiting for the model.", lambda: self.batcher.depth)
+        gauge("blip_requests_admitted", "Requests holding a queue slot.", lambda: self.batcher.admitted)
+        gauge("blip_queue_capacity", "Queue slots (admitted requests) at most.", lambda: settings.queue_size)
+        gauge("blip_models_loaded", "Models loaded and served.", lambda: len(self.models) if self.loaded else 0)
+        gauge("blip_ready", "1 when the server takes work.", lambda: 1 if self.ready else 0)
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and bool(self.models) and self.batcher.running and self.load_error is None
+
+    def not_ready_reason(self) -> str:
+        if self.load_error:
+            return f"model loading failed: {self.load_error}"
+        if not self.loaded:
+            return "models are loading"
+        if not self.models:
+            return "no models"
+        return "not started or shutting down"
+
+    async def load_models(self) -> None:
+        assert self.loader is not None
+        try:
+            models = await anyio.to_thread.run_sync(self.loader)
+            self.models.update(models)
+            self.loaded = True
+            _logger.info("models loaded: %s", ", ".join(f"{n} ({sorted(m.tasks)})" for n, m in self.models.items()))
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            _logger.error("model loading failed: %s", self.load_error)
+            if self.on_load_error is not None:
+                self.on_load_error(e)
+
+    def _observe_batch(self, key: Hashable, n_rows: int, n_jobs: int, seconds: float) -> None:
+        task = key.task if isinstance(key, BatchKey) else "unknown"
+        self.metrics.batch_rows.observe(n_rows, task=task)
+        self.metrics.batch_requests.observe(n_jobs, task=task)
+        self.metrics.inference.observe(seconds, task=task)
+
+    # --- checks ----------------------------------------------------------------------------------------------------
+
+    def authorize(self, credentials: HTTPAuthorizationCredentials | None, secret_token: str | None = None) -> None:
+        token = self.settings.token
+        if not token:
+            return
+        expected = token.encode()
+        given = [c for c in (credentials.credentials if credentials else None, secret_token) if c]
+        # every candidate is compared, in constant time, so timing tells nothing about which one was close
+        matches = [hmac.compare_digest(c.encode("utf-8", "surrogatepass"), expected) for c in given]
+        if not any(matches):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Authorization: missing or wrong bearer token",
+                field="Authorization",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def resolve(self, name: str | None, task: str, field: str = "model") -> tuple[str, Blip]:
+        if not self.ready:
+            raise ApiError(503, "not_ready", self.not_ready_reason(), headers=self.retry_headers())
+        head = HEADS[task]
+        if name is not None:
+            if name not in self.models:
+                message = f"{field}: no model named {name!r}; have {sorted(self.models)}"
+                raise ApiError(422, "unknown_model", message, field=field)
+            if head not in self.models[name].tasks:
+                message = f"{field}: model {name!r} cannot {WHAT[task]} ({self.models[name]!r})"
+                raise ApiError(422, "wrong_task", message, field=field)
+            return name, self.models[name]
+        for model_name, blip in self.models.items():
+            if head in blip.tasks:
+                return model_name, blip
+        loaded = ", ".join(f"{n} ({'/'.join(sorted(m.tasks))})" for n, m in self.models.items())
+        raise ApiError(422, "wrong_task", f"{field}: no loaded model can {WHAT[task]}; loaded: {loaded}", field=field)
+
+    def check_count(self, count: int, limit: int, field: str, what: str) -> None:
+        if count > limit:
+            raise ApiError(422, "too_many", f"{field}: {count} {what}, over the limit of {limit}", field=field)
+
+    def check_texts(self, texts: list[tuple[str, str]]) -> None:
+        for field, text in texts:
+            if len(text) > self.settings.max_text_chars:
+                raise ApiError(
+                    422,
+                    "text_too_long",
+                    f"{field}: {len(text)} characters, over the limit of {self.settings.max_text_chars}",
+                    field=field,
+                )
+
+    def _positions(self, blip: Blip) -> int:
+        return blip.config.text.max_position_embeddings
+
+    def caption_config(self, params: CaptionParams, blip: Blip) -> GenerationConfig:
+        s = self.settings
+        self._cap("max_new_tokens", params.max_new_tokens, s.max_new_tokens)
+        self._cap("num_beams", params.num_beams, s.max_beams)
+        self._cap("num_captions", params.num_captions, s.max_captions)
+        self._generation_rules(params.min_new_tokens, params.max_new_tokens)
+        if params.do_sample and params.num_beams > 1:
+            raise self.invalid("num_beams", "beam sampling is not supported: use do_sample with num_beams=1")
+        if params.num_beams > 1 and params.num_captions > params.num_beams:
+            raise self.invalid("num_captions", f"must be <= num_beams ({params.num_beams})")
+        if params.num_beams == 1 and not params.do_sample and params.num_captions > 1:
+            raise self.invalid("num_captions", "greedy decoding gives one caption: use num_beams >= n or do_sample")
+        if params.prompt is not None:
+            self.check_texts([("prompt", params.prompt)])
+        prefix = len(prompt_prefix(blip, params.prompt))
+        if prefix + params.max_new_tokens > self._positions(blip):
+            raise self.invalid(
+                "max_new_tokens",
+                f"prompt ({prefix} tokens) + max_new_tokens ({params.max_new_tokens}) is over the model's "
+                f"{self._positions(blip)} positions",
+            )
+        generation = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens,
+            num_beams=params.num_beams,
+            do_sample=params.do_sample,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            temperature=params.temperature,
+            repetition_penalty=params.repetition_penalty,
+            length_penalty=params.length_penalty,
+            num_return_sequences=params.num_captions,
+            seed=params.seed,
+        )
+        try:
+            generation.validate()
+        except ValueError as e:
+            raise ApiError(422, "invalid_request", str(e)) from e
+        return generation
+
+    def vqa_config(self, num_beams: int, max_new_tokens: int, min_new_tokens: int, blip: Blip) -> GenerationConfig:
+        self._cap("max_new_tokens", max_new_tokens, self.settings.max_new_tokens)
+        self._cap("num_beams", num_beams, self.settings.max_beams)
+        self._generation_rules(min_new_tokens, max_new_tokens)
+        if 1 + max_new_tokens > self._positions(blip):
+            raise self.invalid("max_new_tokens", f"over the model's {self._positions(blip)} positions")
+        return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams)
+
+    def check_answers(self, answers: list[str] | None, blip: Blip) -> tuple[str, ...] | None:
+        if answers is None:
+            return None
+        self.check_count(len(answers), self.settings.max_answers, "answers", "answers")
+        self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(answers)])
+        for i, answer in enumerate(answers):
+            if len(blip.tokenizer.encode(answer)) > self._positions(blip):
+                raise self.invalid(f"answers[{i}]", "too many tokens for the model")
+        return tuple(answers)
+
+    def _generation_rules(self, min_new_tokens: int, max_new_tokens: int) -> None:
+        if min_new_tokens > max_new_tokens:
+            raise self.invalid("min_new_tokens", f"must be <= max_new_tokens ({max_new_tokens})")
+
+    def _cap(self, field: str, value: int, limit: int) -> None:
+        if value > limit:
+            raise self.invalid(field, f"{value} is over this server's limit of {limit}")
+
+    @staticmethod
+    def invalid(field: str, message: str) -> ApiError:
+        return ApiError(422, "invalid_request", f"{field}: {message}", field=field)
+
+    def retry_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
+
+    # --- running ---------------------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        task: str,
+        model: str,
+        options: Hashable,
+        sources: list[ImageSource],
+        build: Callable[[list[ImageItem]], Any],
+        *,
+        solo: bool = False,
+    ) -> Any:
+        """Admit, load images, queue for the model, and wait (bounded by the request timeout)."""
+        try:
+            slot = self.batcher.admit()
+        except QueueFull as e:
+            self.metrics.rejected.inc(reason="queue_full")
+            raise ApiError(503, "overloaded", str(e), headers=self.retry_headers()) from e
+        except BatcherClosed as e:
+            raise ApiError(503, "unavailable", str(e), headers=self.retry_headers()) from e
+        with slot:
+            try:
+                return await asyncio.wait_for(
+                    self._run(task, model, options, sources, build, solo, slot), self.settings.timeout_s
+                )
+            except asyncio.TimeoutError as e:
+                self.metrics.rejected.inc(reason="timeout")
+                message = f"the request took longer than {self.settings.timeout_s:g} s"
+                raise ApiError(503, "timeout", message, headers=self.retry_headers()) from e
+            except BatcherClosed as e:
+                raise ApiError(503, "unavailable", str(e), headers=self.retry_headers()) from e
+
+    async def _run(
+        self,
+        task: str,
+        model: str,
+        options: Hashable,
+        sources: list[ImageSource],
+        build: Callable[[list[ImageItem]], Any],
+        solo: bool,
+        slot: Slot,
+    ) -> Any:
+        items = await self.images.load(sources)
+        work = build(items)
+        key = BatchKey(task, model, options, solo=next(self._solo) if solo else None)
+        try:
+            return await self.batcher.submit(key, work, rows(work), slot)
+        except ValueError as e:  # the task functions' own argument checks
+            raise ApiError(422, "invalid_request", str(e)) from e
+
+    async def caption(
+        self, name: str, blip: Blip, params: CaptionParams, sources: list[ImageSource], field: str = "images"
+    ) -> list[list[Caption]]:
+        self.check_count(len(sources), self.settings.max_images, field, "images")
+        generation = self.caption_config(params, blip)
+        options = CaptionOptions(params.prompt, generation)
+        return await self.run("caption", name, options, sources, CaptionWork, solo=generation.do_sample)
+
+    async def answer(
+        self,
+        name: str,
+        options: VqaOptions,
+        sources: list[ImageSource],
+        questions: list[str],
+        image_of: list[int],
+    ) -> list[Answer]:
+        """Answers for questions[q] about sources[image_of[q]]."""
+        return await self.run("vqa", name, options, sources, lambda items: PairWork(items, questions, image_of))
+
+    async def match(self, name: str, sources: list[ImageSource], texts: list[str], image_of: list[int]) -> list[float]:
+        return await self.run("match", name, None, sources, lambda items: PairWork(items, texts, image_of))
+
+    async def similarity(self, name: str, sources: list[ImageSource], texts: list[str]) -> list[list[float]]:
+        return await self.run("similarity", name, None, sources, lambda items: SimilarityWork(items, texts))

@@ -1,0 +1,69 @@
+"""Server settings: limits, batching and security knobs in one frozen dataclass (the CLI fills it from flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # bearer token / secret_token; None: no auth
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+
+    # dynamic micro-batching
+    max_batch: int = 16  # rows (images, questions, pairs) merged into one model call; 1 turns batching off
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    queue_size: int = 64  # requests admitted at once (fetching, decoding, queued, running); more get 503
+    timeout_s: float = 30.0  # per request, from admission to answer
+    retry_after_s: int = 1
+    max_connections: int = 256  # HTTP requests in progress at once (health and metrics routes exempt)
+    decode_workers: int = 4  # images decoded at once
+
+    # request limits
+    max_body_bytes: int = 32 * MIB
+    max_images: int = 16  # per request
+    max_texts: int = 64  # questions or texts per request, in all
+    max_text_chars: int = 1000
+    max_answers: int = 1000  # VQA rank-mode candidate answers
+    max_image_pixels: int = 25_000_000
+    max_new_tokens: int = 64
+    max_beams: int = 8
+    max_captions: int = 8
+
+    # URL fetching
+    fetch_max_bytes: int = 16 * MIB
+    fetch_max_redirects: int = 3
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 10.0
+    fetch_total_timeout_s: float = 20.0
+    fetch_allow_loopback: bool = False  # tests only: lets a local test server stand in for the internet
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_batch",
+            "queue_size",
+            "max_connections",
+            "decode_workers",
+            "max_body_bytes",
+            "max_images",
+            "max_texts",
+            "max_text_chars",
+            "max_answers",
+            "max_image_pixels",
+            "max_new_tokens",
+            "max_beams",
+            "max_captions",
+            "fetch_max_bytes",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_total_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.fetch_max_redirects < 0:
+            raise ValueError("max_wait_ms and fetch_max_redirects must be >= 0")

@@ -1,0 +1,11 @@
+"""Training: objectives live in `blip.losses`; this package holds the rest of a run.
+
+- `config`: `TrainConfig`, config files as code, typed `key=value` overrides
+- `recipe.run(cfg)`: a whole run (data, model, task, loop, export, evaluation); `cli.cli_main` / `cli.eval_main`
+- `tasks`: `PretrainTask`, `CaptionTask`, `VqaTask`, `RetrievalTask` (`training_forward(batch) -> {..., "loss"}`)
+- `loop.Trainer`: the generic loop (AMP, accumulation, clipping, DDP, checkpoints, exact resume)
+- `data` / `collate`: manifests, datasets, the global batch sampler, WebDataset shards
+- `distributed`, `optim`, `checkpoint`, `modeling` (build / export models), `evaluate`, `plots`
+
+Nothing here is imported by `blip.models` or the inference API.
+"""

@@ -1,0 +1,68 @@
+"""Shared helpers of the batch-job tests: tiny model specs, an image folder with bad files, output readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from oracle import TinySpec, make_images
+
+CAPTION = TinySpec(kind="caption", seed=81)
+VQA = TinySpec(kind="vqa", seed=82)
+RETRIEVAL = TinySpec(kind="retrieval", seed=83)
+
+# name -> what its error must mention
+BAD_FILES = {
+    "bad/corrupt.png": "corrupt",
+    "bad/truncated.jpg": "truncated",
+    "bad/empty.png": "empty file",
+    "bad/not_an_image.jpg": "not an image",
+}
+
+
+def make_folder(root: Path, n_good: int = 14, seed: int = 3) -> tuple[list[str], dict[str, str]]:
+    """Good images (png/jpg, some in a subfolder) plus corrupt, truncated, zero-byte and non-image files.
+    Returns (good ids, {bad id: expected reason fragment}); ids are paths relative to `root`."""
+    good = []
+    for i, image in enumerate(make_images(n_good, seed=seed)):
+        rel = f"{'sub/' if i % 3 == 0 else ''}img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / rel)
+        good.append(rel)
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    png = next(g for g in good if g.endswith(".png"))
+    data = bytearray((root / png).read_bytes())
+    data[120:400] = bytes(range(256)) + bytes(24)  # pixel data scrambled, header intact
+    (root / "bad/corrupt.png").write_bytes(bytes(data))
+    (root / "bad/truncated.jpg").write_bytes((root / good[0]).read_bytes()[:300])
+    (root / "bad/empty.png").write_bytes(b"")
+    (root / "bad/not_an_image.jpg").write_text("this is a text file with an image name\n")
+    (root / "notes.txt").write_text("not an image and not named like one: skipped\n")
+    (root / ".hidden.png").write_bytes(b"hidden files are skipped")
+    return sorted(good), dict(BAD_FILES)
+
+
+def read_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out.glob("part-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def assert_same_rows(rows: list[dict], reference: list[dict], rel: float = 1e-5) -> None:
+    """Row for row the same: every text field equal, float scores equal to float32 rounding. Scores may move in the
+    last bits with the thread count (a torchrun rank or Ray actor runs 1 thread, the reference 2)."""
+    assert len(rows) == len(reference)
+    for row, ref in zip(rows, reference):
+        assert row.keys() == ref.keys()
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(ref[key], rel=rel, abs=1e-6), (key, row, ref)
+            else:
+                assert value == ref[key], (key, row, ref)
+
+
+def read_errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,81 @@
+"""Fixtures for the server tests: tiny models, live servers on 127.0.0.1 and a local image server."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+from serve_helpers import ImageServer, LiveServer, RecordingTransport, png_bytes  # noqa: E402
+
+import blip  # noqa: E402
+from blip.serve import ServeSettings, create_app  # noqa: E402
+from blip.serve.fetch import FetchLimits, SafeFetcher  # noqa: E402
+from oracle import TinySpec, make_images  # noqa: E402
+
+CAPTION = TinySpec(kind="caption", seed=31)
+VQA = TinySpec(kind="vqa", seed=32)
+RETRIEVAL = TinySpec(kind="retrieval", seed=33)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "browser: drives the web page in headless Chromium (Playwright)")
+    config.addinivalue_line("markers", "schemathesis: property-based API tests generated from the OpenAPI schema")
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    return make_images(4, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(hf_checkpoints) -> dict[str, blip.Blip]:
+    return {
+        "captioner": blip.load(hf_checkpoints(CAPTION)),
+        "vqa": blip.load(hf_checkpoints(VQA)),
+        "retrieval": blip.load(hf_checkpoints(RETRIEVAL)),
+    }
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models) -> Iterator[LiveServer]:
+    """All three tiny models, production settings: loopback URLs are refused like any private address.
+    `server.recorder` lists every connection its fetcher attempted (there should be none)."""
+    recorder = RecordingTransport()
+    settings = ServeSettings(max_wait_ms=20.0)
+    fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
+    with LiveServer(create_app(tiny_models, settings, fetcher=fetcher)) as live:
+        live.recorder = recorder
+        yield live
+
+
+@pytest.fixture(scope="session")
+def loopback_server(tiny_models) -> Iterator[LiveServer]:
+    """Like `server`, but its fetcher may reach 127.0.0.1, where the local image server stands in for the internet."""
+    recorder = RecordingTransport()
+    limits = FetchLimits(max_bytes=256 * 1024, max_redirects=2, read_timeout_s=0.5, total_timeout_s=2.0)
+    fetcher = SafeFetcher(limits, allow_loopback=True, transport=recorder)
+    with LiveServer(create_app(tiny_models, ServeSettings(), fetcher=fetcher)) as live:
+        live.recorder = recorder
+        yield live
+
+
+@pytest.fixture(scope="session")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def image_server(images) -> Iterator[ImageServer]:
+    served = ImageServer(png_bytes(images[0]))
+    yield served
+    served.close()

@@ -1,0 +1,180 @@
+"""Helpers for the server tests: live servers on 127.0.0.1 (uvicorn in a thread, on a socket bound to a free port),
+a local image server for the URL-fetch tests, and a transport that records every connection the fetcher attempts
+(tests only ever send traffic to loopback)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import uvicorn
+from PIL import Image
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """Wraps the real transport and records the URL (with the address actually connected to) of every request."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport(retries=0)
+        self.urls: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(str(request.url))
+        host = request.url.host
+        assert host in ("127.0.0.1", "::1"), f"a test tried to connect to {host}"  # the workplace rule, enforced
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app, graceful_s: int = 10):
+        self.app = app
+        self.sock = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # proto set: asyncio then sets TCP_NODELAY
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_s
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:  # a fetcher hanging up early is expected here
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class ImageServer:
+    """A local HTTP server with the pages the fetch tests need; counts the requests it gets."""
+
+    def __init__(self, png: bytes):
+        self.png = png
+        self.requests: list[tuple[str, str]] = []  # (path, Host header)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                outer.requests.append((url.path, self.headers.get("Host", "")))
+                if url.path == "/image.png":
+                    self._send(200, outer.png, {"Content-Type": "image/png"})
+                elif url.path == "/as-html.png":  # an image name and type, HTML content
+                    self._send(200, b"<!doctype html><html><body>hi</body></html>", {"Content-Type": "image/png"})
+                elif url.path.startswith("/hops/"):
+                    left = int(url.path.rsplit("/", 1)[1])
+                    target = "/image.png" if left == 0 else f"/hops/{left - 1}"
+                    self._send(302, headers={"Location": target})
+                elif url.path == "/to":
+                    self._send(302, headers={"Location": query["url"][0]})
+                elif url.path == "/slow":
+                    time.sleep(min(float(query.get("s", ["2"])[0]), 3.0))
+                    self._send(200, outer.png, {"Content-Type": "image/png"})
+                elif url.path == "/trickle":  # headers at once, then a byte every 0.2 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(outer.png)))
+                    self.end_headers()
+                    for i in range(min(len(outer.png), 25)):
+                        self.wfile.write(outer.png[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif url.path == "/big":
+                    self._send(200, outer.png + b"\0" * (1024 * 1024), {"Content-Type": "image/png"})
+                elif url.path == "/big-chunked":  # no Content-Length: the size shows only while streaming
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for _ in range(64):
+                        chunk = outer.png[:16] + b"\0" * (16 * 1024)
+                        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self._send(404, b"not found")
+
+        self.httpd = _QuietHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def artifacts_dir() -> Path | None:
+    """runs/artifacts/ at the repository root, if it exists (test artifacts are copied there)."""
+    folder = Path(__file__).resolve().parents[2] / "runs" / "artifacts"
+    return folder if folder.is_dir() else None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux), or None where /proc is not there."""
+    try:
+        fields = Path("/proc/self/statm").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,104 @@
+"""`blip serve` as a user runs it: a subprocess on 127.0.0.1 that loads a model, answers, logs JSON lines, and stops
+cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serve_helpers import b64, png_bytes
+
+import blip
+from blip.serve.cli import build_parser, cli_main, parse_models, settings_from_args
+from conftest import CAPTION, VQA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "blip.serve.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_parse_models():
+    assert parse_models(["cap=/a/b", "/x/vqa-model/"]) == {"cap": "/a/b", "vqa-model": "/x/vqa-model/"}
+    assert parse_models(["Salesforce/blip-vqa-base"]) == {"blip-vqa-base": "Salesforce/blip-vqa-base"}
+    with pytest.raises(ValueError, match="used twice"):
+        parse_models(["a=/x", "a=/y"])
+
+
+def test_flags_become_settings():
+    args = build_parser().parse_args(
+        ["--model", "x", "--no-batching", "--queue-size", "5", "--cors-origin", "https://a"]
+    )
+    settings = settings_from_args(args)
+    assert settings.max_batch == 1 and settings.queue_size == 5 and settings.cors_origins == ("https://a",)
+    assert settings.host == "127.0.0.1" and settings.token is None
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli_main([]) == 2
+    assert cli_main(["--model", "a=/x", "--model", "a=/y"]) == 2
+    assert cli_main(["--model", "x", "--token-env", "BLIP_TEST_TOKEN_THAT_IS_NOT_SET"]) == 2
+    assert "not set" in capsys.readouterr().err
+
+
+def test_serves_logs_json_and_stops_on_sigterm(hf_checkpoints, images):
+    caption_dir, vqa_dir = hf_checkpoints(CAPTION), hf_checkpoints(VQA)
+    port = free_port()
+    proc = start(
+        ["--model", f"cap={caption_dir}", "--model", f"vqa={vqa_dir}", "--port", str(port), "--max-wait-ms", "2"]
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while True:
+                assert proc.poll() is None, proc.stderr.read()
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not get ready"
+                time.sleep(0.2)
+            body = {"inputs": {"texts": [["what is it?", "how many?"]], "images": [{"b64": b64(png_bytes(images[0]))}]}}
+            r = c.post("/predict", json=body)
+            assert r.status_code == 200, r.text
+            expected = [a.text for a in blip.load(vqa_dir).answer(images[0], ["what is it?", "how many?"])]
+            assert r.json() == {"captions": [{"image_results": expected}]}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    access = [entry for entry in lines if entry.get("event") == "request" and entry["route"] == "/predict"]
+    assert access and access[0]["status"] == 200 and access[0]["method"] == "POST"
+    assert any("models loaded" in entry.get("message", "") for entry in lines)
+
+
+def test_a_model_that_cannot_load_exits_1(tmp_path):
+    proc = start(["--model", str(tmp_path / "missing"), "--port", str(free_port())])
+    try:
+        assert proc.wait(90) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "model loading failed" in proc.stderr.read()
