@@ -69,7 +69,7 @@ class TextConfig:
     bos_token_id: int = 30522  # [DEC], starts every decoder sequence
     pad_token_id: int = 0
     sep_token_id: int = 102  # [SEP], the end of every generated sequence
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # round-trips config.json only; training takes it from TrainConfig (FACTS: 0.1)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,13 @@ def test_caption_train_then_eval(capsys, shapes_dir, tmp_path):
     image = str(shapes_dir / "images" / "test" / "000000.png")
     assert model.caption(image, prompt="a picture of")[0].text.startswith("a picture of")
 
+    # The training checkpoint itself is self-describing: blip.load reads config and tokenizer from inside it.
+    from_ckpt = blip.load(run_dir / "checkpoint.pt")
+    assert from_ckpt.report.layout == "blip-train-checkpoint" and from_ckpt.config == model.config
+    assert from_ckpt.caption(image)[0].token_ids == model.caption(image)[0].token_ids
+    resized = blip.load(run_dir / "checkpoint.pt", kind="caption", image_size=2 * model.config.vision.image_size)
+    assert resized.config.vision.image_size == 2 * model.config.vision.image_size
+
     args = ["--model", str(run_dir / "model"), "--task", "caption", "--data", str(shapes_dir)]
     settings = ["--num-beams", "1", "--min-new-tokens", "0", "--max-images", "8"]  # the smoke config's evaluation
     code = eval_main([*args, *settings, "--out", str(tmp_path / "e")])
