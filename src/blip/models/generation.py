@@ -12,6 +12,7 @@ transformers' `generate` does, so the same checkpoint gives the same token ids; 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
 import torch
@@ -100,15 +101,26 @@ def _warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(
-    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, *, eos_id: int
+    decoder: TextDecoder,
+    cross: CrossKV,
+    prefix_ids: list[int],
+    cfg: GenerationConfig,
+    *,
+    eos_id: int,
+    generators: SequenceOf[torch.Generator] | None = None,
 ) -> list[list[Sequence]]:
-    """Decode for each of the `E` sources in `cross`; returns `num_return_sequences` sequences per source."""
+    """Decode for each of the `E` sources in `cross`; returns `num_return_sequences` sequences per source.
+
+    `generators` (sampling only): one random generator per source, used for that source's rows alone, so what a
+    source samples depends on its generator and not on the other sources in the batch (`cfg.seed` is then unused)."""
     cfg.validate()
     if cross.index is not None:
         raise ValueError("generation needs grouped cross-attention states (no row index)")
+    if generators is not None and len(generators) != cross.keys[0].shape[0]:
+        raise ValueError(f"{len(generators)} generators for {cross.keys[0].shape[0]} sources")
     if cfg.num_beams > 1:
         return _beam_search(decoder, cross, prefix_ids, cfg, eos_id)
-    return _sample_or_greedy(decoder, cross, prefix_ids, cfg, eos_id)
+    return _sample_or_greedy(decoder, cross, prefix_ids, cfg, eos_id, generators)
 
 
 def _prefix(prefix_ids: list[int], rows: int, device: torch.device) -> torch.Tensor:
@@ -116,7 +128,12 @@ def _prefix(prefix_ids: list[int], rows: int, device: torch.device) -> torch.Ten
 
 
 def _sample_or_greedy(
-    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, eos_id: int
+    decoder: TextDecoder,
+    cross: CrossKV,
+    prefix_ids: list[int],
+    cfg: GenerationConfig,
+    eos_id: int,
+    generators: SequenceOf[torch.Generator] | None = None,
 ) -> list[list[Sequence]]:
     num_sources, per_source = cross.keys[0].shape[0], cfg.num_return_sequences
     device = cross.keys[0].device
@@ -141,7 +158,14 @@ def _sample_or_greedy(
         logits = _process_logits(logits, sequences[rows_idx, :cur_len], cur_len - prefix_len, cfg, eos_id)
         if cfg.do_sample:
             logits = _warp(logits, cfg)
-            tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            probs = logits.softmax(-1)
+            if generators is None:
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:  # each source draws from its own generator: batch-independent sampling
+                per_row = probs.view(-1, per_source, probs.shape[-1])
+                tokens = torch.cat(
+                    [torch.multinomial(p, 1, generator=generators[s]) for p, s in zip(per_row, active.tolist())]
+                ).squeeze(1)
         else:
             tokens = logits.argmax(-1)
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,9 +27,17 @@ def prompt_prefix(blip: Blip, prompt: str | None) -> list[int]:
 
 @torch.inference_mode()
 def caption_images(
-    blip: Blip, images: list[Image.Image], *, prompt: str | None = None, generation: GenerationConfig
+    blip: Blip,
+    images: list[Image.Image],
+    *,
+    prompt: str | None = None,
+    generation: GenerationConfig,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> list[list[Caption]]:
-    """`num_return_sequences` captions for each decoded image, in order."""
+    """`num_return_sequences` captions for each decoded image, in order. `generators` (sampling): one per image, so
+    each image's samples depend on its own generator only, not on the other images of the call."""
+    if generators is not None and len(generators) != len(images):
+        raise ValueError(f"{len(generators)} generators for {len(images)} images")
     decoder = blip.model.text_decoder
     prefix = prompt_prefix(blip, prompt)
     results: list[list[Caption]] = []
@@ -36,6 +45,8 @@ def caption_images(
         pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model)
         image_embeds = blip.model.encode_image(pixels)
         cross = decoder.bert.cross_kv(image_embeds)
-        for sequences in generate(decoder, cross, prefix, generation, eos_id=blip.config.text.sep_token_id):
+        mine = [generators[i] for i in chunk] if generators is not None else None
+        eos_id = blip.config.text.sep_token_id
+        for sequences in generate(decoder, cross, prefix, generation, eos_id=eos_id, generators=mine):
             results.append([Caption(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
     return results

@@ -1,0 +1,28 @@
+"""CapFilt (the paper's §3.3): caption every web image with a fine-tuned captioner, filter the web and synthetic
+texts with a fine-tuned ITM filter, and write the bootstrapped dataset a new model is pre-trained on.
+
+- `core`: `run_capfilt` (resumable, sharded, on the `blip.jobs` machinery), `CapfiltConfig`, `CapfiltSummary`
+- `cli`: `capfilt_main` (`blip capfilt ...`)
+"""
+
+from blip.capfilt.core import (
+    DATASET,
+    RECORDS_PREFIX,
+    SUMMARY,
+    CapfiltConfig,
+    CapfiltSummary,
+    read_records,
+    row_seed,
+    run_capfilt,
+)
+
+__all__ = [
+    "DATASET",
+    "RECORDS_PREFIX",
+    "SUMMARY",
+    "CapfiltConfig",
+    "CapfiltSummary",
+    "read_records",
+    "row_seed",
+    "run_capfilt",
+]
