@@ -1,4 +1,5 @@
-"""Fixtures for the server tests: tiny models, live servers on 127.0.0.1 and a local image server."""
+"""Fixtures for the server tests: tiny models, live servers on 127.0.0.1, a local image server, and a small image
+collection embedded and indexed by `blip batch embed` (served by `retrieval_server`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,33 @@ def server(tiny_models) -> Iterator[LiveServer]:
     settings = ServeSettings(max_wait_ms=20.0)
     fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
     with LiveServer(create_app(tiny_models, settings, fetcher=fetcher)) as live:
+        live.recorder = recorder
+        yield live
+
+
+@pytest.fixture(scope="session")
+def collection_dir(hf_checkpoints, tmp_path_factory) -> Path:
+    """Eight images embedded by the tiny retrieval model with `blip batch embed` (flat index), in <dir>/index."""
+    from blip.jobs.cli import batch_main
+
+    root = tmp_path_factory.mktemp("collection")
+    folder = root / "images"
+    folder.mkdir()
+    for i, image in enumerate(make_images(8, seed=21)):
+        image.save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    out = root / "embedded"
+    argv = ["embed", "-m", str(hf_checkpoints(RETRIEVAL)), "-i", str(folder), "-o", str(out), "--index", "flat"]
+    assert batch_main([*argv, "--device", "cpu", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def retrieval_server(tiny_models, collection_dir) -> Iterator[LiveServer]:
+    """Like `server` (the same models and settings), and serving `collection_dir` as the index "shapes"."""
+    recorder = RecordingTransport()
+    fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
+    app = create_app(tiny_models, ServeSettings(max_wait_ms=20.0), fetcher=fetcher, indexes={"shapes": collection_dir})
+    with LiveServer(app) as live:
         live.recorder = recorder
         yield live
 

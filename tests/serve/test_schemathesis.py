@@ -31,8 +31,9 @@ def operation_labels() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def api_schema(server):
-    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+def api_schema(retrieval_server):
+    """The tiny models and a collection index, so /v1/retrieve's examples reach the model too."""
+    return schemathesis.openapi.from_url(f"{retrieval_server.url}/openapi.json")
 
 
 @pytest.mark.schemathesis

@@ -3,8 +3,11 @@
     from blip.serve import create_app, ServeSettings
     app = create_app({"caption": blip.load(...)}, ServeSettings(max_batch=16))
 
+    app = create_app(models, indexes={"photos": "photos-embedded/"})  # `blip batch embed` output: POST /v1/retrieve
+
 Modules: app (routes), schemas (bodies), batching (micro-batcher), runners (merged task calls), inputs (images from
-requests), fetch (safe URL fetcher), middleware (limits, metrics, access log), metrics, settings, cli.
+requests), fetch (safe URL fetcher), retrieval (collection indexes and their models), middleware (limits, metrics,
+access log), metrics, settings, cli.
 """
 
 from __future__ import annotations

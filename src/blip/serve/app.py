@@ -4,9 +4,24 @@ Routes (schemas in `blip.serve.schemas`):
 - `POST /score`                 Azure ML online-endpoint schema (captioning or VQA by columns)
 - `POST /`, `POST /predict`     the model card's schema: several questions per image, or captions
 - `POST /v1/caption|vqa|match|similarity` (JSON) and `.../upload` (multipart): our API, with scores and options
-- `GET /v1/models`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /` (web page / liveness)
+- `POST /v1/retrieve`           search a collection index (`blip serve --index NAME=DIR[@MODEL]`), see below
+- `GET /v1/models`, `GET /v1/indexes`, `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /` (web page / liveness)
 
 Every model call goes through the micro-batcher (`blip.serve.batching`) into the task functions in `blip.tasks`.
+
+Collection retrieval, `POST /v1/retrieve`, over an index built by `blip batch embed` (the same search as
+`blip retrieve`: ITC top-k from the index, text queries then re-ranked by the ITM match probability)::
+
+    {"index": "photos", "text": "a red circle", "top_k": 10, "rerank": true}
+    {"image": {"url": "https://..."}, "top_k": 5}          # or {"b64": ...}; the index may be left out if only one
+    -> {"index": "photos", "model": "retrieval", "query": "text", "reranked": true,
+        "results": [{"rank": 1, "image": "<row id>", "itc_score": 0.41, "itm_score": 0.93}, ...]}
+
+Exactly one of `text` and `image`; `top_k` from 1 to the server's --max-top-k (default 100); `rerank` defaults to
+re-ranking text queries when the model has an ITM head (true without one is refused; image queries are ranked by ITC
+only). The index's model is the served model whose checkpoint embedded the collection (`blip.serve.retrieval`).
+Image queries are fetched and decoded like every other image (`blip.serve.inputs`), and the search runs on the
+inference thread through the micro-batcher (text queries with the same index, top_k and rerank share one call).
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import base64
 import hashlib
 import logging
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,7 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from blip.serve.fetch import SafeFetcher
 from blip.serve.inputs import ImageSource, from_ref, from_string
 from blip.serve.middleware import ServeMiddleware
-from blip.serve.runners import VqaOptions
+from blip.serve.retrieval import IndexSpec
+from blip.serve.runners import RetrieveOptions, VqaOptions
 from blip.serve.schemas import (
     AnswerOut,
     ApiError,
@@ -49,10 +66,15 @@ from blip.serve.schemas import (
     CardRequest,
     CardResponse,
     ErrorResponse,
+    IndexesResponse,
+    IndexOut,
     MatchResponse,
     ModelInfo,
     ModelsResponse,
     PairRequest,
+    RetrieveHit,
+    RetrieveRequest,
+    RetrieveResponse,
     SimilarityResponse,
     StatusResponse,
     TextsForm,
@@ -184,13 +206,17 @@ def create_app(
     loader: Callable[[], dict[str, Blip]] | None = None,
     fetcher: SafeFetcher | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    indexes: dict[str, IndexSpec | str | os.PathLike] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `models` (name -> loaded Blip), or the models `loader` returns (loaded in the
-    background after start; /readyz says 503 until then)."""
+    background after start; /readyz says 503 until then), and the collection `indexes` (name -> `blip batch embed`
+    output folder or `IndexSpec`) for /v1/retrieve: opened now with `models` (`IndexSetupError` if one cannot be
+    served), or after the `loader`'s models."""
     settings = settings or ServeSettings()
     if models is None and loader is None:
         raise ValueError("give models or a loader")
-    svc = Service(models, settings, loader=loader, fetcher=fetcher, on_load_error=on_load_error)
+    specs = {n: s if isinstance(s, IndexSpec) else IndexSpec(os.fspath(s)) for n, s in (indexes or {}).items()}
+    svc = Service(models, settings, loader=loader, fetcher=fetcher, on_load_error=on_load_error, indexes=specs)
     page, csp = _page()
 
     @asynccontextmanager
@@ -268,7 +294,9 @@ def create_app(
     async def index(request: Request) -> Any:
         if "text/html" in request.headers.get("accept", ""):
             return HTMLResponse(page, headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
-        return StatusResponse(status="ok", models=sorted(svc.models) if svc.loaded else [])
+        if not svc.loaded:
+            return StatusResponse(status="ok")
+        return StatusResponse(status="ok", models=sorted(svc.models), indexes=sorted(svc.indexes))
 
     @app.get("/healthz", response_model=StatusResponse, tags=["service"], summary="the process is alive")
     async def healthz() -> StatusResponse:
@@ -278,12 +306,12 @@ def create_app(
         "/readyz",
         response_model=StatusResponse,
         tags=["service"],
-        summary="200 when the models are loaded and requests are taken, else 503",
+        summary="200 when the models and indexes are loaded and requests are taken, else 503",
         responses={503: {"model": StatusResponse, "description": "not ready"}},
     )
     async def readyz() -> Any:
         if svc.ready:
-            return StatusResponse(status="ready", models=sorted(svc.models))
+            return StatusResponse(status="ready", models=sorted(svc.models), indexes=sorted(svc.indexes))
         body = StatusResponse(status="not ready", reason=svc.not_ready_reason())
         return JSONResponse(body.model_dump(), status_code=503, headers=svc.retry_headers())
 
@@ -306,6 +334,24 @@ def create_app(
             for n, m in (svc.models.items() if svc.loaded else [])
         ]
         return ModelsResponse(models=infos)
+
+    @app.get(
+        "/v1/indexes", response_model=IndexesResponse, tags=["blip"], responses={401: ERRORS[401]}, dependencies=auth
+    )
+    async def list_indexes() -> IndexesResponse:
+        """The collection indexes /v1/retrieve searches, with the model that embedded each."""
+        infos = [
+            IndexOut(
+                name=name,
+                model=served.model,
+                count=served.count,
+                dim=served.collection.index.info.dim,
+                kind=served.collection.index.info.kind,
+                backend=served.collection.index.info.backend,
+            )
+            for name, served in (svc.indexes.items() if svc.loaded else [])
+        ]
+        return IndexesResponse(indexes=infos)
 
     # --- Azure ML schema ---------------------------------------------------------------------------------------------
 
@@ -481,5 +527,37 @@ def create_app(
         svc.check_count(len(images), svc.settings.max_images, "images", "images")
         sources = await _read_uploads(images, svc.settings.fetch_max_bytes)
         return await similarity_route(form.model, sources, list(form.texts))
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, tags=["blip"], responses=ERRORS, dependencies=auth)
+    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
+        """Search a collection index (`blip serve --index`) with a text or an image: the ITC top_k, text queries
+        re-ranked by ITM (both scores returned), as `blip retrieve` does."""
+        served = svc.resolve_index(body.index)
+        blip = svc.models[served.model]
+        if body.text is None and body.image is None:
+            raise svc.invalid("text", "give a query: 'text' (images matching it) or 'image' (images similar to it)")
+        if body.text is not None and body.image is not None:
+            raise svc.invalid("image", "give one query: 'text' or 'image', not both")
+        svc.check_top_k(body.top_k)
+        if body.image is not None:
+            if body.rerank:
+                raise svc.invalid(
+                    "rerank", "image queries are ranked by ITC similarity only (ITM scores image-text pairs)"
+                )
+            rerank = False
+        else:
+            svc.check_texts([("text", body.text or "")])
+            rerank = "itm" in blip.tasks if body.rerank is None else body.rerank
+            if rerank and "itm" not in blip.tasks:
+                message = f"model {served.model!r} of index {served.name!r} has no ITM head to re-rank with ({blip!r})"
+                raise svc.invalid("rerank", f"{message}; send rerank: false")
+        query = "image" if body.image is not None else "text"
+        options = RetrieveOptions(served.name, query, body.top_k, rerank)
+        image = from_ref(body.image, "image") if body.image is not None else None
+        hits = await svc.retrieve(served, options, body.text, image)
+        results = [
+            RetrieveHit(rank=h.rank, image=h.image, itc_score=h.itc, itm_score=h.itm if rerank else None) for h in hits
+        ]
+        return RetrieveResponse(index=served.name, model=served.model, query=query, reranked=rerank, results=results)
 
     return app

@@ -2,6 +2,12 @@
 
     blip serve --model caption=Salesforce/blip-image-captioning-base --model vqa=Salesforce/blip-vqa-base
     blip serve --model ./my-checkpoint --port 8080 --token-env BLIP_TOKEN
+    blip batch embed -m Salesforce/blip-itm-base-coco -i photos/ -o photos-embedded/
+    blip serve --model itm=Salesforce/blip-itm-base-coco --index photos=photos-embedded/    # POST /v1/retrieve
+
+An index goes with the served model whose checkpoint embedded it (the index records its fingerprint), or with the one
+`--index NAME=DIR@MODEL` names. A folder without an index, an unknown @MODEL or a misused flag exit 2 at once; an
+index that does not fit its model (another checkpoint, no ITC head) fails the start after loading, exit 1.
 
 Logs go to stderr as JSON lines (one access-log line per request). SIGTERM / Ctrl-C stop taking connections,
 finish the requests in flight, then exit 0.
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blip.serve.retrieval import IndexSpec, check_index_folder, parse_indexes
 from blip.serve.settings import MIB, ServeSettings
 
 if TYPE_CHECKING:
@@ -58,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blip serve",
         description="Serve BLIP models over HTTP: Azure ML /score, the model card's POST / and /predict, "
-        "/v1/caption|vqa|match|similarity, /healthz, /readyz, /metrics and a web page at /.",
+        "/v1/caption|vqa|match|similarity|retrieve, /healthz, /readyz, /metrics and a web page at /.",
     )
     p.add_argument(
         "--model",
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="[NAME=]PATH",
         help="a model to serve: hub id, local folder or .pth, optionally named (repeat for several)",
+    )
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR[@MODEL]",
+        help="a collection to search with POST /v1/retrieve: a `blip batch embed` output folder (repeatable); it goes "
+        "with the served model that embedded it, or with @MODEL",
     )
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     p.add_argument("--host", default=defaults.host, help="address to bind (default: 127.0.0.1, this machine only)")
@@ -89,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="questions or texts per request")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on max_new_tokens")
     p.add_argument("--max-beams", type=int, default=defaults.max_beams, help="cap on num_beams")
+    p.add_argument("--max-top-k", type=int, default=defaults.max_top_k, help="cap on /v1/retrieve top_k")
     p.add_argument("--fetch-timeout", type=float, default=defaults.fetch_total_timeout_s, help="seconds per URL")
     p.add_argument("--fetch-max-mb", type=float, default=defaults.fetch_max_bytes / MIB, help="bytes per image")
     p.add_argument("--max-redirects", type=int, default=defaults.fetch_max_redirects)
@@ -110,6 +126,15 @@ def parse_models(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--model {spec!r}: the name {name!r} is used twice (give NAME=PATH)")
         models[name] = path
     return models
+
+
+def index_specs(specs: list[str], models: dict[str, str], tokenizer: str | None = None) -> dict[str, IndexSpec]:
+    """--index values, checked before any model loads: the syntax, @MODEL names, and that each folder has an index.
+    Whether an index fits its model is checked once the models are loaded."""
+    indexes = parse_indexes(specs, models, tokenizer)
+    for name, spec in indexes.items():
+        check_index_folder(name, spec)
+    return indexes
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -134,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_texts=args.max_texts,
         max_new_tokens=args.max_new_tokens,
         max_beams=args.max_beams,
+        max_top_k=args.max_top_k,
         fetch_total_timeout_s=args.fetch_timeout,
         fetch_max_bytes=int(args.fetch_max_mb * MIB),
         fetch_max_redirects=args.max_redirects,
@@ -177,6 +203,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         paths = parse_models(args.model)
+        indexes = index_specs(args.index, paths, args.tokenizer)
     except ValueError as e:
         print(f"blip serve: error: {e}", file=sys.stderr)
         return 2
@@ -201,7 +228,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings=settings, loader=model_loader(paths, args), on_load_error=on_load_error)
+    app = create_app(
+        settings=settings, loader=model_loader(paths, args), on_load_error=on_load_error, indexes=dict(indexes)
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -213,7 +242,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
-    _logger.info("serving %s on http://%s:%d", ", ".join(paths), settings.host, settings.port)
+    served = ", ".join([*paths, *(f"index {n}" for n in indexes)])
+    _logger.info("serving %s on http://%s:%d", served, settings.host, settings.port)
     _quiet_after_shutdown()
     server.run()
     return 1 if failed or not server.started else 0

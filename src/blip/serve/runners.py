@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from blip.jobs.index import CollectionIndex, Hit, search_images, search_texts
 from blip.models.generation import GenerationConfig
 from blip.tasks.caption import caption_images
 from blip.tasks.common import Answer, Caption
@@ -32,7 +33,7 @@ class ImageItem:
 class BatchKey:
     """Requests with equal keys may share a model call."""
 
-    task: str  # "caption" | "vqa" | "match" | "similarity"
+    task: str  # "caption" | "vqa" | "match" | "similarity" | "retrieve"
     model: str
     options: Hashable = None
     solo: int | None = None  # set (unique per request) for work that must run alone, e.g. sampling with a seed
@@ -48,6 +49,16 @@ class CaptionOptions:
 class VqaOptions:
     generation: GenerationConfig
     answers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """Queries with equal options search the same index in one call."""
+
+    index: str
+    query: str  # "text" | "image"
+    top_k: int
+    rerank: bool
 
 
 @dataclass
@@ -70,8 +81,21 @@ class SimilarityWork:
     texts: list[str]
 
 
-def rows(work: CaptionWork | PairWork | SimilarityWork) -> int:
-    """Batch rows a request adds: images to caption, questions or pairs, or embeddings to compute."""
+@dataclass
+class RetrieveWork:
+    """One query: a text, or an image; `collection` is the index of the key's `RetrieveOptions.index`. `rows`: what
+    the query costs the model, 1 + its top_k ITM passes when re-ranked."""
+
+    collection: CollectionIndex
+    text: str | None = None
+    image: ImageItem | None = None
+    rows: int = 1
+
+
+def rows(work: CaptionWork | PairWork | SimilarityWork | RetrieveWork) -> int:
+    """Batch rows a request adds: images to caption, questions or pairs, embeddings to compute, or queries."""
+    if isinstance(work, RetrieveWork):
+        return work.rows
     if isinstance(work, CaptionWork):
         return len(work.images)
     if isinstance(work, PairWork):
@@ -118,6 +142,8 @@ class TaskRunner:
             return self.match(blip, payloads)
         if key.task == "similarity":
             return self.similarity(blip, payloads)
+        if key.task == "retrieve":
+            return self.retrieve(blip, key.options, payloads)
         raise ValueError(f"unknown task {key.task!r}")
 
     @staticmethod
@@ -163,3 +189,14 @@ class TaskRunner:
             rows_t = text_feats[[slots[t] for t in work.texts]]
             out.append((rows_i @ rows_t.T).tolist())
         return out
+
+    @staticmethod
+    def retrieve(blip: Blip, options: RetrieveOptions, works: list[RetrieveWork]) -> list[list[Hit]]:
+        """The same search as `blip retrieve`: ITC top-k from the index, text queries re-ranked by ITM."""
+        collection = works[0].collection
+        if options.query == "text":
+            texts = [w.text or "" for w in works]
+            return search_texts(blip, collection, texts, top_k=options.top_k, rerank=options.rerank)
+        images, index = merge_images([[w.image] for w in works if w.image is not None])
+        per_image = search_images(blip, collection, images, top_k=options.top_k)
+        return [per_image[positions[0]] for positions in index]

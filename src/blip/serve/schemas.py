@@ -273,6 +273,54 @@ class SimilarityResponse(BaseModel):
     scores: list[list[float]] = Field(description="ITC cosine similarity [image][text]")
 
 
+MAX_TOP_K = 1000  # the schema's bound on top_k; the server's own limit (--max-top-k) may be lower
+
+
+class RetrieveRequest(_Strict):
+    """A text or an image query against a collection index served with `--index`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples({"text": "a red square", "top_k": 3}, {"image": {"b64": EXAMPLE_PNG}, "top_k": 3})
+    )
+    index: str | None = Field(None, description="a served index's name; may be left out when the server has one")
+    text: Text | None = Field(None, description="find the images that match this text")
+    image: ImageRef | None = Field(None, description="find the images most similar to this one (ITC only)")
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="results wanted; the server may cap it lower")
+    rerank: bool | None = Field(
+        None,
+        description="text queries: re-rank the ITC top_k by the ITM match probability (default: when the model has "
+        "an ITM head); image queries are ranked by ITC similarity only",
+    )
+
+
+class RetrieveHit(BaseModel):
+    rank: int = Field(description="1 = best")
+    image: str = Field(description="the collection row's id (as in the index's rows.jsonl and `blip retrieve`)")
+    itc_score: float = Field(description="ITC cosine similarity of the query and the image")
+    itm_score: float | None = Field(description="ITM match probability (re-ranked text queries), else null")
+
+
+class RetrieveResponse(BaseModel):
+    index: str
+    model: str = Field(description="the served model that embedded the collection and the query")
+    query: Literal["text", "image"]
+    reranked: bool = Field(description="true when the results are ordered by itm_score, else by itc_score")
+    results: list[RetrieveHit] = Field(description="best first; fewer than top_k when the collection is smaller")
+
+
+class IndexOut(BaseModel):
+    name: str
+    model: str
+    count: int = Field(description="images in the collection")
+    dim: int
+    kind: str = Field(description="flat, ivf or hnsw")
+    backend: str = Field(description="faiss or numpy")
+
+
+class IndexesResponse(BaseModel):
+    indexes: list[IndexOut]
+
+
 # --- service -----------------------------------------------------------------------------------------------------
 
 
@@ -290,4 +338,5 @@ class ModelsResponse(BaseModel):
 class StatusResponse(BaseModel):
     status: Literal["ok", "ready", "not ready"]
     models: list[str] = Field(default_factory=list)
+    indexes: list[str] = Field(default_factory=list)
     reason: str | None = None

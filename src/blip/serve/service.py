@@ -18,12 +18,15 @@ from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
 from blip.serve.fetch import FetchLimits, SafeFetcher
 from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
+from blip.serve.retrieval import IndexSpec, ServedIndex, open_indexes
 from blip.serve.runners import (
     BatchKey,
     CaptionOptions,
     CaptionWork,
     ImageItem,
     PairWork,
+    RetrieveOptions,
+    RetrieveWork,
     SimilarityWork,
     TaskRunner,
     VqaOptions,
@@ -36,6 +39,7 @@ from blip.tasks.common import Answer, Caption
 
 if TYPE_CHECKING:
     from blip.api import Blip
+    from blip.jobs.index import Hit
 
 _logger = logging.getLogger(__name__)
 
@@ -58,11 +62,16 @@ class Service:
         loader: Callable[[], dict[str, Blip]] | None = None,
         fetcher: SafeFetcher | None = None,
         on_load_error: Callable[[BaseException], None] | None = None,
+        indexes: dict[str, IndexSpec] | None = None,
     ):
         self.settings = settings
         self.models: dict[str, Blip] = dict(models or {})
         self.loader = loader
         self.on_load_error = on_load_error
+        self.index_specs = dict(indexes or {})
+        self.indexes: dict[str, ServedIndex] = {}
+        if loader is None and self.index_specs:  # models given: open the indexes now (IndexSetupError if one fails)
+            self.indexes = open_indexes(self.index_specs, self.models)
         self.loaded = loader is None
         self.load_error: str | None = None
         self.metrics = ServerMetrics()
@@ -94,6 +103,7 @@ class Service:
         gauge("blip_queue_capacity", "Queue slots (admitted requests) at most.", lambda: settings.queue_size)
         gauge("blip_models_loaded", "Models loaded and served.", lambda: len(self.models) if self.loaded else 0)
         gauge("blip_ready", "1 when the server takes work.", lambda: 1 if self.ready else 0)
+        gauge("blip_indexes_loaded", "Collection indexes served.", lambda: len(self.indexes) if self.loaded else 0)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -103,23 +113,29 @@ class Service:
 
     def not_ready_reason(self) -> str:
         if self.load_error:
-            return f"model loading failed: {self.load_error}"
+            return self.load_error
         if not self.loaded:
-            return "models are loading"
+            return "models and indexes are loading" if self.index_specs else "models are loading"
         if not self.models:
             return "no models"
         return "not started or shutting down"
 
     async def load_models(self) -> None:
         assert self.loader is not None
+        stage = "model"
         try:
             models = await anyio.to_thread.run_sync(self.loader)
             self.models.update(models)
-            self.loaded = True
             _logger.info("models loaded: %s", ", ".join(f"{n} ({sorted(m.tasks)})" for n, m in self.models.items()))
+            if self.index_specs:
+                stage = "index"
+                self.indexes = await anyio.to_thread.run_sync(open_indexes, self.index_specs, self.models)
+                described = (f"{n} ({i.count} images, model {i.model})" for n, i in self.indexes.items())
+                _logger.info("indexes loaded: %s", ", ".join(described))
+            self.loaded = True
         except Exception as e:
-            self.load_error = f"{type(e).__name__}: {e}"
-            _logger.error("model loading failed: %s", self.load_error)
+            self.load_error = f"{stage} loading failed: {type(e).__name__}: {e}"
+            _logger.error("%s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error(e)
 
@@ -165,6 +181,22 @@ class Service:
                 return model_name, blip
         loaded = ", ".join(f"{n} ({'/'.join(sorted(m.tasks))})" for n, m in self.models.items())
         raise ApiError(422, "wrong_task", f"{field}: no loaded model can {WHAT[task]}; loaded: {loaded}", field=field)
+
+    def resolve_index(self, name: str | None, field: str = "index") -> ServedIndex:
+        if not self.ready:
+            raise ApiError(503, "not_ready", self.not_ready_reason(), headers=self.retry_headers())
+        if not self.indexes:
+            message = f"{field}: this server serves no collection index (start it with --index NAME=DIR)"
+            raise ApiError(422, "no_index", message, field=field)
+        if name is None:
+            if len(self.indexes) > 1:
+                message = f"{field}: this server serves several indexes, name one of {sorted(self.indexes)}"
+                raise ApiError(422, "invalid_request", message, field=field)
+            return next(iter(self.indexes.values()))
+        if name not in self.indexes:
+            message = f"{field}: no index named {name!r}; have {sorted(self.indexes)}"
+            raise ApiError(422, "unknown_index", message, field=field)
+        return self.indexes[name]
 
     def check_count(self, count: int, limit: int, field: str, what: str) -> None:
         if count > limit:
@@ -244,6 +276,9 @@ class Service:
     def _generation_rules(self, min_new_tokens: int, max_new_tokens: int) -> None:
         if min_new_tokens > max_new_tokens:
             raise self.invalid("min_new_tokens", f"must be <= max_new_tokens ({max_new_tokens})")
+
+    def check_top_k(self, top_k: int) -> None:
+        self._cap("top_k", top_k, self.settings.max_top_k)
 
     def _cap(self, field: str, value: int, limit: int) -> None:
         if value > limit:
@@ -330,3 +365,16 @@ class Service:
 
     async def similarity(self, name: str, sources: list[ImageSource], texts: list[str]) -> list[list[float]]:
         return await self.run("similarity", name, None, sources, lambda items: SimilarityWork(items, texts))
+
+    async def retrieve(
+        self, served: ServedIndex, options: RetrieveOptions, text: str | None, image: ImageSource | None
+    ) -> list[Hit]:
+        """One query against a served index, through the batcher (equal options share a search call)."""
+        collection = served.collection
+        if image is not None:
+            build = lambda items: RetrieveWork(collection, image=items[0])  # noqa: E731
+            return await self.run("retrieve", served.model, options, [image], build)
+        cost = 1 + options.top_k if options.rerank else 1
+        return await self.run(
+            "retrieve", served.model, options, [], lambda _: RetrieveWork(collection, text, rows=cost)
+        )

@@ -33,6 +33,7 @@ class ServeSettings:
     max_new_tokens: int = 64
     max_beams: int = 8
     max_captions: int = 8
+    max_top_k: int = 100  # /v1/retrieve results per query (each re-ranked one costs an ITM pass)
 
     # URL fetching
     fetch_max_bytes: int = 16 * MIB
@@ -57,6 +58,7 @@ class ServeSettings:
             "max_new_tokens",
             "max_beams",
             "max_captions",
+            "max_top_k",
             "fetch_max_bytes",
         )
         for name in positive:
