@@ -10,7 +10,7 @@ Writes runs/caption_shapes/model (Hugging Face layout: `blip.load(...)` and tran
 B@4 53.4, ROUGE-L 68.7; the same architecture untrained: CIDEr 0.8; trained from scratch (init=): ~188.
 """
 
-from blip.train.config import TrainConfig
+from blip.train.config import SHAPES_MODEL, SHAPES_SMOKE, TrainConfig
 
 
 def get_config(smoke: bool = False) -> TrainConfig:
@@ -25,42 +25,18 @@ def get_config(smoke: bool = False) -> TrainConfig:
         eval_max_images=200,
         eval_min_new_tokens=0,
         prompt="a picture of ",
-        # random-init sizes (used only when init= is empty)
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_layers=3,
-        vision_heads=4,
-        text_width=128,
-        text_layers=2,
-        text_heads=4,
-        embed_dim=64,
-        init_std=0.1,
+        **SHAPES_MODEL,
         epochs=3,
         batch_size=32,
         lr=2e-4,
         min_lr=0.0,
-        augment=False,
-        hflip=False,
-        randaugment=False,
         log_every=25,
     )
     if smoke:
         cfg = cfg.replace(
             out_dir="runs/smoke/caption_shapes",
             init="",  # from scratch: a smoke run needs no pretraining
-            shapes_counts=(32, 64, 32, 8),
-            data="runs/smoke/shapes",
-            eval_data="runs/smoke/shapes",
-            image_size=32,
-            vision_width=64,
-            vision_layers=2,
-            text_width=64,
-            embed_dim=32,
-            batch_size=8,
-            max_steps=6,
-            log_every=2,
-            eval_max_images=8,
+            **SHAPES_SMOKE,
             eval_num_beams=1,
         )
     return cfg

@@ -13,7 +13,7 @@ checkpoint (runs/pretrain_shapes/checkpoint.pt) starts the caption, VQA and retr
 `python -m blip.train.pipeline`.
 """
 
-from blip.train.config import TrainConfig
+from blip.train.config import SHAPES_MODEL, SHAPES_SMOKE, TrainConfig
 
 
 def get_config(smoke: bool = False) -> TrainConfig:
@@ -26,17 +26,7 @@ def get_config(smoke: bool = False) -> TrainConfig:
         eval_data="runs/shapes",
         eval_max_images=200,
         eval_min_new_tokens=0,
-        # model: random init, sized for a CPU
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_layers=3,
-        vision_heads=4,
-        text_width=128,
-        text_layers=2,
-        text_heads=4,
-        embed_dim=64,
-        init_std=0.1,
+        **SHAPES_MODEL,
         # objectives (FACTS.md 7), queue scaled to the data
         queue_size=2048,
         alpha_ramp_epochs=1.0,
@@ -46,29 +36,14 @@ def get_config(smoke: bool = False) -> TrainConfig:
         lr=5e-4,
         min_lr=1e-5,
         warmup_steps=100,
-        # the shapes world says left/right and names colours: no flips, no colour-changing augmentation
-        augment=False,
-        hflip=False,
-        randaugment=False,
         log_every=25,
     )
     if smoke:
         cfg = cfg.replace(
             out_dir="runs/smoke/pretrain_shapes",
-            shapes_counts=(32, 64, 32, 8),
-            data="runs/smoke/shapes",
-            eval_data="runs/smoke/shapes",
-            image_size=32,
-            vision_width=64,
-            vision_layers=2,
-            text_width=64,
+            **SHAPES_SMOKE,
             text_layers=2,
-            embed_dim=32,
-            batch_size=8,
-            max_steps=6,
             warmup_steps=1,
             queue_size=32,
-            log_every=2,
-            eval_max_images=8,
         )
     return cfg

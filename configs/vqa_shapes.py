@@ -11,7 +11,7 @@ its answer decoder. Measured (1 CPU thread, 3.6 min, 1560 steps, 200 test images
 no image): 46.7; trained from scratch (init=, 3 epochs): ~58.6.
 """
 
-from blip.train.config import TrainConfig
+from blip.train.config import SHAPES_MODEL, SHAPES_SMOKE, TrainConfig
 
 
 def get_config(smoke: bool = False) -> TrainConfig:
@@ -25,39 +25,16 @@ def get_config(smoke: bool = False) -> TrainConfig:
         eval_data="runs/shapes",
         eval_max_images=200,
         max_text_len=35,
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_layers=3,
-        vision_heads=4,
-        text_width=128,
-        text_layers=2,
-        text_heads=4,
-        embed_dim=64,
-        init_std=0.1,
+        **SHAPES_MODEL,
         epochs=5,
         batch_size=32,
         lr=2e-4,
-        augment=False,
-        hflip=False,
-        randaugment=False,
         log_every=25,
     )
     if smoke:
         cfg = cfg.replace(
             out_dir="runs/smoke/vqa_shapes",
             init="",  # from scratch: a smoke run needs no pretraining
-            shapes_counts=(32, 64, 32, 8),
-            data="runs/smoke/shapes",
-            eval_data="runs/smoke/shapes",
-            image_size=32,
-            vision_width=64,
-            vision_layers=2,
-            text_width=64,
-            embed_dim=32,
-            batch_size=8,
-            max_steps=6,
-            log_every=2,
-            eval_max_images=8,
+            **SHAPES_SMOKE,
         )
     return cfg

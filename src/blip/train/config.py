@@ -29,6 +29,39 @@ class ConfigError(ValueError):
     """A bad config file, override key or value; the message says what was expected."""
 
 
+# The shapes-world recipes (configs/*_shapes.py) share one tiny from-scratch model and one smoke size.
+SHAPES_MODEL: dict[str, Any] = dict(
+    image_size=64,
+    patch_size=8,
+    vision_width=128,
+    vision_layers=3,
+    vision_heads=4,
+    text_width=128,
+    text_layers=2,
+    text_heads=4,
+    embed_dim=64,
+    init_std=0.1,  # BERT's 0.02 learns very slowly at width 128 from scratch
+    # the shapes world says left/right and names colours: no flips, no colour-changing augmentation
+    augment=False,
+    hflip=False,
+    randaugment=False,
+)
+SHAPES_SMOKE: dict[str, Any] = dict(
+    shapes_counts=(32, 64, 32, 8),
+    data="runs/smoke/shapes",
+    eval_data="runs/smoke/shapes",
+    image_size=32,
+    vision_width=64,
+    vision_layers=2,
+    text_width=64,
+    embed_dim=32,
+    batch_size=8,
+    max_steps=6,
+    log_every=2,
+    eval_max_images=8,
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train ---------------------------------------------------------------------------------------------
