@@ -31,23 +31,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from oracle import SPECIAL, WORDS, TinySpec, build_hf_checkpoint, make_images  # noqa: E402
+from oracle import TinySpec, base_spec, build_hf_checkpoint, make_images  # noqa: E402
 
-BASE = TinySpec(
-    kind="caption",
-    vision_hidden=768,
-    vision_layers=12,
-    vision_heads=12,
-    vision_mlp=3072,
-    image_size=384,
-    patch_size=16,
-    text_hidden=768,
-    text_layers=12,
-    text_heads=12,
-    text_ffn=3072,
-    eos_bias=0.0,
-    extra_vocab=30522 - len(SPECIAL) - len(dict.fromkeys(WORDS)),
-)
+BASE = base_spec("caption")  # BLIP-base sizes, full vocabulary
 SPECS = {"tiny": TinySpec(kind="caption", seed=1), "base": BASE}
 REQUESTS_PER_CLIENT = {"tiny": 30, "base": 2}  # closed loop: each client sends this many (base: ~2 s per image)
 SINGLE_CLIENT_REQUESTS = {"tiny": 60, "base": 3}
