@@ -125,8 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["shapes"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the generator (see `blip data shapes -h`)")
 
-    p = sub.add_parser("demo", help="run the end-to-end demo on the tiny preset (what `make demo` runs)")
+    for name, (_, helptext) in PASSTHROUGH.items():
+        sub.add_parser(name, help=helptext, add_help=False)
+
+    p = sub.add_parser(
+        "demo",
+        help="the paper's CapFilt story on the shapes world, end to end on a CPU (what `make demo` runs)",
+        description="Generate the shapes world, pretrain on noisy web captions, fine-tune a captioner and a filter, "
+        "run CapFilt, pretrain again on the bootstrapped data and compare both models; writes metrics.json and "
+        "report.html to --out. Rerunning resumes (finished stages are kept).",
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
+    p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 2)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
     return parser
 
 
@@ -324,9 +337,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from blip.demo import run_demo
+    from blip.demo import DemoConfigError, run_demo
 
-    return run_demo(Path(args.out))
+    try:
+        return run_demo(Path(args.out), config=args.config, seed=args.seed, threads=args.threads, smoke=args.smoke)
+    except DemoConfigError as e:
+        raise CliError(str(e)) from e
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -341,7 +357,47 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _passthrough(module: str, function: str, prog: str | None = None) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        entry = getattr(importlib.import_module(module), function)
+        return entry(argv, prog=prog) if prog else entry(argv)
+
+    return run
+
+
+# Subcommands with their own parsers (`blip train -h` shows theirs): everything after the name is theirs.
+PASSTHROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_passthrough("blip.serve.cli", "cli_main"), "run the HTTP server (see `blip serve -h`)"),
+    "batch": (
+        _passthrough("blip.jobs.cli", "batch_main", "blip batch"),
+        "caption/answer/match/embed a folder, manifest or shards, resumably (see `blip batch -h`)",
+    ),
+    "retrieve": (
+        _passthrough("blip.jobs.cli", "retrieve_main", "blip retrieve"),
+        "search an index built by `blip batch embed` (ITC top-k, ITM re-rank)",
+    ),
+    "capfilt": (
+        _passthrough("blip.capfilt.cli", "capfilt_main", "blip capfilt"),
+        "bootstrap a noisy dataset: synthetic captions + ITM filter (see `blip capfilt -h`)",
+    ),
+    "train": (_passthrough("blip.train.cli", "cli_main"), "train or fine-tune (see `blip train -h`)"),
+    "eval": (_passthrough("blip.train.cli", "eval_main"), "evaluate a model: caption, VQA or retrieval metrics"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] in PASSTHROUGH and set(argv[:command_at]) <= {"-v", "--verbose"}:
+        if command_at:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        run, _ = PASSTHROUGH[argv[command_at]]
+        try:
+            return run(argv[command_at + 1 :])
+        except KeyboardInterrupt:
+            return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -1,121 +1,600 @@
-"""`blip demo` / `make demo`: the command line end to end on the shapes world with tiny models.
+"""`blip demo` / `make demo`: the paper's CapFilt story on the shapes world, end to end, on a CPU in minutes.
 
-Until the CapFilt pipeline lands this runs every inference path a user takes — a dataset on disk, checkpoints in
-the Hugging Face layout, `blip caption|vqa|match|similarity|convert` — on freshly initialised tiny models, so the
-words they print are random: the plumbing is what is shown, not learning.
+1. generate the shapes world: noisy web captions (with their noise labels), a small clean split, VQA, a test split;
+2. pretrain a tiny BLIP (ITC + ITM + LM) on web + clean captions;
+3. fine-tune it into a captioner (LM on clean captions) and a filter (ITC + ITM on clean captions);
+4. CapFilt: a synthetic caption per web image (nucleus sampling), the filter's verdict on every web and synthetic
+   text (`blip.capfilt.run_capfilt`);
+5. pretrain the same architecture again, from scratch, on the bootstrapped data (kept web + kept synthetic + clean),
+   with the same steps, schedule and seed;
+6. evaluate both pretrained models the same way: zero-shot retrieval, and captioning and VQA after the same
+   fine-tuning budget (the web model's captioning fine-tune is the captioner of step 3);
+7. write `metrics.json` and `report.html` (PNGs beside it) into the output folder.
+
+Stage configs are data (`configs/demo_shapes.py`, a `get_config(smoke=False) -> DemoConfig`). Every stage writes
+its results into its own folder and a `stage.json` when it is done; a rerun skips finished stages and resumes an
+interrupted training run from its checkpoint. Delete a stage's folder (and those after it) to redo it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
+import importlib.util
 import json
-import shlex
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from blip.config import TextConfig, get_preset
+import torch
 
+from blip.capfilt import CapfiltConfig
+from blip.train.config import TrainConfig
 
-def _vocab_file(folder: Path) -> Path:
-    from blip.data.shapes import vocabulary
+_logger = logging.getLogger(__name__)
 
-    words = sorted({w for phrase in vocabulary() for w in phrase.lower().split()})
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "?", ".", ","]
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(dict.fromkeys(tokens)) + "\n")
-    return path
-
-
-def _tiny_config(kind: str, vocab_size: int):
-    base = get_preset("blip_test")
-    text = TextConfig(
-        **{
-            **base.text.__dict__,
-            "vocab_size": vocab_size + 2,
-            "bos_token_id": vocab_size,
-            "sep_token_id": 3,
-            "pad_token_id": 0,
-        }
-    )
-    return base.replace(kind=kind, text=text)
+ARMS = ("web", "capfilt")
+DEFAULT_CONFIG = "configs/demo_shapes.py"
+FILTER_DEFINITION = (
+    "positive class = a noisy web caption (partial, unrelated or junk: false for its image); predicted positive = "
+    "the filter removes it (ITM P(match) below the threshold). precision = noisy among removed, recall = removed "
+    "among noisy."
+)
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    from blip.cli import main
-
-    print(f"$ blip {shlex.join(argv)}")
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = main(argv)
-    out = buffer.getvalue()
-    print(out.rstrip() or "(no output)")
-    print(f"(exit {code})\n")
-    return code, out
+class DemoConfigError(ValueError):
+    """A demo config that cannot be used (missing file, wrong type, an output folder made with another config)."""
 
 
-def run_demo(out: Path) -> int:
-    import blip
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo does. Stage `TrainConfig`s leave data, init and output folders empty: the demo sets them."""
+
+    seed: int = 0  # the world, model init, data order and CapFilt sampling all follow it
+    n_web: int = 4000  # noisy web images, one caption each
+    n_clean: int = 300  # clean "human-annotated" images, 5 captions each (the COCO stand-in)
+    n_vqa: int = 500  # VQA training images, 5 questions each
+    n_test: int = 200  # test images: 5 references and 5 questions each
+    noise_rates: tuple[float, float, float, float] = (0.5, 0.2, 0.2, 0.1)  # web: correct, partial, unrelated, junk
+    world_image_size: int = 64  # pixels of the generated images
+    max_shapes: int = 3  # shapes per image, at most
+    threads: int = 2  # torch CPU threads for every stage (0 = torch's default)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
+    alpha_ramp_steps: int = 150  # pretraining: momentum-distillation alpha ramps in over this many steps
+    caption: TrainConfig = field(default_factory=lambda: TrainConfig(task="caption"))
+    filter: TrainConfig = field(default_factory=lambda: TrainConfig(task="retrieval"))
+    vqa: TrainConfig = field(default_factory=lambda: TrainConfig(task="vqa"))
+    capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
+    k_test: int = 16  # retrieval: candidates re-ranked with ITM per query
+    untrained_baseline: bool = True  # also evaluate the architecture with random weights (about a CPU minute)
+    examples: int = 12  # example images in the report
+
+    def __post_init__(self) -> None:
+        for name, task in (("pretrain", "pretrain"), ("caption", "caption"), ("filter", "retrieval"), ("vqa", "vqa")):
+            if getattr(self, name).task != task:
+                raise ValueError(f"DemoConfig.{name} must be a {task!r} TrainConfig, got {getattr(self, name).task!r}")
+        if self.pretrain.max_steps < 1:
+            raise ValueError("DemoConfig.pretrain needs max_steps: both pretraining runs take the same number of steps")
+        if min(self.n_web, self.n_clean, self.n_vqa, self.n_test) < 1:
+            raise ValueError("every split needs at least one image")
+
+    def replace(self, **changes: Any) -> DemoConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_demo_config(path: str | Path | None = None, *, smoke: bool = False) -> DemoConfig:
+    """The demo config file's `get_config(smoke)`: `path`, else `configs/demo_shapes.py` in the working directory or
+    in the source tree this package lives in."""
+    candidates = [Path(path)] if path else [Path(DEFAULT_CONFIG), Path(__file__).resolve().parents[2] / DEFAULT_CONFIG]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise DemoConfigError(f"demo config not found (looked for {', '.join(map(str, candidates))})")
+    spec = importlib.util.spec_from_file_location(f"blip_demo_config_{found.stem}", found)
+    if spec is None or spec.loader is None:
+        raise DemoConfigError(f"cannot import {found}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(smoke=smoke)
+    if not isinstance(cfg, DemoConfig):
+        raise DemoConfigError(f"{found}: get_config returned {type(cfg).__name__}, expected DemoConfig")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages: run once, remember the result and the time.
+
+
+class Stages:
+    """Runs named stages in order; a stage whose folder holds `stage.json` is not run again."""
+
+    def __init__(self, total: int, say: Callable[[str], None]):
+        self.total, self.say = total, say
+        self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds of this process (all threads): less sensitive to other load
+        self.started = time.perf_counter()
+        self.count = 0
+
+    def run(self, name: str, folder: Path, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        self.count += 1
+        marker = folder / "stage.json"
+        head = f"[{self.count}/{self.total}] {name}"
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            self.timings[name] = record["seconds"]
+            self.cpu[name] = record.get("cpu_seconds", 0.0)
+            self.say(f"{head}: done earlier ({record['seconds']:.0f}s) - kept")
+            return record["result"]
+        self.say(f"{head}: {what} ...")
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "result": result}, indent=1) + "\n")
+        self.timings[name], self.cpu[name] = seconds, cpu
+        elapsed = time.perf_counter() - self.started
+        self.say(f"{head}: done in {seconds:.0f}s (elapsed {elapsed / 60:.1f} min)")
+        return result
+
+
+def _stdout(message: str) -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pieces of the story.
+
+
+def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from blip.data import shapes
 
+    world = shapes.ShapesConfig(image_size=cfg.world_image_size, max_shapes=cfg.max_shapes, noise_rates=cfg.noise_rates)
+    meta = shapes.generate(
+        folder,
+        seed=cfg.seed,
+        n_clean=cfg.n_clean,
+        n_web=cfg.n_web,
+        n_vqa=cfg.n_vqa,
+        n_test=cfg.n_test,
+        cfg=world,
+        workers=max(1, cfg.threads),
+        progress=True,
+    )
+    return {"counts": meta["counts"], "noise_rates": meta["noise_rates"]}
+
+
+def _count_pairs(data: str) -> int:
+    """Training pairs in `data`; a row the trainer would skip (e.g. an image path it cannot find) is an error here,
+    since a silently smaller set would skew the comparison."""
+    from blip.train.data import SkipLog, read_pairs, resolve_sources
+
+    skips = SkipLog()
+    pairs = read_pairs(resolve_sources(data, "pretrain"), skips=skips)
+    if skips.total:
+        raise RuntimeError(
+            f"{data}: {skips.total} rows would be skipped in training: {skips.summary()} {skips.examples}"
+        )
+    return len(pairs)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    from blip.train.recipe import run
+
+    summary = run(cfg)
+    if not summary.finished:
+        raise RuntimeError(f"training in {cfg.out_dir} stopped before its last step")
+    return {
+        "steps": summary.step,
+        "seconds": summary.seconds,
+        "losses": summary.losses,
+        "test": summary.evaluation,
+        "checkpoint": str(Path(cfg.out_dir) / "checkpoint.pt"),
+        "model": str(Path(cfg.out_dir) / "model"),
+    }
+
+
+def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[str, Any]:
+    """Pretrain from scratch on `data`, then evaluate zero-shot retrieval on the test split."""
+    from blip.train.evaluate import evaluate, write_result
+    from blip.train.modeling import load_trained
+
+    pairs = _count_pairs(data)
+    steps_per_epoch = max(1, pairs // cfg.pretrain.batch_size)
+    train_cfg = cfg.pretrain.replace(
+        data=data,
+        out_dir=str(folder),
+        seed=cfg.seed,
+        threads=cfg.threads,
+        eval_data="",
+        alpha_ramp_epochs=cfg.alpha_ramp_steps / steps_per_epoch,
+    )
+    result = _train(train_cfg)
+    blip_model = load_trained(result["checkpoint"], batch_size=64)
+    with torch.inference_mode():
+        zero_shot = evaluate(blip_model, "retrieval", str(data_dir), max_images=cfg.n_test, k_test=cfg.k_test)
+    write_result(zero_shot, folder, name="eval_zero_shot_retrieval")
+    result["pairs"] = pairs
+    result["epochs"] = result["steps"] / steps_per_epoch
+    result["test"] = {"retrieval": zero_shot.metrics}
+    return result
+
+
+def finetune(cfg: DemoConfig, base: TrainConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
+    """Fine-tune `init` on the world's task split (clean captions or VQA) and evaluate on the test split."""
+    train_cfg = base.replace(
+        data=str(data_dir),
+        data_split="",
+        init=init,
+        out_dir=str(folder),
+        seed=cfg.seed,
+        threads=cfg.threads,
+        eval_data=str(data_dir),
+        eval_max_images=cfg.n_test,
+        eval_k_test=cfg.k_test,
+    )
+    return _train(train_cfg)
+
+
+def run_capfilt_stage(cfg: DemoConfig, captioner: str, filter_model: str, data_dir: Path, folder: Path) -> dict:
+    from blip.capfilt import run_capfilt
+
+    # An absolute path: the bootstrapped dataset names the clean images as this path does.
+    clean = str((data_dir / "clean.jsonl").resolve())
+    capfilt_cfg = dataclasses.replace(cfg.capfilt, seed=cfg.seed, threads=cfg.threads, keep_clean=clean, device="cpu")
+    summary = run_capfilt(captioner, filter_model, data_dir, folder, capfilt_cfg, progress=True)
+    if not summary.complete or summary.dataset is None:
+        raise RuntimeError(f"CapFilt did not finish: {summary.failed} failed rows, see {folder / 'errors.jsonl'}")
+    out = summary.to_json()
+    out["dataset"] = str(summary.dataset)
+    return out
+
+
+def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
+    """The filter against the known noise labels, the synthetic captions against the true scenes, and what each
+    pretraining set holds."""
+    from blip.capfilt import read_records
+    from blip.data.shapes import Scene, check_caption
+
+    kinds: Counter = Counter()
+    removed: Counter = Counter()
+    synth = Counter()
+    scores: dict[str, list[float]] = {"correct": [], "partial": [], "unrelated": [], "junk": []}
+    synth_scores: dict[str, list[float]] = {"true": [], "false": []}
+    for record in read_records(folder):
+        noise = record.get("noise") or record.get("input_noise")
+        kinds[noise] += 1
+        removed[noise] += not record["web_keep"]
+        scores.setdefault(noise, []).append(float(record["web_score"]))
+        scene = Scene.from_dict(record["scene"])
+        for s in record["synthetic"]:
+            ok = check_caption(scene, s["text"])
+            synth["texts"] += 1
+            synth["true"] += ok
+            synth["kept"] += bool(s["keep"])
+            synth["kept_true"] += ok and bool(s["keep"])
+            synth["removed_false"] += (not ok) and not s["keep"]
+            synth_scores["true" if ok else "false"].append(float(s["score"]))
+    noisy = sum(n for k, n in kinds.items() if k != "correct")
+    removed_noisy = sum(n for k, n in removed.items() if k != "correct")
+    removed_all = sum(removed.values())
+    web_total = sum(kinds.values())
+    synth_false = synth["texts"] - synth["true"]
+    return {
+        "threshold": threshold,
+        "definition": FILTER_DEFINITION,
+        "web": {
+            "texts": web_total,
+            "noisy": noisy,
+            "removed": removed_all,
+            "removed_noisy": removed_noisy,
+            "precision": removed_noisy / removed_all if removed_all else 0.0,
+            "recall": removed_noisy / noisy if noisy else 0.0,
+            "kept_correct_rate": 1 - removed["correct"] / kinds["correct"] if kinds["correct"] else 0.0,
+            "by_noise": {k: {"texts": kinds[k], "removed": removed[k]} for k in scores if kinds[k]},
+        },
+        "synthetic": {
+            "texts": synth["texts"],
+            "true": synth["true"],
+            "true_rate": synth["true"] / synth["texts"] if synth["texts"] else 0.0,
+            "kept": synth["kept"],
+            "kept_true": synth["kept_true"],
+            "kept_true_rate": synth["kept_true"] / synth["kept"] if synth["kept"] else 0.0,
+            "precision": synth["removed_false"] / (synth["texts"] - synth["kept"])
+            if synth["texts"] > synth["kept"]
+            else 0.0,
+            "recall": synth["removed_false"] / synth_false if synth_false else 0.0,
+        },
+        "scores": {"web": scores, "synthetic": synth_scores},
+    }
+
+
+def training_sets(data_dir: Path, capfilt_dataset: str, analysis: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """How many texts each pretraining run reads, and how many of them are false for their image."""
+    clean = sum(len(json.loads(line)["captions"]) for line in (data_dir / "clean.jsonl").read_text().splitlines())
+    web, synth = analysis["web"], analysis["synthetic"]
+    kept_web = web["texts"] - web["removed"]
+    kept_web_false = web["noisy"] - web["removed_noisy"]
+    kept_synth_false = synth["kept"] - synth["kept_true"]
+    bootstrapped = sum(1 for line in Path(capfilt_dataset).read_text().splitlines() if line.strip())
+    return {
+        "web": {
+            "texts": web["texts"] + clean,
+            "web": web["texts"],
+            "synthetic": 0,
+            "clean": clean,
+            "web_false": web["noisy"],
+            "false": web["noisy"],
+            "false_rate": web["noisy"] / (web["texts"] + clean),
+        },
+        "capfilt": {
+            "texts": bootstrapped,
+            "web": kept_web,
+            "synthetic": synth["kept"],
+            "clean": clean,
+            "web_false": kept_web_false,
+            "false": kept_web_false + kept_synth_false,
+            "false_rate": (kept_web_false + kept_synth_false) / max(1, bootstrapped),
+        },
+    }
+
+
+def pick_examples(folder: Path, data_dir: Path, n: int) -> list[dict[str, Any]]:
+    """A few web images of each noise kind (in input order) with their web and synthetic captions and verdicts."""
+    from blip.capfilt import read_records
+    from blip.data.shapes import NOISE_KINDS, Scene, caption_errors
+
+    per_kind = max(1, n // len(NOISE_KINDS))
+    chosen: dict[str, list[dict[str, Any]]] = {k: [] for k in NOISE_KINDS}
+    for record in read_records(folder):
+        noise = record.get("noise")
+        if noise not in chosen or len(chosen[noise]) >= per_kind:
+            continue
+        scene = Scene.from_dict(record["scene"])
+        synthetic = [
+            {**s, "errors": caption_errors(scene, s["text"]), "true": not caption_errors(scene, s["text"])}
+            for s in record["synthetic"]
+        ]
+        image = Path(record["image"])
+        chosen[noise].append(
+            {
+                "id": record["id"],
+                "image": str(image if image.is_absolute() else data_dir / image),
+                "web_text": record["web_text"],
+                "web_score": record["web_score"],
+                "web_keep": record["web_keep"],
+                "noise": noise,
+                "noise_detail": record.get("noise_detail"),
+                "synthetic": synthetic,
+            }
+        )
+        if all(len(v) >= per_kind for v in chosen.values()):
+            break
+    return [row for k in NOISE_KINDS for row in chosen[k]]
+
+
+def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
+    """The same architecture untrained, and chance: a constant caption, the blind VQA answer, random retrieval."""
+    from blip.evaluation import caption_scores
+    from blip.train.evaluate import caption_rows, evaluate
+    from blip.train.modeling import as_blip, build_model
+    from blip.train.pipeline import blind_vqa_baseline
+
+    untrained: dict[str, float] = {}
+    tasks = (("caption", cfg.caption), ("vqa", cfg.vqa), ("retrieval", cfg.filter)) if cfg.untrained_baseline else ()
+    for task, base in tasks:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = build_model(base.replace(init="", data=""))
+        blip_model = as_blip(model, tokenizer, batch_size=64)
+        with torch.inference_mode():
+            result = evaluate(
+                blip_model,
+                task,
+                str(data_dir),
+                max_images=cfg.n_test,
+                prompt=base.prompt if task == "caption" else "",
+                num_beams=base.eval_num_beams if task == "caption" else None,
+                max_new_tokens=base.eval_max_new_tokens if task == "caption" else None,
+                min_new_tokens=base.eval_min_new_tokens,
+                k_test=cfg.k_test,
+            )
+        untrained.update(_headline(task, result.metrics))
+    # Chance: the most common clean training caption for every test image; each question's most common training
+    # answer; a random ranking (R@1 = 1 / number of test images, both ways).
+    clean = [c for line in (data_dir / "clean.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    constant = Counter(clean).most_common(1)[0][0]
+    rows = caption_rows(str(data_dir), max_images=cfg.n_test)
+    scores = caption_scores({i: r["captions"] for i, r in enumerate(rows)}, {i: constant for i in range(len(rows))})
+    chance = {
+        "cider": 100 * scores["cider"],
+        "bleu4": 100 * scores["bleu4"],
+        "vqa_accuracy": blind_vqa_baseline(str(data_dir), cfg.n_test),
+        "retrieval_r1": 100.0 / len(rows),
+        "tr_r1": 100.0 / len(rows),
+        "ir_r1": 100.0 / len(rows),
+    }
+    return {"untrained": untrained, "chance": chance, "constant_caption": constant}
+
+
+def _headline(task: str, m: dict[str, float]) -> dict[str, float]:
+    """The demo's numbers from a task's test metrics (CIDEr and BLEU-4 on the papers' x100 scale)."""
+    if task == "caption":
+        return {"cider": 100 * m["cider"], "bleu4": 100 * m["bleu4"], "rouge_l": 100 * m["rouge_l"]}
+    if task == "vqa":
+        return {"vqa_accuracy": m["accuracy"]}
+    return {
+        "retrieval_r1": (m["tr_r1"] + m["ir_r1"]) / 2,
+        "tr_r1": m["tr_r1"],
+        "ir_r1": m["ir_r1"],
+        "retrieval_r_mean": m["r_mean"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole story.
+
+
+def run_demo(
+    out: Path | str,
+    *,
+    config: DemoConfig | str | Path | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    smoke: bool = False,
+    say: Callable[[str], None] = _stdout,
+) -> int:
+    """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
+    None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
+    sizes. A folder holding a run of another config (threads aside) is refused with `DemoConfigError`."""
+    from blip.reports.demo import write_report
+
+    out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
+    cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)
+    if seed is not None:
+        cfg = cfg.replace(seed=seed)
+    if threads is not None:
+        cfg = cfg.replace(threads=threads)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    print(f"generating a small shapes-world dataset in {data} ...")
-    shapes.generate(data, seed=0, n_clean=8, n_web=8, n_vqa=8, n_test=8, progress=False)
-    test_rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:4]
-    images = [str(data / row["image"]) for row in test_rows]
+    saved = out / "demo_config.json"
+    identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "threads"}
+    if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "threads"} != identity:
+        raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
+    saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out, say, write_report)
+    finally:
+        torch.set_num_threads(threads)
 
-    models = out / "models"
-    models.mkdir(exist_ok=True)
-    vocab = _vocab_file(models)
-    vocab_size = len(vocab.read_text().split())
-    for kind in ("caption", "vqa", "retrieval"):
-        model = blip.create_model(_tiny_config(kind, vocab_size), vocab, seed=0)
-        model.save(models / kind)
-    print(f"saved untrained tiny caption/vqa/retrieval models (Hugging Face layout) under {models}\n")
 
-    failures = 0
-    failures += _run(["caption", "--model", str(models / "caption"), *images, "--num-beams", "3", "--format", "jsonl"])[
-        0
+def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], write_report: Callable[..., Path]) -> int:
+    data_dir = out / "data"
+    web_data = f"{data_dir / 'web.jsonl'},{data_dir / 'clean.jsonl'}"
+    say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
+    stages = Stages(total=10, say=say)
+    world = stages.run(
+        "data",
+        data_dir,
+        f"generate {cfg.n_web} web + {cfg.n_clean} clean + {cfg.n_vqa} VQA + {cfg.n_test} test images",
+        lambda: generate_world(cfg, data_dir),
+    )
+    base = stages.run("baselines", out / "baselines", "untrained models and chance", lambda: baselines(cfg, data_dir))
+    pre_web = stages.run(
+        "pretrain_web",
+        out / "web" / "pretrain",
+        f"pretrain on web + clean captions ({cfg.pretrain.max_steps} steps)",
+        lambda: pretrain(cfg, web_data, out / "web" / "pretrain", data_dir),
+    )
+    cap_web = stages.run(
+        "captioner",
+        out / "web" / "caption",
+        "fine-tune the captioner (LM on clean captions)",
+        lambda: finetune(cfg, cfg.caption, pre_web["checkpoint"], data_dir, out / "web" / "caption"),
+    )
+    filt = stages.run(
+        "filter",
+        out / "filter",
+        "fine-tune the filter (ITC + ITM on clean captions)",
+        lambda: finetune(cfg, cfg.filter, pre_web["checkpoint"], data_dir, out / "filter"),
+    )
+    capfilt = stages.run(
+        "capfilt",
+        out / "capfilt_data",
+        "CapFilt: caption every web image, filter web and synthetic texts",
+        lambda: run_capfilt_stage(cfg, cap_web["model"], filt["model"], data_dir, out / "capfilt_data"),
+    )
+    pre_cf = stages.run(
+        "pretrain_capfilt",
+        out / "capfilt" / "pretrain",
+        f"pretrain from scratch on the bootstrapped data ({cfg.pretrain.max_steps} steps)",
+        lambda: pretrain(cfg, capfilt["dataset"], out / "capfilt" / "pretrain", data_dir),
+    )
+    cap_cf = stages.run(
+        "caption_capfilt",
+        out / "capfilt" / "caption",
+        "fine-tune the CapFilt model for captioning",
+        lambda: finetune(cfg, cfg.caption, pre_cf["checkpoint"], data_dir, out / "capfilt" / "caption"),
+    )
+    vqa = {}
+    for arm, pre in (("web", pre_web), ("capfilt", pre_cf)):
+        vqa[arm] = stages.run(
+            f"vqa_{arm}",
+            out / arm / "vqa",
+            f"fine-tune the {arm} model for VQA",
+            lambda pre=pre, arm=arm: finetune(cfg, cfg.vqa, pre["checkpoint"], data_dir, out / arm / "vqa"),
+        )
+    analysis = analyse_capfilt(out / "capfilt_data", cfg.capfilt.threshold)
+    metrics: dict[str, Any] = {
+        "seed": cfg.seed,
+        "filter_precision": analysis["web"]["precision"],
+        "filter_recall": analysis["web"]["recall"],
+        "filter_definition": FILTER_DEFINITION,
+    }
+    for arm, pre, cap in (("web", pre_web, cap_web), ("capfilt", pre_cf, cap_cf)):
+        metrics[arm] = {
+            **_headline("caption", cap["test"]["caption"]),
+            **_headline("vqa", vqa[arm]["test"]["vqa"]),
+            **_headline("retrieval", pre["test"]["retrieval"]),
+            "pretrain_pairs": pre["pairs"],
+            "pretrain_epochs": pre["epochs"],
+            "pretrain_losses": pre["losses"],
+        }
+    metrics["baselines"] = {"untrained": base["untrained"], "chance": base["chance"]}
+    metrics["constant_caption"] = base["constant_caption"]
+    metrics["filter"] = {k: v for k, v in analysis.items() if k != "scores"}
+    metrics["filter_model"] = _headline("retrieval", filt["test"]["retrieval"])
+    metrics["captioner"] = _headline("caption", cap_web["test"]["caption"])
+    metrics["training_sets"] = training_sets(data_dir, capfilt["dataset"], analysis)
+    metrics["capfilt_summary"] = {k: capfilt[k] for k in ("web_kept", "synthetic_kept", "clean_texts", "texts_out")}
+    metrics["world"] = world
+    metrics["timings"] = dict(stages.timings)
+    metrics["total_seconds"] = sum(stages.timings.values())
+    metrics["cpu_seconds"] = dict(stages.cpu)
+    metrics["load_average"] = _load_average()
+    metrics["threads"] = cfg.threads
+    metrics["config"] = cfg.to_dict()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    examples = pick_examples(out / "capfilt_data", data_dir, cfg.examples)
+    report = write_report(out, metrics, analysis["scores"], examples)
+    say(summary_text(metrics))
+    say(f"report: {report}   metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages at the end of the run (timings depend on them)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def summary_text(m: dict[str, Any]) -> str:
+    """A few lines for the terminal: the filter, the data, and the two models side by side."""
+    sets = m["training_sets"]
+    lines = [
+        f"filter on web captions: precision {100 * m['filter_precision']:.1f}%  recall {100 * m['filter_recall']:.1f}%"
+        f"  (positive = noisy caption, removed)",
+        f"false texts in pretraining data: web {100 * sets['web']['false_rate']:.1f}% of {sets['web']['texts']}"
+        f" -> capfilt {100 * sets['capfilt']['false_rate']:.1f}% of {sets['capfilt']['texts']}",
+        f"{'':14s}{'web':>9s}{'capfilt':>9s}{'chance':>9s}",
     ]
-    failures += _run(
-        [
-            "vqa",
-            "--model",
-            str(models / "vqa"),
-            "--image",
-            images[0],
-            "--question",
-            "what colour is the circle?",
-            "--question",
-            "how many shapes are there?",
-        ]
-    )[0]
-    failures += _run(
-        [
-            "match",
-            "--model",
-            str(models / "retrieval"),
-            "--image",
-            images[0],
-            "--text",
-            test_rows[0]["captions"][0],
-            "--text",
-            test_rows[1]["captions"][0],
-        ]
-    )[0]
-    failures += _run(
-        [
-            "similarity",
-            "--model",
-            str(models / "retrieval"),
-            "--image",
-            images[0],
-            "--image",
-            images[1],
-            "--text",
-            test_rows[0]["captions"][0],
-        ]
-    )[0]
-    print("references for the first images:", [row["captions"][0] for row in test_rows[:2]])
-    print("note: these tiny models are untrained, so their words are random; training and CapFilt come next.")
-    return 0 if failures == 0 else 1
+    for key, name in (
+        ("cider", "CIDEr"),
+        ("bleu4", "BLEU-4"),
+        ("vqa_accuracy", "VQA acc"),
+        ("retrieval_r1", "zs R@1"),
+    ):
+        chance = m["baselines"]["chance"][key]
+        lines.append(f"{name:14s}{m['web'][key]:9.1f}{m['capfilt'][key]:9.1f}{chance:9.1f}")
+    lines.append(f"total {m['total_seconds'] / 60:.1f} min on {m['threads'] or 'default'} threads")
+    return "\n".join(lines)

@@ -13,11 +13,13 @@ from blip.train.recipe import run
 torch.set_num_threads(1)
 
 
-def test_pretrain_runs_on_the_bootstrapped_dataset(models, shapes_dir, tmp_path):
+def test_pretrain_runs_on_the_bootstrapped_dataset(models, shapes_dir, tmp_path, monkeypatch):
     captioner, filter_ = models
     out = tmp_path / "capfilt"
-    cfg = CapfiltConfig(threshold=0.0, batch_size=8, max_new_tokens=6, keep_clean=str(shapes_dir))
-    summary = run_capfilt(captioner, filter_, shapes_dir, out, cfg, progress=False)
+    monkeypatch.chdir(shapes_dir.parent)  # relative paths in must still give paths the trainer finds
+    clean = shapes_dir.name  # the data and the clean split, both relative
+    cfg = CapfiltConfig(threshold=0.0, batch_size=8, max_new_tokens=6, keep_clean=clean)
+    summary = run_capfilt(captioner, filter_, clean, out, cfg, progress=False)
     train = TrainConfig(
         task="pretrain",
         data=str(out / DATASET),

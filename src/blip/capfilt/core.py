@@ -556,7 +556,8 @@ def _clean_rows(spec: str) -> list[dict[str, Any]]:
     for source in _clean_sources(spec):
         for entry in read_caption_rows(source):
             rows += [
-                {"image": entry["image"], "caption": text, "origin": "clean", "id": entry["id"]}
+                # absolute: the dataset lives in another folder, and the trainer resolves relative paths against it
+                {"image": str(Path(entry["image"]).resolve()), "caption": text, "origin": "clean", "id": entry["id"]}
                 for text in entry["captions"]
             ]
     return rows

@@ -1,0 +1,94 @@
+"""`make demo`: the paper's CapFilt story on the shapes world, end to end, sized for ~12 minutes on 2 CPU cores.
+
+    blip demo --out runs/demo                            # what `make demo` runs (this file, seed 0)
+    blip demo --out runs/demo_s1 --seed 1                # another draw of the world, the models and the sampling
+    blip demo --out /tmp/demo_toy --smoke                # toy sizes, seconds: checks the plumbing only
+    python benchmarks/demo_seeds.py --seeds 0 1 2        # several seeds and their spread
+
+Stages (each resumable: a finished stage is not run again): generate the world -> pretrain on noisy web + clean
+captions -> fine-tune a captioner (LM) and a filter (ITC + ITM) on the clean captions -> CapFilt the web split ->
+pretrain again from scratch on the bootstrapped data -> fine-tune each pretrained model for captioning and VQA with
+the same budget, and evaluate zero-shot retrieval, captioning and VQA on the same test images.
+
+Both pretraining runs get the same architecture, seed, optimizer steps and schedule; only the data differ. Two
+changes to the generator's defaults make the story fit the budget: the web split is noisier (40% of its captions
+correct instead of 50%: 30% partial, 20% unrelated, 10% junk), and images hold 1-2 shapes instead of 1-3, so that a
+model trained for minutes names shapes often enough to be a useful captioner and filter.
+"""
+
+from blip.capfilt import CapfiltConfig
+from blip.demo import DemoConfig
+from blip.train.config import TrainConfig
+
+# One architecture for every stage: 64 px images in 16 px patches, ViT 128 x 3, text 128 x 2 (encoder and decoder
+# share all but self-attention while pretraining, as in the paper). 16 px patches halve the cost of a step against 8.
+MODEL = dict(
+    image_size=64,
+    patch_size=16,
+    vision_width=128,
+    vision_layers=3,
+    vision_heads=4,
+    text_width=128,
+    text_layers=2,
+    text_heads=4,
+    embed_dim=64,
+    init_std=0.1,
+)
+# The shapes world names colours and says left/right: no flips or colour augmentation anywhere.
+IMAGES = dict(augment=False, hflip=False, randaugment=False)
+
+
+def get_config(smoke: bool = False) -> DemoConfig:
+    cfg = DemoConfig(
+        n_web=4000,
+        n_clean=300,
+        n_vqa=500,
+        n_test=200,
+        noise_rates=(0.4, 0.3, 0.2, 0.1),  # correct, partial, unrelated, junk
+        max_shapes=2,
+        threads=2,
+        pretrain=TrainConfig(
+            task="pretrain",
+            **MODEL,
+            **IMAGES,
+            queue_size=2048,
+            max_steps=1000,
+            batch_size=32,
+            lr=1e-3,
+            min_lr=1e-5,
+            warmup_steps=60,
+            log_every=25,
+        ),
+        alpha_ramp_steps=150,  # momentum distillation ramps in over the same steps in both pretraining runs
+        caption=TrainConfig(
+            task="caption", **MODEL, **IMAGES, epochs=4, batch_size=32, lr=5e-4, eval_min_new_tokens=0, log_every=25
+        ),
+        filter=TrainConfig(
+            task="retrieval",
+            **MODEL,
+            **IMAGES,
+            queue_size=1024,
+            alpha_ramp_epochs=1.0,
+            epochs=4,
+            batch_size=32,
+            lr=5e-4,
+            log_every=25,
+        ),
+        vqa=TrainConfig(task="vqa", **MODEL, **IMAGES, max_text_len=35, epochs=3, batch_size=32, lr=5e-4, log_every=25),
+        capfilt=CapfiltConfig(num_captions=1, top_p=0.9, top_k=50, threshold=0.5, batch_size=64),
+    )
+    if smoke:
+        small = dict(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1, embed_dim=16)
+        cfg = cfg.replace(
+            n_web=48,
+            n_clean=16,
+            n_vqa=16,
+            n_test=8,
+            pretrain=cfg.pretrain.replace(**small, queue_size=32, max_steps=3, warmup_steps=1, batch_size=8),
+            alpha_ramp_steps=2,
+            caption=cfg.caption.replace(**small, batch_size=8, max_steps=2, eval_num_beams=1, eval_max_new_tokens=8),
+            filter=cfg.filter.replace(**small, queue_size=32, batch_size=8, max_steps=2),
+            vqa=cfg.vqa.replace(**small, batch_size=8, max_steps=2),
+            capfilt=CapfiltConfig(num_captions=1, max_new_tokens=8, min_new_tokens=1, batch_size=16),
+        )
+    return cfg

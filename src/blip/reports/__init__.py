@@ -1,0 +1,1 @@
+"""PNG and HTML reports (matplotlib, Agg backend)."""

@@ -1,0 +1,423 @@
+"""The demo's report: `report.html` with its PNGs, written next to `metrics.json`.
+
+    write_report(out, metrics, scores, examples) -> out/report.html
+        out/report_metrics.png   before / after bars (chance, untrained, web, CapFilt) per test metric
+        out/report_filter.png    the filter's P(match) histograms: web captions by noise label, synthetic by truth
+        out/report_data.png      what each pretraining run reads: true / false web, synthetic and clean texts
+        out/report_losses.png    the two pretraining runs' losses
+
+`metrics` is the demo's `metrics.json` content, `scores` the per-text filter scores (`blip.demo.analyse_capfilt`),
+`examples` web images with their captions and verdicts (`blip.demo.pick_examples`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+COLORS = {"chance": "#bdbdbd", "untrained": "#8c8c8c", "web": "#e6862e", "capfilt": "#2a9d5c"}
+NOISE_COLORS = {"correct": "#2a9d5c", "partial": "#e6862e", "unrelated": "#c0392b", "junk": "#7d3c98"}
+METRICS = (
+    ("cider", "captioning CIDEr", "fine-tuned on clean captions; beam 3"),
+    ("bleu4", "captioning BLEU-4", "same captions"),
+    ("vqa_accuracy", "VQA accuracy (%)", "fine-tuned on VQA; greedy answers"),
+    ("retrieval_r1", "zero-shot retrieval R@1 (%)", "mean of text and image R@1, ITC + ITM re-rank"),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_bars(metrics: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 3.6))
+    series = [
+        ("chance", metrics["baselines"]["chance"]),
+        ("untrained", metrics["baselines"]["untrained"]),
+        ("web", metrics["web"]),
+        ("capfilt", metrics["capfilt"]),
+    ]
+    series = [(name, values) for name, values in series if values]
+    for ax, (key, title, _) in zip(axes, METRICS):
+        labels = [name for name, _ in series]
+        values = [float(values.get(key, 0.0)) for _, values in series]
+        bars = ax.bar(range(len(values)), values, color=[COLORS[n] for n in labels])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([{"capfilt": "CapFilt"}.get(n, n) for n in labels], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, max(values + [1.0]) * 1.18)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_filter_scores(scores: dict[str, Any], threshold: float, path: Path) -> Path:
+    plt = _pyplot()
+    fig, (ax_web, ax_syn) = plt.subplots(1, 2, figsize=(12, 3.8))
+    bins = [i / 25 for i in range(26)]
+    for kind, values in scores["web"].items():
+        if values:
+            ax_web.hist(values, bins=bins, histtype="step", lw=2, color=NOISE_COLORS.get(kind), label=kind)
+    ax_web.set_title("filter P(match) on web captions, by noise label", fontsize=10)
+    for name, color in (("true", NOISE_COLORS["correct"]), ("false", NOISE_COLORS["unrelated"])):
+        values = scores["synthetic"].get(name, [])
+        if values:
+            ax_syn.hist(values, bins=bins, histtype="step", lw=2, color=color, label=f"{name} for the image")
+    ax_syn.set_title("filter P(match) on synthetic captions, by truth", fontsize=10)
+    for ax in (ax_web, ax_syn):
+        ax.axvline(threshold, color="black", ls="--", lw=1)
+        ax.text(threshold, ax.get_ylim()[1] * 0.95, " keep \u2192", fontsize=8, va="top")
+        ax.text(threshold, ax.get_ylim()[1] * 0.95, "\u2190 remove ", fontsize=8, va="top", ha="right")
+        ax.set_xlabel("P(match)")
+        ax.set_ylabel("texts")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_training_data(sets: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Stacked bars: true/false web, true/false synthetic and clean texts in each pretraining set."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 2.6))
+    parts = (
+        ("web, true", "#f2b27a"),
+        ("web, false", "#c0392b"),
+        ("synthetic, true", "#7fd1a3"),
+        ("synthetic, false", "#7d3c98"),
+        ("clean (human)", "#4a78b5"),
+    )
+    for row, arm in enumerate(("capfilt", "web")):
+        s = sets[arm]
+        synth_false = s["false"] - s.get("web_false", 0)
+        values = {
+            "web, true": s["web"] - s.get("web_false", 0),
+            "web, false": s.get("web_false", 0),
+            "synthetic, true": s["synthetic"] - synth_false,
+            "synthetic, false": synth_false,
+            "clean (human)": s["clean"],
+        }
+        left = 0
+        for name, color in parts:
+            ax.barh(row, values[name], left=left, color=color, label=name if row == 0 else None)
+            if values[name] > 0.04 * s["texts"]:
+                ax.text(left + values[name] / 2, row, f"{values[name]}", ha="center", va="center", fontsize=8)
+            left += values[name]
+    ax.set_yticks([0, 1])
+    ax.set_yticklabels(["CapFilt data", "web data"])
+    ax.set_xlabel("texts in the pretraining set")
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_pretrain_losses(out: Path, path: Path) -> Path | None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    found = False
+    for arm in ("web", "capfilt"):
+        log = out / arm / "pretrain" / "metrics.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        found = found or bool(rows)
+        for ax, name in zip(axes, ("itc_loss", "itm_loss", "lm_loss")):
+            ax.plot([r["step"] for r in rows], [r.get(name) for r in rows], color=COLORS[arm], label=arm)
+            ax.set_title(f"pretraining {name}", fontsize=10)
+            ax.set_xlabel("step")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _img_data(path: str, size: int = 128) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _verdict(keep: bool) -> str:
+    return '<span class="keep">kept</span>' if keep else '<span class="drop">removed</span>'
+
+
+def _truth(s: dict[str, Any]) -> str:
+    return "true" if s["true"] else "false: " + html.escape("; ".join(s["errors"]))
+
+
+def _example_cards(examples: list[dict[str, Any]]) -> str:
+    cards = []
+    for ex in examples:
+        detail = f" ({ex['noise_detail']})" if ex.get("noise_detail") else ""
+        synth = "".join(
+            f"<div class='txt'><b>synthetic</b> \u201c{html.escape(s['text'])}\u201d<br>"
+            f"<span class='{'ok' if s['true'] else 'bad'}'>{_truth(s)}</span> \u00b7 P={s['score']:.2f} \u00b7 "
+            f"{_verdict(s['keep'])}</div>"
+            for s in ex["synthetic"]
+        )
+        cards.append(
+            f"<div class='card'><img src='{_img_data(ex['image'])}' alt='{html.escape(ex['id'])}'>"
+            f"<div class='txt'><b>web</b> \u201c{html.escape(ex['web_text'] or '')}\u201d<br>"
+            f"<span class='tag {ex['noise']}'>{ex['noise']}{detail}</span> \u00b7 P={ex['web_score']:.2f} \u00b7 "
+            f"{_verdict(ex['web_keep'])}</div>{synth}</div>"
+        )
+    return "<div class='grid'>" + "".join(cards) + "</div>"
+
+
+def _change(web: float, capfilt: float) -> str:
+    delta = round(capfilt - web, 1) + 0.0  # + 0.0: no "-0.0"
+    cls = "up" if delta > 0 else ("down" if delta < 0 else "")
+    return f"<span class='{cls}'>{delta:+.1f}</span>"
+
+
+def _headline(m: dict[str, Any]) -> str:
+    sets = m["training_sets"]
+    web, cf = m["web"], m["capfilt"]
+    better = [name for key, name, _ in METRICS if cf[key] > web[key]]
+    worse = [name for key, name, _ in METRICS if cf[key] < web[key]]
+    verdict = (
+        "CapFilt beat the raw web data on every test metric"
+        if not worse
+        else f"CapFilt did better on {', '.join(better) or 'no metric'} and worse on {', '.join(worse)}"
+    )
+    return (
+        f"<p class='headline'>{verdict} (one seed, {m['config']['n_test']} test images). The filter removed "
+        f"{_pct(m['filter_recall'])} of the noisy web captions, and {_pct(m['filter_precision'])} of what it removed "
+        f"was noise; with the synthetic captions added, the share of false texts in the pretraining data went from "
+        f"{_pct(sets['web']['false_rate'])} to {_pct(sets['capfilt']['false_rate'])}.</p>"
+    )
+
+
+def _reading(m: dict[str, Any]) -> str:
+    """What the numbers say about where the change comes from, and what they do not show."""
+    sets, syn, web = m["training_sets"], m["filter"]["synthetic"], m["filter"]["web"]
+    cf = sets["capfilt"]
+    clean_share_up = cf["clean"] / max(1, cf["texts"]) > sets["web"]["clean"] / max(1, sets["web"]["texts"])
+    points = [
+        f"The CapFilt run reads {cf['texts']} texts: {cf['web']} kept web captions, {cf['synthetic']} kept synthetic "
+        f"captions and the {cf['clean']} clean ones; the web run reads {sets['web']['texts']}. Both take the same "
+        f"number of steps: {m['capfilt']['pretrain_epochs']:.1f} passes over the CapFilt set, "
+        f"{m['web']['pretrain_epochs']:.1f} over the web set.",
+        f"{_pct(syn['true_rate'])} of the synthetic captions are true for their image; the filter kept "
+        f"{syn['kept']} of them, {syn['kept_true']} true"
+        + (
+            ". At this budget the captioner is the weak link: the synthetic captions add few true texts, and what "
+            "changes most is what the filter removes (in the paper both parts help)."
+            if syn["true_rate"] < 0.5
+            else "."
+        ),
+        f"The filter removed {_pct(1 - web['kept_correct_rate'])} of the correct web captions along with "
+        f"{_pct(m['filter_recall'])} of the noisy ones"
+        + (", so clean human captions make up a larger share of the CapFilt set." if clean_share_up else "."),
+        "One seed: differences of a few points can be noise. "
+        "<code>python benchmarks/demo_seeds.py --seeds 0 1 2</code> runs several and reports the spread.",
+    ]
+    return "<h2>Reading the result</h2><ul>" + "".join(f"<li>{p}</li>" for p in points) + "</ul>"
+
+
+def _metrics_table(m: dict[str, Any]) -> str:
+    rows = []
+    chance, untrained = m["baselines"]["chance"], m["baselines"]["untrained"]
+    for key, name, how in METRICS:
+        untrained_cell = f"{untrained[key]:.1f}" if key in untrained else "&ndash;"
+        rows.append(
+            f"<tr><td>{name}<div class='small'>{how}</div></td><td>{chance[key]:.1f}</td>"
+            f"<td>{untrained_cell}</td><td>{m['web'][key]:.1f}</td><td><b>{m['capfilt'][key]:.1f}</b></td>"
+            f"<td>{_change(m['web'][key], m['capfilt'][key])}</td></tr>"
+        )
+    return (
+        "<table><tr><th>test metric</th><th>chance</th><th>untrained</th><th>web data</th><th>CapFilt data</th>"
+        "<th>change</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _filter_table(m: dict[str, Any]) -> str:
+    web = m["filter"]["web"]
+    rows = "".join(
+        f"<tr><td><span class='tag {kind}'>{kind}</span></td><td>{v['texts']}</td><td>{v['removed']}</td>"
+        f"<td>{_pct(v['removed'] / max(1, v['texts']))}</td></tr>"
+        for kind, v in web["by_noise"].items()
+    )
+    syn = m["filter"]["synthetic"]
+    return (
+        "<table><tr><th>web caption</th><th>texts</th><th>removed</th><th>removed %</th></tr>" + rows + "</table>"
+        f"<p>Synthetic captions (one per web image, nucleus sampling p={m['config']['capfilt']['top_p']}): "
+        f"{_pct(syn['true_rate'])} are true for their image (checked against the scene); the filter kept "
+        f"{syn['kept']} of {syn['texts']}, and {_pct(syn['kept_true_rate'])} of the kept ones are true "
+        f"(removal precision {_pct(syn['precision'])}, recall {_pct(syn['recall'])} with false = positive).</p>"
+    )
+
+
+def _stage_table(m: dict[str, Any]) -> str:
+    cfg = m["config"]
+    steps = cfg["pretrain"]["max_steps"]
+    what = {
+        "data": f"generate {cfg['n_web']} web, {cfg['n_clean']} clean ({cfg['n_clean'] * 5} captions), "
+        f"{cfg['n_vqa']} VQA and {cfg['n_test']} test images",
+        "baselines": "evaluate the untrained architecture; chance baselines",
+        "pretrain_web": f"pretrain from scratch on web + clean ({m['web']['pretrain_pairs']} texts, {steps} steps, "
+        f"{m['web']['pretrain_epochs']:.1f} epochs), zero-shot retrieval",
+        "captioner": "fine-tune the web model as captioner (LM, clean captions); also the web model's captioning score",
+        "filter": "fine-tune the web model as filter (ITC + ITM, clean captions)",
+        "capfilt": f"caption {cfg['n_web']} web images; the filter kept {m['capfilt_summary']['web_kept']} web and "
+        f"{m['capfilt_summary']['synthetic_kept']} synthetic texts",
+        "pretrain_capfilt": f"pretrain from scratch on the bootstrapped data ({m['capfilt']['pretrain_pairs']} texts, "
+        f"{steps} steps, {m['capfilt']['pretrain_epochs']:.1f} epochs), zero-shot retrieval",
+        "caption_capfilt": "fine-tune the CapFilt model for captioning (same settings as the captioner)",
+        "vqa_web": "fine-tune the web model for VQA",
+        "vqa_capfilt": "fine-tune the CapFilt model for VQA (same settings)",
+    }
+    cpu = m.get("cpu_seconds", {})
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{html.escape(what.get(name, ''))}</td><td>{seconds:.0f} s</td>"
+        f"<td>{cpu.get(name, 0.0):.0f} s</td></tr>"
+        for name, seconds in m["timings"].items()
+    )
+    total = (
+        f"<tr><td><b>total</b></td><td></td><td><b>{m['total_seconds'] / 60:.1f} min</b></td>"
+        f"<td>{sum(cpu.values()) / 60:.1f} min</td></tr>"
+    )
+    load = m.get("load_average")
+    note = (
+        f"<p class='small'>Wall-clock and CPU time (all threads of this process) per stage, on "
+        f"{m['threads'] or 'default'} torch threads; the machine's load average at the end was "
+        f"{', '.join(map(str, load)) if load else 'unknown'} (1/5/15 min): other work on the machine slows the "
+        "wall clock.</p>"
+    )
+    head = "<table><tr><th>stage</th><th>what</th><th>wall</th><th>CPU</th></tr>"
+    return head + rows + total + "</table>" + note
+
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 24px auto;
+       color: #222; line-height: 1.45; padding: 0 16px; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+.headline { font-size: 1.15em; background: #f3f8f4; border-left: 5px solid #2a9d5c; padding: 10px 14px; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { padding: 5px 12px; border-bottom: 1px solid #e4e4e4;
+       text-align: left; vertical-align: top; } th { background: #fafafa; }
+.small { font-size: 0.8em; color: #777; } .up { color: #1e7d45; font-weight: bold; }
+.down { color: #b03a2e; font-weight: bold; } img.fig { width: 100%; }
+.grid { display: grid; grid-template-columns: repeat(3, 1fr); gap: 12px; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 0.85em; }
+.card img { width: 128px; height: 128px; image-rendering: pixelated; display: block; margin-bottom: 6px; }
+.txt { margin: 4px 0; } .keep { color: #1e7d45; font-weight: bold; } .drop { color: #b03a2e; font-weight: bold; }
+.ok { color: #1e7d45; } .bad { color: #b03a2e; }
+.tag { border-radius: 3px; padding: 0 4px; color: white; } .tag.correct { background: #2a9d5c; }
+.tag.partial { background: #e6862e; } .tag.unrelated { background: #c0392b; } .tag.junk { background: #7d3c98; }
+code { background: #f4f4f4; padding: 1px 4px; }
+"""
+
+
+def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], examples: list[dict[str, Any]]) -> Path:
+    """Write the PNGs and `report.html` into `out`; returns the HTML path."""
+    out = Path(out)
+    figures = {
+        "metrics": plot_metric_bars(metrics, out / "report_metrics.png"),
+        "filter": plot_filter_scores(scores, metrics["filter"]["threshold"], out / "report_filter.png"),
+        "data": plot_training_data(metrics["training_sets"], out / "report_data.png"),
+        "losses": plot_pretrain_losses(out, out / "report_losses.png"),
+    }
+    cfg = metrics["config"]
+    rates = dict(zip(("correct", "partial", "unrelated", "junk"), cfg["noise_rates"]))
+    rates_text = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items())
+    web_sets = metrics["training_sets"]
+    losses = (
+        f"<h2>Pretraining losses</h2><img class='fig' src='{figures['losses'].name}'>"
+        "<p class='small'>The two runs read different texts, so their losses are not a like-for-like score; the test "
+        "metrics above are.</p>"
+        if figures["losses"]
+        else ""
+    )
+    body = f"""
+<h1>CapFilt on the shapes world</h1>
+<div class="small">blip demo &middot; seed {metrics["seed"]} &middot; {metrics["threads"] or "default"} CPU threads
+&middot; {metrics["total_seconds"] / 60:.1f} min in all</div>
+{_headline(metrics)}
+<img class="fig" src="{figures["metrics"].name}" alt="test metrics">
+{_metrics_table(metrics)}
+<p class="small">Both arms use the same architecture, seed, number of pretraining steps ({cfg["pretrain"]["max_steps"]})
+and schedule, and the same fine-tuning runs; only the pretraining texts differ. CIDEr-D and BLEU-4 on the papers'
+x100 scale. Retrieval R@1 is zero-shot (the pretrained model itself), the mean of text R@1 and image R@1 over
+{cfg["n_test"]} test images with 5 captions each. Chance: the most common clean caption for every image
+(&ldquo;{html.escape(metrics["constant_caption"])}&rdquo;), each question's most common training answer, a random
+ranking. Untrained: the same architecture with random weights.</p>
+
+{_reading(metrics)}
+
+<h2>What was done</h2>
+<p>The BLIP paper's bootstrapping (CapFilt, &sect;3.3) at toy scale: a model pretrained on noisy web captions is
+fine-tuned on a small clean, human-annotated split into a <b>captioner</b> (language modelling) and a
+<b>filter</b> (image-text contrastive + matching). The captioner writes a synthetic caption for every web image;
+the filter removes every web and synthetic text whose matching probability is below
+{metrics["filter"]["threshold"]}; a new model is pretrained from scratch on what is left plus the clean
+captions. The shapes world knows the truth: every web caption carries its noise label ({rates_text}) and every
+synthetic caption is checked against the scene it describes. Images are {cfg["world_image_size"]} px with 1 to
+{cfg["max_shapes"]} shapes.</p>
+{_stage_table(metrics)}
+
+<h2>The filter</h2>
+<p><b>Precision {_pct(metrics["filter_precision"])}, recall {_pct(metrics["filter_recall"])}</b> on
+{metrics["filter"]["web"]["texts"]} web captions. {html.escape(metrics["filter_definition"])} It kept
+{_pct(metrics["filter"]["web"]["kept_correct_rate"])} of the correct web captions.</p>
+{_filter_table(metrics)}
+<img class="fig" src="{figures["filter"].name}" alt="filter score histograms">
+
+<h2>The pretraining data</h2>
+<p>Web data: {web_sets["web"]["texts"]} texts, {_pct(web_sets["web"]["false_rate"])} false for their image.
+CapFilt data: {web_sets["capfilt"]["texts"]} texts, {_pct(web_sets["capfilt"]["false_rate"])} false.</p>
+<img class="fig" src="{figures["data"].name}" alt="training data composition">
+{losses}
+<h2>Examples</h2>
+<p>Web images of each noise kind, with the web caption, the captioner's synthetic caption, the filter's P(match)
+and its verdict.</p>
+{_example_cards(examples)}
+
+<h2>Reproduce</h2>
+<p><code>make demo</code> (or <code>blip demo --out runs/demo --seed {metrics["seed"]}</code>); numbers are in
+<code>metrics.json</code>, every stage's models, logs and predictions in its folder. The configuration is
+<code>configs/demo_shapes.py</code>.</p>
+"""
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>blip demo: CapFilt on the shapes world</title>"
+        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
