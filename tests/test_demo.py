@@ -75,3 +75,9 @@ def test_demo_refuses_a_folder_of_another_config(demo_run):
     out, _ = demo_run
     with pytest.raises(DemoConfigError, match="another config"):
         run_demo(out, config=load_demo_config(CONFIG, smoke=True), seed=7, say=lambda _: None)
+
+
+def test_the_full_demo_config_loads_and_is_bigger_than_the_smoke_one():
+    full, smoke = load_demo_config(CONFIG), load_demo_config(CONFIG, smoke=True)
+    assert full.n_web > smoke.n_web and full.pretrain.max_steps > smoke.pretrain.max_steps
+    assert sum(full.noise_rates) == pytest.approx(1.0)
