@@ -35,11 +35,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from blip.jobs import BatchConfig, run_batch  # noqa: E402
+from blip.jobs import BatchConfig, TaskOptions, run_batch  # noqa: E402
 from blip.jobs.writer import read_jsonl  # noqa: E402
 from oracle import base_spec, build_hf_checkpoint  # noqa: E402
 
 MAX_NEW_TOKENS = 20
+# every contender generates exactly this many tokens: in bf16 the captions differ, and an early [SEP] on one side
+# would time less work there
+FORCED_LENGTH = {"max_new_tokens": MAX_NEW_TOKENS, "min_new_tokens": MAX_NEW_TOKENS}
 
 
 def checkpoint(cache: Path) -> Path:
@@ -95,6 +98,7 @@ def run_ours(model_dir: Path, photos: Path, args, dtype: str | None) -> tuple[fl
             batch_size=args.batch_size,
             workers=args.workers,
             progress=False,
+            options=TaskOptions(max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS),
         )
         result, total_s = timed(lambda: run_batch(cfg))
         assert result.summary.rows_ok == args.images, result.summary
@@ -113,12 +117,12 @@ def run_pipeline(model_dir: Path, paths: list[Path], args, dtype: torch.dtype) -
         pipe = pipeline("image-to-text", model=str(model_dir), device=args.device, dtype=dtype)
 
         def caption(path: Path) -> str:
-            return pipe(str(path), generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS})[0]["generated_text"]
+            return pipe(str(path), generate_kwargs=FORCED_LENGTH)[0]["generated_text"]
     else:
         pipe = pipeline("image-text-to-text", model=str(model_dir), device=args.device, dtype=dtype)
 
         def caption(path: Path) -> str:
-            out = pipe(images=str(path), text="", generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS})
+            out = pipe(images=str(path), text="", generate_kwargs=FORCED_LENGTH)
             return out[0]["generated_text"]
 
     caption(paths[0])  # warm-up, not counted
@@ -138,7 +142,7 @@ def run_generate(model_dir: Path, paths: list[Path], args, dtype: torch.dtype) -
             images = [Image.open(p).convert("RGB") for p in paths[start : start + args.batch_size]]
             inputs = processor(images=images, return_tensors="pt").to(args.device, dtype)
             with torch.inference_mode():
-                ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
+                ids = model.generate(**inputs, **FORCED_LENGTH)
             captions += processor.batch_decode(ids, skip_special_tokens=True)
         return captions
 
