@@ -46,7 +46,7 @@ def _latency_ms(index, queries: np.ndarray, n: int = 200) -> float:
     return (time.perf_counter() - started) / min(n, len(queries)) * 1000
 
 
-@pytest.mark.parametrize("n", [1000, pytest.param(10_000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [1000, 10_000])
 def test_text_to_image_search_equals_brute_force(retrieval_model, tmp_path, capsys, n):
     rows = _shapes(tmp_path / "world", n)
     out = tmp_path / "embedded"
