@@ -78,7 +78,8 @@ class Blip:
     def __repr__(self) -> str:
         return f"Blip(kind={self.config.kind!r}, tasks={sorted(self.tasks)}, source={self.source!r})"
 
-    def _need(self, task: str) -> None:
+    def require(self, task: str) -> None:
+        """Raise ValueError naming the checkpoint kind that has `task` (caption, vqa, itm, itc) if this one lacks it."""
         if task not in self.tasks:
             raise ValueError(
                 f"this checkpoint ({self.source or 'model'}, a {self.config.kind!r} model) has no head "
@@ -104,7 +105,7 @@ class Blip:
         seed: int | None = None,
     ) -> list[Any]:
         """Captions, one per image (a list of `num_captions` per image when `num_captions > 1`)."""
-        self._need("caption")
+        self.require("caption")
         generation = GenerationConfig(
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -136,7 +137,7 @@ class Blip:
     ) -> list[Answer]:
         """One answer per question. One image with several questions encodes the image once. With `answers`,
         ranks that answer list instead of generating."""
-        self._need("vqa")
+        self.require("vqa")
         image_list, question_list = pair_up(images, questions, "question")
         if answers is not None and (not answers or not all(isinstance(a, str) and a.strip() for a in answers)):
             raise ValueError("answers must be a non-empty list of non-empty strings")
@@ -147,7 +148,7 @@ class Blip:
 
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
         """ITM probability that each (image, text) pair matches."""
-        self._need("itm")
+        self.require("itm")
         image_list, text_list = pair_up(images, texts, "text")
         decoded, index = unique_images(image_list)
         return itm_task.match_probabilities(self, decoded, text_list, index)
@@ -158,14 +159,14 @@ class Blip:
 
     def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """L2-normalised image features `[n, embed_dim]`."""
-        self._need("itc")
+        self.require("itc")
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
         return itm_task.image_embeddings(self, decoded)[torch.tensor(index)]
 
     def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
         """L2-normalised text features `[n, embed_dim]`."""
-        self._need("itc")
+        self.require("itc")
         text_list, _ = as_list(texts)
         if not text_list or not all(isinstance(t, str) for t in text_list):
             raise ValueError("texts must be a string or a non-empty list of strings")

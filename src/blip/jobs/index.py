@@ -396,7 +396,7 @@ def search_texts(
         hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
         if rerank and hits:
             if "itm" not in blip.tasks:
-                blip._need("itm")
+                blip.require("itm")
             images, keep = [], []
             for hit in hits:
                 try:

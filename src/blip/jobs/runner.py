@@ -86,7 +86,7 @@ class TaskOptions:
 def check_model_task(blip: Blip, task: str) -> None:
     need = MODEL_TASK[task]
     if need not in blip.tasks:
-        blip._need(need)  # raises the API's own message naming the checkpoint kind that has the head
+        blip.require(need)  # raises the API's own message naming the checkpoint kind that has the head
 
 
 class TaskRunner:
