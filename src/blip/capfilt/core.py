@@ -740,7 +740,7 @@ def _process_ray(
 ) -> tuple[int, str]:
     from collections import deque
 
-    from blip.jobs.engines import import_ray
+    from blip.jobs.engines import import_ray, ray_workers
     from blip.jobs.runner import JobError
 
     ray = import_ray()
@@ -748,18 +748,9 @@ def _process_ray(
     if started_here:
         ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        resources = ray.cluster_resources()
-        gpus = cfg.gpus_per_worker
-        if gpus is None:
-            gpus = 1.0 if resources.get("GPU", 0) >= 1 and cfg.device in ("auto", "cuda") else 0.0
-        if cfg.num_workers:
-            count = cfg.num_workers
-        elif gpus:
-            count = int(resources.get("GPU", 0) // gpus)
-        else:
-            count = int(resources.get("CPU", 1) // max(cfg.cpus_per_worker, 1e-9))
-        count = max(1, min(count, len(pending)))
-        device = "cuda" if gpus else ("cpu" if cfg.device == "auto" else cfg.device)
+        count, gpus, device = ray_workers(
+            ray, cfg.num_workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device, len(pending)
+        )
         engine = f"ray x{count}"
         slim = dataclasses.replace(job, plan=dataclasses.replace(job.plan, rows=[]), shards=[])  # rows go per shard
         actor_class = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)(_CapfiltActor)

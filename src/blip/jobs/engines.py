@@ -150,6 +150,24 @@ def run_torchrun(cfg: BatchConfig) -> BatchResult:
 # Ray: a pool of actors, each with the model loaded once; shards handed out as actors free up
 
 
+def ray_workers(
+    ray: Any, num_workers: int, cpus_per_worker: float, gpus_per_worker: float | None, device: str, shards: int
+) -> tuple[int, float, str]:
+    """How many actors to start (at most one per shard), GPUs per actor, and the device they run on, from the
+    cluster's resources: one actor per GPU when there are GPUs and the device allows them, else per CPU share."""
+    resources = ray.cluster_resources()
+    gpus = gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 and device in ("auto", "cuda") else 0.0
+    if num_workers:
+        count = num_workers
+    elif gpus:
+        count = int(resources.get("GPU", 0) // gpus)
+    else:
+        count = int(resources.get("CPU", 1) // max(cpus_per_worker, 1e-9))
+    return max(1, min(count, shards)), gpus, "cuda" if gpus else ("cpu" if device == "auto" else device)
+
+
 def import_ray() -> Any:
     try:
         import ray
@@ -197,18 +215,9 @@ def run_ray(job: Job) -> BatchResult:
             ray.init(address=options.ray_address, include_dashboard=False, logging_level=logging.WARNING)
             started_here = True
         try:
-            resources = ray.cluster_resources()
-            gpus = options.gpus_per_worker
-            if gpus is None:
-                gpus = 1.0 if resources.get("GPU", 0) >= 1 and cfg.device in ("auto", "cuda") else 0.0
-            if options.num_workers:
-                count = options.num_workers
-            elif gpus:
-                count = int(resources.get("GPU", 0) // gpus)
-            else:
-                count = int(resources.get("CPU", 1) // max(options.cpus_per_worker, 1e-9))
-            count = max(1, min(count, len(pending)))
-            device = "cuda" if gpus else ("cpu" if cfg.device == "auto" else cfg.device)
+            count, gpus, device = ray_workers(
+                ray, options.num_workers, options.cpus_per_worker, options.gpus_per_worker, cfg.device, len(pending)
+            )
             engine = f"ray x{count}"
             _logger.info(
                 "ray: %d actors (%s CPU, %s GPU each) for %d shards", count, options.cpus_per_worker, gpus, len(pending)
