@@ -18,24 +18,11 @@ model trained for minutes names shapes often enough to be a useful captioner and
 
 from blip.capfilt import CapfiltConfig
 from blip.demo import DemoConfig
-from blip.train.config import TrainConfig
+from blip.train.config import SHAPES_MODEL, TrainConfig
 
 # One architecture for every stage: 64 px images in 16 px patches, ViT 128 x 3, text 128 x 2 (encoder and decoder
 # share all but self-attention while pretraining, as in the paper). 16 px patches halve the cost of a step against 8.
-MODEL = dict(
-    image_size=64,
-    patch_size=16,
-    vision_width=128,
-    vision_layers=3,
-    vision_heads=4,
-    text_width=128,
-    text_layers=2,
-    text_heads=4,
-    embed_dim=64,
-    init_std=0.1,
-)
-# The shapes world names colours and says left/right: no flips or colour augmentation anywhere.
-IMAGES = dict(augment=False, hflip=False, randaugment=False)
+MODEL = {**SHAPES_MODEL, "patch_size": 16}  # SHAPES_MODEL also turns off flips and colour augmentation
 
 
 def get_config(smoke: bool = False) -> DemoConfig:
@@ -50,7 +37,6 @@ def get_config(smoke: bool = False) -> DemoConfig:
         pretrain=TrainConfig(
             task="pretrain",
             **MODEL,
-            **IMAGES,
             queue_size=2048,
             max_steps=1000,
             batch_size=32,
@@ -61,12 +47,11 @@ def get_config(smoke: bool = False) -> DemoConfig:
         ),
         alpha_ramp_steps=150,  # momentum distillation ramps in over the same steps in both pretraining runs
         caption=TrainConfig(
-            task="caption", **MODEL, **IMAGES, epochs=4, batch_size=32, lr=5e-4, eval_min_new_tokens=0, log_every=25
+            task="caption", **MODEL, epochs=4, batch_size=32, lr=5e-4, eval_min_new_tokens=0, log_every=25
         ),
         filter=TrainConfig(
             task="retrieval",
             **MODEL,
-            **IMAGES,
             queue_size=1024,
             alpha_ramp_epochs=1.0,
             epochs=4,
@@ -74,7 +59,7 @@ def get_config(smoke: bool = False) -> DemoConfig:
             lr=5e-4,
             log_every=25,
         ),
-        vqa=TrainConfig(task="vqa", **MODEL, **IMAGES, max_text_len=35, epochs=3, batch_size=32, lr=5e-4, log_every=25),
+        vqa=TrainConfig(task="vqa", **MODEL, max_text_len=35, epochs=3, batch_size=32, lr=5e-4, log_every=25),
         capfilt=CapfiltConfig(num_captions=1, top_p=0.9, top_k=50, threshold=0.5, batch_size=64),
     )
     if smoke:
