@@ -202,7 +202,9 @@ def load(
     resizes the position embeddings; `tokenizer` names a folder or vocab file when the checkpoint has none;
     `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes."""
     torch_dtype = parse_dtype(dtype)
-    if config is None and _is_training_checkpoint(source):
+    from blip.train.checkpoint import is_training_checkpoint
+
+    if config is None and is_training_checkpoint(Path(source).expanduser()):
         return _load_training_checkpoint(source, device, torch_dtype, kind, image_size, tokenizer, batch_size)
     model, folder, report = load_model(
         source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config
@@ -215,23 +217,14 @@ def load(
     return Blip(model, blip_tokenizer, transform, source=str(source), report=report, batch_size=batch_size)
 
 
-def _is_training_checkpoint(source: str | os.PathLike) -> bool:
-    path = Path(source).expanduser()
-    if not path.is_file() or path.suffix not in (".pt", ".pth", ".ckpt"):
-        return False
-    from blip.train.checkpoint import is_training_checkpoint
-
-    return is_training_checkpoint(path)
-
-
 def _load_training_checkpoint(source, device, dtype, kind, image_size, tokenizer, batch_size) -> Blip:
     """A `blip train` checkpoint.pt: self-describing (config and tokenizer inside), so nothing is inferred."""
-    from blip.train.modeling import _with_image_size, as_blip, load_start_model, model_for_kind
+    from blip.train.modeling import as_blip, load_start_model, model_for_kind, with_image_size
 
     model, blip_tokenizer = load_start_model(str(source), str(tokenizer) if tokenizer else "")
     if kind is not None and kind != model.config.kind:
         model = model_for_kind(model, kind)
-    blip_model = as_blip(_with_image_size(model, image_size or 0), blip_tokenizer, source=str(source))
+    blip_model = as_blip(with_image_size(model, image_size or 0), blip_tokenizer, source=str(source))
     blip_model.model.to(device=device, dtype=dtype or torch.float32)
     blip_model.batch_size = batch_size
     blip_model.report = LoadReport(str(source), str(source), "blip-train-checkpoint")

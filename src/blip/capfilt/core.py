@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from blip.jobs.batch import resolve_device
 from blip.jobs.pipeline import Decoded, decode_key
 from blip.jobs.runner import ShardTask, ShardWorker, TaskRunner, split_shards
 from blip.jobs.sources import (
@@ -343,14 +344,6 @@ def weights_fingerprint(model: Blip) -> dict[str, Any]:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return {"sha256": digest.hexdigest(), "kind": model.config.kind}
-
-
-def resolve_device(device: str, local_rank: int = 0) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -118,11 +118,11 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_file() or path.suffix not in (".pt", ".pth", ".ckpt"):
         return False
-    try:
-        load_checkpoint(path)
-    except CheckpointFormatError:
+    try:  # mmap: read the header, not the tensors (this runs on every .pt/.pth that blip.load opens)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
         return False
-    return True
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
 
 
 # --- what describes the model ------------------------------------------------------------------------------------

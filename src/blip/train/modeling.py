@@ -97,7 +97,7 @@ def model_for_kind(model: BlipModel, kind: str) -> BlipModel:
     return target.to(next(model.parameters()).device)
 
 
-def _with_image_size(model: BlipModel, image_size: int) -> BlipModel:
+def with_image_size(model: BlipModel, image_size: int) -> BlipModel:
     if not image_size or image_size == model.config.vision.image_size:
         return model
     config = model.config.replace(vision=dataclasses.replace(model.config.vision, image_size=image_size))
@@ -196,7 +196,7 @@ def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
         model, tokenizer = load_start_model(cfg.init, "" if cfg.vocab == "shapes" else cfg.vocab)
         if model.config.kind != cfg.model_kind:
             model = model_for_kind(model, cfg.model_kind)
-        model = _with_image_size(model, cfg.image_size)
+        model = with_image_size(model, cfg.image_size)
     else:
         tokenizer = build_tokenizer(cfg.vocab)
         model = BlipModel(random_config(cfg, tokenizer))
