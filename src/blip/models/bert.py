@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip.config import TextConfig
+from blip.models.kernels import Linear, linear
 
 
 @dataclass
@@ -115,9 +116,9 @@ def _attend_grouped(q: torch.Tensor, cross: CrossKV, layer: int, dropout: float)
 class AttentionProjections(nn.Module):
     def __init__(self, hidden: int, kv_width: int):
         super().__init__()
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_width, hidden)
-        self.value = nn.Linear(kv_width, hidden)
+        self.query = Linear(hidden, hidden)
+        self.key = Linear(kv_width, hidden)
+        self.value = Linear(kv_width, hidden)
 
 
 class AttentionOutput(nn.Module):
@@ -125,7 +126,7 @@ class AttentionOutput(nn.Module):
 
     def __init__(self, cfg: TextConfig, in_width: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(in_width or cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(in_width or cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -185,10 +186,10 @@ class TextAttention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
+        return self.dense(x, gelu=True)
 
 
 class TextLayer(nn.Module):
@@ -297,22 +298,22 @@ def _self_attention_mask(attention_mask: torch.Tensor | None, causal: bool, leng
 class PredictionTransform(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(F.gelu(self.dense(x)))
+        return self.LayerNorm(self.dense(x, gelu=True))
 
 
 class LMPredictions(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.transform = PredictionTransform(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # weight tied to word embeddings
+        self.decoder = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # weight tied to word embeddings
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.transform(x), self.decoder.weight, self.bias)
+        return linear(self.transform(x), self.decoder.weight, self.bias)
 
 
 class LMHead(nn.Module):

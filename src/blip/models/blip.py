@@ -13,6 +13,7 @@ from torch import nn
 
 from blip.config import KIND_PARTS, BlipConfig
 from blip.models.bert import CrossKV, TextDecoder, TextTransformer
+from blip.models.kernels import Linear
 from blip.models.vit import VisionTransformer
 
 
@@ -29,9 +30,9 @@ class BlipModel(nn.Module):
             # The VQA answer decoder reads question states, not image tokens.
             self.text_decoder = TextDecoder(text, text.hidden_size if config.kind == "vqa" else vision_width)
         if "heads" in parts:
-            self.vision_proj = nn.Linear(vision_width, config.embed_dim)
-            self.text_proj = nn.Linear(text.hidden_size, config.embed_dim)
-            self.itm_head = nn.Linear(text.hidden_size, 2)
+            self.vision_proj = Linear(vision_width, config.embed_dim)
+            self.text_proj = Linear(text.hidden_size, config.embed_dim)
+            self.itm_head = Linear(text.hidden_size, 2)
         else:
             self.vision_proj = self.text_proj = self.itm_head = None
 

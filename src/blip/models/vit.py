@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip.config import VisionConfig
+from blip.models.kernels import Linear
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -55,8 +56,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.dropout = cfg.attention_dropout
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.projection = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -70,11 +71,11 @@ class VisionAttention(nn.Module):
 class VisionMlp(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.fc1(x, gelu=True))
 
 
 class DropPath(nn.Module):
