@@ -50,6 +50,12 @@ def onednn_linear_available() -> bool:
         return False
 
 
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, attr: str, scalars: list, algorithm: str
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+
+
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -66,9 +72,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _on_onednn(x, weight):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(
-            x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
-        )
+        attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # algorithm "none": the erf GELU, as F.gelu
+        return _onednn_linear(x, weight, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
