@@ -143,12 +143,88 @@ print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=p
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def gpu_rows(caption_dir: Path, device: str, batches: list[int], dtypes: list[str], repeats: int) -> dict:
+    """Caption greedy (20 new tokens, pixels ready on both sides) against transformers in the same dtype on `device`,
+    and the vision encoder's bf16 rate against the device's dense bf16 matmul rate (an 8192^3 product)."""
+    import transformers
+
+    dev = torch.device(device)
+
+    def timed_sync(fn) -> float:
+        def run() -> None:
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        run()
+        return timed(run, repeats)
+
+    size = 8192 if dev.type == "cuda" else 1024
+    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
+    peak = 2 * size**3 / timed_sync(lambda: a @ a) / 1e12
+    out: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device, "bf16_tflops": peak}
+    print(f"\n{out['device']}: dense bf16 matmul {peak:.1f} TFLOP/s", flush=True)
+    processor = transformers.BlipProcessor.from_pretrained(caption_dir)
+    for dtype in dtypes:
+        ours = blip.load(caption_dir, device=device, dtype=dtype)
+        hf = transformers.BlipForConditionalGeneration.from_pretrained(caption_dir, dtype=getattr(torch, dtype))
+        hf = hf.to(dev).eval()
+        for batch in batches:
+            pixels = processor(images=make_images(batch, seed=7), return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(dev, getattr(torch, dtype))
+            mine, theirs = _captions_from_pixels(ours, pixels), _hf_captions_from_pixels(hf, pixels)
+            same = sum(m == t[: len(m)] for m, t in zip(mine, theirs))
+            t_hf = timed_sync(lambda hf=hf, pixels=pixels: _hf_captions_from_pixels(hf, pixels))
+            t_ours = timed_sync(lambda ours=ours, pixels=pixels: _captions_from_pixels(ours, pixels))
+            key = f"caption_greedy_b{batch}_{dtype}"
+            out[key] = dict(transformers_s=t_hf, ours_s=t_ours, ratio=t_hf / t_ours, same_tokens=same, of=batch)
+            print(
+                f"caption, greedy, batch {batch}, {dtype}: transformers {t_hf:.3f}s ours {t_ours:.3f}s ratio "
+                f"{t_hf / t_ours:.2f}x (target >= 3x at batch 128, fp16); same tokens {same}/{batch}",
+                flush=True,
+            )
+        if dtype == "bfloat16":
+            batch, size = max(batches), ours.config.vision.image_size
+            pixels = torch.randn(batch, 3, size, size).to(dev, torch.bfloat16)
+            with torch.inference_mode():
+                t = timed_sync(lambda ours=ours, pixels=pixels: ours.model.encode_image(pixels))
+            rate = vit_flops(ours.config.vision) * batch / t / 1e12
+            out[f"vision_b{batch}_bf16"] = dict(seconds=t, tflops=rate, share_of_peak=rate / peak, target_share=0.5)
+            print(
+                f"vision encoder, batch {batch}, bf16: {t:.3f}s = {rate:.1f} TFLOP/s = {rate / peak:.0%} of the "
+                f"dense bf16 rate (target >= 50%)",
+                flush=True,
+            )
+        del ours, hf
+    return out
+
+
+@torch.inference_mode()
+def _captions_from_pixels(ours, pixels: torch.Tensor) -> list[list[int]]:
+    from blip.models.generation import GenerationConfig, generate
+
+    decoder, text = ours.model.text_decoder, ours.config.text
+    cross = decoder.bert.cross_kv(ours.model.encode_image(pixels))
+    gen = GenerationConfig(max_new_tokens=20, min_new_tokens=20)
+    return [s[0].token_ids for s in generate(decoder, cross, [text.bos_token_id], gen, eos_id=text.sep_token_id)]
+
+
+@torch.inference_mode()
+def _hf_captions_from_pixels(hf, pixels: torch.Tensor) -> list[list[int]]:
+    return [seq[seq != 0].tolist() for seq in hf.generate(pixel_values=pixels, max_new_tokens=20, min_new_tokens=20)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/vs_transformers.json")
     parser.add_argument("--only", nargs="*", help="run only these workloads (by key)")
+    parser.add_argument(
+        "--gpu-device", default="cuda" if torch.cuda.is_available() else None, help="also run the GPU rows here"
+    )
+    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--gpu-dtypes", nargs="+", default=["float16", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -394,6 +470,14 @@ def main() -> None:
             record(
                 "itc_text_b32", "ITC text embeddings, batch 32", hf_itc, lambda: ours.embed_texts(texts32), 1.3, agree
             )
+
+    if args.gpu_device and want("gpu"):
+        gpu_dir = (
+            work / "caption"
+            if (work / "caption").exists()
+            else build_hf_checkpoint(work / "caption", base_spec("caption"))
+        )
+        results["gpu"] = gpu_rows(gpu_dir, args.gpu_device, args.gpu_batches, args.gpu_dtypes, args.repeats)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -256,8 +256,10 @@ class TextTransformer(nn.Module):
         keys, values = [], []
         for layer in self.layers:
             k, v = layer.crossattention.project_kv(states)
-            keys.append(k)
-            values.append(v)
+            # Contiguous once here, so no decoding step has to copy them (a strided [E, H, N, d] cannot be viewed
+            # as the [E*H, N, d] batch a matmul needs: 12% of a bf16 caption went to those copies).
+            keys.append(k.contiguous())
+            values.append(v.contiguous())
         bool_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :].bool()
         return CrossKV(keys, values, bool_mask, index)
 
