@@ -28,3 +28,15 @@ def test_float32_and_long_queries_take_sdpa_exactly():
     q = torch.randn(2, 2, 40, 8, dtype=torch.bfloat16)
     k, v = k.bfloat16(), v.bfloat16()
     assert torch.equal(_attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_cross_kv_is_stored_contiguous():
+    """Decoding steps batch the cross-attention K/V as [E*H, N, d] matmul operands: a strided layout would be copied
+    at every step and layer."""
+    from blip.config import TextConfig
+    from blip.models.bert import TextTransformer
+
+    cfg = TextConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+    with torch.inference_mode():
+        cross = TextTransformer(cfg, cross_width=12).eval().cross_kv(torch.randn(3, 7, 12))
+    assert all(t.is_contiguous() and t.shape == (3, 4, 7, 4) for t in cross.keys + cross.values)

@@ -2,9 +2,9 @@
 
 Every x86 PyTorch build carries two fp32 matrix-product libraries: MKL (what `F.linear` calls) and oneDNN. MKL picks
 its code path by CPU vendor; on AMD it takes a generic one. On the 2-core AMD Zen 5 our benchmarks run on, MKL
-reaches 147 GFLOP/s on a 2048^3 product, 147 GFLOP/s on the ViT-B MLP product and 15 GB/s of weight reads on a
-batch-1 decoding product, where oneDNN's `_linear_pointwise` reaches 387 GFLOP/s, 246 GFLOP/s and 32 GB/s (the
-machine's full read bandwidth), with results equal to rounding (benchmarks/vs_transformers.py prints both rates).
+reaches ~150 GFLOP/s on a 2048^3 product and on the ViT-B MLP product, and 11-15 GB/s of weight reads on a batch-1
+decoding product, where oneDNN's `_linear_pointwise` reaches 367-388 GFLOP/s, 250-380 GFLOP/s and 24-32 GB/s, with
+results equal to rounding (benchmarks/vs_transformers.py prints both libraries' rates).
 
 So `Linear` and `linear` send CPU inference (no autograd) in float32/bfloat16 to oneDNN, optionally with the GELU
 fused in. Training, GPUs and anything the check below rejects use `F.linear`, exactly as before.
