@@ -60,30 +60,32 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_rate(threads: int) -> float:
-    """The machine's fp32 matmul rate: the faster of PyTorch's two CPU libraries on a 2048^3 product (MKL, what
-    `a @ b` calls, and oneDNN, what our linears call; on AMD CPUs MKL runs a generic path)."""
+def matmul_rates() -> dict[str, float]:
+    """GFLOP/s of a 2048^3 fp32 product on each of PyTorch's CPU libraries: MKL (`F.linear`, what transformers uses)
+    and ours (`linear`: oneDNN where available; on AMD CPUs MKL runs a generic path)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    rates = [2 * 2048**3 / timed(lambda: a @ b, 5)]
-    if onednn_linear_available():
-        bt = b.t().contiguous()
-        rates.append(2 * 2048**3 / timed(lambda: linear(a, bt), 5))
-    return max(rates)
+    with torch.inference_mode():
+        return {
+            f"{name}_matmul_gflops": 2 * 2048**3 / timed(lambda fn=fn: fn(a, b), 5) / 1e9
+            for name, fn in [("mkl", torch.nn.functional.linear), ("ours", linear)]
+        }
 
 
-def library_rates() -> dict[str, float]:
-    """GFLOP/s of a 2048^3 product and GB/s of weight reads at batch 1 (3072x768 weights, 226 MB in all) for
-    `F.linear` (MKL) and for our `linear` (oneDNN where available)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_rate() -> float:
+    """The machine's fp32 matmul rate in FLOP/s: the faster of the two libraries."""
+    return max(matmul_rates().values()) * 1e9
+
+
+def gemv_rates() -> dict[str, float]:
+    """GB/s of weight reads at batch 1 (24 weights of 3072x768, 226 MB in all) for `F.linear` (MKL) and `linear`."""
     weights = [torch.randn(3072, 768) for _ in range(24)]
     x = torch.randn(1, 768)
     nbytes = sum(w.numel() * 4 for w in weights)
-    out = {}
-    for name, fn in [("mkl", torch.nn.functional.linear), ("ours", linear)]:
-        with torch.inference_mode():
-            out[f"{name}_matmul_gflops"] = 2 * 2048**3 / timed(lambda fn=fn: fn(a, b), 5) / 1e9
-            out[f"{name}_gemv_gbs"] = nbytes / timed(lambda fn=fn: [fn(x, w) for w in weights], 5) / 1e9
-    return out
+    with torch.inference_mode():
+        return {
+            f"{name}_gemv_gbs": nbytes / timed(lambda fn=fn: [fn(x, w) for w in weights], 5) / 1e9
+            for name, fn in [("mkl", torch.nn.functional.linear), ("ours", linear)]
+        }
 
 
 def vit_gemm_rate() -> float:
@@ -231,15 +233,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="blip-bench-"))
     results: dict[str, dict] = {}
+    library = {**matmul_rates(), **gemv_rates()}
     machine = {
-        "matmul_gflops": matmul_rate(args.threads) / 1e9,
+        "matmul_gflops": max(library["mkl_matmul_gflops"], library["ours_matmul_gflops"]),
         "bandwidth_gbs": memory_bandwidth() / 1e9,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": cpu_name(),
         "onednn_linears": onednn_linear_available(),
-        **library_rates(),
+        **library,
     }
     print(
         f"machine: {machine['cpu']}, fp32 matmul {machine['matmul_gflops']:.1f} GFLOP/s, read bandwidth "
@@ -319,9 +322,9 @@ def main() -> None:
 
         record("vision_b8", "vision encoder, batch 8 (pixels ready)", hf_vit, ours_vit, 1.0, agree)
         # The machine's rate drifts with load: measure it right around our own timing and compare like with like.
-        before = matmul_rate(args.threads)
+        before = matmul_rate()
         t_ours = timed(ours_vit, args.repeats)
-        after = matmul_rate(args.threads)
+        after = matmul_rate()
         peak = (before + after) / 2 / 1e9
         flops = vit_flops(ours.config.vision) * 8
         rate = flops / t_ours / 1e9

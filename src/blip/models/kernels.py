@@ -40,8 +40,8 @@ def onednn_linear_available() -> bool:
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
-            plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-            fused = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            plain = _onednn_linear(x, w, b, "none", [], "")
+            fused = _onednn_linear(x, w, b, "gelu", [], "none")
             reference = F.linear(x, w, b)
             return bool(
                 torch.allclose(plain, reference, atol=1e-5) and torch.allclose(fused, F.gelu(reference), atol=1e-5)
@@ -56,11 +56,12 @@ def _onednn_linear(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
 
 
-def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
         and x.numel() > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and onednn_linear_available()
@@ -69,9 +70,7 @@ def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """`F.linear`, then the exact (erf) GELU when `gelu`; fused on oneDNN for CPU inference."""
-    if _on_onednn(x, weight):
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+    if _on_onednn(x, weight, bias):
         attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # algorithm "none": the erf GELU, as F.gelu
         return _onednn_linear(x, weight, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
