@@ -20,6 +20,7 @@ TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, VOCAB_FILE)  # what a saved tokenizer consists of
 SPECIAL_ROLES = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -112,6 +113,44 @@ class BlipTokenizer:
                 tokenizer = Tokenizer(WordPiece.from_file(str(source), unk_token=unk, max_input_chars_per_word=100))
         except Exception as e:  # tokenizers raises bare Exceptions for malformed files
             raise ValueError(f"cannot read the tokenizer file {source}: {e}") from e
+        try:
+            return cls(tokenizer, config)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_files(cls, files: dict[str, str], source: str = "checkpoint") -> BlipTokenizer:
+        """Build from file texts held in memory (a training checkpoint's `tokenizer` entry), never touching disk.
+
+        Only the known names are read (tokenizer.json or vocab.txt, plus tokenizer_config.json); any other name is
+        refused, so a checkpoint can never choose where anything is written or read."""
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ValueError(f"{source}: the tokenizer entry must map file names to text")
+        unknown = sorted(set(files) - set(TOKENIZER_FILES))
+        if unknown:
+            shown = ", ".join(repr(n[:80]) for n in unknown[:3])
+            raise ValueError(
+                f"{source}: unexpected tokenizer file name(s) {shown}; expected only {', '.join(TOKENIZER_FILES)}"
+            )
+        config: dict = {}
+        if CONFIG_FILE in files:
+            try:
+                config = json.loads(files[CONFIG_FILE])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}: {CONFIG_FILE} is not valid JSON ({e})") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"{source}: {CONFIG_FILE} does not hold a JSON object")
+        unk = _token_text(config.get("unk_token", SPECIAL_ROLES["unk_token"]))
+        try:
+            if TOKENIZER_FILE in files:
+                tokenizer = Tokenizer.from_str(files[TOKENIZER_FILE])
+            elif VOCAB_FILE in files:
+                vocab = {token: i for i, token in enumerate(files[VOCAB_FILE].splitlines())}
+                tokenizer = Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+            else:
+                raise ValueError(f"no {TOKENIZER_FILE} or {VOCAB_FILE}")
+        except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+            raise ValueError(f"{source}: cannot read the tokenizer: {e}") from e
         try:
             return cls(tokenizer, config)
         except ValueError as e:

@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
-from blip.tokenizer import BlipTokenizer
+from blip.tokenizer import TOKENIZER_FILES, BlipTokenizer
 
 FORMAT = "blip-train-checkpoint"
 VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 class CheckpointFormatError(ValueError):
@@ -147,8 +146,6 @@ def tokenizer_to_dict(tokenizer: BlipTokenizer) -> dict[str, str]:
         return {name: (Path(tmp) / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES}
 
 
-def tokenizer_from_dict(files: dict[str, str]) -> BlipTokenizer:
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return BlipTokenizer.from_pretrained(tmp)
+def tokenizer_from_dict(files: dict[str, str], source: str = "checkpoint") -> BlipTokenizer:
+    """The tokenizer stored in a checkpoint, built in memory: its file names are a fixed set, never paths."""
+    return BlipTokenizer.from_files(files, source=source)

@@ -181,7 +181,7 @@ def load_start_model(source: str, tokenizer: str = "") -> tuple[BlipModel, BlipT
         model.load_state_dict(ckpt["model"], strict=True, assign=True)
         if model.text_decoder is not None:
             model.text_decoder.tie_weights()
-        tok = build_tokenizer(tokenizer) if tokenizer else tokenizer_from_dict(ckpt["tokenizer"])
+        tok = build_tokenizer(tokenizer) if tokenizer else tokenizer_from_dict(ckpt["tokenizer"], source=source)
         return model, tok
     import blip
 
