@@ -23,6 +23,8 @@ The steps, each done once:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -220,8 +222,6 @@ def read_config(folder: Path, kind: str | None = None) -> BlipConfig | None:
 
 
 def read_config_file(path: Path, kind: str | None = None) -> BlipConfig:
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -306,9 +306,10 @@ def load_model(
         raise CheckpointError(f"{weights_path}: unexpected checkpoint layout (missing {e}); {EXPECTED}") from e
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
-    if image_size is not None:
-        config = config.replace(vision=_replace(config.vision, image_size=image_size))
     config = _validated(inference_config(config), origin, hint)
+    if image_size is not None:
+        resized = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+        config = _validated(resized, f"image_size={image_size!r}")
 
     report = LoadReport(str(source), str(weights_path), layout, dropped)
     model = assemble(state, config, source_kind, str(weights_path), report=report, dtype=dtype)
@@ -406,8 +407,8 @@ def _owned(state: dict[str, torch.Tensor], copy: bool, dtype: torch.dtype) -> di
 
 def inference_config(config: BlipConfig) -> BlipConfig:
     """`config` without training-only settings (dropout, stochastic depth)."""
-    text = _replace(config.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return config.replace(text=text, vision=_replace(config.vision, drop_path_rate=0.0))
+    text = dataclasses.replace(config.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return config.replace(text=text, vision=dataclasses.replace(config.vision, drop_path_rate=0.0))
 
 
 def model_for_kind(model: BlipModel, kind: str) -> BlipModel:
@@ -450,12 +451,6 @@ def _skip_random_init() -> Iterator[None]:
 
 def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     return tensor
-
-
-def _replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -> None:
@@ -532,8 +527,6 @@ def _tokenizer_from(path: Path) -> BlipTokenizer:
 
 def save_model(model: BlipModel, folder: str | os.PathLike) -> None:
     """Write `config.json` + `model.safetensors` in the layout transformers' `from_pretrained` reads."""
-    import json
-
     from safetensors.torch import save_file
 
     folder = Path(folder)
