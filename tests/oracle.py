@@ -40,6 +40,7 @@ class TinySpec:
     text_heads: int = 4
     text_ffn: int = 40
     extra_vocab: int = 0  # more word pieces, to vary the vocabulary size
+    vocab: tuple[str, ...] = ()  # the whole vocabulary (specials first) instead of WORDS, e.g. the shapes one
     eos_bias: float = 4.0  # pushes [SEP] up so generations end at different lengths
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -66,8 +67,9 @@ def base_spec(kind: str, full_vocab: bool = True, **changes) -> TinySpec:
     return TinySpec(kind=kind, extra_vocab=extra, **{**BASE_SIZES, **changes})
 
 
-def write_vocab(folder: Path, extra: int = 0) -> list[str]:
-    vocab = SPECIAL + [w for w in dict.fromkeys(WORDS)] + [f"w{i}" for i in range(extra)]
+def write_vocab(folder: Path, extra: int = 0, words: tuple[str, ...] = ()) -> list[str]:
+    vocab = list(words) or SPECIAL + [w for w in dict.fromkeys(WORDS)]
+    vocab += [f"w{i}" for i in range(extra)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return vocab
 
@@ -78,7 +80,7 @@ def build_hf_checkpoint(folder: Path, spec: TinySpec) -> Path:
     from transformers import BertTokenizerFast, BlipConfig, BlipImageProcessor, BlipProcessor
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_vocab(folder, spec.extra_vocab)
+    vocab = write_vocab(folder, spec.extra_vocab, spec.vocab)
     tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)  # transformers 5: `vocab=`
     image_processor = BlipImageProcessor(size={"height": spec.image_size, "width": spec.image_size})
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -18,8 +18,8 @@ from blip.tasks import vqa as vqa_task
 from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
 from blip.tokenizer import BlipTokenizer
 from blip.transforms import ImageTransform
-from blip.weights.load import CheckpointError, LoadReport, load_model, locate, save_model
-from blip.weights.registry import DEFAULT_TOKENIZER_SOURCE, EXAMPLE_FOR_TASK
+from blip.weights.load import LoadReport, inference_copy, load_model, load_tokenizer, save_model
+from blip.weights.registry import EXAMPLE_FOR_TASK
 
 DTYPES = {
     "float32": torch.float32,
@@ -77,6 +77,16 @@ class Blip:
 
     def __repr__(self) -> str:
         return f"Blip(kind={self.config.kind!r}, tasks={sorted(self.tasks)}, source={self.source!r})"
+
+    @classmethod
+    def from_model(
+        cls, model: BlipModel, tokenizer: BlipTokenizer, *, source: str = "(trained)", batch_size: int = 16
+    ) -> Blip:
+        """Wrap a model in memory (e.g. one being trained) for inference: its own copy of the weights, in eval mode
+        and without dropout, with the default preprocessing at the model's image size."""
+        clean = inference_copy(model)
+        transform = ImageTransform(image_size=clean.config.vision.image_size)
+        return cls(clean, tokenizer, transform, source=source, batch_size=batch_size)
 
     def require(self, task: str) -> None:
         """Raise ValueError naming the checkpoint kind that has `task` (caption, vqa, itm, itc) if this one lacks it."""
@@ -196,55 +206,25 @@ def load(
     batch_size: int = 16,
 ) -> Blip:
     """Load a BLIP checkpoint: a hub id (`Salesforce/blip-image-captioning-base`), a short name
-    (`blip.list_pretrained()`), a local Hugging Face folder, or an original Salesforce `.pth` file.
+    (`blip.list_pretrained()`), a local Hugging Face folder, an original Salesforce `.pth` file, a safetensors file,
+    or a `blip train` checkpoint.pt (self-describing: its config and tokenizer are inside).
 
     `kind` picks a part of a multi-part checkpoint (e.g. `kind="caption"` from a pretrain `.pth`); `image_size`
     resizes the position embeddings; `tokenizer` names a folder or vocab file when the checkpoint has none;
-    `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes."""
+    `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes.
+    Every problem with the checkpoint raises `blip.weights.load.CheckpointError` (a ValueError) in one line."""
     torch_dtype = parse_dtype(dtype)
-    from blip.train.checkpoint import is_training_checkpoint
-
-    if config is None and is_training_checkpoint(Path(source).expanduser()):
-        return _load_training_checkpoint(source, device, torch_dtype, kind, image_size, tokenizer, batch_size)
-    model, folder, report = load_model(
-        source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config
-    )
-    blip_tokenizer = _load_tokenizer(folder, tokenizer, source)
-    transform = ImageTransform.from_pretrained(folder) if (folder / "preprocessor_config.json").exists() else None
+    loaded = load_model(source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config)
+    blip_tokenizer = load_tokenizer(loaded, tokenizer, source)
+    model = loaded.model
+    folder = loaded.folder
+    transform = None
+    if folder is not None and (folder / "preprocessor_config.json").exists():
+        transform = ImageTransform.from_pretrained(folder)
     if transform is None or transform.image_size != model.config.vision.image_size:
         base = transform or ImageTransform()
         transform = ImageTransform(image_size=model.config.vision.image_size, mean=base.mean, std=base.std)
-    return Blip(model, blip_tokenizer, transform, source=str(source), report=report, batch_size=batch_size)
-
-
-def _load_training_checkpoint(source, device, dtype, kind, image_size, tokenizer, batch_size) -> Blip:
-    """A `blip train` checkpoint.pt: self-describing (config and tokenizer inside), so nothing is inferred."""
-    from blip.train.modeling import as_blip, load_start_model, model_for_kind, with_image_size
-
-    model, blip_tokenizer = load_start_model(str(source), str(tokenizer) if tokenizer else "")
-    if kind is not None and kind != model.config.kind:
-        model = model_for_kind(model, kind)
-    blip_model = as_blip(with_image_size(model, image_size or 0), blip_tokenizer, source=str(source))
-    blip_model.model.to(device=device, dtype=dtype or torch.float32)
-    blip_model.batch_size = batch_size
-    blip_model.report = LoadReport(str(source), str(source), "blip-train-checkpoint")
-    return blip_model
-
-
-def _load_tokenizer(folder: Path, tokenizer: str | os.PathLike | None, source: str | os.PathLike) -> BlipTokenizer:
-    if tokenizer is not None:
-        path = Path(tokenizer)
-        return BlipTokenizer.from_pretrained(path if path.exists() else locate(tokenizer))
-    if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt")):
-        return BlipTokenizer.from_pretrained(folder)
-    try:
-        return BlipTokenizer.from_pretrained(locate(DEFAULT_TOKENIZER_SOURCE))
-    except Exception as e:
-        raise CheckpointError(
-            f"{source} ships no tokenizer (no tokenizer.json or vocab.txt in {folder}) and the "
-            f"default bert-base-uncased tokenizer from {DEFAULT_TOKENIZER_SOURCE} is not available: "
-            f"pass tokenizer=<folder or vocab.txt>"
-        ) from e
+    return Blip(model, blip_tokenizer, transform, source=str(source), report=loaded.report, batch_size=batch_size)
 
 
 def create_model(
@@ -254,7 +234,7 @@ def create_model(
     from blip.config import get_preset
     from blip.models.init import init_weights
 
-    cfg = get_preset(config) if isinstance(config, str) else config
+    cfg = (get_preset(config) if isinstance(config, str) else config).validate()
     torch.manual_seed(seed)
     model = BlipModel(cfg)
     init_weights(model)

@@ -8,6 +8,7 @@ config (which only states what differs) resolves to the same model here and ther
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,22 @@ KIND_TASKS: dict[str, frozenset[str]] = {
     "retrieval": frozenset({"itm", "itc"}),
     "pretrain": frozenset({"caption", "itm", "itc"}),
 }
+# Kinds whose image-grounded encoder starts from `[ENC]` (= bos + 1) for ITM, as the original code trains it.
+KINDS_WITH_ENC = frozenset({"retrieval", "pretrain"})
+
+# Upper bounds `validate` enforces: far above every published BLIP/BLIP-2 size, far below what would exhaust memory
+# before the weights are even compared with the config (e.g. the position-embedding resize allocates grid**2 * width).
+MAX_WIDTH = 16_384  # hidden sizes, cross-attention and ITC widths
+MAX_INTERMEDIATE = 65_536
+MAX_LAYERS = 256
+MAX_VOCAB = 1_048_576
+MAX_TEXT_POSITIONS = 65_536
+MAX_IMAGE_SIZE = 8_192  # pixels per side
+MAX_PATCHES = 16_384  # (image_size / patch_size) ** 2: a 128 x 128 grid
+
+
+class ConfigError(ValueError):
+    """A configuration no model can be built from; the message names the field (as config.json spells it)."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +108,68 @@ class BlipConfig:
     def replace(self, **changes: Any) -> BlipConfig:
         return dataclasses.replace(self, **changes)
 
+    def validate(self) -> BlipConfig:
+        """Raise `ConfigError` naming the first field out of range (positive sizes under sane limits, heads
+        dividing their width, patches dividing the image, special token ids inside the vocabulary); return self.
+
+        Cheap and allocation-free: loaders run it before building anything from a config they were given."""
+        v, t = self.vision, self.text
+        _check_int("vision_config.hidden_size", v.hidden_size, 1, MAX_WIDTH)
+        _check_int("vision_config.intermediate_size", v.intermediate_size, 1, MAX_INTERMEDIATE)
+        _check_int("vision_config.num_hidden_layers", v.num_hidden_layers, 1, MAX_LAYERS)
+        _check_heads("vision_config", v.num_attention_heads, v.hidden_size)
+        _check_int("vision_config.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
+        _check_int("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE)
+        if v.image_size % v.patch_size:
+            raise ConfigError(
+                f"vision_config.patch_size = {v.patch_size} does not divide vision_config.image_size = {v.image_size}"
+            )
+        if v.grid_size**2 > MAX_PATCHES:
+            raise ConfigError(
+                f"vision_config.image_size = {v.image_size} with patch_size {v.patch_size} makes {v.grid_size**2} "
+                f"patches; at most {MAX_PATCHES} are supported"
+            )
+        _check_float("vision_config.layer_norm_eps", v.layer_norm_eps, positive=True)
+        _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
+        _check_float("vision_config.drop_path_rate", v.drop_path_rate, below_one=True)
+
+        _check_int("text_config.vocab_size", t.vocab_size, 1, MAX_VOCAB)
+        _check_int("text_config.hidden_size", t.hidden_size, 1, MAX_WIDTH)
+        _check_int("text_config.encoder_hidden_size", t.encoder_hidden_size, 1, MAX_WIDTH)
+        _check_int("text_config.intermediate_size", t.intermediate_size, 1, MAX_INTERMEDIATE)
+        _check_int("text_config.num_hidden_layers", t.num_hidden_layers, 1, MAX_LAYERS)
+        _check_heads("text_config", t.num_attention_heads, t.hidden_size)
+        _check_int("text_config.max_position_embeddings", t.max_position_embeddings, 2, MAX_TEXT_POSITIONS)
+        _check_float("text_config.layer_norm_eps", t.layer_norm_eps, positive=True)
+        _check_float("text_config.hidden_dropout_prob", t.hidden_dropout_prob, below_one=True)
+        _check_float("text_config.attention_probs_dropout_prob", t.attention_probs_dropout_prob, below_one=True)
+        _check_float("text_config.label_smoothing", t.label_smoothing, below_one=True)
+        for name in ("bos_token_id", "pad_token_id", "sep_token_id"):
+            _check_token(f"text_config.{name}", getattr(t, name), t.vocab_size)
+
+        _check_int("image_text_hidden_size", self.embed_dim, 1, MAX_WIDTH)
+        if self.kind is not None and self.kind not in KIND_PARTS:
+            raise ConfigError(f"unknown model kind {self.kind!r}; expected one of {', '.join(KIND_PARTS)}")
+        if self.kind in KINDS_WITH_ENC and self.enc_token_id >= t.vocab_size:
+            raise ConfigError(
+                f"text_config.bos_token_id = {t.bos_token_id}: a {self.kind!r} model needs [ENC] = bos_token_id + 1 "
+                f"= {self.enc_token_id} inside the vocabulary of {t.vocab_size} tokens"
+            )
+        return self
+
     # --- Hugging Face config.json -----------------------------------------------------------------------------
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], kind: ModelKind | None = None) -> BlipConfig:
         """Build from a transformers `config.json` dict; missing fields take transformers' defaults."""
+        if not isinstance(data, dict):
+            raise ConfigError("the config is not a JSON object")
         if kind is None:
-            kind = kind_from_architectures(data.get("architectures") or [])
+            architectures = data.get("architectures") or []
+            kind = kind_from_architectures(architectures if isinstance(architectures, list) else [])
+        for section in ("vision_config", "text_config"):
+            if not isinstance(data.get(section) or {}, dict):
+                raise ConfigError(f"{section} is not a JSON object")
         vision = _dataclass_from(VisionConfig, data.get("vision_config") or {})
         text_data = dict(data.get("text_config") or {})
         for key in ("eos_token_id",):
@@ -105,7 +177,7 @@ class BlipConfig:
         text = _dataclass_from(TextConfig, text_data)
         # transformers ties the text side's cross-attention width to the vision width.
         text = dataclasses.replace(text, encoder_hidden_size=vision.hidden_size)
-        embed_dim = int(data.get("image_text_hidden_size", 256))
+        embed_dim = data.get("image_text_hidden_size", 256)
         return cls(vision=vision, text=text, kind=kind, embed_dim=embed_dim)  # kind None: let the weights tell
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -128,6 +200,35 @@ class BlipConfig:
         }
 
 
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} = {value!r}: must be an integer")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} = {value}: must be between {low} and {high}")
+
+
+def _check_heads(section: str, heads: Any, width: int) -> None:
+    _check_int(f"{section}.num_attention_heads", heads, 1, width)
+    if width % heads:
+        raise ConfigError(f"{section}.num_attention_heads = {heads} does not divide {section}.hidden_size = {width}")
+
+
+def _check_float(name: str, value: Any, *, positive: bool = False, below_one: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r}: must be a finite number")
+    if positive and value <= 0:
+        raise ConfigError(f"{name} = {value}: must be positive")
+    if below_one and not 0 <= value < 1:
+        raise ConfigError(f"{name} = {value}: must be in [0, 1)")
+
+
+def _check_token(name: str, value: Any, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} = {value!r}: must be an integer")
+    if not 0 <= value < vocab_size:
+        raise ConfigError(f"{name} = {value} is outside the vocabulary (text_config.vocab_size = {vocab_size})")
+
+
 def kind_from_architectures(architectures: list[str]) -> ModelKind | None:
     for kind, name in HF_ARCHITECTURES.items():
         if name in architectures:
@@ -143,7 +244,7 @@ def _dataclass_from(cls: type, data: dict[str, Any]) -> Any:
             continue
         if key in ("image_size", "patch_size") and isinstance(value, list | tuple):
             if len(set(value)) != 1:
-                raise ValueError(f"non-square {key} {value} is not supported")
+                raise ConfigError(f"non-square {key} {value} is not supported")
             value = value[0]
         values[key] = value
     return cls(**values)

@@ -203,8 +203,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[str, Any]:
     """Pretrain from scratch on `data`, then evaluate zero-shot retrieval on the test split."""
+    from blip.api import load
     from blip.train.evaluate import evaluate, write_result
-    from blip.train.modeling import load_trained
 
     pairs = _count_pairs(data)
     steps_per_epoch = max(1, pairs // cfg.pretrain.batch_size)
@@ -217,7 +217,7 @@ def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[s
         alpha_ramp_epochs=cfg.alpha_ramp_steps / steps_per_epoch,
     )
     result = _train(train_cfg)
-    blip_model = load_trained(result["checkpoint"], batch_size=64)
+    blip_model = load(result["checkpoint"], batch_size=64)
     with torch.inference_mode():
         zero_shot = evaluate(blip_model, "retrieval", str(data_dir), max_images=cfg.n_test, k_test=cfg.k_test)
     write_result(zero_shot, folder, name="eval_zero_shot_retrieval")
@@ -382,9 +382,10 @@ def pick_examples(folder: Path, data_dir: Path, n: int) -> list[dict[str, Any]]:
 
 def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
     """The same architecture untrained, and chance: a constant caption, the blind VQA answer, random retrieval."""
+    from blip.api import Blip
     from blip.evaluation import caption_scores
     from blip.train.evaluate import caption_rows, evaluate
-    from blip.train.modeling import as_blip, build_model
+    from blip.train.modeling import build_model
     from blip.train.pipeline import blind_vqa_baseline
 
     untrained: dict[str, float] = {}
@@ -392,7 +393,7 @@ def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
     for task, base in tasks:
         torch.manual_seed(cfg.seed)
         model, tokenizer = build_model(base.replace(init="", data=""))
-        blip_model = as_blip(model, tokenizer, batch_size=64)
+        blip_model = Blip.from_model(model, tokenizer, batch_size=64)
         with torch.inference_mode():
             result = evaluate(
                 blip_model,

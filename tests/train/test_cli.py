@@ -12,8 +12,8 @@ import torch
 from train_helpers import REPO
 
 import blip
-from blip.train.checkpoint import load_checkpoint
 from blip.train.cli import cli_main, eval_main
+from blip.weights.checkpoint import load_checkpoint
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

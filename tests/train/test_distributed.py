@@ -15,7 +15,7 @@ import pytest
 import torch
 from train_helpers import as_overrides, tiny_config
 
-from blip.train.checkpoint import load_checkpoint
+from blip.weights.checkpoint import load_checkpoint
 
 
 def _curve(folder) -> list[dict[str, float]]:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from train_helpers import as_overrides, tiny_config
 
-from blip.train.checkpoint import atomic_save, load_checkpoint
 from blip.train.recipe import run
+from blip.weights.checkpoint import atomic_save, load_checkpoint
 
 
 def _assert_same_state(a: dict, b: dict, what: str) -> None:

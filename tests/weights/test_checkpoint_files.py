@@ -15,7 +15,7 @@ import blip
 from blip.config import get_preset
 from blip.data.vocab import config_for, shapes_tokenizer
 from blip.models.blip import BlipModel
-from blip.train.checkpoint import FORMAT, VERSION, atomic_save, config_to_dict, tokenizer_to_dict
+from blip.weights.checkpoint import FORMAT, VERSION, atomic_save, config_to_dict, tokenizer_to_dict
 
 
 def _checkpoint(path: Path, tokenizer_files: dict[str, str]) -> Path:

@@ -13,6 +13,7 @@ import blip
 from blip.weights import convert
 from blip.weights.load import CheckpointError
 from oracle import TinySpec, hf_load, make_images
+from original_layout import original_keys, to_original
 
 CAPTION = TinySpec(kind="caption", seed=11)
 VQA = TinySpec(kind="vqa", seed=12)
@@ -35,15 +36,12 @@ def same(a: list, b: list) -> bool:
 @pytest.mark.parametrize("spec", [CAPTION, VQA, RETRIEVAL], ids=lambda s: s.kind)
 def test_salesforce_pth_loads_like_the_hf_folder(hf_checkpoints, tmp_path, spec):
     folder = hf_checkpoints(spec)
-    state = load_file(str(folder / "model.safetensors"))
-    original = convert.to_salesforce(convert.convert_hf_blip(state))
-    assert any(k.startswith("visual_encoder.blocks.0.attn.qkv") for k in original)
-    # what an original pretrain/retrieval file also carries: momentum copies, queues, temperature, position ids
+    original = to_original(load_file(str(folder / "model.safetensors")))
+    assert sorted(original) == sorted(original_keys(spec.kind, vision_layers=2, text_layers=2))
+    # what an original pretrain/retrieval file also carries: momentum copies, queues, temperature
     original["visual_encoder_m.cls_token"] = original["visual_encoder.cls_token"].clone()
     original["image_queue"] = torch.randn(8, 16)
     original["temp"] = torch.tensor(0.07)
-    if spec.kind != "caption":
-        original["text_encoder.embeddings.position_ids"] = torch.arange(64)[None]
     pth = tmp_path / "model_original.pth"
     torch.save({"model": original, "epoch": 3, "config": {"note": "original"}}, pth)
 
@@ -58,7 +56,7 @@ def test_salesforce_pth_loads_like_the_hf_folder(hf_checkpoints, tmp_path, spec)
 
 def test_split_qkv_checkpoints_are_fused(hf_checkpoints, tmp_path):
     folder = hf_checkpoints(CAPTION)
-    original = convert.to_salesforce(load_file(str(folder / "model.safetensors")))
+    original = to_original(load_file(str(folder / "model.safetensors")))
     split = {}
     for key, value in original.items():
         if ".attn.qkv." in key:
@@ -86,7 +84,7 @@ def test_split_qkv_checkpoints_are_fused(hf_checkpoints, tmp_path):
 
 def test_pth_with_other_image_size_gets_position_embeddings_resized(hf_checkpoints, tmp_path):
     folder = hf_checkpoints(CAPTION)
-    state = convert.to_salesforce(load_file(str(folder / "model.safetensors")))
+    state = to_original(load_file(str(folder / "model.safetensors")))
     pos = state["visual_encoder.pos_embed"]  # grid 4x4 at 32 px
     from blip.models.vit import resize_pos_embed
 
@@ -114,10 +112,32 @@ def test_pth_sizes_are_read_off_the_shapes(tmp_path):
     model = BlipModel(get_preset("blip_test").replace(kind="caption"))
     # heads 64 wide, as in every published checkpoint
     cfg = get_preset("blip_base_caption")
-    inferred = convert.infer_config(convert.convert_state_dict(convert.to_salesforce(model.state_dict()))[0])
+    inferred = convert.infer_config(convert.convert_state_dict(to_original(convert.to_hf(model.state_dict())))[0])
     assert inferred.kind == "caption" and inferred.vision.num_hidden_layers == 2
     assert inferred.vision.image_size == 32 and inferred.text.vocab_size == 30524
+    assert inferred.vision.num_attention_heads == 1 and inferred.text.num_attention_heads == 1
     assert cfg.text.num_attention_heads == 12
+
+
+@pytest.mark.parametrize("kind", ["caption", "vqa", "retrieval"])
+def test_every_original_base_key_converts_onto_the_model(kind):
+    """The full key list of an original base-size file (written out in original_layout.py) lands exactly on our
+    model's parameters: a wrong or missing name in the conversion table fails here."""
+    from blip.config import get_preset
+    from blip.models.blip import BlipModel
+
+    keys = original_keys(kind)
+    assert len([k for k in keys if k.startswith("visual_encoder.")]) == 150
+    if kind == "caption":
+        assert len(keys) == 150 + 324
+    if kind == "retrieval":
+        assert len(keys) == 150 + 317 + 6
+    state = {k: torch.zeros(1) for k in keys}
+    converted, dropped = convert.convert_state_dict(state)
+    assert dropped == []
+    with torch.device("meta"):
+        model = BlipModel(get_preset(f"blip_base_{kind}"))
+    assert sorted(converted) == sorted(model.state_dict())
 
 
 @pytest.mark.parametrize("spec", [CAPTION, VQA, RETRIEVAL], ids=lambda s: s.kind)

@@ -27,6 +27,7 @@ from blip.jobs.index import INDEX_KINDS, build_collection_index, index_is_curren
 from blip.jobs.runner import TASKS, ShardTask, ShardWorker, TaskOptions, TaskRunner, split_shards
 from blip.jobs.sources import InputOptions, InputPlan, plan_input
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
+from blip.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "local", "torchrun", "ray")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-_MODEL_FILES = ("config.json", "vocab.txt", "tokenizer.json", "preprocessor_config.json")
-_HASH_SPAN = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -127,30 +125,6 @@ class Job:
         return OutputDir(
             cfg.out, output_format=cfg.output_format, embed_format=cfg.embed_format if cfg.task == "embed" else None
         )
-
-
-def model_fingerprint(source: str, tokenizer: str | None = None) -> dict[str, Any]:
-    """Identifies a checkpoint by content (sizes and hashes of the start and end of its files), not by path."""
-    from blip.weights.load import locate
-
-    path = locate(source)
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name in _MODEL_FILES)
-    if tokenizer:
-        tok = Path(tokenizer).expanduser()
-        files += sorted(p for p in tok.iterdir() if p.name in _MODEL_FILES) if tok.is_dir() else [tok]
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}:".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(_HASH_SPAN))
-            if size > 2 * _HASH_SPAN:
-                f.seek(size - _HASH_SPAN)
-                digest.update(f.read(_HASH_SPAN))
-    return {"sha256": digest.hexdigest(), "files": [p.name for p in files]}
 
 
 def make_job(cfg: BatchConfig) -> Job:

@@ -292,9 +292,10 @@ def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParse
 def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") -> int:
     """`blip retrieve --index DIR "query" ... [--image q.jpg]`; returns the exit code."""
     import blip
-    from blip.jobs.batch import model_fingerprint, resolve_device
+    from blip.jobs.batch import resolve_device
     from blip.jobs.index import SearchIndexError, load_collection_index, search_images, search_texts
     from blip.transforms import ImageDecodeError
+    from blip.weights.fingerprint import model_fingerprint
     from blip.weights.load import CheckpointError
 
     parser = build_retrieve_parser(prog)

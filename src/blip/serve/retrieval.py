@@ -3,7 +3,7 @@ the served model it belongs to.
 
 An index (``<DIR>/index/`` from `blip batch embed`) holds ITC image embeddings; text and image queries must be
 embedded by the same checkpoint, or the scores mean nothing. The index records a fingerprint of that checkpoint
-(sizes and hashes of its files, see `blip.jobs.batch.model_fingerprint`), so by default the index goes with the
+(the hash of every byte of its files, see `blip.weights.fingerprint`), so by default the index goes with the
 served model whose checkpoint has that fingerprint. ``@MODEL`` names the served model instead (needed when the index
 records no fingerprint); a served model whose fingerprint differs from the recorded one is refused either way, as
 `blip retrieve --model` refuses it.
@@ -93,7 +93,7 @@ def check_index_folder(name: str, spec: IndexSpec) -> None:
 
 
 def _fingerprint(blip: Blip, tokenizer: str | None) -> str | None:
-    from blip.jobs.batch import model_fingerprint
+    from blip.weights.fingerprint import model_fingerprint
 
     try:
         return str(model_fingerprint(blip.source, tokenizer)["sha256"])

@@ -69,10 +69,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     from blip.train.data import DataError
     from blip.train.modeling import ModelInitError
     from blip.train.recipe import run
+    from blip.weights.load import CheckpointError
 
     try:
         summary = run(cfg)
-    except (DataError, ModelInitError, FileNotFoundError) as e:
+    except (DataError, ModelInitError, CheckpointError, FileNotFoundError) as e:
         print(f"blip train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     from blip.train.distributed import world_info_from_env
@@ -110,7 +111,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _default_prompt(model: str) -> str:
     """The prompt a caption checkpoint was fine-tuned with: from its training checkpoint or its run's config."""
-    from blip.train.checkpoint import is_training_checkpoint, load_checkpoint
+    from blip.weights.checkpoint import is_training_checkpoint, load_checkpoint
 
     path = Path(model)
     if is_training_checkpoint(path):
@@ -128,16 +129,16 @@ def eval_main(argv: list[str] | None = None) -> int:
     """`blip eval --model M --task caption|vqa|retrieval --data DIR`."""
     args = eval_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from blip.api import load
     from blip.train.evaluate import evaluate, write_result
-    from blip.train.modeling import ModelInitError, load_trained
     from blip.weights.load import CheckpointError
 
     kind = {"caption": None, "vqa": "vqa", "retrieval": None}[args.task]
     try:
-        blip_model = load_trained(
-            args.model, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size, kind=kind
+        blip_model = load(
+            args.model, device=args.device, tokenizer=args.tokenizer or None, batch_size=args.batch_size, kind=kind
         )
-    except (CheckpointError, ModelInitError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blip eval: error: cannot load {args.model}: {e}", file=sys.stderr)
         return EXIT_USAGE
     needs = {"caption": "caption", "vqa": "vqa", "retrieval": "itm"}[args.task]

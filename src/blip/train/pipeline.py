@@ -55,12 +55,13 @@ def blind_vqa_baseline(data: str, max_images: int = 0) -> float:
 
 def evaluate_untrained(cfg: TrainConfig, task: str) -> dict[str, float]:
     """The stage's architecture, randomly initialised, on the same test split."""
+    from blip.api import Blip
     from blip.train.evaluate import evaluate
-    from blip.train.modeling import as_blip, build_model
+    from blip.train.modeling import build_model
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg.replace(init="", task=task))
-    blip_model = as_blip(model, tokenizer)
+    blip_model = Blip.from_model(model, tokenizer)
     return evaluate(
         blip_model,
         task,

@@ -2,7 +2,7 @@
 
 run(cfg)  ->  out_dir/
     config.json           the resolved TrainConfig
-    checkpoint.pt         self-describing, resumable (see blip.train.checkpoint)
+    checkpoint.pt         self-describing, resumable (see blip.weights.checkpoint)
     metrics.jsonl         rank-averaged losses every log_every steps
     loss.png              training curves
     model/                the trained caption / vqa / retrieval model as a Hugging Face folder
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from blip.api import Blip
 from blip.config import HF_ARCHITECTURES
 from blip.tokenizer import BlipTokenizer
 from blip.train import distributed as D
-from blip.train.checkpoint import config_to_dict, seed_everything, tokenizer_to_dict
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
 from blip.train.config import TrainConfig
 from blip.train.data import (
@@ -40,9 +40,11 @@ from blip.train.data import (
     resolve_sources,
 )
 from blip.train.loop import LoopSettings, Trainer, total_steps
-from blip.train.modeling import as_blip, build_model, save_hf
+from blip.train.modeling import build_model
 from blip.train.optim import LRSchedule, build_optimizer
+from blip.train.rng import seed_everything
 from blip.train.tasks import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask
+from blip.weights.checkpoint import config_to_dict, tokenizer_to_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -326,9 +328,9 @@ def _finish(cfg: TrainConfig, model, tokenizer: BlipTokenizer, out: Path) -> dic
     from blip.train.plots import plot_training_curves
 
     plot_training_curves(out / "metrics.jsonl", out / "loss.png")
-    blip_model = as_blip(model, tokenizer, source=str(out / "checkpoint.pt"))
+    blip_model = Blip.from_model(model, tokenizer, source=str(out / "checkpoint.pt"))
     if cfg.save_hf and model.config.kind in HF_ARCHITECTURES:
-        save_hf(blip_model, out / "model")
+        blip_model.save(out / "model")
         _logger.info("saved the trained %s model (Hugging Face layout) in %s", model.config.kind, out / "model")
     if not cfg.eval_data:
         return {}

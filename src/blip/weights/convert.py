@@ -148,8 +148,15 @@ def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if k not in (DECODER_WEIGHT, DECODER_BIAS)}
 
 
+CONFIG_HINT = "pass the model's config.json with --config (Python: config=)"
+HEAD_WIDTH = 64  # every published BLIP checkpoint: ViT-B 12 x 64, ViT-L 16 x 64, BERT-base 12 x 64
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], kind: str | None = None) -> BlipConfig:
-    """A config for a converted state dict that came without one (original `.pth` files): shapes tell the sizes."""
+    """A config for a converted state dict that came without one (original `.pth` files): shapes tell the sizes.
+
+    The number of attention heads is not in any shape: heads are taken to be 64 wide, as in every published
+    checkpoint; a width that is not a multiple of 64 cannot be such a checkpoint, and is refused (ValueError)."""
     sd = state_dict
     if "vision_model.embeddings.class_embedding" not in sd:
         raise ValueError("no vision encoder in this checkpoint (expected 'visual_encoder.*' or 'vision_model.*' keys)")
@@ -160,7 +167,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], kind: str | None = None) -
         hidden_size=width,
         intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=_count_layers(sd, "vision_model.encoder.layers."),
-        num_attention_heads=max(1, width // 64),
+        num_attention_heads=max(1, width // HEAD_WIDTH),
         image_size=grid * patch,
         patch_size=patch,
     )
@@ -174,9 +181,15 @@ def infer_config(state_dict: dict[str, torch.Tensor], kind: str | None = None) -
         encoder_hidden_size=width,
         intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
         num_hidden_layers=_count_layers(sd, prefix + "encoder.layer."),
-        num_attention_heads=max(1, hidden // 64),
+        num_attention_heads=max(1, hidden // HEAD_WIDTH),
         max_position_embeddings=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
     )
+    for part, size in (("vision", width), ("text", hidden)):
+        if size % HEAD_WIDTH:
+            raise ValueError(
+                f"cannot infer the attention heads: the {part} width {size} is not a multiple of {HEAD_WIDTH} (the "
+                f"head width of published BLIP checkpoints); {CONFIG_HINT}"
+            )
     embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
     return BlipConfig(vision=vision, text=text, kind=kind, embed_dim=embed_dim)
 

@@ -1,18 +1,33 @@
-"""One load pipeline: locate -> read -> convert -> resize position embeddings -> strict load -> report.
+"""THE load path: locate -> read -> convert -> config (validated) -> choose parts -> resize -> build -> strict load.
 
-Sources: a local Hugging Face folder (config.json + safetensors or pytorch_model.bin), a hub id (via
-huggingface_hub, cached; offline use when cached), a single weights file (original Salesforce `.pth`, or an HF
-state dict), or a short registry name (`caption-base`). Loading is strict: every parameter must be present with
-the right shape, and anything left over is an error naming the keys, except the original files' training-only
-state, which is dropped and reported.
+Every way into a model goes through here: `blip.load` of a hub id, a short name (`caption-base`), a local Hugging Face
+folder (config.json + safetensors or pytorch_model.bin), a single weights file (original Salesforce `.pth`, an HF
+state dict, safetensors), or one of our training checkpoints (`checkpoint.pt`, self-describing: config and tokenizer
+inside); training's `init=`, CapFilt and the batch jobs call `blip.load`, and `model_for_kind` / `inference_copy`
+run the same steps on a model in memory.
+
+The steps, each done once:
+- locate: a path that exists, or looks like one, is a path; otherwise a hub id fetched through the local cache.
+- read: safetensors, a sharded index (shards must lie inside the folder), or a torch file with `weights_only=True`.
+- convert: the original layout's names onto ours (`blip.weights.convert`); training-only state is dropped.
+- config: given (`config=`), the checkpoint's own (config.json, a training checkpoint's `model_config`) or inferred
+  from tensor shapes (original `.pth`; 64-wide heads, refused when the widths say otherwise), then validated
+  (`BlipConfig.validate`) before anything is allocated from it.
+- choose parts: the kind asked for (`kind=`) keeps the parts it has (a captioner from a pretrain file drops the
+  encoder and heads); a part it needs and the checkpoint lacks is an error.
+- resize: the position embeddings, bicubically, when the image size differs.
+- build on the meta device without random init, strict `load_state_dict(assign=True)`, tie the LM head, dtype and
+  device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +36,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip.config import BlipConfig
+from blip.config import KIND_PARTS, BlipConfig, ConfigError
 from blip.models.blip import BlipModel
 from blip.models.vit import resize_pos_embed
-from blip.weights import convert
-from blip.weights.registry import HUB_FILES, resolve_name
+from blip.tokenizer import BlipTokenizer
+from blip.weights import checkpoint, convert
+from blip.weights.errors import CheckpointError
+from blip.weights.read import EXPECTED, index_shards, read_safetensors, read_torch_file
+from blip.weights.registry import DEFAULT_TOKENIZER_SOURCE, HUB_FILES, resolve_name
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "Loaded",
+    "inference_config",
+    "inference_copy",
+    "load_model",
+    "load_strict",
+    "load_tokenizer",
+    "locate",
+    "model_for_kind",
+    "read_state_dict",
+    "save_model",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,30 +69,68 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, read, or matched to the model; the message names the file or keys."""
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".txt")
+# A hub id: `owner/name` (or a legacy bare `name`); anything else that does not exist is a missing path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Which state-dict prefixes each part of a model owns (`KIND_PARTS`).
+PART_PREFIXES = {
+    "text_encoder": ("text_encoder.",),
+    "text_decoder": ("text_decoder.",),
+    "heads": ("vision_proj.", "text_proj.", "itm_head."),
+}
+# The VQA answer decoder cross-attends to question states (text width); made from another kind's decoder, which
+# cross-attends to image tokens, these start fresh when the widths differ.
+VQA_CROSS_KV = re.compile(
+    r"^text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\.(key|value)\.(weight|bias)$"
+)
+LOCATE_HINT = (
+    "pass a local folder (a saved model: `blip convert`, `blip train` and `blip demo --smoke` make one), a hub id "
+    "that is in the Hugging Face cache (HF_HOME; HF_HUB_OFFLINE=1 uses only the cache), or reach the hub"
+)
 
 
 @dataclass
 class LoadReport:
     source: str
     weights_file: str
-    layout: str  # "hf" or "salesforce"
+    layout: str  # "hf", "salesforce" or "blip-train-checkpoint"
     dropped_keys: list[str] = field(default_factory=list)
     resized_position_embedding: tuple[int, int] | None = None  # (old patches, new patches)
+    fresh_keys: list[str] = field(default_factory=list)  # initialised randomly: a kind change could not fill them
+
+
+@dataclass
+class Loaded:
+    """What `load_model` found: the model, and where its tokenizer and preprocessing come from."""
+
+    model: BlipModel
+    report: LoadReport
+    folder: Path | None  # where tokenizer / preprocessor files may lie beside the weights (None: not looked for)
+    tokenizer_files: dict[str, str] | None = None  # a training checkpoint's own tokenizer, by fixed file names
+
+
+# --- locate ----------------------------------------------------------------------------------------------------------
 
 
 def locate(source: str | os.PathLike) -> Path:
-    """A local folder or file for `source`, downloading hub checkpoints into the local cache first."""
+    """A local folder or file for `source`, downloading hub checkpoints into the local cache first.
+
+    Paths that look like paths are paths (they start with `.`, `/` or `~`, have more than one `/`, name a file
+    suffix, or their first component exists here): a missing one is "checkpoint not found", never a hub lookup."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.endswith((".pth", ".pt", ".bin", ".safetensors")):
+    if _looks_like_path(text):
         raise CheckpointError(f"checkpoint not found: {path} does not exist")
     return _download(resolve_name(text))
+
+
+def _looks_like_path(text: str) -> bool:
+    if text.startswith((".", "/", "~")) or "\\" in text or text.endswith(FILE_SUFFIXES):
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().exists()) or not HUB_ID.match(text)
 
 
 def _download(repo_id: str) -> Path:
@@ -68,7 +139,7 @@ def _download(repo_id: str) -> Path:
     except ImportError as e:  # pragma: no cover - a core dependency
         raise CheckpointError(f"loading {repo_id!r} from the hub needs huggingface_hub") from e
     patterns = [p for p in HUB_FILES if not p.startswith("pytorch_model")]
-    errors = []
+    errors: list[BaseException] = []
     for local_only in (False, True):
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
@@ -77,12 +148,30 @@ def _download(repo_id: str) -> Path:
                     snapshot_download(repo_id, allow_patterns=["pytorch_model.bin*"], local_files_only=local_only)
                 )
             return folder
-        except Exception as e:  # network errors, missing repos, offline mode: try the cache, then report both
-            errors.append(f"{type(e).__name__}: {e}")
-    raise CheckpointError(
-        f"cannot load {repo_id!r}: not a local path, and the hub could not provide it "
-        f"(nor the local cache). Details: {' | '.join(errors)}"
-    )
+        except Exception as e:  # network errors, missing repos, offline mode: try the cache, then report
+            _logger.debug("hub lookup of %s (local_files_only=%s) failed: %r", repo_id, local_only, e)
+            errors.append(e)
+    raise CheckpointError(f"cannot load {repo_id!r}: {_hub_reason(repo_id, errors[0])}; {LOCATE_HINT}")
+
+
+def _hub_reason(repo_id: str, error: BaseException) -> str:
+    """What went wrong with the hub, in words (huggingface_hub's messages name its own internals)."""
+    from huggingface_hub import constants
+
+    name = type(error).__name__
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE or name in ("OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+        offline = (
+            "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub is not reachable"
+        )
+        return f"it is not a local path, {offline} and the Hugging Face cache ({cache}) does not hold it"
+    if name == "GatedRepoError":
+        return f"the hub repository {repo_id} is gated: log in with an account that has access (`hf auth login`)"
+    if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError"):
+        return f"it is not a local path, and the Hugging Face hub has no repository {repo_id} (or it is private)"
+    if name == "HFValidationError":
+        return "it is not a local path, nor a valid hub id (owner/name)"
+    return f"it is not a local path, the hub could not provide it ({name}) and the cache ({cache}) does not hold it"
 
 
 def _weights_file(folder: Path) -> Path:
@@ -95,42 +184,74 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
+# --- read ------------------------------------------------------------------------------------------------------------
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read safetensors, a sharded index, or a torch pickle (weights_only) into a flat state dict."""
-    try:
-        if path.name.endswith(".index.json"):
-            index = json.loads(path.read_text())
-            shards = sorted(set(index["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(path.parent / shard))
-            return state
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    contents = _read_weights(path)
+    if checkpoint.is_checkpoint_dict(contents):
+        return checkpoint.model_entries(checkpoint.check_version(contents, path), str(path))[0]
+    return contents
 
-            return load_file(str(path))
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) pickles cannot mmap
-        return convert.unwrap_state_dict(obj)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor] | dict:
+    """A flat state dict, or a training checkpoint's whole dict (recognised by its `format` entry)."""
+    if path.name.endswith(".index.json"):
+        state: dict[str, torch.Tensor] = {}
+        for shard in index_shards(path):
+            state.update(read_state_dict(shard))
+        return state
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    contents = read_torch_file(path, mmap=True)
+    if checkpoint.is_checkpoint_dict(contents):
+        return contents
+    try:
+        return convert.unwrap_state_dict(contents)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is a PyTorch file but not a model: {e}; {EXPECTED}") from e
 
 
 def read_config(folder: Path, kind: str | None = None) -> BlipConfig | None:
+    """`folder/config.json` as a BlipConfig (validated), or None when there is none."""
     path = folder / "config.json"
     if not path.exists():
         return None
+    return read_config_file(path, kind)
+
+
+def read_config_file(path: Path, kind: str | None = None) -> BlipConfig:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-    if data.get("model_type") not in (None, "blip"):
+    if isinstance(data, dict) and data.get("model_type") not in (None, "blip"):
         raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not a BLIP model")
-    return BlipConfig.from_hf_dict(data, kind=kind)  # type: ignore[arg-type]
+    try:
+        return BlipConfig.from_hf_dict(data, kind=kind).validate()  # type: ignore[arg-type]
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _given_config(config: BlipConfig | str | os.PathLike, kind: str | None) -> tuple[BlipConfig, str]:
+    if isinstance(config, BlipConfig):
+        return _validated(config.replace(kind=kind) if kind else config, "config"), "config"
+    path = Path(config).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no config.json at {path}")
+    return read_config_file(file, kind), str(file)
+
+
+def _validated(config: BlipConfig, origin: str, hint: str = "") -> BlipConfig:
+    try:
+        return config.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{origin}: {e}{hint}") from e
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------------------
 
 
 def load_model(
@@ -141,50 +262,171 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     config: BlipConfig | str | os.PathLike | None = None,
-) -> tuple[BlipModel, Path, LoadReport]:
-    """Build the model a checkpoint describes and load it strictly. Returns (model, folder, report).
+) -> Loaded:
+    """Build the model a checkpoint describes and load it strictly (eval mode, inference config: no dropout).
 
-    `config` (a BlipConfig or an HF config.json) overrides the checkpoint's own or, for an original `.pth` that
-    has none, replaces what is inferred from tensor shapes (which assumes 64-wide attention heads)."""
+    `kind` takes a part out of a bigger checkpoint (a captioner from a pretrain file); `image_size` resizes the
+    position embeddings; `config` (a BlipConfig or an HF config.json) overrides the checkpoint's own or, for an
+    original `.pth` that has none, replaces what is inferred from tensor shapes (which assumes 64-wide heads)."""
+    if kind is not None and kind not in KIND_PARTS:
+        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {', '.join(KIND_PARTS)}")
     path = locate(source)
-    folder = path if path.is_dir() else path.parent
     weights_path = _weights_file(path) if path.is_dir() else path
-    if config is not None and not isinstance(config, BlipConfig):
-        config_path = Path(config)
-        config = read_config(config_path if config_path.is_dir() else config_path.parent, kind)
-        if config is None:
-            raise CheckpointError(f"no config.json at {config_path}")
-    elif config is None and (path.is_dir() or path.suffix == ".safetensors"):
-        config = read_config(folder, kind)
+    folder: Path | None = path if path.is_dir() else path.parent
+    origin = str(weights_path)
+    if config is not None:
+        config, origin = _given_config(config, kind)
+    elif path.is_dir() or path.suffix == ".safetensors":
+        config = read_config(path if path.is_dir() else path.parent, kind)
+        origin = str((path if path.is_dir() else path.parent) / "config.json") if config else origin
 
-    raw = read_state_dict(weights_path)
-    layout = "salesforce" if convert.is_salesforce_layout(raw) else "hf"
+    contents = _read_weights(weights_path)
+    tokenizer_files = None
+    if checkpoint.is_checkpoint_dict(contents):
+        raw, stored, tokenizer_files = checkpoint.model_entries(
+            checkpoint.check_version(contents, weights_path), origin
+        )
+        layout, folder = checkpoint.FORMAT, None  # self-describing: nothing is looked for beside it
+        if config is None:
+            config = stored.replace(kind=kind) if kind else stored
+    else:
+        raw = contents
+        layout = "salesforce" if convert.is_salesforce_layout(raw) else "hf"
+
+    hint = ""
     try:
         state, dropped = convert.convert_state_dict(raw)
+        source_kind = convert.infer_kind(state)
         if config is None:
             config = convert.infer_config(state, kind)
+            hint = f" (a config inferred from the tensor shapes; {convert.CONFIG_HINT})"
         elif config.kind is None:  # a config.json without `architectures`: the weights tell the kind
-            config = config.replace(kind=convert.infer_kind(state))
+            config = config.replace(kind=source_kind)
     except (KeyError, IndexError) as e:
-        raise CheckpointError(f"{weights_path}: unexpected checkpoint layout (missing {e})") from e
-    state, dropped = _drop_unused_parts(state, config, dropped)
+        raise CheckpointError(f"{weights_path}: unexpected checkpoint layout (missing {e}); {EXPECTED}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from e
+    config = _validated(inference_config(config), origin, hint)
+    if image_size is not None:
+        resized = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+        config = _validated(resized, f"image_size={image_size!r}")
 
     report = LoadReport(str(source), str(weights_path), layout, dropped)
-    if image_size is not None and image_size != config.vision.image_size:
-        config = config.replace(vision=_with_image_size(config, image_size))
+    model = assemble(state, config, source_kind, str(weights_path), report=report, dtype=dtype)
+    model.eval().to(device)
+    return Loaded(model, report, folder, tokenizer_files)
+
+
+def assemble(
+    state: dict[str, torch.Tensor],
+    config: BlipConfig,
+    source_kind: str,
+    name: str,
+    *,
+    report: LoadReport | None = None,
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
+) -> BlipModel:
+    """Choose parts -> resize -> build on meta -> strict load -> tie: the model `config` describes, from a converted
+    state dict of a `source_kind` model. `copy` clones the tensors (else the model takes them over)."""
+    report = report or LoadReport(name, name, "state-dict")
+    state = dict(state)
+    state, dropped = _choose_parts(state, config.kind, source_kind, name)
+    report.dropped_keys += dropped
     if POS_EMBED in state and state[POS_EMBED].shape[1] != config.vision.num_positions:
         old = state[POS_EMBED].shape[1] - 1
         state[POS_EMBED] = resize_pos_embed(state[POS_EMBED], config.vision.grid_size)
         report.resized_position_embedding = (old, config.vision.num_positions - 1)
         _logger.info("resized position embedding from %d to %d patches", old, config.vision.num_positions - 1)
-
-    target = dtype or torch.float32
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"), _skip_random_init():
         model = BlipModel(config)
-    load_strict(model, state, str(weights_path))
-    model.eval().to(device)
-    return model, folder, report
+    expected = model.state_dict()
+    if config.kind == "vqa" and source_kind != "vqa":
+        report.fresh_keys += _fresh_cross_kv(state, expected, config.kind)
+    target = dtype or torch.float32
+    state = _owned(state, copy, target)
+    load_strict(model, state, name)
+    return model
+
+
+def _choose_parts(
+    state: dict[str, torch.Tensor], kind: str, source_kind: str, name: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep what a `kind` model has; a part it needs that the checkpoint lacks entirely is an error naming both."""
+    parts = KIND_PARTS[kind]
+    unused = tuple(p for part, prefixes in PART_PREFIXES.items() if part not in parts for p in prefixes)
+    lacking = [part for part in parts if not any(k.startswith(PART_PREFIXES[part]) for k in state)]
+    if lacking:
+        raise CheckpointError(
+            f"a {kind!r} model cannot be made from a {source_kind!r} model ({name}): it has no "
+            f"{' and no '.join(p.replace('_', ' ') for p in lacking)}"
+        )
+    if not unused:
+        return state, []
+    kept = {k: v for k, v in state.items() if not k.startswith(unused)}
+    return kept, sorted(set(state) - set(kept))
+
+
+def _fresh_cross_kv(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], kind: str) -> list[str]:
+    """A VQA answer decoder made from another kind's decoder: cross-attention keys/values whose width differs (they
+    read question states, not image tokens) start from the training init (truncated normal 0.02, zero bias)."""
+    fresh = []
+    for key, value in expected.items():
+        if VQA_CROSS_KV.match(key) and key in state and state[key].shape != value.shape:
+            tensor = torch.zeros(value.shape, dtype=torch.float32)
+            if key.endswith("weight"):
+                nn.init.trunc_normal_(tensor, std=0.02)
+            state[key] = tensor
+            fresh.append(key)
+    if fresh:
+        _logger.warning("%s: %d parameters start fresh (shape differs), e.g. %s", kind, len(fresh), fresh[0])
+    return fresh
+
+
+def _owned(state: dict[str, torch.Tensor], copy: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors in `dtype`, no two keys sharing storage (a pretrain file with shared text layers stores one tensor
+    under an encoder and a decoder name; the model must not alias them). The tied LM head is re-tied after loading."""
+    tied = convert.DECODER_WEIGHT in state and convert.DECODER_EMBEDDINGS in state
+    out, seen = {}, set()
+    for key, value in state.items():
+        if tied and key == convert.DECODER_WEIGHT:
+            continue
+        value = value.detach()
+        if value.is_floating_point():
+            value = value.to(dtype)
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
+        if copy or (ptr is not None and ptr in seen):
+            value = value.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = value
+    if tied:
+        out[convert.DECODER_WEIGHT] = out[convert.DECODER_EMBEDDINGS]
+    return out
+
+
+def inference_config(config: BlipConfig) -> BlipConfig:
+    """`config` without training-only settings (dropout, stochastic depth)."""
+    text = dataclasses.replace(config.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return config.replace(text=text, vision=dataclasses.replace(config.vision, drop_path_rate=0.0))
+
+
+def model_for_kind(model: BlipModel, kind: str) -> BlipModel:
+    """A new `kind` model holding `model`'s matching parts (a copy; `model` is left as it is), e.g. the caption /
+    VQA / retrieval model inside a pretrained one: the same part choice as `blip.load(..., kind=kind)`."""
+    config = model.config.replace(kind=kind)
+    device = next(model.parameters()).device
+    return assemble(model.state_dict(), config, model.config.kind, "model in memory", copy=True).to(device)
+
+
+def inference_copy(model: BlipModel) -> BlipModel:
+    """`model`'s weights in a model of its inference config (no dropout), in eval mode: its own copy."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    config = inference_config(model.config)
+    state = model.state_dict()
+    copy = assemble(state, config, model.config.kind, "model", dtype=dtype, copy=True)
+    return copy.to(device).eval()
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "zeros_", "ones_", "constant_")
@@ -211,37 +453,9 @@ def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor
     return tensor
 
 
-def _with_image_size(config: BlipConfig, image_size: int):
-    import dataclasses
-
-    if image_size < config.vision.patch_size:
-        raise ValueError(f"image_size {image_size} is smaller than the patch size {config.vision.patch_size}")
-    return dataclasses.replace(config.vision, image_size=image_size)
-
-
-def _drop_unused_parts(
-    state: dict[str, torch.Tensor], config: BlipConfig, dropped: list[str]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """When the caller asked for a smaller kind (e.g. a captioner from a pretrain file), drop the other parts."""
-    from blip.config import KIND_PARTS
-
-    parts = KIND_PARTS[config.kind]
-    unused = []
-    if "text_encoder" not in parts:
-        unused.append("text_encoder.")
-    if "text_decoder" not in parts:
-        unused.append("text_decoder.")
-    if "heads" not in parts:
-        unused += ["vision_proj.", "text_proj.", "itm_head."]
-    if not unused:
-        return state, dropped
-    kept = {k: v for k, v in state.items() if not k.startswith(tuple(unused))}
-    return kept, dropped + sorted(set(state) - set(kept))
-
-
 def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True, assign=True)` with an error that names every missing, unexpected or
-    mis-shaped key."""
+    """`load_state_dict(strict=True, assign=True)` with a one-line error that names the missing, unexpected or
+    mis-shaped keys; then the LM head is tied to the word embeddings."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -251,15 +465,64 @@ def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -
         if state[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not match a {model.config.kind!r} BLIP model:"]
+        problems = []
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+                problems.append(f"{title}: {shown}")
+        raise CheckpointError(
+            f"checkpoint {source} does not match a {model.config.kind!r} BLIP model: {'; '.join(problems)}"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     if model.text_decoder is not None:
         model.text_decoder.tie_weights()
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(
+    loaded: Loaded, tokenizer: str | os.PathLike | None = None, source: str | os.PathLike = ""
+) -> BlipTokenizer:
+    """The tokenizer for a loaded model: `tokenizer` when given (a folder, a vocab file or a hub id), else the one
+    in the checkpoint, beside the weights, or bert-base-uncased (what original `.pth` files were trained with).
+    One whose ids do not fit the model's vocabulary is refused."""
+    source = source or loaded.report.source
+    if tokenizer is not None:
+        path = Path(tokenizer).expanduser()
+        result = _tokenizer_from(path if path.exists() else locate(tokenizer))
+    elif loaded.tokenizer_files is not None:
+        result = checkpoint.tokenizer_from_dict(loaded.tokenizer_files, source=str(source))
+    elif loaded.folder is not None and any((loaded.folder / n).exists() for n in ("tokenizer.json", "vocab.txt")):
+        result = _tokenizer_from(loaded.folder)
+    else:
+        try:
+            result = BlipTokenizer.from_pretrained(locate(DEFAULT_TOKENIZER_SOURCE))
+        except Exception as e:
+            raise CheckpointError(
+                f"{source} ships no tokenizer (no tokenizer.json or vocab.txt in {loaded.folder}) and the "
+                f"default bert-base-uncased tokenizer from {DEFAULT_TOKENIZER_SOURCE} is not available: "
+                f"pass tokenizer=<folder or vocab.txt> (--tokenizer)"
+            ) from e
+    vocab = loaded.model.config.text.vocab_size
+    if result.vocab_size > vocab:
+        raise CheckpointError(
+            f"the tokenizer has {result.vocab_size} tokens but the model {source} has a vocabulary of {vocab}: "
+            f"pass the tokenizer it was trained with (tokenizer=, --tokenizer)"
+        )
+    return result
+
+
+def _tokenizer_from(path: Path) -> BlipTokenizer:
+    try:
+        return BlipTokenizer.from_pretrained(path)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+# --- save ------------------------------------------------------------------------------------------------------------
 
 
 def save_model(model: BlipModel, folder: str | os.PathLike) -> None:
