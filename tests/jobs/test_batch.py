@@ -238,7 +238,7 @@ def test_output_inside_input_is_not_read_back(caption_model, image_folder, capsy
 
 def test_inference_failure_fails_only_that_row(caption_model, image_folder, tmp_path, monkeypatch):
     """An image that decodes but breaks the model (here: a patched task function) fails its row, not the job."""
-    import blip.jobs.runner as runner
+    import blip.tasks.batch as runner  # the jobs' rows reach the task functions through its dispatch
 
     folder, good, bad = image_folder
     poisoned = folder / good[4]
