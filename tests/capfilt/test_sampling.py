@@ -41,4 +41,4 @@ def test_each_image_samples_from_its_own_generator(models):
 def test_one_generator_per_image_is_required(models):
     captioner, _ = models
     with pytest.raises(ValueError, match="2 generators for 3 images"):
-        caption_images(captioner, make_images(3), generation=SAMPLING, generators=_generators([1, 2]))
+        caption_images(captioner, make_images(3), prompt=None, generation=SAMPLING, generators=_generators([1, 2]))

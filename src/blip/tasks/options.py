@@ -112,7 +112,11 @@ def _coerce(name: str, spec: Spec, value: Any) -> Any:
             try:
                 out = int(value.strip())
             except ValueError:
-                out = None
+                try:  # "2.0" is 2, as the number 2.0 is; "2.5" is refused as the number 2.5 is
+                    value = float(value.strip())
+                    out = int(value) if math.isfinite(value) and value.is_integer() else None
+                except ValueError:
+                    out = None
         if out is None:
             raise OptionError(name, f"must be an integer, got {value!r}")
         value = out
@@ -348,7 +352,7 @@ class CaptionOptions(TaskOptionsBase):
 
 
 def read_text_list(spec: str) -> tuple[str, ...]:
-    """A command line's list: a JSON list, a file holding one (or one item per line), or one item per line."""
+    """A command line's list: a JSON list, a file holding one, or one item per line (of the file or the text)."""
     path = Path(spec).expanduser()
     try:
         text = path.read_text(encoding="utf-8") if path.is_file() else spec
@@ -357,9 +361,9 @@ def read_text_list(spec: str) -> tuple[str, ...]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list):
         items = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(items, list) or not items:
-        raise OptionError("answers", f"expected a JSON list or a file with one answer per line, got {spec!r}")
     return tuple(items)
 
 
