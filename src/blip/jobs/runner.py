@@ -92,6 +92,8 @@ class RowRunner:
         # Sampling with a seed: each row samples from its own generator, seeded by (seed, row id), so a row's
         # captions do not depend on the batch it lands in, and a resumed job samples what the first run would have.
         self.seed = getattr(self.options, "seed", None) if getattr(self.options, "do_sample", False) else None
+        if getattr(self.options, "do_sample", False) and self.seed is None:
+            _logger.warning("sampling without a seed: rows are not reproducible (a resumed job samples anew)")
         self._failed_batches = 0
 
     @property

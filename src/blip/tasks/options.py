@@ -180,11 +180,11 @@ class TaskOptionsBase:
 
     @classmethod
     def specs(cls) -> dict[str, Spec]:
-        return {f.name: f.metadata["option"] for f in dataclasses.fields(cls) if "option" in f.metadata}
+        return dict(_fields(cls)[0])
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls) if "option" in f.metadata}
+        return dict(_fields(cls)[1])
 
     @classmethod
     def coerce(cls, name: str, value: Any) -> Any:
@@ -212,6 +212,13 @@ class TaskOptionsBase:
 
     def check_model(self, blip: Blip) -> None:
         """Limits that depend on the model (raises OptionError); cheap, so every face calls it before any work."""
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Spec], dict[str, Any]]:
+    """(spec, default) of each option field of `cls`, in order (read once per class)."""
+    options = [f for f in dataclasses.fields(cls) if "option" in f.metadata]
+    return {f.name: f.metadata["option"] for f in options}, {f.name: f.default for f in options}
 
 
 def _plain(value: Any) -> Any:
@@ -447,9 +454,9 @@ def takes_options(cls: type[TaskOptionsBase]) -> Callable[[Callable[..., Any]], 
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)  # TypeError for an unknown or missing argument, as Python says
+            bound.apply_defaults()
             values = bound.arguments
-            options = cls.from_mapping(values)
-            return method(*(values[n] for n in own_names if n in values), options=options)
+            return method(**{n: values[n] for n in own_names}, options=cls.from_mapping(values))
 
         call.__signature__ = signature  # type: ignore[attr-defined]
         return call
