@@ -11,11 +11,11 @@ import torch
 
 from blip.config import BlipConfig
 from blip.models.blip import BlipModel
-from blip.models.generation import GenerationConfig
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
 from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
+from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer
 from blip.transforms import ImageTransform
 from blip.weights.load import LoadReport, inference_copy, load_model, load_tokenizer, save_model
@@ -98,62 +98,30 @@ class Blip:
 
     # --- tasks -------------------------------------------------------------------------------------------------
 
-    def caption(
-        self,
-        images: ImageInput | list[ImageInput],
-        prompt: str | None = None,
-        num_beams: int = 1,
-        max_new_tokens: int = 20,
-        min_new_tokens: int = 0,
-        do_sample: bool = False,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1.0,
-        num_captions: int = 1,
-        seed: int | None = None,
-    ) -> list[Any]:
-        """Captions, one per image (a list of `num_captions` per image when `num_captions > 1`)."""
+    @takes_options(CaptionOptions)
+    def caption(self, images: ImageInput | list[ImageInput], *, options: CaptionOptions) -> list[Any]:
+        """Captions, one per image (a list of `num_captions` per image when `num_captions > 1`). The options and
+        their defaults are `blip.tasks.options.CaptionOptions`'s (prompt, num_beams, max_new_tokens, ...)."""
         self.require("caption")
-        generation = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=num_beams,
-            do_sample=do_sample,
-            top_p=top_p,
-            top_k=top_k,
-            temperature=temperature,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            num_return_sequences=num_captions,
-            seed=seed,
-        )
-        generation.validate()
+        options.check_model(self)
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
-        per_image = caption_task.caption_images(self, decoded, prompt=prompt, generation=generation)
+        per_image = caption_task.caption_images(self, decoded, prompt=options.prompt, generation=options.generation())
         results = [per_image[i] for i in index]
-        return [r[0] for r in results] if num_captions == 1 else results
+        return [r[0] for r in results] if options.num_captions == 1 else results
 
+    @takes_options(VqaOptions)
     def answer(
-        self,
-        images: ImageInput | list[ImageInput],
-        questions: str | list[str],
-        answers: list[str] | None = None,
-        num_beams: int = 1,
-        max_new_tokens: int = 10,
-        min_new_tokens: int = 0,
+        self, images: ImageInput | list[ImageInput], questions: str | list[str], *, options: VqaOptions
     ) -> list[Answer]:
         """One answer per question. One image with several questions encodes the image once. With `answers`,
-        ranks that answer list instead of generating."""
+        ranks that answer list instead of generating. Options: `blip.tasks.options.VqaOptions`."""
         self.require("vqa")
+        options.check_model(self)
         image_list, question_list = pair_up(images, questions, "question")
-        if answers is not None and (not answers or not all(isinstance(a, str) and a.strip() for a in answers)):
-            raise ValueError("answers must be a non-empty list of non-empty strings")
-        generation = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams)
-        generation.validate()
         decoded, index = unique_images(image_list)
+        answers = list(options.answers) if options.answers is not None else None
+        generation = options.generation()
         return vqa_task.answer_questions(self, decoded, question_list, index, generation=generation, answers=answers)
 
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, add_option_flags, options_from_args
+
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 
 
@@ -37,11 +39,6 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
 
 
-def _generation(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip",
@@ -57,17 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption images. Example: blip caption --model DIR a.jpg b.png --num-beams 3 --format jsonl",
     )
     _common(p)
-    _generation(p, 20)
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--prompt", help='text the caption starts with, e.g. "a picture of"')
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy/beam")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--num-captions", type=int, default=1, help="captions per image (beam width or samples)")
-    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    add_option_flags(p.add_argument_group("generation"), CaptionOptions)
 
     p = sub.add_parser(
         "vqa",
@@ -77,13 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         '--image a.jpg --question "how many dogs?" --question "what colour?"',
     )
     _common(p)
-    _generation(p, 10)
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--question", action="append", required=True, help="question (repeatable)")
-    p.add_argument(
-        "--answers",
-        help="rank these candidate answers instead of generating: a JSON list or a file with one answer per line",
-    )
+    add_option_flags(p.add_argument_group("answering"), VqaOptions)
 
     p = sub.add_parser(
         "match",
@@ -186,26 +170,30 @@ def _report_errors(args: argparse.Namespace, errors: dict[str, str]) -> int:
 # --- commands --------------------------------------------------------------------------------------------------
 
 
+def _options(args: argparse.Namespace, cls: type[Any]) -> Any:
+    try:
+        return options_from_args(args, cls)
+    except OptionError as e:
+        raise CliError(str(e)) from e
+
+
+def _check_model(options: Any, model: Any) -> None:
+    """The model's limits (e.g. prompt + new tokens within its positions), before any image is read."""
+    try:
+        options.check_model(model)
+    except OptionError as e:
+        raise CliError(str(e)) from e
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
+    options = _options(args, CaptionOptions)
     model = _load(args)
+    _check_model(options, model)
     images, errors = _decode_all(args.images)
     good = [p for p in args.images if p in images]
     if good:
         try:
-            results = model.caption(
-                [images[p] for p in good],
-                prompt=args.prompt,
-                num_beams=args.num_beams,
-                max_new_tokens=args.max_new_tokens,
-                min_new_tokens=args.min_new_tokens,
-                do_sample=args.sample,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                temperature=args.temperature,
-                repetition_penalty=args.repetition_penalty,
-                num_captions=args.num_captions,
-                seed=args.seed,
-            )
+            results = model.caption([images[p] for p in good], **options.to_dict())
         except ValueError as e:
             raise CliError(str(e)) from e
         for path, result in zip(good, results):
@@ -224,36 +212,19 @@ def _pairs(images: list[str], texts: list[str], what: str) -> list[tuple[str, st
     return list(zip(images, texts))
 
 
-def _read_answers(spec: str) -> list[str]:
-    path = Path(spec)
-    text = path.read_text() if path.exists() else spec
-    try:
-        answers = json.loads(text)
-    except json.JSONDecodeError:
-        answers = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(answers, list) or not answers:
-        raise CliError(f"--answers {spec!r}: expected a JSON list or one answer per line")
-    return [str(a) for a in answers]
-
-
 def cmd_vqa(args: argparse.Namespace) -> int:
     pairs = _pairs(args.image, args.question, "question")
     for _, question in pairs:
         if not question.strip():
             raise CliError("a --question is empty")
-    answers = _read_answers(args.answers) if args.answers else None
+    options = _options(args, VqaOptions)
     model = _load(args)
+    _check_model(options, model)
     images, errors = _decode_all(args.image)
     good = [(i, q) for i, q in pairs if i in images]
     if good:
         try:
-            results = model.answer(
-                [images[i] for i, _ in good],
-                [q for _, q in good],
-                answers=answers,
-                num_beams=args.num_beams,
-                max_new_tokens=args.max_new_tokens,
-            )
+            results = model.answer([images[i] for i, _ in good], [q for _, q in good], **options.to_dict())
         except ValueError as e:
             raise CliError(str(e)) from e
         for (path, question), ans in zip(good, results):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip.models.generation import GenerationConfig
 from blip.tasks.caption import caption_images
+from blip.tasks.options import CaptionOptions
 from oracle import make_images
 
 torch.set_num_threads(1)
 
-SAMPLING = GenerationConfig(max_new_tokens=12, do_sample=True, top_p=0.9, top_k=50, num_return_sequences=3)
+SAMPLING = CaptionOptions(max_new_tokens=12, do_sample=True, top_p=0.9, top_k=50, num_captions=3).generation()
 
 
 def _generators(seeds):
@@ -41,4 +41,4 @@ def test_each_image_samples_from_its_own_generator(models):
 def test_one_generator_per_image_is_required(models):
     captioner, _ = models
     with pytest.raises(ValueError, match="2 generators for 3 images"):
-        caption_images(captioner, make_images(3), generation=SAMPLING, generators=_generators([1, 2]))
+        caption_images(captioner, make_images(3), prompt=None, generation=SAMPLING, generators=_generators([1, 2]))

@@ -205,6 +205,41 @@ def test_changed_options_are_refused_unless_overwrite(caption_model, image_folde
     assert json.loads((out / "_manifest.json").read_text())["job"]["options"]["num_beams"] == 2
 
 
+def test_sampled_captions_do_not_depend_on_batching(caption_model, image_folder, tmp_path, capsys):
+    """Sampling with a seed: each row samples from its own generator (seeded by the seed and the row id), so batch
+    size and shard size change nothing, a rerun resumes the same job, and the sampling options are in its
+    fingerprint."""
+    folder, good, _ = image_folder
+    common = ["caption", "-m", str(caption_model), "-i", str(folder), "--max-new-tokens", "6", "--num-captions", "2"]
+    sampling = ["--sample", "--top-p", "0.95", "--top-k", "40", "--temperature", "1.5", "--seed", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert batch_main([*common, *sampling, "-o", str(a), "--batch-size", "1", "--shard-size", "3"]) == 1
+    assert batch_main([*common, *sampling, "-o", str(b), "--batch-size", "5"]) == 1
+    rows_a, rows_b = read_rows(a), read_rows(b)
+    assert len(rows_a) == len(good) and all(len(r["captions"]) == 2 for r in rows_a)
+    assert [r["captions"] for r in rows_a] == [r["captions"] for r in rows_b]
+    flat = [score for r in rows_a for score in r["scores"]]
+    assert flat == pytest.approx([score for r in rows_b for score in r["scores"]], abs=SCORE_TOL)
+    assert len({tuple(r["captions"]) for r in rows_a}) > 1
+    options = json.loads((a / "_manifest.json").read_text())["job"]["options"]
+    assert options | {"do_sample": True, "top_p": 0.95, "top_k": 40, "temperature": 1.5, "seed": 3} == options
+    capsys.readouterr()
+    assert batch_main([*common, *sampling, "-o", str(a), "--batch-size", "2", "--shard-size", "3"]) == 1
+    assert "resumed" in capsys.readouterr().err
+    assert batch_main([*common, *sampling[:-1], "4", "-o", str(a), "--shard-size", "3"]) == 2
+    assert "seed was 3, now 4" in capsys.readouterr().err
+    other = tmp_path / "c"
+    assert batch_main([*common, *sampling[:-1], "4", "-o", str(other)]) == 1
+    assert [r["captions"] for r in read_rows(other)] != [r["captions"] for r in rows_a]
+    # without sampling the job's options (and so the fingerprints of existing jobs) are as they were
+    assert batch_main([*common[:-2], "-o", str(tmp_path / "d")]) == 1
+    greedy = json.loads((tmp_path / "d" / "_manifest.json").read_text())["job"]["options"]
+    assert set(greedy) == {
+        "prompt", "num_beams", "max_new_tokens", "min_new_tokens", "num_captions", "repetition_penalty",
+        "length_penalty",
+    }  # fmt: skip
+
+
 def test_other_model_and_missing_head_are_refused(caption_model, vqa_model, image_folder, tmp_path, capsys):
     folder, _, _ = image_folder
     out = tmp_path / "out"
@@ -238,7 +273,7 @@ def test_output_inside_input_is_not_read_back(caption_model, image_folder, capsy
 
 def test_inference_failure_fails_only_that_row(caption_model, image_folder, tmp_path, monkeypatch):
     """An image that decodes but breaks the model (here: a patched task function) fails its row, not the job."""
-    import blip.jobs.runner as runner
+    import blip.tasks.batch as runner  # the jobs' rows reach the task functions through its dispatch
 
     folder, good, bad = image_folder
     poisoned = folder / good[4]

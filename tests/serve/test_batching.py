@@ -12,18 +12,9 @@ import pytest
 import torch
 from serve_helpers import png_bytes
 
-from blip.models.generation import GenerationConfig
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull
-from blip.serve.runners import (
-    BatchKey,
-    CaptionOptions,
-    CaptionWork,
-    ImageItem,
-    PairWork,
-    SimilarityWork,
-    TaskRunner,
-    VqaOptions,
-)
+from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch
+from blip.tasks.options import CaptionOptions, VqaOptions
 
 
 class Recorder:
@@ -181,36 +172,33 @@ def _item(image) -> ImageItem:
 
 def test_merged_captions_equal_each_request_alone(tiny_models, images):
     blip = tiny_models["captioner"]
-    runner = TaskRunner(tiny_models)
-    for generation, prompt in [(GenerationConfig(), None), (GenerationConfig(num_beams=3), "a picture of")]:
-        key = BatchKey("caption", "captioner", CaptionOptions(prompt, generation))
+    for options in [CaptionOptions(), CaptionOptions(num_beams=3, prompt="a picture of")]:
         works = [CaptionWork([_item(images[0]), _item(images[1])]), CaptionWork([_item(images[1])])]
         works.append(CaptionWork([_item(images[2]), _item(images[0])]))
-        merged = runner(key, works)
+        merged = dispatch(blip, "caption", options, works)
         for work, result in zip(works, merged):
-            alone = blip.caption([i.image for i in work.images], prompt=prompt, num_beams=generation.num_beams)
+            alone = blip.caption([i.image for i in work.images], prompt=options.prompt, num_beams=options.num_beams)
             assert [c[0].token_ids for c in result] == [c.token_ids for c in alone]
             assert [c[0].score for c in result] == pytest.approx([c.score for c in alone], abs=1e-4)
 
 
 def test_merged_answers_and_scores_equal_each_request_alone(tiny_models, images):
-    runner = TaskRunner(tiny_models)
     vqa, retrieval = tiny_models["vqa"], tiny_models["retrieval"]
     questions = [["what is it?", "how many dogs?"], ["where is the star?"]]
     works = [PairWork([_item(images[0])], questions[0], [0, 0]), PairWork([_item(images[1])], questions[1], [0])]
-    merged = runner(BatchKey("vqa", "vqa", VqaOptions(GenerationConfig(max_new_tokens=10))), works)
+    merged = dispatch(vqa, "vqa", VqaOptions(max_new_tokens=10), works)
     for image, qs, result in zip(images, questions, merged):
         alone = vqa.answer(image, qs)
         assert [a.token_ids for a in result] == [a.token_ids for a in alone]
 
     texts = ["a red circle", "two dogs on the beach"]
     works = [PairWork([_item(images[0])], texts, [0, 0]), PairWork([_item(images[2]), _item(images[0])], texts, [0, 1])]
-    merged = runner(BatchKey("match", "retrieval"), works)
+    merged = dispatch(retrieval, "match", None, works)
     assert merged[0] == pytest.approx(retrieval.match(images[0], texts), abs=1e-5)
     assert merged[1] == pytest.approx(retrieval.match([images[2], images[0]], texts), abs=1e-5)
 
     works = [SimilarityWork([_item(images[0]), _item(images[1])], texts), SimilarityWork([_item(images[1])], texts[:1])]
-    merged = runner(BatchKey("similarity", "retrieval"), works)
+    merged = dispatch(retrieval, "similarity", None, works)
     expected = retrieval.similarity(images[:2], texts)
     assert torch.tensor(merged[0]) == pytest.approx(expected, abs=1e-5)
     assert merged[1][0][0] == pytest.approx(float(expected[1, 0]), abs=1e-5)
@@ -225,7 +213,7 @@ def test_an_image_shared_by_requests_in_a_batch_is_encoded_once(tiny_models, ima
         CaptionWork([_item(images[0]), _item(images[1])]),
         CaptionWork([_item(images[1].copy()), _item(images[0])]),
     ]
-    merged = TaskRunner(tiny_models)(BatchKey("caption", "captioner", CaptionOptions(None, GenerationConfig())), works)
+    merged = dispatch(blip, "caption", CaptionOptions(), works)
     assert rows == [2]  # four images asked for, two distinct, one ViT pass over two
     assert merged[0][0][0].token_ids == merged[1][1][0].token_ids
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 from blip.jobs.batch import resolve_device
 from blip.jobs.pipeline import Decoded, decode_key
-from blip.jobs.runner import ShardTask, ShardWorker, TaskRunner, split_shards
+from blip.jobs.runner import RowRunner, ShardTask, ShardWorker, split_shards
 from blip.jobs.sources import (
     IMAGE_COLUMNS,
     TAR_PREFIX,
@@ -59,8 +59,10 @@ from blip.jobs.sources import (
 )
 from blip.jobs.writer import OutputDir, Receipt, Throttle, atomic_path, atomic_write_bytes, atomic_write_json
 from blip.models.generation import GenerationConfig
+from blip.tasks.batch import row_seed as _row_seed
 from blip.tasks.caption import caption_images, prompt_prefix
 from blip.tasks.itm import match_probabilities
+from blip.tasks.options import CaptionOptions
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -113,22 +115,27 @@ class CapfiltConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threshold != self.threshold:  # NaN
             raise ValueError("threshold must be a number (0 keeps every text, above 1 none)")
-        self.generation().validate()
+        self.captioning()  # OptionError (a ValueError) naming a bad generation option
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(
+    def captioning(self) -> CaptionOptions:
+        """The captioner's options (validated like every caption option): nucleus sampling after the prompt."""
+        return CaptionOptions(
+            prompt=self.prompt,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
             do_sample=True,
             top_p=self.top_p,
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
-            num_return_sequences=self.num_captions,
+            num_captions=self.num_captions,
         )
+
+    def generation(self) -> GenerationConfig:
+        return self.captioning().generation()
 
     def describe(self) -> dict[str, Any]:
         """The options that change the records (part of the job's fingerprint)."""
@@ -185,8 +192,7 @@ class CapfiltSummary:
 
 def row_seed(seed: int, row_id: str) -> int:
     """The sampling seed of one row: a hash of (seed, row id), stable across runs, processes and machines."""
-    digest = hashlib.sha256(f"blip.capfilt/{seed}/{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _row_seed(seed, row_id, namespace="blip.capfilt")
 
 
 def strip_prompt(text: str, prompt_text: str) -> str:
@@ -244,10 +250,10 @@ def _record_base(row: Row, kind: str) -> tuple[Any, dict[str, Any]]:
 # The work on a batch
 
 
-class CapfiltRunner(TaskRunner):
+class CapfiltRunner(RowRunner):
     """A batch of rows -> a record per row: synthetic captions (captioner) and ITM verdicts (filter).
 
-    Shares `TaskRunner.run` (decode failures become error rows; a failing batch is retried row by row) and the
+    Shares `RowRunner.run` (decode failures become error rows; a failing batch is retried row by row) and the
     `ShardWorker` that journals and commits shards; only the inference differs."""
 
     def __init__(self, captioner: Blip, filter: Blip, cfg: CapfiltConfig, input_kind: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip.jobs.index import INDEX_KINDS, build_collection_index, index_is_current
-from blip.jobs.runner import TASKS, ShardTask, ShardWorker, TaskOptions, TaskRunner, split_shards
+from blip.jobs.runner import TASKS, RowRunner, ShardTask, ShardWorker, TaskOptions, split_shards
 from blip.jobs.sources import InputOptions, InputPlan, plan_input
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
 from blip.weights.fingerprint import model_fingerprint
@@ -85,10 +85,7 @@ class BatchConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
         if self.output_format == "parquet":
             import_pyarrow()
-        if self.task == "vqa" and self.options.answers is not None and not self.options.answers:
-            raise ValueError("--answers is empty")
-        if self.task in ("caption", "vqa"):
-            self.options.generation(self.task)
+        self.options.for_task(self.task)  # OptionError (a ValueError) naming the option
 
 
 @dataclass
@@ -167,7 +164,7 @@ def load_blip(cfg: BatchConfig, device: str) -> Blip:
 
 def make_worker(job: Job, device: str) -> ShardWorker:
     cfg = job.config
-    runner = TaskRunner(load_blip(cfg, device), cfg.task, cfg.options)
+    runner = RowRunner(load_blip(cfg, device), cfg.task, cfg.options)
     return ShardWorker(
         runner, job.output_dir(), job.fingerprint, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch
     )

@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
@@ -18,6 +17,7 @@ from blip.jobs.index import INDEX_KINDS
 from blip.jobs.runner import JobError, TaskOptions
 from blip.jobs.sources import IMAGE_EXTENSIONS, INPUT_KINDS, InputError, InputOptions
 from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, JobMismatchError
+from blip.tasks.options import OPTIONS, CaptionOptions, VqaOptions, add_option_flags, option_values
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 
@@ -77,14 +77,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
 
 
-def _generation(p: argparse.ArgumentParser, max_new_tokens: int) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("generation")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    return g
-
-
 def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -96,11 +88,7 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption every image", description="Caption every image.")
     _common(p)
-    g = _generation(p, 20)
-    g.add_argument("--prompt", help='text the caption starts with, e.g. "a picture of"')
-    g.add_argument("--num-captions", type=int, default=1, help="captions per image (<= --num-beams)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--length-penalty", type=float, default=1.0)
+    add_option_flags(p.add_argument_group("generation"), CaptionOptions)
 
     p = sub.add_parser(
         "vqa",
@@ -109,9 +97,8 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
         "every image.",
     )
     _common(p)
-    g = _generation(p, 10)
-    g.add_argument("--question", action="append", help="ask this about every image (repeatable)")
-    g.add_argument("--answers", help="rank these answers instead of generating: a JSON list or a file, one per line")
+    p.add_argument("--question", action="append", help="ask this about every image (repeatable)")
+    add_option_flags(p.add_argument_group("answering"), VqaOptions)
 
     p = sub.add_parser(
         "match",
@@ -140,18 +127,6 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
     return parser
 
 
-def _read_answers(spec: str) -> tuple[str, ...]:
-    path = Path(spec)
-    text = path.read_text(encoding="utf-8") if path.is_file() else spec
-    try:
-        answers = json.loads(text)
-    except json.JSONDecodeError:
-        answers = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise _UsageError(f"--answers {spec!r}: expected a JSON list or a file with one answer per line")
-    return tuple(answers)
-
-
 def config_from_args(args: argparse.Namespace) -> BatchConfig:
     task = args.task
     questions = tuple(getattr(args, "question", None) or ())
@@ -173,17 +148,7 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         texts=texts,
         limit=args.limit,
     )
-    answers = _read_answers(args.answers) if getattr(args, "answers", None) else None
-    options = TaskOptions(
-        prompt=getattr(args, "prompt", None),
-        num_beams=getattr(args, "num_beams", 1),
-        max_new_tokens=getattr(args, "max_new_tokens", None),
-        min_new_tokens=getattr(args, "min_new_tokens", 0),
-        num_captions=getattr(args, "num_captions", 1),
-        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
-        length_penalty=getattr(args, "length_penalty", 1.0),
-        answers=answers,
-    )
+    options = TaskOptions(**option_values(args, OPTIONS[task])) if task in OPTIONS else TaskOptions()
     engine = EngineOptions(
         engine=args.engine,
         ray_address=args.ray_address,
@@ -293,7 +258,8 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
     """`blip retrieve --index DIR "query" ... [--image q.jpg]`; returns the exit code."""
     import blip
     from blip.jobs.batch import resolve_device
-    from blip.jobs.index import SearchIndexError, load_collection_index, search_images, search_texts
+    from blip.jobs.sources import fetch_url
+    from blip.tasks.retrieval import SearchIndexError, load_collection_index, search_images, search_texts
     from blip.transforms import ImageDecodeError
     from blip.weights.fingerprint import model_fingerprint
     from blip.weights.load import CheckpointError
@@ -308,7 +274,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
     if args.top_k < 1:
         return _fatal(prog, "--top-k must be >= 1")
     try:
-        collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
+        collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search, fetch=fetch_url)
         model_source = args.model or collection.meta.get("model_source")
         if not model_source:
             raise SearchIndexError("the index does not record its model: pass --model")

@@ -1,16 +1,7 @@
-"""Search an embedded collection: a vector index over `blip batch embed` output, and ITC search + ITM re-ranking.
-
-Backends: faiss (``pip install faiss-cpu``) when it is installed, else numpy. Kinds: ``flat`` (exact inner product;
-the default up to `AUTO_FLAT_MAX` vectors), ``ivf`` (inverted lists over k-means cells) and ``hnsw`` (faiss only; the
-numpy backend uses ivf instead). Features are L2-normalised, so inner product is cosine similarity (ITC).
-
-On disk (``<out>/index/``)::
-
-    index.json     kind, backend, dim, count, parameters, the model and job that made the vectors
-    vectors.npy    float32 [count, dim]: every vector in collection order (flat search, exact re-scoring)
-    rows.jsonl     one line per vector: {"image": id, "source": where the image is, "text"?: ...}
-    faiss.index    faiss backends: the index itself
-    ivf.npz        numpy ivf: centroids and the inverted lists
+"""Build the search index of a `blip batch embed` output folder (``<out>/index/``): a flat, IVF or HNSW index
+(faiss when installed, else numpy) over the collection's L2-normalised ITC embeddings. Reading an index and searching
+it (ITC top-k, ITM re-rank) is `blip.tasks.retrieval`, where the server and `blip retrieve` find it; the on-disk
+layout is described there.
 """
 
 from __future__ import annotations
@@ -21,89 +12,31 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from blip.jobs.sources import Row, read_image
-from blip.jobs.writer import INDEX, MANIFEST, atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
-
-if TYPE_CHECKING:
-    from blip.api import Blip
+from blip.jobs.writer import MANIFEST, atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
+from blip.tasks.retrieval import (
+    INDEX,
+    INDEX_FORMAT,
+    FaissIndex,
+    IndexInfo,
+    NumpyFlatIndex,
+    NumpyIVFIndex,
+    SearchIndexError,
+    VectorIndex,
+    have_faiss,
+    import_faiss,
+)
 
 _logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 BACKENDS = ("auto", "faiss", "numpy")
 AUTO_FLAT_MAX = 100_000  # up to this many vectors an exact search takes milliseconds
-INDEX_FORMAT = "blip-index/1"
-_QUERY_BLOCK = 1024
-
-
-class SearchIndexError(ValueError):
-    """The index cannot be built, read or used as asked."""
-
-
-def have_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@dataclass
-class IndexInfo:
-    kind: str
-    backend: str
-    dim: int
-    count: int
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-class VectorIndex(Protocol):
-    info: IndexInfo
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [q, k] float32, ids [q, k] int64), best first; id -1 (score -inf) where fewer than k exist."""
-        ...
-
-
-def _top_k(scores: np.ndarray, ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best columns of each row, best first; ties go to the smaller id. `ids` maps columns to ids."""
-    q, n = scores.shape
-    kk = min(k, n)
-    out_scores = np.full((q, k), -np.inf, dtype=np.float32)
-    out_ids = np.full((q, k), -1, dtype=np.int64)
-    if kk == 0:
-        return out_scores, out_ids
-    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (q, 1))
-    for r in range(q):
-        cols = part[r]
-        row_ids = ids[cols] if ids is not None else cols
-        order = np.lexsort((row_ids, -scores[r, cols]))
-        out_scores[r, :kk] = scores[r, cols[order]]
-        out_ids[r, :kk] = row_ids[order]
-    return out_scores, out_ids
-
-
-class NumpyFlatIndex:
-    def __init__(self, vectors: np.ndarray):
-        self.vectors = vectors
-        self.info = IndexInfo("flat", "numpy", int(vectors.shape[1]), int(vectors.shape[0]))
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        parts = [
-            _top_k(queries[s : s + _QUERY_BLOCK] @ self.vectors.T, None, k)
-            for s in range(0, len(queries), _QUERY_BLOCK)
-        ]
-        if not parts:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def kmeans(vectors: np.ndarray, k: int, *, iterations: int = 20, seed: int = 0, sample: int = 65536) -> np.ndarray:
@@ -124,58 +57,15 @@ def kmeans(vectors: np.ndarray, k: int, *, iterations: int = 20, seed: int = 0, 
     return centroids
 
 
-class NumpyIVFIndex:
-    """Inverted lists over k-means cells; a query scans the `nprobe` cells nearest to it, exactly."""
-
-    def __init__(self, vectors: np.ndarray, centroids: np.ndarray, order: np.ndarray, offsets: np.ndarray, nprobe: int):
-        self.vectors = vectors
-        self.centroids = centroids
-        self.order = order
-        self.offsets = offsets
-        self.nprobe = nprobe
-        params = {"nlist": int(len(centroids)), "nprobe": int(nprobe)}
-        self.info = IndexInfo("ivf", "numpy", int(vectors.shape[1]), int(vectors.shape[0]), params)
-
-    @classmethod
-    def build(cls, vectors: np.ndarray, nlist: int, nprobe: int) -> NumpyIVFIndex:
-        centroids = kmeans(vectors, nlist)
-        assign = np.concatenate(
-            [np.argmax(vectors[s : s + 65536] @ centroids.T, axis=1) for s in range(0, len(vectors), 65536)]
-        )
-        order = np.argsort(assign, kind="stable").astype(np.int64)
-        offsets = np.searchsorted(assign[order], np.arange(nlist + 1)).astype(np.int64)
-        return cls(vectors, centroids, order, offsets, nprobe)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scores_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids_out = np.full((len(queries), k), -1, dtype=np.int64)
-        nprobe = min(self.nprobe, len(self.centroids))
-        cells = np.argpartition(-(queries @ self.centroids.T), nprobe - 1, axis=1)[:, :nprobe]
-        for r, query in enumerate(queries):
-            ids = np.concatenate([self.order[self.offsets[c] : self.offsets[c + 1]] for c in cells[r]])
-            s, i = _top_k((self.vectors[ids] @ query)[None, :], ids, k)
-            scores_out[r], ids_out[r] = s[0], i[0]
-        return scores_out, ids_out
-
-
-class FaissIndex:
-    def __init__(self, index: Any, info: IndexInfo):
-        self.index = index
-        self.info = info
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
-        return scores, ids.astype(np.int64)
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:
-        raise SearchIndexError("the faiss backend needs faiss: pip install faiss-cpu") from e
-    return faiss
+def build_numpy_ivf(vectors: np.ndarray, nlist: int, nprobe: int) -> NumpyIVFIndex:
+    """Inverted lists over `nlist` k-means cells of `vectors`."""
+    centroids = kmeans(vectors, nlist)
+    assign = np.concatenate(
+        [np.argmax(vectors[s : s + 65536] @ centroids.T, axis=1) for s in range(0, len(vectors), 65536)]
+    )
+    order = np.argsort(assign, kind="stable").astype(np.int64)
+    offsets = np.searchsorted(assign[order], np.arange(nlist + 1)).astype(np.int64)
+    return NumpyIVFIndex(vectors, centroids, order, offsets, nprobe)
 
 
 def default_nlist(count: int) -> int:
@@ -213,8 +103,8 @@ def build_index(
     if backend == "numpy":
         if kind == "flat" or count == 0:
             return NumpyFlatIndex(vectors)
-        return NumpyIVFIndex.build(vectors, nlist, nprobe)
-    faiss = _faiss()
+        return build_numpy_ivf(vectors, nlist, nprobe)
+    faiss = import_faiss()
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
         params: dict[str, Any] = {}
@@ -235,19 +125,6 @@ def build_index(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The collection index of a batch output folder
-
-
-@dataclass
-class CollectionIndex:
-    folder: Path
-    index: VectorIndex
-    vectors: np.ndarray
-    rows: list[dict[str, Any]]
-    meta: dict[str, Any]
-
-    def row(self, i: int) -> Row:
-        r = self.rows[i]
-        return Row(id=r["image"], source=r.get("source", ""), text=r.get("text"))
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -310,7 +187,7 @@ def build_collection_index(
     np.save(tmp / "vectors.npy", vectors)
     (tmp / "rows.jsonl").write_bytes(jsonl_bytes(rows))
     if isinstance(index, FaissIndex):
-        _faiss().write_index(index.index, str(tmp / "faiss.index"))
+        import_faiss().write_index(index.index, str(tmp / "faiss.index"))
     elif isinstance(index, NumpyIVFIndex):
         np.savez(tmp / "ivf.npz", centroids=index.centroids, order=index.order, offsets=index.offsets)
     atomic_write_json(tmp / "index.json", meta)
@@ -331,108 +208,3 @@ def index_is_current(out: Path, manifest_fingerprint: str) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return meta.get("job") == manifest_fingerprint
-
-
-def load_collection_index(
-    path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None
-) -> CollectionIndex:
-    """Open an index: the `blip batch embed` output folder or its ``index`` folder."""
-    folder = Path(path).expanduser()
-    if (folder / INDEX / "index.json").exists():
-        folder = folder / INDEX
-    meta_path = folder / "index.json"
-    if not meta_path.exists():
-        raise SearchIndexError(f"{path}: no index here (expected {INDEX}/index.json from `blip batch embed`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-    rows = read_jsonl(folder / "rows.jsonl")
-    info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], meta["count"], meta.get("params", {}))
-    index: VectorIndex
-    if meta["backend"] == "faiss":
-        faiss = _faiss()
-        raw = faiss.read_index(str(folder / "faiss.index"))
-        if nprobe is not None and hasattr(raw, "nprobe"):
-            raw.nprobe = nprobe
-        if ef_search is not None and hasattr(raw, "hnsw"):
-            raw.hnsw.efSearch = ef_search
-        index = FaissIndex(raw, info)
-    elif meta["kind"] == "ivf":
-        ivf = np.load(folder / "ivf.npz")
-        index = NumpyIVFIndex(
-            np.asarray(vectors),
-            ivf["centroids"],
-            ivf["order"],
-            ivf["offsets"],
-            nprobe or info.params.get("nprobe", 1),
-        )
-    else:
-        index = NumpyFlatIndex(np.asarray(vectors))
-    return CollectionIndex(folder, index, vectors, rows, meta)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Retrieval: ITC top-k, re-ranked by ITM
-
-
-@dataclass
-class Hit:
-    rank: int
-    image: str
-    source: str
-    itc: float
-    itm: float | None = None
-
-
-def search_texts(
-    blip: Blip, collection: CollectionIndex, texts: Sequence[str], *, top_k: int = 10, rerank: bool = True
-) -> list[list[Hit]]:
-    """For each text: the `top_k` images by ITC (cosine), re-ranked by the ITM match probability when `rerank`."""
-    from blip.tasks.itm import match_probabilities, text_embeddings
-
-    queries = text_embeddings(blip, list(texts)).numpy()
-    scores, ids = collection.index.search(queries, top_k)
-    results = []
-    for text, row_scores, row_ids in zip(texts, scores, ids):
-        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
-        if rerank and hits:
-            if "itm" not in blip.tasks:
-                blip.require("itm")
-            images, keep = [], []
-            for hit in hits:
-                try:
-                    images.append(read_image(Row(hit.image, hit.source)))
-                    keep.append(hit)
-                except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
-                    _logger.warning("cannot re-rank %s: %s", hit.image, e)
-            probs = match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
-            for hit, p in zip(keep, probs):
-                hit.itm = p
-            hits = sorted(keep, key=lambda h: (-(h.itm or 0.0), -h.itc))
-        for rank, hit in enumerate(hits, start=1):
-            hit.rank = rank
-        results.append(hits)
-    return results
-
-
-def search_images(
-    blip: Blip, collection: CollectionIndex, images: Sequence[Any], *, top_k: int = 10
-) -> list[list[Hit]]:
-    """For each query image: the `top_k` most similar images of the collection by ITC image-image cosine."""
-    from blip.tasks.common import unique_images
-    from blip.tasks.itm import image_embeddings
-
-    decoded, index = unique_images(list(images))
-    queries = image_embeddings(blip, decoded).numpy()[index]
-    scores, ids = collection.index.search(queries, top_k)
-    out = []
-    for row_scores, row_ids in zip(scores, ids):
-        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
-        for rank, hit in enumerate(hits, start=1):
-            hit.rank = rank
-        out.append(hits)
-    return out
-
-
-def _hit(collection: CollectionIndex, i: int, score: float) -> Hit:
-    row = collection.rows[i]
-    return Hit(rank=0, image=row["image"], source=row.get("source", ""), itc=score)

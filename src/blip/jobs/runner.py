@@ -6,6 +6,7 @@ A row whose image cannot be read, or whose inference fails on its own, becomes a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,8 @@ from PIL import Image
 from blip.jobs.pipeline import Decoded, Prefetcher, decode_key
 from blip.jobs.sources import Row, read_image
 from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
-from blip.models.generation import GenerationConfig
-from blip.tasks.caption import caption_images
-from blip.tasks.itm import image_embeddings, match_probabilities
-from blip.tasks.vqa import answer_questions
+from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, dispatch, row_seed
+from blip.tasks.options import OPTIONS, OptionError, TaskOptionsBase
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -29,7 +28,6 @@ _logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "vqa", "match", "embed")
 MODEL_TASK = {"caption": "caption", "vqa": "vqa", "match": "itm", "embed": "itc"}
-DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 10}
 MAX_FAILED_BATCHES = 3  # consecutive batches whose every row failed inference: something is wrong with the job
 
 
@@ -37,50 +35,40 @@ class JobError(RuntimeError):
     """The job cannot go on (not a row's fault). Finished work is kept; a rerun resumes."""
 
 
-@dataclass(frozen=True)
-class TaskOptions:
-    """Options that change results (they are part of the job's fingerprint)."""
+def _for_task(self: Any, task: str) -> TaskOptionsBase | None:
+    """The task's options (`blip.tasks.options`), validated: fields left None take the task's defaults. None for
+    a task without options (embed)."""
+    cls = OPTIONS.get(task)
+    given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+    if cls is None:
+        return None
+    for name in given:
+        if name not in cls.specs():
+            raise OptionError(name, f"is not an option of {task} jobs")
+    return cls(**given)
 
-    prompt: str | None = None
-    num_beams: int = 1
-    max_new_tokens: int | None = None  # default: 20 for captions, 10 for answers
-    min_new_tokens: int = 0
-    num_captions: int = 1
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    answers: tuple[str, ...] | None = None  # VQA: rank these answers instead of generating
 
-    def generation(self, task: str) -> GenerationConfig:
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 20),
-            min_new_tokens=self.min_new_tokens,
-            num_beams=self.num_beams,
-            repetition_penalty=self.repetition_penalty,
-            length_penalty=self.length_penalty,
-            num_return_sequences=self.num_captions if task == "caption" else 1,
-        )
-        config.validate()
-        return config
+def _describe(self: Any, task: str) -> dict[str, Any]:
+    """The options that change `task`'s results, as plain JSON (part of the job's fingerprint)."""
+    options = self.for_task(task)
+    return options.describe() if options is not None else {}
 
-    def describe(self, task: str) -> dict[str, Any]:
-        """The options that matter for `task`, as plain JSON."""
-        if task == "caption":
-            g = self.generation(task)
-            return {
-                "prompt": self.prompt,
-                "num_beams": g.num_beams,
-                "max_new_tokens": g.max_new_tokens,
-                "min_new_tokens": g.min_new_tokens,
-                "num_captions": g.num_return_sequences,
-                "repetition_penalty": g.repetition_penalty,
-                "length_penalty": g.length_penalty,
-            }
-        if task == "vqa":
-            if self.answers:
-                return {"answers": list(self.answers)}
-            g = self.generation(task)
-            return {"num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens}
-        return {}
+
+def _task_options_class() -> type:
+    """`TaskOptions`: every task's options (`blip.tasks.options`) in one frozen dataclass, each None by default (the
+    task's own default); generated, so a new option is a batch-job option too."""
+    names = dict.fromkeys(name for cls in OPTIONS.values() for name in cls.specs())
+    cls = dataclasses.make_dataclass(
+        "TaskOptions",
+        [(name, Any, dataclasses.field(default=None)) for name in names],
+        frozen=True,
+        namespace={"for_task": _for_task, "describe": _describe, "__doc__": _task_options_class.__doc__},
+    )
+    cls.__module__ = __name__  # pickles (Ray) as blip.jobs.runner.TaskOptions
+    return cls
+
+
+TaskOptions = _task_options_class()
 
 
 def check_model_task(blip: Blip, task: str) -> None:
@@ -89,17 +77,23 @@ def check_model_task(blip: Blip, task: str) -> None:
         blip.require(need)  # raises the API's own message naming the checkpoint kind that has the head
 
 
-class TaskRunner:
+class RowRunner:
     """One batch of rows -> one result per row: {"ok": output row} or {"error": error row} (+ embeddings)."""
 
-    def __init__(self, blip: Blip, task: str, options: TaskOptions):
+    def __init__(self, blip: Blip, task: str, options: Any):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
         check_model_task(blip, task)
         self.blip = blip
         self.task = task
-        self.options = options
-        self.generation = options.generation(task) if task in ("caption", "vqa") else None
+        self.options = options.for_task(task)
+        if self.options is not None:
+            self.options.check_model(blip)  # before any row: a job over the model's limits stops here
+        # Sampling with a seed: each row samples from its own generator, seeded by (seed, row id), so a row's
+        # captions do not depend on the batch it lands in, and a resumed job samples what the first run would have.
+        self.seed = getattr(self.options, "seed", None) if getattr(self.options, "do_sample", False) else None
+        if getattr(self.options, "do_sample", False) and self.seed is None:
+            _logger.warning("sampling without a seed: rows are not reproducible (a resumed job samples anew)")
         self._failed_batches = 0
 
     @property
@@ -167,33 +161,29 @@ class TaskRunner:
         return outputs
 
     def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
-        """Outputs for rows whose images decoded: an output row (or an embedding) per row, in order."""
-        slots: dict[str, int] = {}
-        images: list[Image.Image] = []
-        index: list[int] = []
-        for row in rows:
-            key = decode_key(row)
-            if key not in slots:
-                slots[key] = len(images)
-                images.append(decoded.images[key])
-            index.append(slots[key])
-        blip = self.blip
+        """Outputs for rows whose images decoded: an output row (or an embedding) per row, in order. Rows with the
+        same image share its encoding (`blip.tasks.batch.dispatch`)."""
+        items = [ImageItem(decode_key(row), decoded.images[decode_key(row)]) for row in rows]
         if self.task == "caption":
-            per_image = caption_images(blip, images, prompt=self.options.prompt, generation=self.generation)
-            return [self._caption_row(row, per_image[k]) for row, k in zip(rows, index)]
+            works = [
+                CaptionWork([item], None if self.seed is None else [row_seed(self.seed, row.id)])
+                for row, item in zip(rows, items)
+            ]
+            results = dispatch(self.blip, "caption", self.options, works)
+            return [self._caption_row(row, result[0]) for row, result in zip(rows, results)]
         if self.task == "vqa":
-            answers = list(self.options.answers) if self.options.answers else None
-            questions = [row.question or "" for row in rows]
-            results = answer_questions(blip, images, questions, index, generation=self.generation, answers=answers)
+            works = [PairWork([item], [row.question or ""], [0]) for row, item in zip(rows, items)]
+            answers = dispatch(self.blip, "vqa", self.options, works)
             return [
-                {"image": row.id, "question": row.question, "answer": a.text, "score": a.score}
-                for row, a in zip(rows, results)
+                {"image": row.id, "question": row.question, "answer": a[0].text, "score": a[0].score}
+                for row, a in zip(rows, answers)
             ]
         if self.task == "match":
-            probs = match_probabilities(blip, images, [row.text or "" for row in rows], index)
-            return [{"image": row.id, "text": row.text, "score": p} for row, p in zip(rows, probs)]
-        feats = image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
-        return [feats[k] for k in index]
+            works = [PairWork([item], [row.text or ""], [0]) for row, item in zip(rows, items)]
+            probs = dispatch(self.blip, "match", self.options, works)
+            return [{"image": row.id, "text": row.text, "score": p[0]} for row, p in zip(rows, probs)]
+        feats = dispatch(self.blip, "embed", None, [EmbedWork([item]) for item in items])
+        return [f[0] for f in feats]
 
     def _caption_row(self, row: Row, captions: list[Any]) -> dict[str, Any]:
         if len(captions) == 1:
@@ -243,7 +233,7 @@ class ShardWorker:
 
     def __init__(
         self,
-        runner: TaskRunner,
+        runner: RowRunner,
         out: OutputDir,
         job_fingerprint: str,
         *,

@@ -22,45 +22,37 @@ from blip.models.bert import CrossKV, KVCache, TextDecoder
 NEG_INF_SCORE = -1.0e9  # transformers' "impossible" beam score
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    top_p: float = 0.9  # nucleus mass (sampling only; 1.0 disables)
-    top_k: int = 0  # keep the k most likely tokens (sampling only; 0 disables)
-    temperature: float = 1.0  # sampling only
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0  # beam only: score / generated_length ** length_penalty
-    num_return_sequences: int = 1
-    seed: int | None = None
+    """The decoding settings, all given: user-facing defaults, ranges and their error messages live in one place,
+    `blip.tasks.options` (`CaptionOptions.generation()` builds one). `validate` only guards this module's invariants."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    top_p: float  # nucleus mass (sampling only; 1.0 disables)
+    top_k: int  # keep the k most likely tokens (sampling only; 0 disables)
+    temperature: float  # sampling only
+    repetition_penalty: float
+    length_penalty: float  # beam only: score / generated_length ** length_penalty
+    num_return_sequences: int
+    seed: int | None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise ValueError("beam sampling is not supported: use do_sample with num_beams=1")
-        if self.num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(
-                f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})"
-            )
-        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
-            raise ValueError("greedy decoding returns one sequence: use num_beams >= n or do_sample for several")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        ok = (
+            1 <= self.max_new_tokens
+            and 0 <= self.min_new_tokens <= self.max_new_tokens
+            and self.num_beams >= 1
+            and not (self.do_sample and self.num_beams > 1)
+            and 1 <= self.num_return_sequences <= (self.num_return_sequences if self.do_sample else self.num_beams)
+            and 0.0 < self.top_p <= 1.0
+            and self.top_k >= 0
+            and self.temperature > 0
+            and self.repetition_penalty > 0
+        )
+        if not ok:
+            raise ValueError(f"invalid generation settings (check them with blip.tasks.options first): {self}")
 
 
 @dataclass

@@ -5,7 +5,7 @@
 
     app = create_app(models, indexes={"photos": "photos-embedded/"})  # `blip batch embed` output: POST /v1/retrieve
 
-Modules: app (routes), schemas (bodies), batching (micro-batcher), runners (merged task calls), inputs (images from
+Modules: app (routes), schemas (bodies), batching (micro-batcher), inputs (images from
 requests), fetch (safe URL fetcher), retrieval (collection indexes and their models), middleware (limits, metrics,
 access log), metrics, settings, cli.
 """

@@ -50,7 +50,6 @@ from blip.serve.fetch import SafeFetcher
 from blip.serve.inputs import ImageSource, from_ref, from_string
 from blip.serve.middleware import ServeMiddleware
 from blip.serve.retrieval import IndexSpec
-from blip.serve.runners import RetrieveOptions, VqaOptions
 from blip.serve.schemas import (
     AnswerOut,
     ApiError,
@@ -58,7 +57,6 @@ from blip.serve.schemas import (
     AzureResult,
     CaptionForm,
     CaptionOut,
-    CaptionParams,
     CaptionRequest,
     CaptionResponse,
     CaptionResult,
@@ -83,10 +81,13 @@ from blip.serve.schemas import (
     VqaRequest,
     VqaResponse,
     VqaResult,
+    to_options,
 )
 from blip.serve.service import Service
 from blip.serve.settings import ServeSettings
 from blip.tasks.common import Caption
+from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.retrieval import RetrieveOptions
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -377,7 +378,7 @@ def create_app(
         sources = [from_string(row[0], f"input_data.data[{i}][0]") for i, row in enumerate(data.data)]
         if columns == ["image"]:
             name, blip = svc.resolve(model, "caption")
-            captions = await svc.caption(name, blip, CaptionParams(), sources, field="input_data.data")
+            captions = await svc.caption(name, blip, CaptionOptions(), sources, field="input_data.data")
             return [AzureResult(text=c[0].text) for c in captions]
         name, blip = svc.resolve(model, "vqa")
         svc.check_count(len(sources), svc.settings.max_texts, "input_data.data", "rows")
@@ -387,7 +388,7 @@ def create_app(
             if not question.strip():
                 raise svc.invalid(f"input_data.data[{i}][1]", "the question is empty")
         svc.check_texts([(f"input_data.data[{i}][1]", q) for i, q in enumerate(questions)])
-        options = VqaOptions(svc.vqa_config(1, 10, 0, blip))
+        options = svc.vqa_options(VqaOptions(), blip)
         answers = await svc.answer(name, options, sources, questions, list(range(len(questions))))
         return [AzureResult(text=a.text) for a in answers]
 
@@ -399,7 +400,7 @@ def create_app(
         sources = [from_ref(ref, f"inputs.images[{i}]") for i, ref in enumerate(inputs.images)]
         if inputs.texts is None:
             name, blip = svc.resolve(model, "caption", field="inputs.texts")
-            captions = await svc.caption(name, blip, CaptionParams(), sources, field="inputs.images")
+            captions = await svc.caption(name, blip, CaptionOptions(), sources, field="inputs.images")
             return CardResponse(captions=[CardImageResult(image_results=[c[0].text]) for c in captions])
         if len(inputs.texts) != len(inputs.images):
             message = f"{len(inputs.texts)} question lists for {len(inputs.images)} images (texts[i]: images[i])"
@@ -410,7 +411,7 @@ def create_app(
         image_of = [i for i, group in enumerate(inputs.texts) for _ in group]
         svc.check_count(len(questions), svc.settings.max_texts, "inputs.texts", "questions")
         svc.check_texts([(f"inputs.texts[{i}][{j}]", q) for i, g in enumerate(inputs.texts) for j, q in enumerate(g)])
-        options = VqaOptions(svc.vqa_config(1, 10, 0, blip))
+        options = svc.vqa_options(VqaOptions(), blip)
         answers = await svc.answer(name, options, sources, questions, image_of)
         results: list[list[str]] = [[] for _ in inputs.images]
         for image, answer in zip(image_of, answers):
@@ -431,9 +432,12 @@ def create_app(
 
     # --- our API -----------------------------------------------------------------------------------------------------
 
-    async def caption_route(params: CaptionParams, model: str | None, sources: list[ImageSource]) -> CaptionResponse:
+    async def caption_route(
+        params: CaptionRequest | CaptionForm, model: str | None, sources: list[ImageSource]
+    ) -> CaptionResponse:
         name, blip = svc.resolve(model, "caption")
-        captions = await svc.caption(name, blip, params, sources)
+        options = svc.options(lambda: to_options(params, CaptionOptions))
+        captions = await svc.caption(name, blip, options, sources)
         return CaptionResponse(
             model=name, results=[CaptionResult(captions=[_caption_out(c) for c in per]) for per in captions]
         )
@@ -459,9 +463,8 @@ def create_app(
         image_of = [i for i, group in enumerate(groups) for _ in group]
         svc.check_count(len(questions), svc.settings.max_texts, "questions", "questions")
         svc.check_texts([(f"questions[{i}][{j}]", q) for i, g in enumerate(groups) for j, q in enumerate(g)])
-        generation = svc.vqa_config(params.num_beams, params.max_new_tokens, params.min_new_tokens, blip)
-        answers_list = svc.check_answers(getattr(params, "answers", None), blip)
-        answers = await svc.answer(name, VqaOptions(generation, answers_list), sources, questions, image_of)
+        options = svc.vqa_options(svc.options(lambda: to_options(params, VqaOptions)), blip)
+        answers = await svc.answer(name, options, sources, questions, image_of)
         results: list[list[AnswerOut]] = [[] for _ in sources]
         for image, question, answer in zip(image_of, questions, answers):
             score = _finite(answer.score)

@@ -11,14 +11,15 @@ records no fingerprint); a served model whose fingerprint differs from the recor
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blip.jobs.index import CollectionIndex, SearchIndexError, load_collection_index
-from blip.jobs.writer import INDEX
+from blip.serve.fetch import FetchLimits, SafeFetcher
+from blip.tasks.retrieval import INDEX, CollectionIndex, Fetch, SearchIndexError, load_collection_index
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -101,12 +102,13 @@ def _fingerprint(blip: Blip, tokenizer: str | None) -> str | None:
         return None
 
 
-def open_index(name: str, spec: IndexSpec, models: dict[str, Blip]) -> ServedIndex:
-    """Open the index and bind it to its model; `IndexSetupError` names the index folder and the problem."""
+def open_index(name: str, spec: IndexSpec, models: dict[str, Blip], fetch: Fetch | None = None) -> ServedIndex:
+    """Open the index and bind it to its model; `IndexSetupError` names the index folder and the problem. `fetch`
+    reads the collection's http(s) rows when text queries are re-ranked."""
     where = f"--index {name}={spec.path}"
     check_index_folder(name, spec)
     try:
-        collection = load_collection_index(spec.path)
+        collection = load_collection_index(spec.path, fetch=fetch)
     except SearchIndexError as e:
         raise IndexSetupError(f"{where}: {e}") from e
     except (OSError, ValueError, KeyError) as e:
@@ -152,5 +154,24 @@ def open_index(name: str, spec: IndexSpec, models: dict[str, Blip]) -> ServedInd
     return ServedIndex(name, model, collection, spec.path)
 
 
-def open_indexes(specs: dict[str, IndexSpec], models: dict[str, Blip]) -> dict[str, ServedIndex]:
-    return {name: open_index(name, spec, models) for name, spec in specs.items()}
+def open_indexes(
+    specs: dict[str, IndexSpec], models: dict[str, Blip], fetch: Fetch | None = None
+) -> dict[str, ServedIndex]:
+    return {name: open_index(name, spec, models, fetch) for name, spec in specs.items()}
+
+
+def blocking_fetch(limits: FetchLimits, *, allow_loopback: bool = False) -> Fetch:
+    """The safe fetcher as a plain call, for the inference thread (re-ranking reads collection rows given by URL):
+    each call runs a fetcher of its own on an event loop of its own."""
+
+    def fetch(url: str) -> bytes:
+        async def once() -> bytes:
+            fetcher = SafeFetcher(limits, allow_loopback=allow_loopback)
+            try:
+                return await fetcher.fetch(url, name="collection image")
+            finally:
+                await fetcher.aclose()
+
+        return asyncio.run(once())
+
+    return fetch

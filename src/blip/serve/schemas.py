@@ -4,7 +4,8 @@ Three request schemas:
 - Azure ML online endpoint (`POST /score`): `{"input_data": {"columns", "index", "data"}}` -> `[{"text": ...}]`.
 - The model card's custom schema (`POST /`, `POST /predict`): `{"secret_token", "inputs": {"texts", "images"}}`
   -> `{"captions": [{"image_results": [...]}]}`.
-- Our own API (`POST /v1/...`), with scores and generation options.
+- Our own API (`POST /v1/...`), with scores and the task options of `blip.tasks.options` (fields generated from
+  them: the same names, defaults, ranges and error messages as the Python API and the command lines).
 Limits that depend on the server's settings (images per request, tokens, beams) are checked by the routes.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+
+from blip.tasks.options import CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
 
 
 class ApiError(Exception):
@@ -152,21 +155,48 @@ class CardResponse(BaseModel):
 # --- our API (POST /v1/...) ---------------------------------------------------------------------------------------
 
 
-class CaptionParams(_Strict):
-    """Generation options; the server may cap max_new_tokens, num_beams and num_captions lower."""
+def _option_field(cls: type[TaskOptionsBase], name: str, spec: Spec, default: Any) -> tuple[Any, Any]:
+    """A request field for an option of `blip.tasks.options`: its type, default, range (in the schema) and help, and
+    the options layer's own check, so a bad value gets the same message here as on every other face."""
 
-    prompt: str | None = Field(None, max_length=500, description='text the caption starts with, e.g. "a picture of"')
-    num_beams: int = Field(1, ge=1, le=16, description="beam width; 1 = greedy (or sampling)")
-    max_new_tokens: int = Field(20, ge=1, le=256)
-    min_new_tokens: int = Field(0, ge=0, le=256)
-    do_sample: bool = Field(False, description="nucleus/top-k sampling instead of greedy or beam search")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=100_000)
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
-    length_penalty: float = Field(1.0, ge=-100.0, le=100.0)
-    num_captions: int = Field(1, ge=1, le=16, description="captions per image (<= num_beams, or with do_sample)")
-    seed: int | None = Field(None, ge=0, le=2**53, description="random seed for do_sample")
+    def check(value: Any) -> Any:
+        try:
+            return cls.coerce(name, value)
+        except OptionError as e:
+            raise ValueError(e.reason) from None  # the route's error message puts the field name in front
+
+    bounds: dict[str, Any] = {}
+    if spec.minimum is not None:
+        bounds["gt" if spec.exclusive_minimum else "ge"] = spec.minimum
+    if spec.maximum is not None:
+        bounds["le"] = spec.maximum
+    if spec.max_length is not None:
+        bounds["max_length"] = spec.max_length
+    if spec.kind == "texts":
+        bounds["min_length"] = 1
+    annotation = Annotated[spec.annotation, BeforeValidator(check)]
+    return annotation, Field(default, description=spec.help, **bounds)
+
+
+def option_model(name: str, cls: type[TaskOptionsBase], base: type[BaseModel], doc: str) -> type[BaseModel]:
+    """A pydantic model with a field per option of `cls` (generated: a new option appears here by itself)."""
+    fields = {n: _option_field(cls, n, spec, cls.defaults()[n]) for n, spec in cls.specs().items()}
+    model = create_model(name, __base__=base, __doc__=doc, __module__=__name__, **fields)  # type: ignore[call-overload]
+    return model
+
+
+def to_options(params: BaseModel, cls: type[OptionsT]) -> OptionsT:
+    """The request's options (rules between options checked here: OptionError naming the field)."""
+    return cls.from_mapping({name: getattr(params, name) for name in cls.specs() if hasattr(params, name)})
+
+
+CaptionParams = option_model(
+    "CaptionParams",
+    CaptionOptions,
+    _Strict,
+    "Generation options (`blip.tasks.options.CaptionOptions`); the server may cap max_new_tokens, num_beams and "
+    "num_captions lower.",
+)
 
 
 class CaptionRequest(CaptionParams):
@@ -199,13 +229,12 @@ class CaptionResponse(BaseModel):
     results: list[CaptionResult] = Field(description="one per image, in order")
 
 
-class VqaParams(_Strict):
-    num_beams: int = Field(1, ge=1, le=16)
-    max_new_tokens: int = Field(10, ge=1, le=256)
-    min_new_tokens: int = Field(0, ge=0, le=256)
-    answers: list[Text] | None = Field(
-        None, min_length=1, description="rank these candidate answers instead of generating"
-    )
+VqaParams = option_model(
+    "VqaParams",
+    VqaOptions,
+    _Strict,
+    "Answering options (`blip.tasks.options.VqaOptions`); the server may cap max_new_tokens and num_beams lower.",
+)
 
 
 class VqaRequest(VqaParams):
@@ -219,13 +248,10 @@ class VqaRequest(VqaParams):
     model: ModelName = None
 
 
-class VqaForm(_Lenient):
+class VqaForm(option_model("VqaFormOptions", VqaOptions, _Lenient, "VqaOptions as form fields")):  # type: ignore[misc]
     """Multipart form fields of /v1/vqa/upload: every question is asked about every uploaded image."""
 
     questions: list[Text] = Field(min_length=1)
-    num_beams: int = Field(1, ge=1, le=16)
-    max_new_tokens: int = Field(10, ge=1, le=256)
-    min_new_tokens: int = Field(0, ge=0, le=256)
     model: ModelName = None
 
 

@@ -8,38 +8,26 @@ import hmac
 import itertools
 import logging
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi.security import HTTPAuthorizationCredentials
 
-from blip.models.generation import GenerationConfig
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
 from blip.serve.fetch import FetchLimits, SafeFetcher
 from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
-from blip.serve.retrieval import IndexSpec, ServedIndex, open_indexes
-from blip.serve.runners import (
-    BatchKey,
-    CaptionOptions,
-    CaptionWork,
-    ImageItem,
-    PairWork,
-    RetrieveOptions,
-    RetrieveWork,
-    SimilarityWork,
-    TaskRunner,
-    VqaOptions,
-    rows,
-)
-from blip.serve.schemas import ApiError, CaptionParams
+from blip.serve.retrieval import IndexSpec, ServedIndex, blocking_fetch, open_indexes
+from blip.serve.schemas import ApiError
 from blip.serve.settings import ServeSettings
-from blip.tasks.caption import prompt_prefix
+from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
 from blip.tasks.common import Answer, Caption
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions
+from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
 
 if TYPE_CHECKING:
     from blip.api import Blip
-    from blip.jobs.index import Hit
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +38,16 @@ WHAT = {
     "match": "match images with texts",
     "similarity": "compare images with texts",
 }
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys may share a model call."""
+
+    task: str  # "caption" | "vqa" | "match" | "similarity" | "retrieve"
+    model: str
+    options: Hashable = None  # the task's options (`blip.tasks.options`, `RetrieveOptions`)
+    solo: int | None = None  # set (unique per request) for work that must run alone, e.g. sampling with a seed
 
 
 class Service:
@@ -68,26 +66,27 @@ class Service:
         self.models: dict[str, Blip] = dict(models or {})
         self.loader = loader
         self.on_load_error = on_load_error
-        self.index_specs = dict(indexes or {})
-        self.indexes: dict[str, ServedIndex] = {}
-        if loader is None and self.index_specs:  # models given: open the indexes now (IndexSetupError if one fails)
-            self.indexes = open_indexes(self.index_specs, self.models)
-        self.loaded = loader is None
-        self.load_error: str | None = None
-        self.metrics = ServerMetrics()
-        self.batcher = MicroBatcher(
-            TaskRunner(self.models),
-            max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-            on_batch=self._observe_batch,
-        )
         limits = FetchLimits(
             max_bytes=settings.fetch_max_bytes,
             max_redirects=settings.fetch_max_redirects,
             connect_timeout_s=settings.fetch_connect_timeout_s,
             read_timeout_s=settings.fetch_read_timeout_s,
             total_timeout_s=settings.fetch_total_timeout_s,
+        )
+        self.index_specs = dict(indexes or {})
+        self.index_fetch = blocking_fetch(limits, allow_loopback=settings.fetch_allow_loopback)
+        self.indexes: dict[str, ServedIndex] = {}
+        if loader is None and self.index_specs:  # models given: open the indexes now (IndexSetupError if one fails)
+            self.indexes = open_indexes(self.index_specs, self.models, self.index_fetch)
+        self.loaded = loader is None
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics()
+        self.batcher = MicroBatcher(
+            self.run_batch,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            on_batch=self._observe_batch,
         )
         self.fetcher = fetcher or SafeFetcher(limits, allow_loopback=settings.fetch_allow_loopback)
         self.images = ImageLoader(
@@ -129,7 +128,9 @@ class Service:
             _logger.info("models loaded: %s", ", ".join(f"{n} ({sorted(m.tasks)})" for n, m in self.models.items()))
             if self.index_specs:
                 stage = "index"
-                self.indexes = await anyio.to_thread.run_sync(open_indexes, self.index_specs, self.models)
+                self.indexes = await anyio.to_thread.run_sync(
+                    open_indexes, self.index_specs, self.models, self.index_fetch
+                )
                 described = (f"{n} ({i.count} images, model {i.model})" for n, i in self.indexes.items())
                 _logger.info("indexes loaded: %s", ", ".join(described))
             self.loaded = True
@@ -138,6 +139,12 @@ class Service:
             _logger.error("%s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error(e)
+
+    def run_batch(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """The micro-batcher's runner: one merged task call per batch (`blip.tasks.batch.dispatch`)."""
+        if not isinstance(key, BatchKey):
+            raise TypeError(f"unexpected batch key {key!r}")
+        return dispatch(self.models[key.model], key.task, key.options, payloads)
 
     def _observe_batch(self, key: Hashable, n_rows: int, n_jobs: int, seconds: float) -> None:
         task = key.task if isinstance(key, BatchKey) else "unknown"
@@ -212,70 +219,39 @@ class Service:
                     field=field,
                 )
 
-    def _positions(self, blip: Blip) -> int:
-        return blip.config.text.max_position_embeddings
-
-    def caption_config(self, params: CaptionParams, blip: Blip) -> GenerationConfig:
+    def caption_options(self, options: CaptionOptions, blip: Blip) -> CaptionOptions:
+        """The server's caps on top of the options' own rules, then the model's limits."""
         s = self.settings
-        self._cap("max_new_tokens", params.max_new_tokens, s.max_new_tokens)
-        self._cap("num_beams", params.num_beams, s.max_beams)
-        self._cap("num_captions", params.num_captions, s.max_captions)
-        self._generation_rules(params.min_new_tokens, params.max_new_tokens)
-        if params.do_sample and params.num_beams > 1:
-            raise self.invalid("num_beams", "beam sampling is not supported: use do_sample with num_beams=1")
-        if params.num_beams > 1 and params.num_captions > params.num_beams:
-            raise self.invalid("num_captions", f"must be <= num_beams ({params.num_beams})")
-        if params.num_beams == 1 and not params.do_sample and params.num_captions > 1:
-            raise self.invalid("num_captions", "greedy decoding gives one caption: use num_beams >= n or do_sample")
-        if params.prompt is not None:
-            self.check_texts([("prompt", params.prompt)])
-        prefix = len(prompt_prefix(blip, params.prompt))
-        if prefix + params.max_new_tokens > self._positions(blip):
-            raise self.invalid(
-                "max_new_tokens",
-                f"prompt ({prefix} tokens) + max_new_tokens ({params.max_new_tokens}) is over the model's "
-                f"{self._positions(blip)} positions",
-            )
-        generation = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.min_new_tokens,
-            num_beams=params.num_beams,
-            do_sample=params.do_sample,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            temperature=params.temperature,
-            repetition_penalty=params.repetition_penalty,
-            length_penalty=params.length_penalty,
-            num_return_sequences=params.num_captions,
-            seed=params.seed,
-        )
+        self._cap("max_new_tokens", options.max_new_tokens, s.max_new_tokens)
+        self._cap("num_beams", options.num_beams, s.max_beams)
+        self._cap("num_captions", options.num_captions, s.max_captions)
+        if options.prompt is not None:
+            self.check_texts([("prompt", options.prompt)])
+        return self.checked(options, blip)
+
+    def vqa_options(self, options: VqaOptions, blip: Blip) -> VqaOptions:
+        self._cap("max_new_tokens", options.max_new_tokens, self.settings.max_new_tokens)
+        self._cap("num_beams", options.num_beams, self.settings.max_beams)
+        if options.answers is not None:
+            self.check_count(len(options.answers), self.settings.max_answers, "answers", "answers")
+            self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(options.answers)])
+        return self.checked(options, blip)
+
+    @staticmethod
+    def checked(options: Any, blip: Blip) -> Any:
         try:
-            generation.validate()
-        except ValueError as e:
-            raise ApiError(422, "invalid_request", str(e)) from e
-        return generation
+            options.check_model(blip)
+        except OptionError as e:
+            raise ApiError(422, "invalid_request", str(e), field=e.field) from e
+        return options
 
-    def vqa_config(self, num_beams: int, max_new_tokens: int, min_new_tokens: int, blip: Blip) -> GenerationConfig:
-        self._cap("max_new_tokens", max_new_tokens, self.settings.max_new_tokens)
-        self._cap("num_beams", num_beams, self.settings.max_beams)
-        self._generation_rules(min_new_tokens, max_new_tokens)
-        if 1 + max_new_tokens > self._positions(blip):
-            raise self.invalid("max_new_tokens", f"over the model's {self._positions(blip)} positions")
-        return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams)
-
-    def check_answers(self, answers: list[str] | None, blip: Blip) -> tuple[str, ...] | None:
-        if answers is None:
-            return None
-        self.check_count(len(answers), self.settings.max_answers, "answers", "answers")
-        self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(answers)])
-        for i, answer in enumerate(answers):
-            if len(blip.tokenizer.encode(answer)) > self._positions(blip):
-                raise self.invalid(f"answers[{i}]", "too many tokens for the model")
-        return tuple(answers)
-
-    def _generation_rules(self, min_new_tokens: int, max_new_tokens: int) -> None:
-        if min_new_tokens > max_new_tokens:
-            raise self.invalid("min_new_tokens", f"must be <= max_new_tokens ({max_new_tokens})")
+    @staticmethod
+    def options(make: Callable[[], Any]) -> Any:
+        """`make()`'s options; a rule between options that fails is a 422 naming the field."""
+        try:
+            return make()
+        except OptionError as e:
+            raise ApiError(422, "invalid_request", str(e), field=e.field) from e
 
     def check_top_k(self, top_k: int) -> None:
         self._cap("top_k", top_k, self.settings.max_top_k)
@@ -342,12 +318,11 @@ class Service:
             raise ApiError(422, "invalid_request", str(e)) from e
 
     async def caption(
-        self, name: str, blip: Blip, params: CaptionParams, sources: list[ImageSource], field: str = "images"
+        self, name: str, blip: Blip, options: CaptionOptions, sources: list[ImageSource], field: str = "images"
     ) -> list[list[Caption]]:
         self.check_count(len(sources), self.settings.max_images, field, "images")
-        generation = self.caption_config(params, blip)
-        options = CaptionOptions(params.prompt, generation)
-        return await self.run("caption", name, options, sources, CaptionWork, solo=generation.do_sample)
+        options = self.caption_options(options, blip)
+        return await self.run("caption", name, options, sources, CaptionWork, solo=options.do_sample)
 
     async def answer(
         self,

@@ -30,7 +30,7 @@ def caption_images(
     blip: Blip,
     images: list[Image.Image],
     *,
-    prompt: str | None = None,
+    prompt: str | None,
     generation: GenerationConfig,
     generators: Sequence[torch.Generator] | None = None,
 ) -> list[list[Caption]]:

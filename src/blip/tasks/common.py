@@ -53,6 +53,12 @@ def unique_images(images: Sequence[ImageInput]) -> tuple[list[Image.Image], list
     decoded: list[Image.Image] = []
     index: list[int] = []
     for i, image in enumerate(images):
+        if not isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
+            where = f"images[{i}]" if len(images) > 1 else "images"
+            raise TypeError(
+                f"{where}: expected a PIL image, a path or the bytes of an image file (or a list of these), "
+                f"got {type(image).__name__}"
+            )
         key = _image_key(image)
         if key not in slots:
             slots[key] = len(decoded)

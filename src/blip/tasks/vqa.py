@@ -52,7 +52,7 @@ def answer_questions(
     image_index: list[int],
     *,
     generation: GenerationConfig,
-    answers: list[str] | None = None,
+    answers: list[str] | None,
 ) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
     results: list[Answer] = []

@@ -1,0 +1,201 @@
+"""Several requests (server micro-batches) or rows (batch jobs) in one call of the task functions: images shared by
+content are encoded once, the task runs once over everything, and the results are split back per request or row.
+
+`dispatch(blip, task, options, works)` is the one entry point; the server's micro-batcher and the jobs' row runner
+both call it. A work is one request's (or one row's) share of the call: its images (with a key saying which are the
+same image), and its texts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip.tasks.caption import caption_images
+from blip.tasks.itm import image_embeddings, match_probabilities, text_embeddings
+from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.vqa import answer_questions
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+    from blip.tasks.retrieval import RetrieveOptions, RetrieveWork
+
+TASKS = ("caption", "vqa", "match", "similarity", "embed", "retrieve")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    key: Hashable  # equal keys are one image (the server: sha256 of the encoded bytes; jobs: where it was read from)
+    image: Image.Image
+
+
+@dataclass
+class CaptionWork:
+    images: list[ImageItem]
+    seeds: list[int] | None = None  # sampling: one seed per image, each image then samples from its own generator
+
+
+@dataclass
+class PairWork:
+    """VQA (texts are questions) and ITM: text t is about images[image_of[t]]."""
+
+    images: list[ImageItem]
+    texts: list[str]
+    image_of: list[int]
+
+
+@dataclass
+class SimilarityWork:
+    images: list[ImageItem]
+    texts: list[str]
+
+
+@dataclass
+class EmbedWork:
+    images: list[ImageItem] = field(default_factory=list)
+
+
+def rows(work: Any) -> int:
+    """Batch rows a work adds: images to caption or embed, questions or pairs, embeddings, or a query's cost."""
+    if isinstance(work, CaptionWork | EmbedWork):
+        return len(work.images)
+    if isinstance(work, PairWork):
+        return len(work.texts)
+    if isinstance(work, SimilarityWork):
+        return max(len(work.images), len(work.texts))
+    return int(getattr(work, "rows", 1))
+
+
+def row_seed(seed: int, row_id: str, namespace: str = "blip.batch") -> int:
+    """The sampling seed of one row: a hash of (namespace, seed, row id), stable across runs, processes, machines and
+    batch sizes."""
+    digest = hashlib.sha256(f"{namespace}/{seed}/{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def merge_images(groups: Sequence[Sequence[ImageItem]]) -> tuple[list[Image.Image], list[list[int]]]:
+    """Distinct images over all groups, and for each group the index of each of its images into them."""
+    slots: dict[Hashable, int] = {}
+    images: list[Image.Image] = []
+    index: list[list[int]] = []
+    for group in groups:
+        positions = []
+        for item in group:
+            if item.key not in slots:
+                slots[item.key] = len(images)
+                images.append(item.image)
+            positions.append(slots[item.key])
+        index.append(positions)
+    return images, index
+
+
+def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[Any]:
+    """One result per work, in order:
+
+    - caption (`CaptionOptions`, `CaptionWork`): per image, its list of `num_captions` captions
+    - vqa (`VqaOptions`, `PairWork`): an `Answer` per question
+    - match (`PairWork`): P(match) per text
+    - similarity (`SimilarityWork`): ITC cosine [image][text]
+    - embed (`EmbedWork`): float32 ITC image features [n_images, dim] (numpy)
+    - retrieve (`blip.tasks.retrieval.RetrieveOptions`, `RetrieveWork`): the hits of each query"""
+    if not works:
+        return []
+    if task == "caption":
+        return _caption(blip, options if options is not None else CaptionOptions(), works)
+    if task == "vqa":
+        return _vqa(blip, options if options is not None else VqaOptions(), works)
+    if task == "match":
+        images, texts, image_index = _pairs(works)
+        return _split(match_probabilities(blip, images, texts, image_index), works)
+    if task == "similarity":
+        return _similarity(blip, works)
+    if task == "embed":
+        images, index = merge_images([w.images for w in works])
+        feats = image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
+        return [feats[positions] for positions in index]
+    if task == "retrieve":
+        return _retrieve(blip, options, works)
+    raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+
+
+def _caption(blip: Blip, options: CaptionOptions, works: Sequence[CaptionWork]) -> list[list[list[Any]]]:
+    generation = options.generation()
+    seeded = [w.seeds is not None for w in works]
+    if not any(seeded):
+        images, index = merge_images([w.images for w in works])
+        per_image = caption_images(blip, images, prompt=options.prompt, generation=generation)
+        return [[per_image[i] for i in positions] for positions in index]
+    if not all(seeded):
+        raise ValueError("a batch of seeded caption works has works without seeds")
+    # Each image samples from its own generator: no sharing, so what an image gets depends on its seed alone.
+    images, generators = [], []
+    for work in works:
+        assert work.seeds is not None
+        if len(work.seeds) != len(work.images):
+            raise ValueError(f"{len(work.seeds)} seeds for {len(work.images)} images")
+        images += [item.image for item in work.images]
+        generators += [torch.Generator(device=blip.device).manual_seed(seed) for seed in work.seeds]
+    per_image = caption_images(blip, images, prompt=options.prompt, generation=generation, generators=generators)
+    out, start = [], 0
+    for work in works:
+        out.append(per_image[start : start + len(work.images)])
+        start += len(work.images)
+    return out
+
+
+def _pairs(works: Sequence[PairWork]) -> tuple[list[Image.Image], list[str], list[int]]:
+    images, index = merge_images([w.images for w in works])
+    texts = [t for w in works for t in w.texts]
+    image_index = [positions[i] for w, positions in zip(works, index) for i in w.image_of]
+    return images, texts, image_index
+
+
+def _split(values: list[Any], works: Sequence[PairWork]) -> list[list[Any]]:
+    out, start = [], 0
+    for work in works:
+        out.append(values[start : start + len(work.texts)])
+        start += len(work.texts)
+    return out
+
+
+def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[list[Any]]:
+    images, questions, image_index = _pairs(works)
+    answers = list(options.answers) if options.answers is not None else None
+    generation = options.generation()
+    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=answers)
+    return _split(results, works)
+
+
+def _similarity(blip: Blip, works: Sequence[SimilarityWork]) -> list[list[list[float]]]:
+    images, index = merge_images([w.images for w in works])
+    slots = {text: i for i, text in enumerate(dict.fromkeys(t for w in works for t in w.texts))}
+    image_feats = image_embeddings(blip, images)
+    text_feats = text_embeddings(blip, list(slots))
+    out = []
+    for work, positions in zip(works, index):
+        rows_i = image_feats[positions]
+        rows_t = text_feats[[slots[t] for t in work.texts]]
+        out.append((rows_i @ rows_t.T).tolist())
+    return out
+
+
+def _retrieve(blip: Blip, options: RetrieveOptions, works: Sequence[RetrieveWork]) -> list[list[Any]]:
+    """ITC top-k from the index, text queries re-ranked by ITM: the same search as `blip retrieve`."""
+    from blip.tasks.retrieval import search_images, search_texts
+
+    collection = works[0].collection
+    if any(w.collection is not collection for w in works):
+        raise ValueError("one retrieval batch searches one collection")
+    if options.query == "text":
+        texts = [w.text or "" for w in works]
+        return search_texts(blip, collection, texts, top_k=options.top_k, rerank=options.rerank)
+    images, index = merge_images([[w.image] for w in works if w.image is not None])
+    if len(index) != len(works):
+        raise ValueError("an image query without an image")
+    per_image = search_images(blip, collection, images, top_k=options.top_k)
+    return [per_image[positions[0]] for positions in index]

@@ -1,0 +1,322 @@
+"""Search an embedded image collection: read a collection index (written by `blip batch embed`, built by
+`blip.jobs.index`), find the ITC top-k for text or image queries, and re-rank text queries by the ITM match
+probability. `blip retrieve`, the server's `/v1/retrieve` and the Python API all search through here.
+
+Backends: faiss (``pip install faiss-cpu``) when the index was built with it, else numpy. Kinds: ``flat`` (exact
+inner product), ``ivf`` (inverted lists over k-means cells) and ``hnsw`` (faiss only). Features are L2-normalised, so
+inner product is cosine similarity (ITC).
+
+On disk (``<out>/index/``)::
+
+    index.json     kind, backend, dim, count, parameters, the model and job that made the vectors
+    vectors.npy    float32 [count, dim]: every vector in collection order (flat search, exact re-scoring)
+    rows.jsonl     one line per vector: {"image": id, "source": where the image is, "text"?: ...}
+    faiss.index    faiss backends: the index itself
+    ivf.npz        numpy ivf: centroids and the inverted lists
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from blip.transforms import load_image
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+_logger = logging.getLogger(__name__)
+
+INDEX = "index"  # the index folder inside a `blip batch embed` output folder
+INDEX_FORMAT = "blip-index/1"
+TAR_PREFIX = "tar://"  # a WebDataset member: tar://<shard path>#<offset>:<size>
+_QUERY_BLOCK = 1024
+
+ImageReader = Callable[[str, str], Image.Image]  # (row id, source) -> RGB image
+Fetch = Callable[[str], bytes]  # an http(s) URL -> its bytes
+
+
+class SearchIndexError(ValueError):
+    """The index cannot be built, read or used as asked."""
+
+
+def have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:
+        raise SearchIndexError("the faiss backend needs faiss: pip install faiss-cpu") from e
+    return faiss
+
+
+@dataclass
+class IndexInfo:
+    kind: str
+    backend: str
+    dim: int
+    count: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class VectorIndex(Protocol):
+    info: IndexInfo
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k] float32, ids [q, k] int64), best first; id -1 (score -inf) where fewer than k exist."""
+        ...
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns of each row, best first; ties go to the smaller id. `ids` maps columns to ids."""
+    q, n = scores.shape
+    kk = min(k, n)
+    out_scores = np.full((q, k), -np.inf, dtype=np.float32)
+    out_ids = np.full((q, k), -1, dtype=np.int64)
+    if kk == 0:
+        return out_scores, out_ids
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (q, 1))
+    for r in range(q):
+        cols = part[r]
+        row_ids = ids[cols] if ids is not None else cols
+        order = np.lexsort((row_ids, -scores[r, cols]))
+        out_scores[r, :kk] = scores[r, cols[order]]
+        out_ids[r, :kk] = row_ids[order]
+    return out_scores, out_ids
+
+
+class NumpyFlatIndex:
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+        self.info = IndexInfo("flat", "numpy", int(vectors.shape[1]), int(vectors.shape[0]))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        parts = [
+            top_k(queries[s : s + _QUERY_BLOCK] @ self.vectors.T, None, k) for s in range(0, len(queries), _QUERY_BLOCK)
+        ]
+        if not parts:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class NumpyIVFIndex:
+    """Inverted lists over k-means cells; a query scans the `nprobe` cells nearest to it, exactly."""
+
+    def __init__(self, vectors: np.ndarray, centroids: np.ndarray, order: np.ndarray, offsets: np.ndarray, nprobe: int):
+        self.vectors = vectors
+        self.centroids = centroids
+        self.order = order
+        self.offsets = offsets
+        self.nprobe = nprobe
+        params = {"nlist": int(len(centroids)), "nprobe": int(nprobe)}
+        self.info = IndexInfo("ivf", "numpy", int(vectors.shape[1]), int(vectors.shape[0]), params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids_out = np.full((len(queries), k), -1, dtype=np.int64)
+        nprobe = min(self.nprobe, len(self.centroids))
+        cells = np.argpartition(-(queries @ self.centroids.T), nprobe - 1, axis=1)[:, :nprobe]
+        for r, query in enumerate(queries):
+            ids = np.concatenate([self.order[self.offsets[c] : self.offsets[c + 1]] for c in cells[r]])
+            s, i = top_k((self.vectors[ids] @ query)[None, :], ids, k)
+            scores_out[r], ids_out[r] = s[0], i[0]
+        return scores_out, ids_out
+
+
+class FaissIndex:
+    def __init__(self, index: Any, info: IndexInfo):
+        self.index = index
+        self.info = info
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        return scores, ids.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The collection index of a batch output folder
+
+
+def read_source_image(row_id: str, source: str, fetch: Fetch | None = None) -> Image.Image:
+    """A collection row's image: a local path, a WebDataset member (tar://shard#offset:size) or, with `fetch`, an
+    http(s) URL."""
+    if source.startswith(TAR_PREFIX):
+        path, _, span = source[len(TAR_PREFIX) :].rpartition("#")
+        offset, size = (int(x) for x in span.split(":"))
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"truncated tar member: {len(data)} of {size} bytes present")
+        return load_image(data, name=row_id)
+    if source.startswith(("http://", "https://")):
+        if fetch is None:
+            raise OSError(f"cannot fetch {source}: no URL fetcher given")
+        return load_image(fetch(source), name=row_id)
+    if not source:
+        raise OSError("no image")
+    return load_image(source, name=row_id)
+
+
+@dataclass
+class CollectionIndex:
+    folder: Path
+    index: VectorIndex
+    vectors: np.ndarray
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+    fetch: Fetch | None = None  # how http(s) rows are read for re-ranking (None: they are not)
+
+    def read_image(self, i: int) -> Image.Image:
+        row = self.rows[i]
+        return read_source_image(row["image"], row.get("source", ""), self.fetch)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_collection_index(
+    path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None, fetch: Fetch | None = None
+) -> CollectionIndex:
+    """Open an index: the `blip batch embed` output folder or its ``index`` folder. `fetch` reads http(s) rows
+    (re-ranking needs their pixels)."""
+    folder = Path(path).expanduser()
+    if (folder / INDEX / "index.json").exists():
+        folder = folder / INDEX
+    meta_path = folder / "index.json"
+    if not meta_path.exists():
+        raise SearchIndexError(f"{path}: no index here (expected {INDEX}/index.json from `blip batch embed`)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+    rows = _read_jsonl(folder / "rows.jsonl")
+    info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], meta["count"], meta.get("params", {}))
+    index: VectorIndex
+    if meta["backend"] == "faiss":
+        faiss = import_faiss()
+        raw = faiss.read_index(str(folder / "faiss.index"))
+        if nprobe is not None and hasattr(raw, "nprobe"):
+            raw.nprobe = nprobe
+        if ef_search is not None and hasattr(raw, "hnsw"):
+            raw.hnsw.efSearch = ef_search
+        index = FaissIndex(raw, info)
+    elif meta["kind"] == "ivf":
+        ivf = np.load(folder / "ivf.npz")
+        index = NumpyIVFIndex(
+            np.asarray(vectors),
+            ivf["centroids"],
+            ivf["order"],
+            ivf["offsets"],
+            nprobe or info.params.get("nprobe", 1),
+        )
+    else:
+        index = NumpyFlatIndex(np.asarray(vectors))
+    return CollectionIndex(folder, index, vectors, rows, meta, fetch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retrieval: ITC top-k, re-ranked by ITM
+
+
+@dataclass
+class Hit:
+    rank: int
+    image: str
+    source: str
+    itc: float
+    itm: float | None = None
+    row: int = -1  # the collection row
+
+
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """Queries with equal options search the same index in one call."""
+
+    index: str  # the index's name (queries of one batch search one index)
+    query: str  # "text" | "image"
+    top_k: int
+    rerank: bool
+
+
+@dataclass
+class RetrieveWork:
+    """One query: a text, or an image (a `blip.tasks.batch.ImageItem`); `rows`: what the query costs the model,
+    1 + its top_k ITM passes when re-ranked."""
+
+    collection: CollectionIndex
+    text: str | None = None
+    image: Any = None
+    rows: int = 1
+
+
+def search_texts(
+    blip: Blip, collection: CollectionIndex, texts: Sequence[str], *, top_k: int = 10, rerank: bool = True
+) -> list[list[Hit]]:
+    """For each text: the `top_k` images by ITC (cosine), re-ranked by the ITM match probability when `rerank`."""
+    from blip.tasks.itm import match_probabilities, text_embeddings
+
+    queries = text_embeddings(blip, list(texts)).numpy()
+    scores, ids = collection.index.search(queries, top_k)
+    results = []
+    for text, row_scores, row_ids in zip(texts, scores, ids):
+        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+        if rerank and hits:
+            if "itm" not in blip.tasks:
+                blip.require("itm")
+            images, keep = [], []
+            for hit in hits:
+                try:
+                    images.append(collection.read_image(hit.row))
+                    keep.append(hit)
+                except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
+                    _logger.warning("cannot re-rank %s: %s", hit.image, e)
+            probs = match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
+            for hit, p in zip(keep, probs):
+                hit.itm = p
+            hits = sorted(keep, key=lambda h: (-(h.itm or 0.0), -h.itc))
+        for rank, hit in enumerate(hits, start=1):
+            hit.rank = rank
+        results.append(hits)
+    return results
+
+
+def search_images(
+    blip: Blip, collection: CollectionIndex, images: Sequence[Any], *, top_k: int = 10
+) -> list[list[Hit]]:
+    """For each query image: the `top_k` most similar images of the collection by ITC image-image cosine."""
+    from blip.tasks.common import unique_images
+    from blip.tasks.itm import image_embeddings
+
+    decoded, index = unique_images(list(images))
+    queries = image_embeddings(blip, decoded).numpy()[index]
+    scores, ids = collection.index.search(queries, top_k)
+    out = []
+    for row_scores, row_ids in zip(scores, ids):
+        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+        for rank, hit in enumerate(hits, start=1):
+            hit.rank = rank
+        out.append(hits)
+    return out
+
+
+def _hit(collection: CollectionIndex, i: int, score: float) -> Hit:
+    row = collection.rows[i]
+    return Hit(rank=0, image=row["image"], source=row.get("source", ""), itc=score, row=i)
