@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from blip.io import atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
 from blip.jobs.sources import Row, read_image
-from blip.jobs.writer import INDEX, MANIFEST, atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
+from blip.jobs.writer import INDEX, MANIFEST
 
 if TYPE_CHECKING:
     from blip.api import Blip
