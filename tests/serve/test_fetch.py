@@ -12,7 +12,7 @@ import httpx
 import pytest
 from serve_helpers import RecordingTransport
 
-from blip.serve.fetch import (
+from blip.fetch import (
     FetchError,
     FetchLimits,
     SafeFetcher,
