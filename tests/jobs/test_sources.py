@@ -9,12 +9,12 @@ import tarfile
 import pytest
 from jobs_helpers import make_folder
 
+from blip.data.webdataset import expand_braces
 from blip.jobs.sources import (
     InputError,
     InputOptions,
     Row,
     RowError,
-    expand_braces,
     plan_input,
     read_image,
     shard_paths,
