@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from blip.config import BlipConfig
+from blip.distributed import resolve_device
 from blip.models.blip import BlipModel
 from blip.models.generation import GenerationConfig
 from blip.tasks import caption as caption_task
@@ -201,6 +202,7 @@ def load(
     `kind` picks a part of a multi-part checkpoint (e.g. `kind="caption"` from a pretrain `.pth`); `image_size`
     resizes the position embeddings; `tokenizer` names a folder or vocab file when the checkpoint has none;
     `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes."""
+    device = resolve_device(device)  # an unusable device is one clear error (DeviceError), before any loading
     torch_dtype = parse_dtype(dtype)
     from blip.train.checkpoint import is_training_checkpoint
 

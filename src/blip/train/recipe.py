@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from blip import distributed as D
 from blip.config import HF_ARCHITECTURES
 from blip.tokenizer import BlipTokenizer
-from blip.train import distributed as D
 from blip.train.checkpoint import config_to_dict, seed_everything, tokenizer_to_dict
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
 from blip.train.config import TrainConfig
