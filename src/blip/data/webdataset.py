@@ -148,10 +148,10 @@ def iter_tar_samples(
                     current.duplicates.append(member.name)
                     continue
                 seen.add(member.name)
-                current.members[ext] = TarMember(member.name, member.offset_data, member.size)
-                if read(ext, member.size):
+                if read(ext, member.size):  # before the member is listed: a sample never lists bytes it lacks
                     data = tar.extractfile(member)
                     current.data[ext] = data.read() if data is not None else b""
+                current.members[ext] = TarMember(member.name, member.offset_data, member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         if current is not None:
             yield current
