@@ -70,7 +70,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"blip train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(args.verbose)
-    from blip.train.data import DataError
+    from blip.data.manifests import DataError
     from blip.train.modeling import ModelInitError
     from blip.train.recipe import run
 

@@ -23,22 +23,12 @@ from torch.utils.data import DataLoader
 
 from blip import distributed as D
 from blip.config import HF_ARCHITECTURES
+from blip.data.manifests import DataError, SkipLog, read_pairs, read_questions, resolve_sources
 from blip.tokenizer import BlipTokenizer
 from blip.train.checkpoint import config_to_dict, seed_everything, tokenizer_to_dict
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
 from blip.train.config import TrainConfig
-from blip.train.data import (
-    DataError,
-    GlobalBatchSampler,
-    PairDataset,
-    QuestionDataset,
-    SkipLog,
-    TarPairStream,
-    count_tar_samples,
-    read_pairs,
-    read_questions,
-    resolve_sources,
-)
+from blip.train.data import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
 from blip.train.loop import LoopSettings, Trainer, total_steps
 from blip.train.modeling import as_blip, build_model, save_hf
 from blip.train.optim import LRSchedule, build_optimizer
