@@ -28,6 +28,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -330,18 +331,12 @@ class SafeFetcher:
 class SyncFetcher:
     """`SafeFetcher` for blocking callers, e.g. worker threads: `fetch(url)` returns the bytes or raises FetchError,
     within the total time limit. Thread-safe; concurrent calls share one event loop (a daemon thread, started on first
-    use and again in a forked child) and one connection pool."""
+    use and again in a forked child) and one connection pool. `options` are SafeFetcher's (allow_loopback,
+    resolver, transport)."""
 
-    def __init__(
-        self,
-        limits: FetchLimits | None = None,
-        *,
-        allow_loopback: bool = False,
-        resolver: Resolver | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
+    def __init__(self, limits: FetchLimits | None = None, **options: Any):
         self.limits = limits or FetchLimits()
-        self._options = {"allow_loopback": allow_loopback, "resolver": resolver, "transport": transport}
+        self._options = options
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -355,7 +350,7 @@ class SyncFetcher:
                 thread = threading.Thread(target=loop.run_forever, name="blip-fetch", daemon=True)
                 thread.start()
                 self._pid, self._loop, self._thread = os.getpid(), loop, thread
-                self._fetcher = SafeFetcher(self.limits, **self._options)  # type: ignore[arg-type]
+                self._fetcher = SafeFetcher(self.limits, **self._options)
             return self._loop, self._fetcher
 
     def fetch(self, url: str, *, name: str = "url") -> bytes:

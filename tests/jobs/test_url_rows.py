@@ -155,5 +155,5 @@ def test_a_dripping_server_fails_its_row_at_the_total_time_limit(
 
 def test_the_default_job_fetcher_has_total_and_size_limits():
     fetcher = sources.url_fetcher()
-    assert isinstance(fetcher, SyncFetcher) and not fetcher._options["allow_loopback"]
+    assert isinstance(fetcher, SyncFetcher) and not fetcher._options.get("allow_loopback")
     assert fetcher.limits.total_timeout_s == sources.URL_TIMEOUT_S and fetcher.limits.max_bytes == sources.URL_MAX_BYTES

@@ -133,7 +133,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except DeviceError as e:
         print(f"blip eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -144,7 +144,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     kind = {"caption": None, "vqa": "vqa", "retrieval": None}[args.task]
     try:
         blip_model = load_trained(
-            args.model, device=args.device, tokenizer=args.tokenizer, batch_size=args.batch_size, kind=kind
+            args.model, device=str(device), tokenizer=args.tokenizer, batch_size=args.batch_size, kind=kind
         )
     except (CheckpointError, ModelInitError, FileNotFoundError, ValueError) as e:
         print(f"blip eval: error: cannot load {args.model}: {e}", file=sys.stderr)
