@@ -24,10 +24,6 @@ def _blip_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "blip.cli"]
 
 
-def _run_blip(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*_blip_command(), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("device_images")
@@ -45,14 +41,24 @@ def _assert_one_line_usage_error(result: subprocess.CompletedProcess, *words: st
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="needs a PyTorch without a usable CUDA device")
-@pytest.mark.parametrize("device, words", [("cuda", ("CUDA", "use cpu")), ("foo", ("unknown device 'foo'",))])
-def test_caption_and_batch_refuse_a_bad_device_in_one_line(hf_checkpoints, image, tmp_path, device, words):
+def test_caption_and_batch_refuse_a_bad_device_in_one_line(hf_checkpoints, image, tmp_path):
+    """The real `blip` command (four processes at once: each mostly imports torch)."""
     model = str(hf_checkpoints(CAPTION))
-    caption = _run_blip(["caption", "--model", model, "--device", device, str(image / "a.png")], tmp_path)
-    _assert_one_line_usage_error(caption, "blip caption: error:", *words)
     out = tmp_path / "out"
-    batch = _run_blip(["batch", "caption", "-m", model, "-i", str(image), "-o", str(out), "--device", device], tmp_path)
-    _assert_one_line_usage_error(batch, "blip batch caption: error:", *words)
+    cases = {}
+    for device, words in [("cuda", ("CUDA", "use cpu")), ("foo", ("unknown device 'foo'",))]:
+        cases[("caption", device)] = (["caption", "--model", model, "--device", device, str(image / "a.png")], words)
+        batch = ["batch", "caption", "-m", model, "-i", str(image), "-o", str(out), "--device", device]
+        cases[("batch", device)] = (batch, words)
+    running = {
+        key: subprocess.Popen([*_blip_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for key, (args, _) in cases.items()
+    }
+    for (command, device), process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        prog = "blip caption: error:" if command == "caption" else "blip batch caption: error:"
+        _assert_one_line_usage_error(result, prog, *cases[(command, device)][1])
     assert not out.exists()  # refused before the job touched anything
 
 
