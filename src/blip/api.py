@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from blip.config import BlipConfig
+from blip.distributed import resolve_device
 from blip.models.blip import BlipModel
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
@@ -181,6 +182,7 @@ def load(
     resizes the position embeddings; `tokenizer` names a folder or vocab file when the checkpoint has none;
     `config` (BlipConfig or config.json) describes an original `.pth` whose sizes cannot be read off its shapes.
     Every problem with the checkpoint raises `blip.weights.load.CheckpointError` (a ValueError) in one line."""
+    device = resolve_device(device)  # an unusable device is one clear error (DeviceError), before any loading
     torch_dtype = parse_dtype(dtype)
     loaded = load_model(source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config)
     blip_tokenizer = load_tokenizer(loaded, tokenizer, source)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from blip.distributed import DEFAULT_DEVICE
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, add_option_flags, options_from_args
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
@@ -28,7 +29,9 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
             help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
         )
         parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -128,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _check_device(device: str) -> None:
+    """An unusable --device is a one-line usage error before anything is loaded."""
+    from blip.distributed import DeviceError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as e:
+        raise CliError(str(e)) from e
 
 
 def _load(args: argparse.Namespace):
@@ -376,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if getattr(args, "device", None) is not None:
+            _check_device(args.device)
         return COMMANDS[args.command](args)
     except CliError as e:
         print(f"blip {args.command}: error: {e}", file=sys.stderr)

@@ -10,8 +10,8 @@ import torch
 from capfilt_helpers import bad_manifest, read_jsonl, records_bytes
 
 from blip.capfilt import DATASET, CapfiltConfig, read_records, row_seed, run_capfilt
+from blip.data.manifests import read_pairs, resolve_sources
 from blip.jobs.writer import JobMismatchError
-from blip.train.data import read_pairs, resolve_sources
 
 torch.set_num_threads(1)
 
@@ -187,7 +187,7 @@ def test_folder_of_images_gets_synthetic_captions_only(models, shapes_dir, tmp_p
 
 
 def test_missing_clean_split_fails_before_the_work(models, shapes_dir, tmp_path):
-    from blip.train.data import DataError
+    from blip.data.manifests import DataError
 
     captioner, filter_ = models
     cfg = CapfiltConfig(keep_clean=str(tmp_path / "nope.jsonl"), **FAST)

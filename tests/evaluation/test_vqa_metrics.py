@@ -108,3 +108,11 @@ def test_input_validation() -> None:
         vqa_accuracy([], [])
     with pytest.raises(ValueError, match="answer types"):
         vqa_evaluate(["a"], [["a"]], answer_types=["x", "y"])
+
+
+def test_exact_match_mode_skips_the_official_normalisation():
+    """`normalize=False` (the shapes world's canonical answers): the same leave-one-out formula on the raw strings."""
+    assert vqa_question_accuracy("two", ["2"] * 10) == 1.0  # "two" -> "2" officially
+    assert vqa_question_accuracy("two", ["2"] * 10, normalize=False) == 0.0
+    assert vqa_question_accuracy("red", ["red"] * 3 + ["blue"] * 7, normalize=False) == pytest.approx(0.9)
+    assert vqa_question_accuracy("Red", ["red"] * 10, normalize=False) == 0.0

@@ -336,12 +336,17 @@ def test_webdataset_shards_equal_the_manifest(retrieval_model, tmp_path):
     assert [(r["text"], r["score"]) for r in wds] == [(r["text"], r["score"]) for r in manifest]
 
 
-def test_manifest_urls(caption_model, image_folder, tmp_path):
-    """http(s) rows are fetched; a URL that fails is that row's error."""
+def test_manifest_urls(caption_model, image_folder, tmp_path, monkeypatch):
+    """http(s) rows are fetched; a URL that fails is that row's error. (Through the safe fetcher, with loopback
+    allowed as in the server tests: the default refuses it, see test_url_rows.py.)"""
     import functools
     import http.server
     import threading
 
+    import blip.jobs.sources as sources
+    from blip.fetch import SyncFetcher
+
+    monkeypatch.setattr(sources, "_url_fetcher", SyncFetcher(allow_loopback=True))
     folder, good, _ = image_folder
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
@@ -361,4 +366,6 @@ def test_manifest_urls(caption_model, image_folder, tmp_path):
     assert [r["image"] for r in rows] == [f"{base}/{g}" for g in good[:3]]
     expected = blip.load(caption_model).caption([str(folder / g) for g in good[:3]])
     assert [r["caption"] for r in rows] == [c.text for c in expected]
-    assert read_errors(out) == [{"image": f"{base}/nothing.png", "error": f"cannot fetch {base}/nothing.png: HTTP 404"}]
+    assert read_errors(out) == [
+        {"image": f"{base}/nothing.png", "error": f"cannot fetch {base}/nothing.png: the server answered HTTP 404"}
+    ]

@@ -9,12 +9,12 @@ import tarfile
 import pytest
 from jobs_helpers import make_folder
 
+from blip.data.webdataset import expand_braces
 from blip.jobs.sources import (
     InputError,
     InputOptions,
     Row,
     RowError,
-    expand_braces,
     plan_input,
     read_image,
     shard_paths,
@@ -116,3 +116,28 @@ def test_read_image_errors(tmp_path):
         read_image(Row("x", "", problem="no image path"))
     with pytest.raises(RowError, match="cannot fetch"):
         read_image(Row("x", "http://127.0.0.1:9/none.png"))
+
+
+def test_duplicate_member_names_in_a_shard_are_row_errors(tmp_path):
+    """Issue 14.12: a repeated member name used to keep one copy silently (the earlier sample was lost)."""
+    from oracle import make_images
+
+    pngs = []
+    for image in make_images(2):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    members = [("a.png", pngs[0]), ("a.txt", b"first"), ("a.png", pngs[1]), ("a.txt", b"second")]  # adjacent copies
+    members += [("b.png", pngs[0]), ("c.png", pngs[1]), ("b.png", pngs[1])]  # b comes back later in the shard
+    _tar(tmp_path / "d.tar", members)
+    rows = plan_input(str(tmp_path / "d.tar"), "caption").rows
+    assert [r.id for r in rows] == ["d.tar/a", "d.tar/b", "d.tar/c", "d.tar/b"]
+    assert (
+        rows[0].problem
+        == "duplicate member name in d.tar: a.png, a.txt (a sample's members must be unique in its shard)"
+    )
+    assert rows[1].problem is None and rows[2].problem is None
+    assert "duplicate member name in d.tar: b.png" in rows[3].problem
+    with pytest.raises(RowError, match="duplicate member name"):
+        read_image(rows[0])
+    assert read_image(rows[1]).tobytes() == make_images(2)[0].convert("RGB").tobytes()  # the first b, as it came

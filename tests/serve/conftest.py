@@ -18,8 +18,8 @@ from PIL import Image  # noqa: E402
 from serve_helpers import ImageServer, LiveServer, RecordingTransport, png_bytes  # noqa: E402
 
 import blip  # noqa: E402
+from blip.fetch import FetchLimits, SafeFetcher  # noqa: E402
 from blip.serve import ServeSettings, create_app  # noqa: E402
-from blip.serve.fetch import FetchLimits, SafeFetcher  # noqa: E402
 from oracle import TinySpec, make_images  # noqa: E402
 
 CAPTION = TinySpec(kind="caption", seed=31)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from serve_helpers import RecordingTransport
 
-from blip.serve.fetch import (
+from blip.fetch import (
     FetchError,
     FetchLimits,
     SafeFetcher,
@@ -266,3 +266,31 @@ def test_sniffing():
     assert sniff_image_type(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
     assert sniff_image_type(b"<html>") is None
     assert sniff_image_type(b"%!PS-Adobe-3.0 EPSF") is None  # formats that run interpreters are not accepted
+
+
+def test_sync_fetcher_runs_the_same_checks_for_blocking_threads(image_server):
+    """`SyncFetcher` (the batch jobs' entry point) is the async fetcher on a private loop: the same refusals, and
+    several threads fetch at once through it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blip.fetch import SyncFetcher
+
+    refusing = SyncFetcher(transport=ForbiddenTransport())
+    with pytest.raises(UnsafeURLError, match="loopback"):
+        refusing.fetch(f"{image_server.url}/image.png")
+    refusing.close()
+    fetcher = SyncFetcher(FetchLimits(total_timeout_s=5.0), allow_loopback=True)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(fetcher.fetch, [f"{image_server.url}/image.png"] * 8))
+        assert all(sniff_image_type(data) == "png" for data in results)
+        with pytest.raises(FetchError, match="HTTP 404"):
+            fetcher.fetch(f"{image_server.url}/missing", name="row 3")
+        fetcher.close()  # a later fetch starts the loop again
+        assert sniff_image_type(fetcher.fetch(f"{image_server.url}/image.png")) == "png"
+    finally:
+        fetcher.close()
+    slow = SyncFetcher(FetchLimits(total_timeout_s=0.5), allow_loopback=True)
+    with pytest.raises(FetchError, match="longer than 0.5 s"):
+        slow.fetch(f"{image_server.url}/trickle")
+    slow.close()

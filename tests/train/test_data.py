@@ -12,20 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from blip.data.manifests import DataError, SkipLog, read_caption_rows, read_pairs, read_questions, resolve_sources
 from blip.data.vocab import shapes_tokenizer
 from blip.train.collate import PairCollator, QuestionCollator, pre_caption
-from blip.train.data import (
-    DataError,
-    GlobalBatchSampler,
-    PairDataset,
-    SkipLog,
-    TarPairStream,
-    count_tar_samples,
-    read_caption_rows,
-    read_pairs,
-    read_questions,
-    resolve_sources,
-)
+from blip.train.data import GlobalBatchSampler, PairDataset, TarPairStream, count_tar_samples
 
 
 def _image_fn(image, rng):
@@ -210,3 +200,15 @@ def test_shuffled_order_is_a_permutation():
     sampler = GlobalBatchSampler(32, 4, seed=random.Random(0).randint(0, 100))
     seen = [i for batch in sampler for _, i in batch]
     assert sorted(seen) == list(range(32))
+
+
+def test_tar_samples_with_duplicate_member_names_are_skipped_and_counted(tmp_path):
+    """Issue 14.12: a repeated member name used to replace the earlier copy silently."""
+    members = [("a.png", _png((255, 0, 0))), ("a.txt", b"first a"), ("a.png", _png((0, 0, 255))), ("a.txt", b"a2")]
+    members += [("b.png", _png((0, 255, 0))), ("b.txt", b"only b")]
+    _tar(tmp_path / "d.tar", members)
+    assert count_tar_samples([str(tmp_path / "d.tar")]) == [1]
+    stream = TarPairStream([str(tmp_path / "d.tar")], _image_fn, batch_size=1, seed=0)
+    assert [item["text"] for item, _ in zip(stream, range(3))] == ["only b"] * 3
+    assert set(stream.skips.summary()) == {"duplicate member name"}
+    assert "a (a.png, a.txt)" in stream.skips.examples["duplicate member name"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from blip.capfilt.core import DATASET, ENGINES, CapfiltConfig, run_capfilt
+from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +60,9 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("running")
-    g.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:1, auto (default: cpu)")
+    g.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     g.add_argument("--dtype", default=_DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     g.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="rows per batch (default: 32)")
@@ -83,10 +86,10 @@ def _fatal(prog: str, message: str) -> int:
 
 def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> int:
     """`blip capfilt --captioner M1 --filter M2 --data WEB --out DIR ...`; returns the exit code."""
+    from blip.data.manifests import DataError
     from blip.jobs.runner import JobError
     from blip.jobs.sources import InputError
     from blip.jobs.writer import JobMismatchError
-    from blip.train.data import DataError
     from blip.transforms import ImageDecodeError
     from blip.weights.load import CheckpointError
 
@@ -99,6 +102,13 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     elif args.verbose:
         logging.getLogger().setLevel(logging.INFO)
+    try:
+        if args.engine == "ray":
+            check_device_name(args.device)  # the actors may run on machines with GPUs this one lacks
+        else:
+            resolve_device(args.device, world_info_from_env()[1])
+    except DeviceError as e:
+        return _fatal(prog, str(e))
     for flag in ("data", "keep_clean"):
         value = getattr(args, flag)
         if value and not any(c in value for c in "*?[{") and not Path(value).expanduser().exists():

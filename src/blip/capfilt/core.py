@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from blip.jobs.batch import resolve_device
+from blip.distributed import resolve_device
+from blip.io import atomic_path, atomic_write_bytes, atomic_write_json
 from blip.jobs.pipeline import Decoded, decode_key
 from blip.jobs.runner import RowRunner, ShardTask, ShardWorker, split_shards
 from blip.jobs.sources import (
@@ -57,7 +58,7 @@ from blip.jobs.sources import (
     read_bytes,
     read_image,
 )
-from blip.jobs.writer import OutputDir, Receipt, Throttle, atomic_path, atomic_write_bytes, atomic_write_json
+from blip.jobs.writer import OutputDir, Receipt, Throttle
 from blip.models.generation import GenerationConfig
 from blip.tasks.batch import row_seed as _row_seed
 from blip.tasks.caption import caption_images, prompt_prefix
@@ -543,13 +544,13 @@ def _image_for_dataset(row: Row, out_root: Path) -> str | None:
 
 def _clean_sources(spec: str) -> list[str]:
     """The caption manifests `keep_clean` names (a shapes folder: its clean.jsonl). Raises `DataError`."""
-    from blip.train.data import resolve_sources
+    from blip.data.manifests import resolve_sources
 
     return resolve_sources(spec, "caption", "", purpose="train")
 
 
 def _clean_rows(spec: str) -> list[dict[str, Any]]:
-    from blip.train.data import read_caption_rows
+    from blip.data.manifests import read_caption_rows
 
     rows = []
     for source in _clean_sources(spec):

@@ -1,1 +1,3 @@
-"""Datasets: the synthetic shapes world (`blip.data.shapes`) and loaders for image-text manifests."""
+"""Datasets: the synthetic shapes world (`blip.data.shapes`), and the one reader of dataset files used by training,
+the batch jobs and CapFilt: manifests and Karpathy/COCO/VQA json (`blip.data.manifests`), WebDataset tar shards
+(`blip.data.webdataset`)."""

@@ -66,6 +66,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from blip.evaluation.vqa import vqa_question_accuracy
+from blip.io import atomic_write_bytes, json_bytes, jsonl_bytes
+
 _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -688,12 +691,10 @@ def questions(scene: Scene, rng: random.Random, n: int = 5, *, human_noise: floa
 
 
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one exact-match prediction: mean over leave-one-out of min(1, matches / 3)."""
-    scores = []
-    for i in range(len(human_answers)):
-        others = human_answers[:i] + human_answers[i + 1 :]
-        scores.append(min(1.0, sum(a == prediction for a in others) / 3))
-    return sum(scores) / len(scores)
+    """The official VQA accuracy of one exact-match prediction: mean over leave-one-out of min(1, matches / 3)
+    (`blip.evaluation.vqa_question_accuracy` without the official answer normalisation: the shapes world's answers
+    are already canonical words)."""
+    return vqa_question_accuracy(prediction, human_answers, normalize=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -816,10 +817,8 @@ _JSON_FILES = (
 _TAR_RE = re.compile(r"^web-\d{6}\.tar$")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data, fsync=False)  # thousands of small files: durability is not worth an fsync each
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -841,14 +840,6 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1) + "\n").encode()
-
-
-def _jsonl_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
-
-
 def _run_chunk(task: tuple[str, int, int, int, ShapesConfig, str, int | None]) -> tuple[str, int, list[Example]]:
     """Make images start..stop of a split (skipping PNGs already there), plus their WebDataset shard if asked."""
     split, start, stop, seed, cfg, out_dir, shard = task
@@ -865,17 +856,17 @@ def _run_chunk(task: tuple[str, int, int, int, ShapesConfig, str, int | None]) -
             data = path.read_bytes() if need_shard else b""
         else:
             data = _png_bytes(render(ex.scene, cfg))
-            _atomic_write(path, data)
+            _write(path, data)
         if need_shard:
             row = ex.rows["web"][0]
             key = f"{index:06d}"
             members += [
                 (f"{key}.png", data),
                 (f"{key}.txt", row["caption"].encode()),
-                (f"{key}.json", _json_bytes(row)),
+                (f"{key}.json", json_bytes(row)),
             ]
     if need_shard and shard_path is not None:
-        _atomic_write(shard_path, _tar_bytes(members))
+        _write(shard_path, _tar_bytes(members))
     return split, start, examples
 
 
@@ -1006,7 +997,7 @@ def generate(
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"generator": "blip.data.shapes", "seed": seed, "args": args, "complete": False}
-    _atomic_write(out / "meta.json", _json_bytes(meta))
+    _write(out / "meta.json", json_bytes(meta))
 
     tasks = []
     for split, n in counts.items():
@@ -1036,13 +1027,13 @@ def generate(
             for name, rows in ex.rows.items():
                 manifests[name] += rows
     for name, file in _MANIFESTS.items():
-        _atomic_write(out / file, _jsonl_bytes(manifests[name]))
-    _atomic_write(out / "answer_list.json", _json_bytes(list(ANSWER_LIST)))
-    _atomic_write(out / "dataset_shapes.json", _json_bytes(_karpathy(examples["clean"], examples["test"])))
-    _atomic_write(out / "captions_test_coco.json", _json_bytes(_coco_captions(examples["test"], cfg)))
+        _write(out / file, jsonl_bytes(manifests[name]))
+    _write(out / "answer_list.json", json_bytes(list(ANSWER_LIST)))
+    _write(out / "dataset_shapes.json", json_bytes(_karpathy(examples["clean"], examples["test"])))
+    _write(out / "captions_test_coco.json", json_bytes(_coco_captions(examples["test"], cfg)))
     qs, anns = _vqa_pair(examples["test"])
-    _atomic_write(out / "vqa_test_questions.json", _json_bytes(qs))
-    _atomic_write(out / "vqa_test_annotations.json", _json_bytes(anns))
+    _write(out / "vqa_test_questions.json", json_bytes(qs))
+    _write(out / "vqa_test_annotations.json", json_bytes(anns))
 
     shards = sorted(p.name for p in out.iterdir() if _TAR_RE.match(p.name)) if webdataset else []
     web_rows = manifests["web"]
@@ -1074,7 +1065,7 @@ def generate(
             },
         }
     )
-    _atomic_write(out / "meta.json", _json_bytes(meta))
+    _write(out / "meta.json", json_bytes(meta))
     total = sum(counts.values())
     _logger.info("shapes: %d images in %.1fs (%.0f img/s) -> %s", total, elapsed, total / max(elapsed, 1e-9), out)
     return meta

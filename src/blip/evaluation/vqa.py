@@ -121,22 +121,27 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(_clean_whitespace(text)))
 
 
-def vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def vqa_question_accuracy(prediction: str, answers: Sequence[str], *, normalize: bool = True) -> float:
     """Accuracy (0-1) of one prediction against the human answers of one question.
 
     Args:
         prediction: The model's answer (raw; normalised here).
         answers: The human answers (raw), normally 10.
+        normalize: Apply the official normalisation (on by default); ``False`` compares the strings exactly, for
+            answers that are canonical already (the shapes world).
 
     Returns:
         Mean over left-out answers of ``min(1, matches among the others / 3)``; exact match for a single answer.
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError("answers must be a non-empty list of strings")
-    pred = normalize_answer(prediction)
-    gts = [_clean_whitespace(a) for a in answers]
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+    if normalize:
+        pred = normalize_answer(prediction)
+        gts = [_clean_whitespace(a) for a in answers]
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(a) for a in gts]
+    else:
+        pred, gts = prediction, list(answers)
     if len(gts) == 1:
         return float(gts[0] == pred)
     total_matches = sum(gt == pred for gt in gts)

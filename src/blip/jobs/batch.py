@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blip.distributed import check_device_name, resolve_device, world_info_from_env
 from blip.jobs.index import INDEX_KINDS, build_collection_index, index_is_current
 from blip.jobs.runner import TASKS, RowRunner, ShardTask, ShardWorker, TaskOptions, split_shards
 from blip.jobs.sources import InputOptions, InputPlan, plan_input
@@ -70,6 +71,10 @@ class BatchConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def validate(self) -> None:
+        if pick_engine(self.engine.engine) == "ray":
+            check_device_name(self.device)  # the actors may run on machines with GPUs this one lacks
+        else:
+            resolve_device(self.device, world_info_from_env()[1])  # fails here, before the input or model is read
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
         if self.output_format not in OUTPUT_FORMATS:
@@ -142,16 +147,6 @@ def make_job(cfg: BatchConfig) -> Job:
     }
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     return Job(cfg, plan, split_shards(plan.rows, cfg.shard_size), description, fingerprint)
-
-
-def resolve_device(device: str, local_rank: int = 0) -> str:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    return device
 
 
 def load_blip(cfg: BatchConfig, device: str) -> Blip:

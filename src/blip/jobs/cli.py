@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
 from blip.jobs.index import INDEX_KINDS
 from blip.jobs.runner import JobError, TaskOptions
@@ -46,7 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, help="only the first N rows of the input")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    g.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights/compute dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
@@ -247,7 +250,9 @@ def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParse
     p.add_argument("--no-rerank", action="store_true", help="text queries: ITC order only, no ITM re-ranking")
     p.add_argument("--nprobe", type=int, help="ivf: cells searched per query")
     p.add_argument("--ef-search", type=int, help="hnsw: search breadth")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -257,7 +262,6 @@ def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParse
 def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") -> int:
     """`blip retrieve --index DIR "query" ... [--image q.jpg]`; returns the exit code."""
     import blip
-    from blip.jobs.batch import resolve_device
     from blip.jobs.sources import fetch_url
     from blip.tasks.retrieval import SearchIndexError, load_collection_index, search_images, search_texts
     from blip.transforms import ImageDecodeError
@@ -274,6 +278,10 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
     if args.top_k < 1:
         return _fatal(prog, "--top-k must be >= 1")
     try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        return _fatal(prog, str(e))
+    try:
         collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search, fetch=fetch_url)
         model_source = args.model or collection.meta.get("model_source")
         if not model_source:
@@ -284,7 +292,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
                 f"{model_source} is not the checkpoint that embedded this collection "
                 f"({collection.meta.get('model_source')}); its ITC space would not match"
             )
-        model = blip.load(model_source, device=resolve_device(args.device), dtype=args.dtype, tokenizer=args.tokenizer)
+        model = blip.load(model_source, device=device, dtype=args.dtype, tokenizer=args.tokenizer)
         started = time.perf_counter()
         results: list[tuple[str, list[Any]]] = []
         if args.queries:

@@ -15,6 +15,7 @@ import os
 from collections import deque
 from typing import Any
 
+from blip.distributed import resolve_device
 from blip.jobs.batch import (
     BatchConfig,
     BatchResult,
@@ -24,7 +25,6 @@ from blip.jobs.batch import (
     make_worker,
     manifest_extra,
     progress_bar,
-    resolve_device,
 )
 from blip.jobs.runner import JobError, ShardTask
 from blip.jobs.sources import Row
@@ -69,7 +69,7 @@ def run_local(job: Job) -> BatchResult:
     pending, initial = _pending(job, out)
     refresh = _refresher(job, out, "local")
     if pending:
-        worker = make_worker(job, resolve_device(cfg.device))
+        worker = make_worker(job, str(resolve_device(cfg.device, 0)))
         with progress_bar(job, initial) as bar:
             try:
                 worker.process(pending, progress=bar.update, on_commit=refresh)
@@ -123,7 +123,7 @@ def run_torchrun(cfg: BatchConfig) -> BatchResult:
         mine = [job.shards[i] for i in status[1][rank::world]]
         engine = f"torchrun x{world}"
         if mine:
-            worker = make_worker(job, resolve_device(cfg.device, local_rank))
+            worker = make_worker(job, str(resolve_device(cfg.device, local_rank)))
             refresh = _refresher(job, out, engine) if rank == 0 else None
             share = sum(len(s.rows) for s in mine)
             with progress_bar(job, 0, total=share, show=rank == 0) as bar:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from blip.jobs.writer import MANIFEST, atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
+from blip.io import atomic_write_json, fsync_dir, jsonl_bytes, read_jsonl
+from blip.jobs.writer import MANIFEST
 from blip.tasks.retrieval import (
     INDEX,
     INDEX_FORMAT,

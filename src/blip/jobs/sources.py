@@ -14,40 +14,61 @@ carry a `problem` and fail when processed, like undecodable images do: they are 
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
-import io
-import itertools
 import json
 import logging
 import os
-import re
-import tarfile
-import urllib.error
-import urllib.request
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from blip.data.manifests import IMAGE_COLUMNS, DataError, read_records
+from blip.data.webdataset import (
+    IMAGE_EXTENSIONS,
+    TAR_PREFIX,
+    TEXT_EXTENSIONS,
+    ShardError,
+    TarSample,
+    expand_shards,
+    iter_tar_samples,
+    member_source,
+    read_member,
+)
+from blip.fetch import FetchError, FetchLimits, SyncFetcher
 from blip.transforms import ImageDecodeError, load_image
+
+__all__ = [
+    "IMAGE_COLUMNS",
+    "IMAGE_EXTENSIONS",
+    "INPUT_KINDS",
+    "TAR_PREFIX",
+    "TEXT_COLUMNS",
+    "InputError",
+    "InputOptions",
+    "InputPlan",
+    "Row",
+    "RowError",
+    "fetch_url",
+    "plan_input",
+    "read_bytes",
+    "read_image",
+    "shard_paths",
+]
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
-IMAGE_COLUMNS = ("image", "path", "file", "filename", "filepath", "image_path", "url", "image_url")
-TEXT_COLUMNS = ("text", "caption")
+TEXT_COLUMNS = ("text", "caption")  # one text per row (match), in order of preference
 QUESTION_COLUMNS = ("question",)
 ID_COLUMNS = ("id",)
-TAR_PREFIX = "tar://"
 URL_MAX_BYTES = 32 * 1024 * 1024
-URL_TIMEOUT_S = 30.0
+URL_TIMEOUT_S = 30.0  # total, per URL: connecting, redirects and the whole body
 INPUT_KINDS = ("auto", "folder", "csv", "jsonl", "webdataset")
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """`--input` cannot be read as a job input (missing, unknown kind, no image column, ...)."""
 
 
@@ -184,47 +205,17 @@ def _first_present(columns: list[str], wanted: str | None, defaults: tuple[str, 
     return next((c for c in defaults if c in columns), None)
 
 
-def _read_manifest(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any] | None, str | None]], list[str]]:
-    """(line number, record or None, parse problem) for every record, and the column names seen."""
-    records: list[tuple[int, dict[str, Any] | None, str | None]] = []
-    columns: dict[str, None] = {}
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the manifest {path}: {e}") from e
-    if kind == "csv":
-        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
-        for record in reader:
-            line = reader.line_num
-            if None in record:  # more fields than the header names
-                records.append((line, None, f"line {line}: {len(record[None])} more fields than the header has"))
-                continue
-            records.append((line, {k: v for k, v in record.items() if v not in (None, "")}, None))
-        columns.update(dict.fromkeys(reader.fieldnames or []))
-        return records, list(columns)
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            records.append((line, None, f"line {line}: not valid JSON ({e.msg})"))
-            continue
-        if not isinstance(record, dict):
-            records.append((line, None, f"line {line}: expected a JSON object, got {type(record).__name__}"))
-            continue
-        columns.update(dict.fromkeys(record))
-        records.append((line, record, None))
-    return records, list(columns)
-
-
 def _plan_manifest(spec: str, kind: str, options: InputOptions, task: str) -> InputPlan:
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
         raise InputError(f"--input {spec}: no such manifest file")
     root = Path(options.root).expanduser().resolve() if options.root else path.parent
-    records, columns = _read_manifest(path, kind)
+    fmt = "tsv" if kind == "csv" and path.suffix.lower() == ".tsv" else kind
+    try:
+        manifest = read_records(path, fmt)
+    except DataError as e:
+        raise InputError(str(e)) from e
+    records, columns = manifest.records, manifest.columns
     if not records:
         return InputPlan(kind, str(path), [])
     image_col = _first_present(columns, options.image_column, IMAGE_COLUMNS, "image")
@@ -237,7 +228,7 @@ def _plan_manifest(spec: str, kind: str, options: InputOptions, task: str) -> In
     text_col = _first_present(columns, options.text_column, TEXT_COLUMNS, "text")
     question_col = _first_present(columns, options.question_column, QUESTION_COLUMNS, "question")
     rows = []
-    for line, record, problem in records:
+    for line, record, problem in ((r.line, r.data, r.problem) for r in records):
         if record is None:
             rows.append(Row(id=f"line {line}", source="", problem=problem))
             continue
@@ -290,57 +281,28 @@ def _text_field(record: dict[str, Any], column: str | None) -> str | None:
 
 # --- WebDataset ------------------------------------------------------------------------------------------------------
 
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Brace expansion as the shell (and WebDataset) does it: ``{000..009}`` (zero padding kept) and ``{a,b}``."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    ranged = _RANGE.fullmatch(match.group(0))
-    if ranged:
-        lo, hi = ranged.group(1), ranged.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        choices = ["{" + body + "}"]
-        head, tail = pattern[: match.end()], pattern[match.end() :]
-        return [head + rest for rest in expand_braces(tail)]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return list(itertools.chain.from_iterable(expand_braces(head + c + tail) for c in choices))
-
 
 def shard_paths(spec: str) -> list[Path]:
     """Local tar paths named by `spec`: brace patterns, globs, or a comma-free list of either separated by spaces."""
-    paths: list[Path] = []
     for part in spec.split():
         if part.startswith(("http://", "https://", "s3://", "gs://", "pipe:")):
             raise InputError(f"{part}: only local WebDataset shards are supported (download them first)")
-        for expanded in expand_braces(part):
-            matches = sorted(glob.glob(os.path.expanduser(expanded))) if glob.has_magic(expanded) else [expanded]
-            paths += [Path(m).expanduser().resolve() for m in matches]
+    paths = [Path(p).expanduser().resolve() for p in expand_shards(spec)]
     if not paths:
         raise InputError(f"--input {spec}: no tar shards match")
     return paths
 
 
-def _sample_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the path up to the first dot of the file name; the rest is the extension."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
-
-
 def _plan_webdataset(spec: str, options: InputOptions) -> InputPlan:
     image_exts = {e.lower().lstrip(".") for e in options.extensions if e != "*"} or set(IMAGE_EXTENSIONS)
+
+    def wanted(ext: str, size: int) -> bool:  # read while planning: texts, and the .json member with keep_columns
+        if ext in TEXT_EXTENSIONS:
+            return size < 1 << 16
+        return ext == "json" and options.keep_columns and size < 1 << 20
+
     rows: list[Row] = []
-    paths = shard_paths(spec)
-    for path in paths:
+    for path in shard_paths(spec):
         shard = path.name
         if not path.is_file():
             rows.append(Row(id=shard, source="", problem=f"tar shard {path} does not exist"))
@@ -348,38 +310,27 @@ def _plan_webdataset(spec: str, options: InputOptions) -> InputPlan:
         if path.suffix.lower() != ".tar":
             rows.append(Row(id=shard, source="", problem=f"{path.name}: only uncompressed .tar shards are supported"))
             continue
-        samples: dict[str, dict[str, tuple[int, int]]] = {}
-        texts: dict[str, str] = {}
-        extras: dict[str, str] = {}
-        problem = None
         try:
-            with tarfile.open(path, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _sample_key(member.name)
-                    samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
-                    if ext in ("txt", "caption", "text") and member.size < 1 << 16:
-                        data = tar.extractfile(member)
-                        texts[key] = data.read().decode("utf-8", "replace").strip() if data else ""
-                    elif ext == "json" and options.keep_columns and member.size < 1 << 20:
-                        data = tar.extractfile(member)
-                        extras[key] = _json_member(data.read() if data else b"")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            problem = f"{shard}: unreadable tar data after {len(samples)} samples ({type(e).__name__}: {e})"
-        for key, members in samples.items():
-            row_id = f"{shard}/{key}"
-            image_ext = next((e for e in members if e in image_exts), None)
-            if image_ext is None:
-                found = ", ".join(sorted(members)) or "none"
-                rows.append(Row(id=row_id, source="", problem=f"sample has no image member (members: {found})"))
-                continue
-            offset, size = members[image_ext]
-            source = f"{TAR_PREFIX}{path}#{offset}:{size}"
-            rows.append(Row(id=row_id, source=source, text=texts.get(key), extra=extras.get(key)))
-        if problem:
-            rows.append(Row(id=shard, source="", problem=problem))
+            for sample in iter_tar_samples(path, read=wanted, compressed=False):
+                rows.append(_sample_row(sample, path, image_exts, options))
+        except ShardError as e:
+            rows.append(Row(id=shard, source="", problem=str(e)))
     return InputPlan("webdataset", spec, rows)
+
+
+def _sample_row(sample: TarSample, path: Path, image_exts: set[str], options: InputOptions) -> Row:
+    row_id = f"{path.name}/{sample.key}"
+    text_ext = sample.text_extension()
+    text = sample.data[text_ext].decode("utf-8", "replace").strip() if text_ext in sample.data else None
+    extra = _json_member(sample.data["json"]) if options.keep_columns and "json" in sample.data else None
+    problem = sample.duplicate_problem(path.name)
+    if problem:
+        return Row(id=row_id, source="", text=text, problem=problem, extra=extra)
+    image_ext = sample.image_extension(image_exts)
+    if image_ext is None:
+        found = ", ".join(sorted(sample.members)) or "none"
+        return Row(id=row_id, source="", problem=f"sample has no image member (members: {found})")
+    return Row(id=row_id, source=member_source(path, sample.members[image_ext]), text=text, extra=extra)
 
 
 def _json_member(data: bytes) -> str:
@@ -418,35 +369,38 @@ def _with_problem(row: Row, problem: str) -> Row:
 def read_bytes(source: str) -> bytes:
     """The raw bytes of a URL or a tar member (paths are read by `load_image` itself)."""
     if source.startswith(TAR_PREFIX):
-        path, _, span = source[len(TAR_PREFIX) :].rpartition("#")
-        offset, size = (int(x) for x in span.split(":"))
         try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
-        except OSError as e:
-            raise RowError(f"cannot read tar shard {path}: {e.strerror or e}") from e
-        if len(data) != size:
-            raise RowError(f"truncated tar member: {len(data)} of {size} bytes present")
-        return data
+            return read_member(source)
+        except ShardError as e:
+            raise RowError(str(e)) from e
     if source.startswith(("http://", "https://")):
         return fetch_url(source)
     raise RowError(f"cannot read {source!r}")
 
 
-def fetch_url(url: str, *, max_bytes: int = URL_MAX_BYTES, timeout_s: float = URL_TIMEOUT_S) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "blip-batch/0.1"})
+_url_fetcher: SyncFetcher | None = None
+_url_fetcher_lock = threading.Lock()
+
+
+def url_fetcher() -> SyncFetcher:
+    """The fetcher every job in this process reads http(s) rows with: the server's safe fetcher (no private,
+    loopback or link-local addresses, also after redirects), `URL_TIMEOUT_S` in total and `URL_MAX_BYTES` per URL."""
+    global _url_fetcher
+    with _url_fetcher_lock:
+        if _url_fetcher is None:
+            limits = FetchLimits(
+                max_bytes=URL_MAX_BYTES, connect_timeout_s=10.0, read_timeout_s=20.0, total_timeout_s=URL_TIMEOUT_S
+            )
+            _url_fetcher = SyncFetcher(limits)
+        return _url_fetcher
+
+
+def fetch_url(url: str) -> bytes:
+    """The image bytes at `url`, or RowError with the reason (refused address, timeout, HTTP status, not an image)."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http(s) only, checked
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise RowError(f"cannot fetch {url}: HTTP {e.code}") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise RowError(f"cannot fetch {url}: {reason}") from e
-    if len(data) > max_bytes:
-        raise RowError(f"cannot fetch {url}: larger than {max_bytes} bytes")
-    return data
+        return url_fetcher().fetch(url, name=url)
+    except FetchError as e:
+        raise RowError(f"cannot fetch {e}") from e
 
 
 def read_image(row: Row, image_size: int | None = None) -> Image.Image:

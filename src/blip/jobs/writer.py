@@ -31,15 +31,15 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from blip.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir, jsonl_bytes
 
 _logger = logging.getLogger(__name__)
 
@@ -60,56 +60,6 @@ class JobMismatchError(ValueError):
 
 def shard_name(shard: int) -> str:
     return f"part-{shard:06d}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; on success it is fsynced and renamed over `path`, else removed."""
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        if fsync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    with atomic_path(path, fsync=fsync) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode(), fsync=fsync)
-
-
-def jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip.train.distributed import concat_all_gather, get_rank
+from blip.distributed import concat_all_gather, get_rank
 
 MOMENTUM_PARTS = ("vision_model", "text_encoder", "vision_proj", "text_proj")
 TEMP_RANGE = (0.001, 0.5)

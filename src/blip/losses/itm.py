@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip.distributed import all_gather_with_grad, all_reduce_max, concat_all_gather, get_rank
 from blip.losses.itc import ITCOutput
-from blip.train.distributed import all_gather_with_grad, all_reduce_max, concat_all_gather, get_rank
 
 _logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip.train.distributed import all_reduce_sum, get_world_size
+from blip.distributed import all_reduce_sum, get_world_size
 
 IGNORE = -100
 

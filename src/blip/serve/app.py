@@ -46,7 +46,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blip.serve.fetch import SafeFetcher
+from blip.fetch import SafeFetcher
 from blip.serve.inputs import ImageSource, from_ref, from_string
 from blip.serve.middleware import ServeMiddleware
 from blip.serve.retrieval import IndexSpec

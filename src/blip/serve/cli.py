@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blip.distributed import DEFAULT_DEVICE, resolve_device
 from blip.serve.retrieval import IndexSpec, check_index_folder, parse_indexes
 from blip.serve.settings import MIB, ServeSettings
 
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--token", help="require this bearer token (or secret_token); prefer --token-env")
     p.add_argument("--token-env", metavar="VAR", help="read the token from this environment variable")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass inside a batch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -201,6 +204,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return int(e.code or 0)
     try:
+        resolve_device(args.device)  # an unusable device fails here, before binding or loading (exit 2)
         settings = settings_from_args(args)
         paths = parse_models(args.model)
         indexes = index_specs(args.index, paths, args.tokenizer)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from blip.serve.fetch import FetchError, SafeFetcher, describe_content, sniff_image_type
+from blip.fetch import FetchError, SafeFetcher, describe_content, sniff_image_type
 from blip.serve.schemas import ApiError, ImageRef
 from blip.tasks.batch import ImageItem
 from blip.transforms import ImageDecodeError, load_image

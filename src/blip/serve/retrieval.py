@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blip.serve.fetch import FetchLimits, SafeFetcher
+from blip.fetch import FetchLimits, SafeFetcher
 from blip.tasks.retrieval import INDEX, CollectionIndex, Fetch, SearchIndexError, load_collection_index
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from fastapi.security import HTTPAuthorizationCredentials
 
+from blip.fetch import FetchLimits, SafeFetcher
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
-from blip.serve.fetch import FetchLimits, SafeFetcher
 from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
 from blip.serve.retrieval import IndexSpec, ServedIndex, blocking_fetch, open_indexes

@@ -4,8 +4,10 @@
 - `recipe.run(cfg)`: a whole run (data, model, task, loop, export, evaluation); `cli.cli_main` / `cli.eval_main`
 - `tasks`: `PretrainTask`, `CaptionTask`, `VqaTask`, `RetrievalTask` (`training_forward(batch) -> {..., "loss"}`)
 - `loop.Trainer`: the generic loop (AMP, accumulation, clipping, DDP, checkpoints, exact resume)
-- `data` / `collate`: manifests, datasets, the global batch sampler, WebDataset shards
-- `distributed`, `optim`, `checkpoint`, `modeling` (build / export models), `evaluate`, `plots`
+- `data` / `collate`: datasets, the global batch sampler, WebDataset streaming (readers: `blip.data.manifests`,
+  `blip.data.webdataset`)
+- `optim`, `checkpoint`, `modeling` (build / export models), `evaluate`, `plots`; process group and gathers:
+  `blip.distributed`
 
 Nothing here is imported by `blip.models` or the inference API.
 """

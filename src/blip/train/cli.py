@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device, world_info_from_env
 from blip.train.config import ConfigError, TrainConfig, resolve_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -23,8 +24,6 @@ _logger = logging.getLogger(__name__)
 
 
 def _setup_logging(verbose: bool) -> None:
-    from blip.train.distributed import world_info_from_env
-
     rank = world_info_from_env()[0]
     level = logging.INFO if (verbose or rank == 0) else logging.WARNING
     root = logging.getLogger()
@@ -65,8 +64,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not cfg.data:
         print("blip train: error: no training data: set data=<folder or manifest> (or use a config)", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        resolve_device(cfg.device, world_info_from_env()[1])  # device=cuda without CUDA: one line, before any work
+    except DeviceError as e:
+        print(f"blip train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     _setup_logging(args.verbose)
-    from blip.train.data import DataError
+    from blip.data.manifests import DataError
     from blip.train.modeling import ModelInitError
     from blip.train.recipe import run
     from blip.weights.load import CheckpointError
@@ -76,8 +80,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (DataError, ModelInitError, CheckpointError, FileNotFoundError) as e:
         print(f"blip train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from blip.train.distributed import world_info_from_env
-
     if world_info_from_env()[0] == 0:
         print(json.dumps(summary.to_dict(), indent=2))
     return EXIT_OK if summary.finished else EXIT_FAILED
@@ -102,7 +104,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-new-tokens", type=int, default=5)
     parser.add_argument("--vqa-mode", choices=["generate", "rank"], default="generate")
     parser.add_argument("--k-test", type=int, default=16, help="retrieval: candidates re-ranked with ITM")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -130,13 +134,19 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from blip.api import load
+
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        print(f"blip eval: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     from blip.train.evaluate import evaluate, write_result
     from blip.weights.load import CheckpointError
 
     kind = {"caption": None, "vqa": "vqa", "retrieval": None}[args.task]
     try:
         blip_model = load(
-            args.model, device=args.device, tokenizer=args.tokenizer or None, batch_size=args.batch_size, kind=kind
+            args.model, device=str(device), tokenizer=args.tokenizer or None, batch_size=args.batch_size, kind=kind
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blip eval: error: cannot load {args.model}: {e}", file=sys.stderr)

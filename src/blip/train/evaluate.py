@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from blip.data.manifests import Question, SkipLog, read_caption_rows, read_questions, resolve_sources
 from blip.tasks.common import MAX_TEXT_TOKENS, chunks, model_input
-from blip.train.data import Question, SkipLog, read_caption_rows, read_questions, resolve_sources
 
 if TYPE_CHECKING:
     from blip.api import Blip

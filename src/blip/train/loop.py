@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from blip.train import distributed as D
+from blip import distributed as D
 from blip.train.optim import LRSchedule
 from blip.train.rng import rng_state, set_rng_state
 from blip.weights.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint

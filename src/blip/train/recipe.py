@@ -21,24 +21,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from blip import distributed as D
 from blip.api import Blip
 from blip.config import HF_ARCHITECTURES
+from blip.data.manifests import DataError, SkipLog, read_pairs, read_questions, resolve_sources
 from blip.tokenizer import BlipTokenizer
-from blip.train import distributed as D
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
 from blip.train.config import TrainConfig
-from blip.train.data import (
-    DataError,
-    GlobalBatchSampler,
-    PairDataset,
-    QuestionDataset,
-    SkipLog,
-    TarPairStream,
-    count_tar_samples,
-    read_pairs,
-    read_questions,
-    resolve_sources,
-)
+from blip.train.data import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
 from blip.train.loop import LoopSettings, Trainer, total_steps
 from blip.train.modeling import build_model
 from blip.train.optim import LRSchedule, build_optimizer

@@ -1,4 +1,5 @@
-"""One safe way to fetch an image from a URL a client gave us.
+"""The one safe way to fetch an image from a URL someone else gave us: a client of `blip serve`, or a row of a batch
+job's manifest (`blip batch`, CapFilt).
 
 - http and https only; no credentials in the URL.
 - The host is resolved here and every resolved address is checked: loopback, private, link-local, multicast,
@@ -9,17 +10,25 @@
 - Connect, read and total time limits; the body is streamed and abandoned past `max_bytes`.
 - The content is sniffed (magic bytes) and must be an image format we accept; Content-Type is not trusted.
 
+`SafeFetcher` is async (the server's event loop); `SyncFetcher` runs the same fetcher on a private event loop in a
+daemon thread for callers that block (the batch jobs' prefetch threads), so there is one implementation of the checks.
+
 `allow_loopback=True` is for tests only: it lets a local HTTP server on 127.0.0.1 / ::1 stand in for the internet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ipaddress
 import logging
+import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -31,7 +40,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 SNIFF_BYTES = 16
-USER_AGENT = "blip-serve/0.1 (image fetcher)"
+USER_AGENT = "blip/0.1 (image fetcher)"
 
 
 class FetchError(Exception):
@@ -317,3 +326,57 @@ class SafeFetcher:
         if sniff_image_type(data) is None:
             message = f"{name}: the URL did not return an image ({describe_content(data)})"
             raise FetchError(message, code="invalid_image")
+
+
+class SyncFetcher:
+    """`SafeFetcher` for blocking callers, e.g. worker threads: `fetch(url)` returns the bytes or raises FetchError,
+    within the total time limit. Thread-safe; concurrent calls share one event loop (a daemon thread, started on first
+    use and again in a forked child) and one connection pool. `options` are SafeFetcher's (allow_loopback,
+    resolver, transport)."""
+
+    def __init__(self, limits: FetchLimits | None = None, **options: Any):
+        self.limits = limits or FetchLimits()
+        self._options = options
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._fetcher: SafeFetcher | None = None
+
+    def _started(self) -> tuple[asyncio.AbstractEventLoop, SafeFetcher]:
+        with self._lock:
+            if self._pid != os.getpid() or self._loop is None or self._fetcher is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="blip-fetch", daemon=True)
+                thread.start()
+                self._pid, self._loop, self._thread = os.getpid(), loop, thread
+                self._fetcher = SafeFetcher(self.limits, **self._options)
+            return self._loop, self._fetcher
+
+    def fetch(self, url: str, *, name: str = "url") -> bytes:
+        """The image bytes at `url`. Raises UnsafeURLError (before connecting) or FetchError, naming `name`."""
+        loop, fetcher = self._started()
+        future = asyncio.run_coroutine_threadsafe(fetcher.fetch(url, name=name), loop)
+        try:  # the coroutine enforces the total limit itself; this bound only guards against a stuck loop
+            return future.result(timeout=self.limits.total_timeout_s + 5.0)
+        except concurrent.futures.TimeoutError as e:
+            future.cancel()
+            raise FetchError(
+                f"{name}: fetching took longer than {self.limits.total_timeout_s:g} s", code="fetch_timeout"
+            ) from e
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread (a later `fetch` starts them again)."""
+        with self._lock:
+            loop, thread, fetcher, pid = self._loop, self._thread, self._fetcher, self._pid
+            self._loop = self._thread = self._fetcher = self._pid = None
+        if loop is None or pid != os.getpid():
+            return
+        if fetcher is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(fetcher.aclose(), loop).result(timeout=5.0)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5.0)
+        if not loop.is_running():
+            loop.close()
