@@ -31,9 +31,9 @@ from blip.train.config import TrainConfig
 from blip.train.data import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
 from blip.train.loop import LoopSettings, Trainer, total_steps
 from blip.train.modeling import build_model
+from blip.train.objectives import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask
 from blip.train.optim import LRSchedule, build_optimizer
 from blip.train.rng import seed_everything
-from blip.train.tasks import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask
 from blip.weights.checkpoint import config_to_dict, tokenizer_to_dict
 
 _logger = logging.getLogger(__name__)
