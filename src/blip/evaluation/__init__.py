@@ -1,4 +1,6 @@
-"""Evaluation metrics: coco-caption captioning scores, VQA accuracy and retrieval Recall@K (no Java needed)."""
+"""Evaluation: the metrics (coco-caption captioning scores, VQA accuracy, retrieval Recall@K; no Java needed), exported
+here, and running a model over an evaluation set (`blip.evaluation.run`: `evaluate`, `write_result`) with its plots
+(`blip.evaluation.plots`)."""
 
 from blip.evaluation.caption_metrics import (
     PTB_PUNCTUATION,

@@ -211,7 +211,7 @@ class RunSummary:
 
 def evaluate_trained(blip_model, cfg: TrainConfig, out: Path) -> dict[str, dict[str, float]]:
     """Test metrics of the trained model (pretrain: zero-shot retrieval and unprompted captioning)."""
-    from blip.train.evaluate import evaluate, write_result
+    from blip.evaluation.run import evaluate, write_result
 
     tasks = ["retrieval", "caption"] if cfg.task == "pretrain" else [cfg.task]
     results = {}
