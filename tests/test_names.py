@@ -43,7 +43,7 @@ def test_vqa_accuracy_is_defined_once_in_evaluation():
         for node in ast.parse(path.read_text()).body
         if isinstance(node, ast.FunctionDef) and node.name == "vqa_accuracy"
     ]
-    assert homes == ["evaluation/vqa.py"]
+    assert homes == ["evaluation/vqa_metrics.py"]
 
 
 def test_evaluation_runs_models_and_imports_nothing_from_train_or_above():

@@ -11,8 +11,8 @@ from blip.evaluation.caption_metrics import (
     ptb_tokenize_batch,
     rouge_l,
 )
-from blip.evaluation.retrieval import recall_at_k, retrieval_ranks
-from blip.evaluation.vqa import (
+from blip.evaluation.retrieval_metrics import recall_at_k, retrieval_ranks
+from blip.evaluation.vqa_metrics import (
     VQAResult,
     normalize_answer,
     process_digit_article,

@@ -23,8 +23,8 @@ import torch
 from blip.data.manifests import Question, SkipLog, read_caption_rows, read_questions, resolve_sources
 from blip.evaluation.caption_metrics import caption_scores
 from blip.evaluation.plots import plot_caption_examples, plot_metrics
-from blip.evaluation.retrieval import recall_at_k
-from blip.evaluation.vqa import vqa_evaluate
+from blip.evaluation.retrieval_metrics import recall_at_k
+from blip.evaluation.vqa_metrics import vqa_evaluate
 from blip.tasks.common import MAX_TEXT_TOKENS, chunks, model_input
 from blip.transforms import load_image
 
