@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --preset blip_base_pretrain --image-size 224 --batch 32 --device cuda --amp bf16
 
 Synthetic batches (random pixels, random caption tokens, 3 answers per question) go through the real training tasks
-(`blip.train.tasks`) with AdamW; data loading is not measured. Results are printed and written as JSON
+(`blip.train.objectives`) with AdamW; data loading is not measured. Results are printed and written as JSON
 (`--out`, default runs/bench/train.json) for comparison across commits.
 """
 

@@ -204,7 +204,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[str, Any]:
     """Pretrain from scratch on `data`, then evaluate zero-shot retrieval on the test split."""
     from blip.api import load
-    from blip.train.evaluate import evaluate, write_result
+    from blip.evaluation.run import evaluate, write_result
 
     pairs = _count_pairs(data)
     steps_per_epoch = max(1, pairs // cfg.pretrain.batch_size)
@@ -384,7 +384,7 @@ def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
     """The same architecture untrained, and chance: a constant caption, the blind VQA answer, random retrieval."""
     from blip.api import Blip
     from blip.evaluation import caption_scores
-    from blip.train.evaluate import caption_rows, evaluate
+    from blip.evaluation.run import caption_rows, evaluate
     from blip.train.modeling import build_model
     from blip.train.pipeline import blind_vqa_baseline
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from blip.data import shapes as S
+from blip.evaluation import vqa_question_accuracy
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Vocabulary and scenes
@@ -244,7 +245,7 @@ def test_vqa_answers_are_correct_and_humans_mostly_agree():
             assert r["answer"] in S.ANSWER_LIST
             assert len(r["answers"]) == 10 and r["answers"].count(r["answer"]) >= 6
             assert Counter(r["answers"]).most_common(1)[0][0] == r["answer"]
-            assert S.vqa_accuracy(r["answer"], r["answers"]) == 1.0
+            assert vqa_question_accuracy(r["answer"], r["answers"], normalize=False) == 1.0
             assert r["answer_type"] == {"yes": "yes/no", "no": "yes/no"}.get(
                 r["answer"], "number" if r["answer"].isdigit() else "other"
             )
@@ -255,9 +256,11 @@ def test_vqa_answers_are_correct_and_humans_mostly_agree():
 
 
 def test_vqa_accuracy_follows_the_official_formula():
-    assert S.vqa_accuracy("red", ["red"] * 10) == 1.0
-    assert S.vqa_accuracy("red", ["red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)  # 3 of 10: 7 x 1 + 3 x 2/3
-    assert S.vqa_accuracy("red", ["blue"] * 10) == 0.0
+    assert vqa_question_accuracy("red", ["red"] * 10, normalize=False) == 1.0
+    assert vqa_question_accuracy("red", ["red"] * 3 + ["blue"] * 7, normalize=False) == pytest.approx(
+        0.9
+    )  # 3 of 10: 7 x 1 + 3 x 2/3
+    assert vqa_question_accuracy("red", ["blue"] * 10, normalize=False) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

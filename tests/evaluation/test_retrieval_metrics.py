@@ -91,9 +91,9 @@ def test_vectorised_matches_brute_force(seed: int) -> None:
 
 
 def test_chunked_path_on_a_larger_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import blip.evaluation.retrieval as retrieval
+    import blip.evaluation.retrieval_metrics as retrieval_metrics
 
-    monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", 4096)  # force many chunks
+    monkeypatch.setattr(retrieval_metrics, "_CHUNK_ELEMENTS", 4096)  # force many chunks
     rng = np.random.default_rng(0)
     txt2img, img2txts = _layout(60, 5)
     scores = rng.standard_normal((60, 300)).astype(np.float32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import blip
-from blip.evaluation.retrieval import recall_at_k
+from blip.evaluation.retrieval_metrics import recall_at_k
 from blip.jobs.cli import batch_main, retrieve_main
 from blip.jobs.index import build_collection_index
 from blip.tasks.retrieval import have_faiss, load_collection_index, search_texts

@@ -1,4 +1,6 @@
-"""Evaluation metrics: coco-caption captioning scores, VQA accuracy and retrieval Recall@K (no Java needed)."""
+"""Evaluation: the metrics (coco-caption captioning scores, VQA accuracy, retrieval Recall@K; no Java needed), exported
+here, and running a model over an evaluation set (`blip.evaluation.run`: `evaluate`, `write_result`) with its plots
+(`blip.evaluation.plots`)."""
 
 from blip.evaluation.caption_metrics import (
     PTB_PUNCTUATION,
@@ -9,8 +11,8 @@ from blip.evaluation.caption_metrics import (
     ptb_tokenize_batch,
     rouge_l,
 )
-from blip.evaluation.retrieval import recall_at_k, retrieval_ranks
-from blip.evaluation.vqa import (
+from blip.evaluation.retrieval_metrics import recall_at_k, retrieval_ranks
+from blip.evaluation.vqa_metrics import (
     VQAResult,
     normalize_answer,
     process_digit_article,

@@ -140,7 +140,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except DeviceError as e:
         print(f"blip eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from blip.train.evaluate import evaluate, write_result
+    from blip.evaluation.run import evaluate, write_result
     from blip.weights.load import CheckpointError
 
     kind = {"caption": None, "vqa": "vqa", "retrieval": None}[args.task]

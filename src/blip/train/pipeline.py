@@ -40,7 +40,7 @@ def _stage_config(configs: Path, stage: str, out: Path, smoke: bool, threads: in
 def blind_vqa_baseline(data: str, max_images: int = 0) -> float:
     """Accuracy of answering every test question with its most common training answer (no image)."""
     from blip.evaluation import vqa_evaluate
-    from blip.train.evaluate import question_rows
+    from blip.evaluation.run import question_rows
 
     per_question: dict[str, Counter] = defaultdict(Counter)
     with (Path(data) / "vqa.jsonl").open() as f:
@@ -56,7 +56,7 @@ def blind_vqa_baseline(data: str, max_images: int = 0) -> float:
 def evaluate_untrained(cfg: TrainConfig, task: str) -> dict[str, float]:
     """The stage's architecture, randomly initialised, on the same test split."""
     from blip.api import Blip
-    from blip.train.evaluate import evaluate
+    from blip.evaluation.run import evaluate
     from blip.train.modeling import build_model
 
     torch.manual_seed(cfg.seed)
@@ -111,7 +111,7 @@ def run_pipeline(out: Path, configs: Path, *, smoke: bool = False, threads: int 
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    from blip.train.plots import plot_metrics
+    from blip.evaluation.plots import plot_metrics
 
     before, after = {}, {}
     for task, metric in HEADLINE.items():

@@ -31,9 +31,9 @@ from blip.train.config import TrainConfig
 from blip.train.data import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
 from blip.train.loop import LoopSettings, Trainer, total_steps
 from blip.train.modeling import build_model
+from blip.train.objectives import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask
 from blip.train.optim import LRSchedule, build_optimizer
 from blip.train.rng import seed_everything
-from blip.train.tasks import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask
 from blip.weights.checkpoint import config_to_dict, tokenizer_to_dict
 
 _logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class RunSummary:
 
 def evaluate_trained(blip_model, cfg: TrainConfig, out: Path) -> dict[str, dict[str, float]]:
     """Test metrics of the trained model (pretrain: zero-shot retrieval and unprompted captioning)."""
-    from blip.train.evaluate import evaluate, write_result
+    from blip.evaluation.run import evaluate, write_result
 
     tasks = ["retrieval", "caption"] if cfg.task == "pretrain" else [cfg.task]
     results = {}

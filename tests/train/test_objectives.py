@@ -1,5 +1,5 @@
-"""Training tasks and models: every trainable parameter gets a gradient, VQA shares question states, text layers are
-shared as in the paper, and pretrained parts export to caption / VQA / retrieval models."""
+"""Training objectives and models: every trainable parameter gets a gradient, VQA shares question states, text layers
+are shared as in the paper, and pretrained parts export to caption / VQA / retrieval models."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from blip.models.blip import BlipModel
 from blip.models.init import init_weights
 from blip.train.collate import PairCollator, QuestionCollator
 from blip.train.modeling import tie_text_layers
-from blip.train.tasks import CaptionTask, PretrainTask, RetrievalTask, VqaTask
+from blip.train.objectives import CaptionTask, PretrainTask, RetrievalTask, VqaTask
 from blip.weights.load import CheckpointError, model_for_kind
 
 TOKENIZER = shapes_tokenizer()

@@ -1,4 +1,4 @@
-"""Evaluation of trained models on a test split: captioning (BLEU/CIDEr-D/ROUGE-L), VQA accuracy, retrieval R@K.
+"""Running a model over an evaluation set: captioning (BLEU/CIDEr-D/ROUGE-L), VQA accuracy, retrieval R@K.
 
 Inference goes through the same functions users call (`Blip.caption`, `Blip.answer`, the model's ITC/ITM entry
 points); the metrics are `blip.evaluation`'s coco-caption / official-VQA / BLIP `itm_eval` equivalents.
@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blip.data.manifests import Question, SkipLog, read_caption_rows, read_questions, resolve_sources
+from blip.evaluation.caption_metrics import caption_scores
+from blip.evaluation.plots import plot_caption_examples, plot_metrics
+from blip.evaluation.retrieval_metrics import recall_at_k
+from blip.evaluation.vqa_metrics import vqa_evaluate
 from blip.tasks.common import MAX_TEXT_TOKENS, chunks, model_input
+from blip.transforms import load_image
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -82,8 +87,6 @@ def evaluate_caption(
     max_new_tokens: int = 20,
     min_new_tokens: int = 5,
 ) -> EvalResult:
-    from blip.evaluation import caption_scores
-
     captions = blip.caption(
         [r["image"] for r in rows],
         prompt=prompt or None,
@@ -109,8 +112,6 @@ def evaluate_vqa(
     num_beams: int = 1,
     max_new_tokens: int = 10,
 ) -> EvalResult:
-    from blip.evaluation import vqa_evaluate
-
     answers = blip.answer(
         [q.image for q in questions],
         [q.question for q in questions],
@@ -162,8 +163,6 @@ def _itm_scores(
 @torch.inference_mode()
 def retrieval_scores(blip: Blip, images: list[str], texts: list[str], k_test: int = 16) -> tuple[torch.Tensor, ...]:
     """(ITC similarity `[n_img, n_txt]`, re-ranked i2t scores, re-ranked t2i scores `[n_txt, n_img]`)."""
-    from blip.transforms import load_image
-
     model, tokenizer = blip.model, blip.tokenizer
     device = next(model.parameters()).device
     embeds, feats = [], []
@@ -198,8 +197,6 @@ def retrieval_scores(blip: Blip, images: list[str], texts: list[str], k_test: in
 
 
 def evaluate_retrieval(blip: Blip, rows: list[dict[str, Any]], *, k_test: int = 16) -> EvalResult:
-    from blip.evaluation import recall_at_k
-
     texts, txt2img, img2txts = [], [], []
     for i, row in enumerate(rows):
         img2txts.append(list(range(len(texts), len(texts) + len(row["captions"]))))
@@ -270,9 +267,7 @@ def write_result(result: EvalResult, out_dir: str | Path, *, name: str | None = 
         for row in result.predictions:
             f.write(json.dumps(row, default=str) + "\n")
     if plots:
-        from blip.train import plots as P
-
-        P.plot_metrics(result.metrics, out / f"{name}.png", title=f"{result.task} evaluation")
+        plot_metrics(result.metrics, out / f"{name}.png", title=f"{result.task} evaluation")
         if result.task == "caption":
-            P.plot_caption_examples(result.predictions, out / f"{name}_examples.png")
+            plot_caption_examples(result.predictions, out / f"{name}_examples.png")
     return out / f"{name}.json"

@@ -1,8 +1,9 @@
-"""Training tasks: each sums its objectives into `{"<name>_loss": ..., "loss": ...}`; the loop stays generic.
+"""Training objectives: each task sums its losses into `{"<name>_loss": ..., "loss": ...}`; the loop stays generic.
 
-A task is an `nn.Module` holding the `BlipModel` (`task.model`) plus the objectives' own state (momentum encoders,
-queues, temperature), so one `state_dict` resumes everything. The loop calls `before_step(step)` once per optimizer
-step (momentum update, distillation ramp) and `task(batch)` (= `training_forward`) per micro-batch.
+A training task (`TrainTask`, not to be confused with the inference tasks of `blip.tasks`) is an `nn.Module` holding
+the `BlipModel` (`task.model`) plus the objectives' own state (momentum encoders, queues, temperature), so one
+`state_dict` resumes everything. The loop calls `before_step(step)` once per optimizer step (momentum update,
+distillation ramp) and `task(batch)` (= `training_forward`) per micro-batch.
 
 Start tokens: the unimodal encoder (ITC) reads `[CLS]`. The image-grounded encoder (ITM, VQA questions) reads
 `[CLS]` by default (`itm_token="cls"`), because that is what the transformers-compatible inference API feeds it
@@ -199,7 +200,7 @@ class RetrievalTask(TrainTask):
         return {"itc_loss": itc.loss, "itm_loss": itm_loss, "loss": itc.loss + itm_loss}
 
 
-TASKS: dict[str, type[TrainTask]] = {
+OBJECTIVES: dict[str, type[TrainTask]] = {  # by `TrainConfig.task`
     "pretrain": PretrainTask,
     "caption": CaptionTask,
     "vqa": VqaTask,
