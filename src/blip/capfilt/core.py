@@ -44,7 +44,7 @@ from PIL import Image
 
 from blip.distributed import resolve_device
 from blip.io import atomic_path, atomic_write_bytes, atomic_write_json
-from blip.jobs.pipeline import Decoded, decode_key
+from blip.jobs.prefetch import Decoded, decode_key
 from blip.jobs.runner import RowRunner, ShardTask, ShardWorker, split_shards
 from blip.jobs.sources import (
     IMAGE_COLUMNS,

@@ -2,7 +2,7 @@
 ranks or Ray actors) and `blip retrieve` over an embedded collection.
 
 - `sources`: folder / CSV / JSONL / WebDataset inputs -> a fixed list of rows
-- `pipeline`: image decoding in threads, ahead of the model
+- `prefetch`: image decoding in threads, ahead of the model
 - `runner`: rows through `blip.tasks.batch.dispatch`; shards worked through with a journal per batch
 - `writer`: the output folder: atomic shards, receipts, `_manifest.json`, `errors.jsonl`
 - `engines`: local, torchrun and Ray
