@@ -12,6 +12,7 @@ from pathlib import Path
 
 from blip.capfilt.core import DATASET, ENGINES, CapfiltConfig, run_capfilt
 from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
+from blip.jobs.cli import add_dist_timeout_flag, disk_error
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 
@@ -74,6 +75,7 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
+    add_dist_timeout_flag(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     g.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     return p
@@ -87,9 +89,10 @@ def _fatal(prog: str, message: str) -> int:
 def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> int:
     """`blip capfilt --captioner M1 --filter M2 --data WEB --out DIR ...`; returns the exit code."""
     from blip.data.manifests import DataError
+    from blip.jobs.lock import OutputBusyError
     from blip.jobs.runner import JobError
     from blip.jobs.sources import InputError
-    from blip.jobs.writer import JobMismatchError
+    from blip.jobs.writer import OutputError
     from blip.transforms import ImageDecodeError
     from blip.weights.load import CheckpointError
 
@@ -136,6 +139,7 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
+        dist_timeout_s=args.dist_timeout,
         tokenizer=args.tokenizer,
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -144,7 +148,7 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
     except (
         InputError,
         DataError,
-        JobMismatchError,
+        OutputError,
         CheckpointError,
         JobError,
         ImageDecodeError,
@@ -152,7 +156,9 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         ValueError,
     ) as e:
         return _fatal(prog, str(e))
-    except RuntimeError as e:  # e.g. an optional package that is missing (Ray)
+    except OSError as e:  # a full disk, a read-only folder: finished shards are kept
+        return _fatal(prog, disk_error(e, args.out))
+    except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing (Ray)
         return _fatal(prog, str(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -6,18 +6,21 @@ Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
 from blip.jobs.index import INDEX_KINDS
+from blip.jobs.lock import OutputBusyError
 from blip.jobs.runner import JobError, TaskOptions
 from blip.jobs.sources import IMAGE_EXTENSIONS, INPUT_KINDS, InputError, InputOptions
-from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, JobMismatchError
+from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, OutputError
 from blip.tasks.options import OPTIONS, CaptionOptions, VqaOptions, add_option_flags, option_values
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
@@ -77,7 +80,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
+    add_dist_timeout_flag(g)
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+
+
+def add_dist_timeout_flag(group: Any) -> None:
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=EngineOptions().dist_timeout_s,
+        metavar="SECONDS",
+        help="torchrun: how long ranks wait for each other, e.g. for the slowest rank's share (default: 24 h)",
+    )
+
+
+def disk_error(e: OSError, out: str) -> str:
+    """One line for an OS error while a job runs: a full disk under the output folder (a rerun resumes), or what
+    the OS said about which file."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device of {Path(out).expanduser().resolve()} (disk or quota full): free some "
+            f"space, then rerun the same command; it resumes where it stopped"
+        )
+    what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    return f"{what} (finished shards are kept: a rerun resumes)"
 
 
 def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
@@ -158,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
+        dist_timeout_s=args.dist_timeout,
     )
     return BatchConfig(
         task=task,
@@ -204,9 +231,11 @@ def batch_main(argv: list[str] | None = None, prog: str = "blip batch") -> int:
     try:
         cfg = config_from_args(args)
         result = run_batch(cfg)
-    except (_UsageError, InputError, JobMismatchError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
+    except (_UsageError, InputError, OutputError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
         return _fatal(f"{prog} {args.task}", str(e))
-    except RuntimeError as e:  # e.g. an optional package that is missing
+    except OSError as e:  # a full disk, a read-only folder: finished shards are kept
+        return _fatal(f"{prog} {args.task}", disk_error(e, args.out))
+    except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing
         return _fatal(f"{prog} {args.task}", str(e))
     except KeyboardInterrupt:
         print(f"{prog} {args.task}: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -275,8 +304,9 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
         return _fatal(prog, "give a text query, or --image")
     if any(not q.strip() for q in args.queries):
         return _fatal(prog, "a query is empty")
-    if args.top_k < 1:
-        return _fatal(prog, "--top-k must be >= 1")
+    for flag, value in (("--top-k", args.top_k), ("--nprobe", args.nprobe), ("--ef-search", args.ef_search)):
+        if value is not None and value < 1:
+            return _fatal(prog, f"{flag} must be >= 1, got {value}")
     try:
         device = resolve_device(args.device)
     except DeviceError as e:
