@@ -6,15 +6,14 @@ Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from blip.capfilt.core import DATASET, ENGINES, CapfiltConfig, run_capfilt
 from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
-from blip.jobs.cli import add_dist_timeout_flag, disk_error
+from blip.jobs.cli import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE, add_dist_timeout_flag, disk_error, fatal, setup_logging
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
+__all__ = ["EXIT_FAILED_ROWS", "EXIT_OK", "EXIT_USAGE", "build_parser", "capfilt_main", "main"]
 
 _DEFAULTS = CapfiltConfig()
 
@@ -81,11 +80,6 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     return p
 
 
-def _fatal(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> int:
     """`blip capfilt --captioner M1 --filter M2 --data WEB --out DIR ...`; returns the exit code."""
     from blip.data.manifests import DataError
@@ -101,21 +95,18 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help: 0; a bad option: argparse printed the usage, 2
         return int(e.code or 0)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    elif args.verbose:
-        logging.getLogger().setLevel(logging.INFO)
+    setup_logging(args.verbose)
     try:
         if args.engine == "ray":
             check_device_name(args.device)  # the actors may run on machines with GPUs this one lacks
         else:
             resolve_device(args.device, world_info_from_env()[1])
     except DeviceError as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     for flag in ("data", "keep_clean"):
         value = getattr(args, flag)
         if value and not any(c in value for c in "*?[{") and not Path(value).expanduser().exists():
-            return _fatal(prog, f"--{flag.replace('_', '-')} {value}: no such file or folder")
+            return fatal(prog, f"--{flag.replace('_', '-')} {value}: no such file or folder")
     cfg = CapfiltConfig(
         num_captions=args.num_captions,
         top_p=args.top_p,
@@ -155,11 +146,11 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         FileNotFoundError,
         ValueError,
     ) as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     except OSError as e:  # a full disk, a read-only folder: finished shards are kept
-        return _fatal(prog, disk_error(e, args.out))
+        return fatal(prog, disk_error(e, args.out))
     except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing (Ray)
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

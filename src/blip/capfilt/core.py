@@ -76,7 +76,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "CapfiltConfig", "CapfiltKind", "CapfiltRunner", "CapfiltSummary", "read_records", "run_capfilt"]
 
-FORMAT = "blip-capfilt/1"
+SUMMARY_FORMAT = "blip-capfilt/1"  # summary.json, and the manifest's "capfilt"
 RECORDS_PREFIX = "records"
 DATASET = "bootstrap.jsonl"
 SUMMARY = "summary.json"
@@ -421,7 +421,7 @@ class CapfiltKind(JobKind):
         return CapfiltRunner(captioner, filter, self.cfg, job.plan.kind)
 
     def manifest_extra(self, job: Job, engine: str) -> dict[str, Any]:
-        return {"input_spec": job.plan.spec, "notes": job.plan.notes, "engine": engine, "capfilt": FORMAT}
+        return {"input_spec": job.plan.spec, "notes": job.plan.notes, "engine": engine, "capfilt": SUMMARY_FORMAT}
 
     def finalize(self, job: Job, out: OutputDir, run: RunInfo) -> CapfiltSummary:
         """Coordinator, after the workers: errors.jsonl and the manifest, then (when every shard is done) the
@@ -455,7 +455,7 @@ class CapfiltKind(JobKind):
             complete=batch.complete,
             engine=run.engine,
         )
-        obj = {"format": FORMAT, **summary.to_json(), "models": self.model_source}
+        obj = {"format": SUMMARY_FORMAT, **summary.to_json(), "models": self.model_source}
         obj["options"] = {**cfg.describe(), "keep_clean": cfg.keep_clean}
         obj["train"] = _how_to_train(out.root)
         atomic_write_json(out.root / SUMMARY, obj, fsync=False)

@@ -209,12 +209,12 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
     )
 
 
-def _fatal(prog: str, message: str) -> int:
+def fatal(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     elif verbose:
@@ -227,16 +227,16 @@ def batch_main(argv: list[str] | None = None, prog: str = "blip batch") -> int:
 
     parser = build_batch_parser(prog)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
         result = run_batch(cfg)
     except (_UsageError, InputError, OutputError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
-        return _fatal(f"{prog} {args.task}", str(e))
+        return fatal(f"{prog} {args.task}", str(e))
     except OSError as e:  # a full disk, a read-only folder: finished shards are kept
-        return _fatal(f"{prog} {args.task}", disk_error(e, args.out))
+        return fatal(f"{prog} {args.task}", disk_error(e, args.out))
     except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing
-        return _fatal(f"{prog} {args.task}", str(e))
+        return fatal(f"{prog} {args.task}", str(e))
     except KeyboardInterrupt:
         print(f"{prog} {args.task}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -299,18 +299,18 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
 
     parser = build_retrieve_parser(prog)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     if not args.queries and not args.image:
-        return _fatal(prog, "give a text query, or --image")
+        return fatal(prog, "give a text query, or --image")
     if any(not q.strip() for q in args.queries):
-        return _fatal(prog, "a query is empty")
+        return fatal(prog, "a query is empty")
     for flag, value in (("--top-k", args.top_k), ("--nprobe", args.nprobe), ("--ef-search", args.ef_search)):
         if value is not None and value < 1:
-            return _fatal(prog, f"{flag} must be >= 1, got {value}")
+            return fatal(prog, f"{flag} must be >= 1, got {value}")
     try:
         device = resolve_device(args.device)
     except DeviceError as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     try:
         collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search, fetch=fetch_url)
         model_source = args.model or collection.meta.get("model_source")
@@ -333,7 +333,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
             results += list(zip(args.image, hits))
         elapsed = time.perf_counter() - started
     except (SearchIndexError, CheckpointError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     for query, hits in results:
         if args.format == "jsonl":
             for hit in hits:

@@ -49,11 +49,11 @@ class EngineOptions:
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
         if not self.cpus_per_worker > 0:
-            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker:g}")
         if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
-            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker:g}")
         if not self.dist_timeout_s > 0:
-            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s:g}")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from blip.jobs.lock import LOCK
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = "blip-batch/1"
+MANIFEST_FORMAT = "blip-batch/1"
 MANIFEST = "_manifest.json"
 ERRORS = "errors.jsonl"
 RECEIPTS = "_receipts"
@@ -289,7 +289,7 @@ class OutputDir:
         self.file_prefix = file_prefix  # output files are <file_prefix>-000000.jsonl, ...
         self.extra_outputs = tuple(extra_outputs)
         self._receipts: dict[int, Receipt] = {}
-        self._manifest_base: dict[str, Any] = {"format": FORMAT}
+        self._manifest_base: dict[str, Any] = {"format": MANIFEST_FORMAT}
 
     # --- paths ---------------------------------------------------------------------------------------------------
 
@@ -332,7 +332,7 @@ class OutputDir:
                 f"{self.manifest_path} is unreadable ({e}): this folder can be neither resumed nor overwritten; move "
                 f"it away or choose another --out"
             ) from e
-        return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+        return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
 
     def prepare(
         self, job: dict[str, Any], fingerprint: str, *, overwrite: bool, num_shards: int, model_source: str = ""
@@ -356,20 +356,22 @@ class OutputDir:
                 )
                 raise JobMismatchError(message)
         else:
-            if manifest is not None:
-                self.clear()
-            elif not overwrite and (present := self._present(ours)):
+            present = self._present(ours)
+            if manifest is None and present and not overwrite:
                 raise OutputError(
                     f"{self.root} is not empty ({_some(present)}) and holds no {MANIFEST}: not a blip batch output "
                     f"folder. Choose an empty or new --out (or --overwrite to write beside what is there)"
                 )
-            clash = [name for name in self._present(ours) if name in ours]
+            before = Owned.from_manifest(manifest) if manifest is not None else Owned(())
+            clash = [n for n in present if n in ours and n not in before and not before.is_temporary(n)]
             if clash:
                 raise OutputError(
                     f"{self.root} holds {_some(clash)}, which this job would write but no {MANIFEST} of a blip job "
                     f"names: nothing of yours is deleted, so move {'them' if len(clash) > 1 else 'it'} away or "
                     f"choose another --out"
                 )
+            if manifest is not None:
+                self.clear()
             manifest = None
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temporary_files(ours)
@@ -377,7 +379,7 @@ class OutputDir:
         now = _now()
         started = manifest.get("started", now) if manifest else now
         self._manifest_base = {
-            "format": FORMAT,
+            "format": MANIFEST_FORMAT,
             "fingerprint": fingerprint,
             "job": job,
             "model_source": model_source,
