@@ -6,12 +6,22 @@ Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from blip.capfilt.core import DATASET, ENGINES, CapfiltConfig, run_capfilt
+from blip.capfilt.core import DATASET, CapfiltConfig, run_capfilt
 from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
-from blip.jobs.cli import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE, add_dist_timeout_flag, disk_error, fatal, setup_logging
+from blip.jobs.cli import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_engine_flags,
+    disk_error,
+    fatal,
+    setup_logging,
+)
+from blip.jobs.job import EngineOptions
 
 __all__ = ["EXIT_FAILED_ROWS", "EXIT_OK", "EXIT_USAGE", "build_parser", "capfilt_main", "main"]
 
@@ -69,12 +79,7 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=_DEFAULTS.shard_size, help="rows per output shard")
     g.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="image decoding threads (default: 2)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--engine", choices=ENGINES, default="auto", help="auto: torchrun when launched by it, else local")
-    g.add_argument("--ray-address", help="Ray cluster to join ('auto' or host:port; default: start a local one)")
-    g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
-    g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
-    add_dist_timeout_flag(g)
+    add_engine_flags(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     g.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     return p
@@ -125,13 +130,8 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         workers=args.workers,
         keep_clean=args.keep_clean,
         overwrite=args.overwrite,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-        dist_timeout_s=args.dist_timeout,
         tokenizer=args.tokenizer,
+        **dataclasses.asdict(EngineOptions.of(args)),  # CapfiltConfig's engine fields are EngineOptions' own
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     try:

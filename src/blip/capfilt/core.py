@@ -46,7 +46,7 @@ from PIL import Image
 
 from blip.io import atomic_path, atomic_write_bytes, atomic_write_json
 from blip.jobs.engines import run_job
-from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
+from blip.jobs.job import EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
 from blip.jobs.prefetch import Decoded, decode_key
 from blip.jobs.runner import RowRunner
 from blip.jobs.sources import (
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "CapfiltConfig", "CapfiltKind", "CapfiltRunner", "CapfiltSummary", "read_records", "run_capfilt"]
+__all__ = ["CapfiltConfig", "CapfiltKind", "CapfiltRunner", "CapfiltSummary", "read_records", "run_capfilt"]
 
 SUMMARY_FORMAT = "blip-capfilt/1"  # summary.json, and the manifest's "capfilt"
 RECORDS_PREFIX = "records"
@@ -126,14 +126,7 @@ class CapfiltConfig:
         self.engine_options().validate()
 
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(
-            engine=self.engine,
-            ray_address=self.ray_address,
-            num_workers=self.num_workers,
-            cpus_per_worker=self.cpus_per_worker,
-            gpus_per_worker=self.gpus_per_worker,
-            dist_timeout_s=self.dist_timeout_s,
-        )
+        return EngineOptions.of(self)
 
     def settings(self, out: str | os.PathLike, progress: bool | None) -> RunSettings:
         """How the job runs (`blip.jobs.job`): the options above that do not change the records."""

@@ -74,20 +74,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="folder inputs: file extensions taken as images, comma-separated, or '*' for every file",
     )
 
-    g = p.add_argument_group("engine")
+    add_engine_flags(p.add_argument_group("engine"))
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+
+
+def add_engine_flags(g: Any) -> None:
+    """The engine's flags (`EngineOptions`), for every job command (`blip batch`, `blip capfilt`)."""
     g.add_argument("--engine", choices=ENGINES, default="auto", help="auto: torchrun when launched by it, else local")
     g.add_argument("--ray-address", help="Ray cluster to join ('auto' or host:port; default: start a local one)")
     g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
-    add_dist_timeout_flag(g)
-    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
-
-
-def add_dist_timeout_flag(group: Any) -> None:
-    group.add_argument(
+    g.add_argument(
         "--dist-timeout",
         type=float,
+        dest="dist_timeout_s",
         default=EngineOptions().dist_timeout_s,
         metavar="SECONDS",
         help="torchrun: how long ranks wait for each other, e.g. for the slowest rank's share (default: 24 h)",
@@ -178,14 +179,6 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         limit=args.limit,
     )
     options = TaskOptions(**option_values(args, OPTIONS[task])) if task in OPTIONS else TaskOptions()
-    engine = EngineOptions(
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-        dist_timeout_s=args.dist_timeout,
-    )
     return BatchConfig(
         task=task,
         model=args.model,
@@ -205,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         index_type=getattr(args, "index_type", "auto"),
         inputs=inputs,
         options=options,
-        engine=engine,
+        engine=EngineOptions.of(args),
     )
 
 

@@ -17,6 +17,7 @@ changes the results, so a rerun resumes only the same job.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +43,11 @@ class EngineOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     dist_timeout_s: float = 24 * 3600.0  # torchrun: how long ranks wait for each other (the slowest rank's share)
+
+    @classmethod
+    def of(cls, source: Any) -> EngineOptions:
+        """The engine options among `source`'s attributes: parsed flags, or a config that has these fields."""
+        return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
