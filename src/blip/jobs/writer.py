@@ -88,7 +88,10 @@ class Owned:
         if name in self.names:
             return True
         match = re.fullmatch(rf"{re.escape(self.prefix)}-(\d{{6,}})\.(\w+)", name)
-        return match is not None and int(match[1]) < self.count and match[2] in self.extensions
+        if match is None or match[2] not in self.extensions:
+            return False
+        shard = int(match[1])
+        return shard < self.count and match[1] == f"{shard:06d}"
 
     def is_temporary(self, name: str) -> bool:
         """A temporary file of an atomic write of one of ours (or the index being built)."""
