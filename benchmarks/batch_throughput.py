@@ -35,8 +35,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from blip.io import read_jsonl  # noqa: E402
 from blip.jobs import BatchConfig, TaskOptions, run_batch  # noqa: E402
-from blip.jobs.writer import read_jsonl  # noqa: E402
 from oracle import base_spec, build_hf_checkpoint  # noqa: E402
 
 MAX_NEW_TOKENS = 20

@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
+COUNT_FLAGS = ("batch_size", "image_size", "threads")  # integer flags that must be >= 1 where a command has them
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """A zero or negative count is a one-line usage error naming the flag (not a crash deep inside)."""
+    for name in COUNT_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _check_device(device: str) -> None:
     """An unusable --device is a one-line usage error before anything is loaded."""
     from blip.distributed import DeviceError, resolve_device
@@ -389,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        _check_counts(args)
         if getattr(args, "device", None) is not None:
             _check_device(args.device)
         return COMMANDS[args.command](args)

@@ -74,3 +74,20 @@ def test_ray_missing_gives_a_clear_error(caption_model, image_folder, tmp_path, 
     code = batch_main([*_job_args(caption_model, folder), "--out", str(tmp_path / "o"), "--engine", "ray"])
     assert code == 2
     assert "pip install 'blip-vl[scale]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_are_refused_together_when_the_folder_is_in_use(caption_model, image_folder, tmp_path):
+    """Rank 0 takes the output folder's lock for every rank; when another job holds it, all ranks stop, none
+    waits for the others."""
+    from blip.jobs.lock import OutputLock
+
+    folder, _, _ = image_folder
+    out = tmp_path / "busy"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "blip.jobs", "batch", *_job_args(caption_model, folder), "--out", str(out), "--no-progress"]
+    with OutputLock(out):
+        proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: {out} is in use by another job (pid {os.getpid()} ") == 2, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -104,9 +104,14 @@ def test_crash_inside_commit_then_resume(caption_model, image_folder, tmp_path, 
     assert manifest["shards"] == reference["shards"] and manifest["fingerprint"] == reference["fingerprint"]
 
 
-def test_clear_removes_only_batch_outputs(tmp_path):
-    for name in ("part-000000.jsonl", "part-000001.npy", "_manifest.json", "errors.jsonl", "part-x.txt", "keep.md"):
+def test_clear_removes_only_what_the_manifest_names(tmp_path):
+    out = OutputDir(tmp_path, embed_format="npy")
+    out.prepare({"input": {"rows": 3}}, "f", overwrite=False, num_shards=2)
+    for name in ("part-000000.jsonl", "part-000001.npy", "errors.jsonl", "part-x.txt", "keep.md", "part-000002.jsonl"):
         (tmp_path / name).write_text("x")
-    (tmp_path / "_receipts").mkdir()
+    (tmp_path / ".part-000001.jsonl.123.abcd1234.tmp").write_text("a killed write")
     OutputDir(tmp_path).clear()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.md", "part-x.txt"]
+    # part-000002.jsonl: the job has two shards, so no manifest of ours names a third; nor part-x.txt or keep.md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.md", "part-000002.jsonl", "part-x.txt"]
+    OutputDir(tmp_path).clear()  # without a manifest nothing is ours: nothing goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.md", "part-000002.jsonl", "part-x.txt"]

@@ -1,7 +1,8 @@
 """CapFilt (the paper's §3.3): caption every web image with a fine-tuned captioner, filter the web and synthetic
 texts with a fine-tuned ITM filter, and write the bootstrapped dataset a new model is pre-trained on.
 
-- `core`: `run_capfilt` (resumable, sharded, on the `blip.jobs` machinery), `CapfiltConfig`, `CapfiltSummary`
+- `core`: `run_capfilt` (resumable, sharded: a job kind, `CapfiltKind`, on the `blip.jobs` engines), `CapfiltConfig`,
+  `CapfiltSummary`
 - `cli`: `capfilt_main` (`blip capfilt ...`)
 """
 

@@ -6,14 +6,24 @@ Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
 import sys
 from pathlib import Path
 
-from blip.capfilt.core import DATASET, ENGINES, CapfiltConfig, run_capfilt
+from blip.capfilt.core import DATASET, CapfiltConfig, run_capfilt
 from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
+from blip.jobs.cli import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_engine_flags,
+    disk_error,
+    fatal,
+    setup_logging,
+)
+from blip.jobs.job import EngineOptions
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
+__all__ = ["EXIT_FAILED_ROWS", "EXIT_OK", "EXIT_USAGE", "build_parser", "capfilt_main", "main"]
 
 _DEFAULTS = CapfiltConfig()
 
@@ -69,27 +79,19 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=_DEFAULTS.shard_size, help="rows per output shard")
     g.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="image decoding threads (default: 2)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--engine", choices=ENGINES, default="auto", help="auto: torchrun when launched by it, else local")
-    g.add_argument("--ray-address", help="Ray cluster to join ('auto' or host:port; default: start a local one)")
-    g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
-    g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
+    add_engine_flags(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     g.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     return p
 
 
-def _fatal(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> int:
     """`blip capfilt --captioner M1 --filter M2 --data WEB --out DIR ...`; returns the exit code."""
     from blip.data.manifests import DataError
+    from blip.jobs.lock import OutputBusyError
     from blip.jobs.runner import JobError
     from blip.jobs.sources import InputError
-    from blip.jobs.writer import JobMismatchError
+    from blip.jobs.writer import OutputError
     from blip.transforms import ImageDecodeError
     from blip.weights.load import CheckpointError
 
@@ -98,21 +100,18 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help: 0; a bad option: argparse printed the usage, 2
         return int(e.code or 0)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    elif args.verbose:
-        logging.getLogger().setLevel(logging.INFO)
+    setup_logging(args.verbose)
     try:
         if args.engine == "ray":
             check_device_name(args.device)  # the actors may run on machines with GPUs this one lacks
         else:
             resolve_device(args.device, world_info_from_env()[1])
     except DeviceError as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     for flag in ("data", "keep_clean"):
         value = getattr(args, flag)
         if value and not any(c in value for c in "*?[{") and not Path(value).expanduser().exists():
-            return _fatal(prog, f"--{flag.replace('_', '-')} {value}: no such file or folder")
+            return fatal(prog, f"--{flag.replace('_', '-')} {value}: no such file or folder")
     cfg = CapfiltConfig(
         num_captions=args.num_captions,
         top_p=args.top_p,
@@ -131,12 +130,8 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         workers=args.workers,
         keep_clean=args.keep_clean,
         overwrite=args.overwrite,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
         tokenizer=args.tokenizer,
+        **dataclasses.asdict(EngineOptions.of(args)),  # CapfiltConfig's engine fields are EngineOptions' own
     )
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     try:
@@ -144,16 +139,18 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
     except (
         InputError,
         DataError,
-        JobMismatchError,
+        OutputError,
         CheckpointError,
         JobError,
         ImageDecodeError,
         FileNotFoundError,
         ValueError,
     ) as e:
-        return _fatal(prog, str(e))
-    except RuntimeError as e:  # e.g. an optional package that is missing (Ray)
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
+    except OSError as e:  # a full disk, a read-only folder: finished shards are kept
+        return fatal(prog, disk_error(e, args.out))
+    except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing (Ray)
+        return fatal(prog, str(e))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

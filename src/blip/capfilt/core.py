@@ -5,9 +5,10 @@ text and on every synthetic text; the texts it keeps make a new pre-training dat
     summary = run_capfilt("runs/caption_shapes/model", "runs/retrieval_shapes/model", "runs/shapes",
                           "runs/capfilt", CapfiltConfig(num_captions=1))
 
-The work runs on the batch-job machinery (`blip.jobs`): the input is planned into a fixed list of rows, cut into
-shards, decoded ahead in threads, journaled per batch and committed atomically, so a killed run resumes where it
-stopped without losing or repeating a row. Layout of the output folder::
+CapFilt is a job kind of the batch jobs (`CapfiltKind`, see `blip.jobs.job`): the input is planned into a fixed list
+of rows, cut into shards, and run by the jobs' engines (in-process, torchrun ranks, Ray actors) — decoded ahead in
+threads, journaled per batch and committed atomically, so a killed run resumes where it stopped without losing or
+repeating a row; the coordinator then writes the dataset. Layout of the output folder::
 
     records-000000.jsonl   per input row, in input order: {"id", "image", "web_text", "web_score", "web_keep",
                            "synthetic": [{"text", "score", "keep"}], <the input record's other columns>}
@@ -17,7 +18,8 @@ stopped without losing or repeating a row. Layout of the output folder::
                            `blip train` reads (`data=<out>/bootstrap.jsonl`)
     images/                images taken out of WebDataset input shards (the dataset refers to them)
     summary.json           counts, options, and how to train on the result
-    _manifest.json, _receipts/, _work/   the batch job's own bookkeeping (see `blip.jobs.writer`)
+    _manifest.json, _receipts/, _work/   the job's bookkeeping (see `blip.jobs.writer`); the manifest names every
+                           file above, and --overwrite deletes only those
 
 Sampling is seeded per row: the synthetic captions of a row are a pure function of (seed, row id) and the models,
 never of which rows share its batch or where an earlier run was killed.
@@ -27,12 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,10 +44,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from blip.distributed import resolve_device
 from blip.io import atomic_path, atomic_write_bytes, atomic_write_json
-from blip.jobs.pipeline import Decoded, decode_key
-from blip.jobs.runner import RowRunner, ShardTask, ShardWorker, split_shards
+from blip.jobs.engines import run_job
+from blip.jobs.job import EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
+from blip.jobs.prefetch import Decoded, decode_key
+from blip.jobs.runner import RowRunner
 from blip.jobs.sources import (
     IMAGE_COLUMNS,
     TAR_PREFIX,
@@ -57,12 +60,13 @@ from blip.jobs.sources import (
     plan_input,
     read_bytes,
     read_image,
+    require_rows,
 )
-from blip.jobs.writer import OutputDir, Receipt, Throttle
+from blip.jobs.writer import OutputDir
 from blip.models.generation import GenerationConfig
+from blip.tasks.batch import CaptionWork, ImageItem, PairWork, dispatch
 from blip.tasks.batch import row_seed as _row_seed
-from blip.tasks.caption import caption_images, prompt_prefix
-from blip.tasks.itm import match_probabilities
+from blip.tasks.caption import prompt_prefix
 from blip.tasks.options import CaptionOptions
 
 if TYPE_CHECKING:
@@ -70,14 +74,13 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = "blip-capfilt/1"
+__all__ = ["CapfiltConfig", "CapfiltKind", "CapfiltRunner", "CapfiltSummary", "read_records", "run_capfilt"]
+
+SUMMARY_FORMAT = "blip-capfilt/1"  # summary.json, and the manifest's "capfilt"
 RECORDS_PREFIX = "records"
 DATASET = "bootstrap.jsonl"
 SUMMARY = "summary.json"
 IMAGES = "images"
-OWN_FILES = (DATASET, SUMMARY, IMAGES)  # what CapFilt writes besides the batch job's files
-ENGINES = ("auto", "local", "torchrun", "ray")
-SUMMARY_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,19 +111,35 @@ class CapfiltConfig:
     num_workers: int | None = None  # ray: actors (default: one per GPU, else one per `cpus_per_worker` CPUs)
     cpus_per_worker: float = 1.0  # ray: CPUs (and torch threads) per actor
     gpus_per_worker: float | None = None  # ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)
+    dist_timeout_s: float = 24 * 3600.0  # torchrun: how long ranks wait for each other (the slowest rank's share)
     tokenizer: str | None = None  # for checkpoints loaded from a path that ship no tokenizer
 
     def validate(self) -> None:
         for name in ("num_captions", "batch_size", "shard_size", "workers", "prefetch", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threshold != self.threshold:  # NaN
             raise ValueError("threshold must be a number (0 keeps every text, above 1 none)")
         self.captioning()  # OptionError (a ValueError) naming a bad generation option
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        self.engine_options().validate()
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions.of(self)
+
+    def settings(self, out: str | os.PathLike, progress: bool | None) -> RunSettings:
+        """How the job runs (`blip.jobs.job`): the options above that do not change the records."""
+        return RunSettings(
+            out=str(out),
+            overwrite=self.overwrite,
+            device=self.device,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            prefetch=self.prefetch,
+            progress=progress,
+            engine=self.engine_options(),
+        )
 
     def captioning(self) -> CaptionOptions:
         """The captioner's options (validated like every caption option): nucleus sampling after the prompt."""
@@ -247,10 +266,6 @@ def _record_base(row: Row, kind: str) -> tuple[Any, dict[str, Any]]:
     return image, passed
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The work on a batch
-
-
 class CapfiltRunner(RowRunner):
     """A batch of rows -> a record per row: synthetic captions (captioner) and ITM verdicts (filter).
 
@@ -264,8 +279,7 @@ class CapfiltRunner(RowRunner):
         self.filter = filter
         self.cfg = cfg
         self.task = "capfilt"
-        self.options = None
-        self.generation = cfg.generation()
+        self.options = cfg.captioning()
         self.input_kind = input_kind
         self._failed_batches = 0
         prefix = prompt_prefix(captioner, cfg.prompt)
@@ -285,24 +299,20 @@ class CapfiltRunner(RowRunner):
 
     def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
         cfg = self.cfg
-        images = [decoded.images[decode_key(row)] for row in rows]  # per row: each row samples on its own
-        device = self.blip.device
-        generators = [torch.Generator(device=device).manual_seed(row_seed(cfg.seed, row.id)) for row in rows]
-        captions = caption_images(
-            self.blip, images, prompt=cfg.prompt, generation=self.generation, generators=generators
-        )
-        texts: list[str] = []
-        owner: list[int] = []
+        items = [ImageItem(decode_key(row), decoded.images[decode_key(row)]) for row in rows]
+        # each row samples from its own generator, seeded by (seed, row id): not shared, whatever the batch
+        works = [CaptionWork([item], [row_seed(cfg.seed, row.id)]) for row, item in zip(rows, items)]
+        captions = dispatch(self.blip, "caption", self.options, works)
         webs: list[str | None] = []
         synthetic: list[list[str]] = []
-        for i, (row, caps) in enumerate(zip(rows, captions)):
+        pairs: list[PairWork] = []
+        for row, item, caps in zip(rows, items, captions):
             web = " ".join((row.text or "").split()) or None
             webs.append(web)
-            synthetic.append([strip_prompt(c.text, self.prompt_text) for c in caps])
-            for text in ([web] if web else []) + synthetic[-1]:
-                texts.append(text or ".")  # an empty synthetic caption is scored as "." and never kept
-                owner.append(i)
-        scores = match_probabilities(self.filter, images, texts, owner) if texts else []
+            synthetic.append([strip_prompt(c.text, self.prompt_text) for c in caps[0]])
+            texts = [text or "." for text in ([web] if web else []) + synthetic[-1]]  # "" is scored as ".", not kept
+            pairs.append(PairWork([item], texts, [0] * len(texts)))
+        scores = [score for row_scores in dispatch(self.filter, "match", None, pairs) for score in row_scores]
         out: list[dict[str, Any]] = []
         position = 0
         for row, web, synth in zip(rows, webs, synthetic):
@@ -327,11 +337,8 @@ class CapfiltRunner(RowRunner):
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-
-
 def _load(model: Blip | str | os.PathLike, cfg: CapfiltConfig, device: str) -> Blip:
+    """`model` itself when it is a `Blip` (it stays where it is), else loaded on `device`."""
     from blip.api import Blip as BlipClass
 
     if isinstance(model, BlipClass):
@@ -354,83 +361,98 @@ def weights_fingerprint(model: Blip) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The job
+# The job kind
 
 
-@dataclass
-class _Job:
-    plan: InputPlan
-    shards: list[ShardTask]
-    description: dict[str, Any]
-    fingerprint: str
+class CapfiltKind(JobKind):
+    """CapFilt as a job kind: the rows through `CapfiltRunner` (captioner and filter), records in
+    ``records-*.jsonl``; the coordinator finishes with the bootstrapped dataset and summary.json."""
 
-    @property
-    def total_rows(self) -> int:
-        return len(self.plan.rows)
+    label = "blip capfilt"
+    file_prefix = RECORDS_PREFIX
+    extra_outputs = (DATASET, SUMMARY, IMAGES)
 
+    def __init__(self, captioner: Blip | str | os.PathLike, filter: Blip | str | os.PathLike, cfg: CapfiltConfig):
+        self.captioner = captioner
+        self.filter = filter
+        self.cfg = cfg
+        self.model_source = _sources(captioner, filter)
+        self.started = time.perf_counter()
+        self._models: dict[str, tuple[Blip, Blip]] = {}  # loaded in this process, by device
 
-def _make_job(plan: InputPlan, captioner: Blip, filter: Blip, cfg: CapfiltConfig) -> _Job:
-    inputs = hashlib.sha256(plan.fingerprint().encode())
-    for row in plan.rows:
-        inputs.update((row.extra or "").encode() + b"\n")
-    description = {
-        "task": "capfilt",
-        "captioner": weights_fingerprint(captioner),
-        "filter": weights_fingerprint(filter),
-        "dtype": {"captioner": str(captioner.dtype), "filter": str(filter.dtype)},
-        "options": cfg.describe(),
-        "input": {"kind": plan.kind, "rows": len(plan.rows), "fingerprint": inputs.hexdigest()},
-        "output": {"format": "jsonl", "shard_size": cfg.shard_size},
-    }
-    fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    return _Job(plan, split_shards(plan.rows, cfg.shard_size), description, fingerprint)
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_models": {}}  # Ray actors load their own
 
+    def models(self, device: str) -> tuple[Blip, Blip]:
+        """The captioner and the filter on `device` (loaded once per process), with the heads they need."""
+        if device not in self._models:
+            captioner, filter = _load(self.captioner, self.cfg, device), _load(self.filter, self.cfg, device)
+            require_head(captioner, "caption", "captioner")
+            require_head(filter, "itm", "filter")
+            self._models[device] = captioner, filter
+        return self._models[device]
 
-def _output_dir(out_dir: Path) -> OutputDir:
-    return OutputDir(out_dir, file_prefix=RECORDS_PREFIX)
+    def make_job(self, plan: InputPlan, settings: RunSettings, device: str) -> Job:
+        """The job of `plan`'s rows; it is identified by the models' weights (loaded on `device` to hash them)."""
+        captioner, filter = self.models(device)
+        inputs = hashlib.sha256(plan.fingerprint().encode())
+        for row in plan.rows:
+            inputs.update((row.extra or "").encode() + b"\n")
+        description = {
+            "task": "capfilt",
+            "captioner": weights_fingerprint(captioner),
+            "filter": weights_fingerprint(filter),
+            "dtype": {"captioner": str(captioner.dtype), "filter": str(filter.dtype)},
+            "options": self.cfg.describe(),
+            "input": {"kind": plan.kind, "rows": len(plan.rows), "fingerprint": inputs.hexdigest()},
+            "output": {"format": "jsonl", "shard_size": self.cfg.shard_size},
+        }
+        return new_job(self, settings, plan, self.cfg.shard_size, description)
 
+    def make_runner(self, job: Job, device: str) -> CapfiltRunner:
+        captioner, filter = self.models(device)
+        return CapfiltRunner(captioner, filter, self.cfg, job.plan.kind)
 
-def _remove_own_files(root: Path) -> None:
-    for name in OWN_FILES:
-        path = root / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    def manifest_extra(self, job: Job, engine: str) -> dict[str, Any]:
+        return {"input_spec": job.plan.spec, "notes": job.plan.notes, "engine": engine, "capfilt": SUMMARY_FORMAT}
 
-
-def _manifest_extra(job: _Job, engine: str) -> dict[str, Any]:
-    return {"input_spec": job.plan.spec, "notes": job.plan.notes, "engine": engine, "capfilt": FORMAT}
-
-
-def _prepare(job: _Job, out: OutputDir, cfg: CapfiltConfig, model_source: str) -> bool:
-    manifest = out.read_manifest() if out.root.is_dir() else None
-    if cfg.overwrite and manifest is not None and manifest.get("capfilt") == FORMAT:
-        _remove_own_files(out.root)  # only in a CapFilt folder: --out pointed at a dataset must not lose its images/
-    return out.prepare(
-        job.description, job.fingerprint, overwrite=cfg.overwrite, num_shards=len(job.shards), model_source=model_source
-    )
-
-
-def _worker(captioner: Blip, filter: Blip, cfg: CapfiltConfig, job: _Job, out: OutputDir) -> ShardWorker:
-    runner = CapfiltRunner(captioner, filter, cfg, job.plan.kind)
-    return ShardWorker(
-        runner, out, job.fingerprint, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch
-    )
-
-
-def _progress_bar(total: int, initial: int, show: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="row",
-        desc="blip capfilt",
-        disable=not show,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
+    def finalize(self, job: Job, out: OutputDir, run: RunInfo) -> CapfiltSummary:
+        """Coordinator, after the workers: errors.jsonl and the manifest, then (when every shard is done) the
+        dataset and summary.json."""
+        cfg = self.cfg
+        batch = out.write_summaries(len(job.shards), job.total_rows, self.manifest_extra(job, run.engine))
+        counts = dict(web_texts=0, web_kept=0, synthetic_texts=0, synthetic_kept=0, clean_texts=0, texts_out=0)
+        dataset = None
+        if batch.complete:
+            out.tidy()
+            counts = _write_dataset(job, out, cfg)
+            dataset = out.root / DATASET
+        summary = CapfiltSummary(
+            out_dir=out.root,
+            dataset=dataset,
+            records=sorted(out.root.glob(f"{RECORDS_PREFIX}-*.jsonl")),
+            errors=out.root / "errors.jsonl",
+            data=job.plan.spec,
+            rows=job.total_rows,
+            failed=batch.rows_failed,
+            web_texts=counts["web_texts"],
+            web_kept=counts["web_kept"],
+            synthetic_texts=counts["synthetic_texts"],
+            synthetic_kept=counts["synthetic_kept"],
+            clean_texts=counts["clean_texts"],
+            texts_in=counts["web_texts"],
+            texts_out=counts["texts_out"],
+            seconds=time.perf_counter() - self.started,
+            rows_per_s=run.rows_run / run.work_seconds if run.rows_run and run.work_seconds > 0 else 0.0,
+            resumed=run.resumed,
+            complete=batch.complete,
+            engine=run.engine,
+        )
+        obj = {"format": SUMMARY_FORMAT, **summary.to_json(), "models": self.model_source}
+        obj["options"] = {**cfg.describe(), "keep_clean": cfg.keep_clean}
+        obj["train"] = _how_to_train(out.root)
+        atomic_write_json(out.root / SUMMARY, obj, fsync=False)
+        return summary
 
 
 def run_capfilt(
@@ -444,63 +466,20 @@ def run_capfilt(
     """Run (or resume) CapFilt of `data` into `out_dir`; see the module docstring for what is written.
 
     `captioner`: a model with a caption head (a fine-tuned captioner); `filter`: a model with an ITM head (a
-    retrieval fine-tune). Each is a `blip.Blip` or anything `blip.load` reads. Raises `InputError` for an unusable
-    input, `JobMismatchError` when `out_dir` holds results of other options (unless `cfg.overwrite`)."""
-    started = time.perf_counter()
+    retrieval fine-tune). Each is a `blip.Blip` or anything `blip.load` reads. `cfg.engine` picks the engine (as
+    `blip batch --engine`). Raises `InputError` for an unusable input, `JobMismatchError` when `out_dir` holds
+    results of other options (unless `cfg.overwrite`), `OutputError` for an output folder that is not CapFilt's."""
+    kind = CapfiltKind(captioner, filter, cfg)
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    engine = cfg.engine
-    if engine == "auto":
-        engine = "torchrun" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
     out_root = Path(out_dir).expanduser().resolve()
     plan = plan_data(data, exclude=(str(out_root),))  # an output folder inside a folder input is not input
+    require_rows(plan, flag="--data")
     if cfg.keep_clean:
         _clean_sources(cfg.keep_clean)  # a bad path fails now, not after the work
-    if engine == "torchrun" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _run_torchrun(captioner, filter, plan, out_root, cfg, progress, started)
-    device = resolve_device(cfg.device) if engine != "ray" else "cpu"  # ray: the driver only fingerprints the models
-    cap_model, filt_model = _load(captioner, cfg, device), _load(filter, cfg, device)
-    require_head(cap_model, "caption", "captioner")
-    require_head(filt_model, "itm", "filter")
-    job = _make_job(plan, cap_model, filt_model, cfg)
-    out = _output_dir(out_root)
-    resumed = _prepare(job, out, cfg, _sources(captioner, filter))
-    done = out.done_shards()
-    pending = [s for s in job.shards if s.shard not in done]
-    initial = sum(len(s.rows) for s in job.shards if s.shard in done)
-    work_started = time.perf_counter()
-    processed = 0
-    if pending:
-        with _progress_bar(job.total_rows, initial, progress) as bar:
-            try:
-                if engine == "ray":
-                    processed, engine = _process_ray(captioner, filter, cfg, job, out, pending, bar)
-                else:
-                    processed = _process_local(cap_model, filt_model, cfg, job, out, pending, bar)
-            finally:
-                out.write_summaries(len(job.shards), job.total_rows, _manifest_extra(job, engine))
-    work = (processed, time.perf_counter() - work_started)
-    return _finalize(job, out, cfg, captioner, filter, resumed, engine, started, work)
-
-
-def _process_local(
-    captioner: Blip, filter: Blip, cfg: CapfiltConfig, job: _Job, out: OutputDir, pending: list[ShardTask], bar: Any
-) -> int:
-    throttle = Throttle(SUMMARY_EVERY_S)
-    processed = 0
-
-    def step(n: int) -> None:
-        nonlocal processed
-        processed += n
-        bar.update(n)
-
-    def refresh(_: Receipt | None = None) -> None:
-        if throttle():
-            out.write_summaries(len(job.shards), job.total_rows, _manifest_extra(job, "local"))
-
-    _worker(captioner, filter, cfg, job, out).process(pending, progress=step, on_commit=refresh)
-    return processed
+    settings = cfg.settings(out_root, progress)
+    return run_job(functools.partial(kind.make_job, plan, settings), settings)
 
 
 def _sources(captioner: Any, filter: Any) -> str:
@@ -508,10 +487,6 @@ def _sources(captioner: Any, filter: Any) -> str:
         return str(m) if isinstance(m, str | os.PathLike) else (getattr(m, "source", "") or "(in memory)")
 
     return f"captioner={name(captioner)} filter={name(filter)}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Finishing: the summaries, the bootstrapped dataset
 
 
 def read_records(out_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -563,7 +538,7 @@ def _clean_rows(spec: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_dataset(job: _Job, out: OutputDir, cfg: CapfiltConfig) -> dict[str, int]:
+def _write_dataset(job: Job, out: OutputDir, cfg: CapfiltConfig) -> dict[str, int]:
     """bootstrap.jsonl from the records (streamed, written atomically); returns the counts."""
     counts = dict(web_texts=0, web_kept=0, synthetic_texts=0, synthetic_kept=0, clean_texts=0, texts_out=0)
     clean = _clean_rows(cfg.keep_clean) if cfg.keep_clean else []
@@ -603,186 +578,3 @@ def _how_to_train(out_root: Path) -> dict[str, str]:
         "reads caption data takes it as data=<path>. Images are referenced where they are (WebDataset members were "
         "copied into images/), so the folder works from anywhere on this machine.",
     }
-
-
-def _finalize(
-    job: _Job,
-    out: OutputDir,
-    cfg: CapfiltConfig,
-    captioner: Any,
-    filter: Any,
-    resumed: bool,
-    engine: str,
-    started: float,
-    work: tuple[int, float],
-) -> CapfiltSummary:
-    """Coordinator, after the workers: errors.jsonl and the manifest, then (when every shard is done) the dataset
-    and summary.json. `work`: (rows processed by this call, seconds spent processing them)."""
-    batch = out.write_summaries(len(job.shards), job.total_rows, _manifest_extra(job, engine))
-    counts = dict(web_texts=0, web_kept=0, synthetic_texts=0, synthetic_kept=0, clean_texts=0, texts_out=0)
-    dataset = None
-    if batch.complete:
-        out.tidy()
-        counts = _write_dataset(job, out, cfg)
-        dataset = out.root / DATASET
-    seconds = time.perf_counter() - started
-    summary = CapfiltSummary(
-        out_dir=out.root,
-        dataset=dataset,
-        records=sorted(out.root.glob(f"{RECORDS_PREFIX}-*.jsonl")),
-        errors=out.root / "errors.jsonl",
-        data=job.plan.spec,
-        rows=job.total_rows,
-        failed=batch.rows_failed,
-        web_texts=counts["web_texts"],
-        web_kept=counts["web_kept"],
-        synthetic_texts=counts["synthetic_texts"],
-        synthetic_kept=counts["synthetic_kept"],
-        clean_texts=counts["clean_texts"],
-        texts_in=counts["web_texts"],
-        texts_out=counts["texts_out"],
-        seconds=seconds,
-        rows_per_s=work[0] / work[1] if work[0] and work[1] > 0 else 0.0,
-        resumed=resumed,
-        complete=batch.complete,
-        engine=engine,
-    )
-    obj = {"format": FORMAT, **summary.to_json(), "models": _sources(captioner, filter)}
-    obj["options"] = {**cfg.describe(), "keep_clean": cfg.keep_clean}
-    obj["train"] = _how_to_train(out.root)
-    atomic_write_json(out.root / SUMMARY, obj, fsync=False)
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# torchrun: every rank loads the models and takes every world_size-th pending shard; rank 0 prepares and finishes
-
-
-def _run_torchrun(
-    captioner: Any, filter: Any, plan: InputPlan, out_root: Path, cfg: CapfiltConfig, progress: bool, started: float
-) -> CapfiltSummary:
-    import datetime
-
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    engine = f"torchrun x{world}"
-    try:
-        device = resolve_device(cfg.device, local_rank)
-        cap_model, filt_model = _load(captioner, cfg, device), _load(filter, cfg, device)
-        job = _make_job(plan, cap_model, filt_model, cfg)
-        out = _output_dir(out_root)
-        views: list[Any] = [None] * world
-        dist.all_gather_object(views, job.fingerprint)
-        if len(set(views)) != 1:
-            raise RuntimeError("the ranks see different inputs or models (did something change while they started?)")
-        status: list[Any] = [None, None, False]
-        if rank == 0:
-            try:
-                resumed = _prepare(job, out, cfg, _sources(captioner, filter))
-                done = out.done_shards()
-                status = [None, [s.shard for s in job.shards if s.shard not in done], resumed]
-            except (OSError, ValueError) as e:
-                status = [str(e), None, False]
-        dist.broadcast_object_list(status, src=0)
-        if status[0]:
-            raise ValueError(status[0])
-        mine = [job.shards[i] for i in status[1][rank::world]]
-        processed, work_started = 0, time.perf_counter()
-        if mine:
-            worker = _worker(cap_model, filt_model, cfg, job, out)
-            with _progress_bar(sum(len(s.rows) for s in mine), 0, progress and rank == 0) as bar:
-                worker.process(mine, progress=bar.update)
-            processed = sum(len(s.rows) for s in mine)
-        dist.barrier()
-        work = (processed * world, time.perf_counter() - work_started)  # about: the shares differ by a shard at most
-        result: list[Any] = [None, None]
-        if rank == 0:
-            try:
-                result = [_finalize(job, out, cfg, captioner, filter, bool(status[2]), engine, started, work), None]
-            except Exception as e:  # tell the other ranks, or they would wait for the broadcast forever
-                dist.broadcast_object_list([None, f"{type(e).__name__}: {e}"], src=0)
-                raise
-        dist.broadcast_object_list(result, src=0)
-        if result[1]:
-            raise RuntimeError(f"rank 0 failed to finish the job: {result[1]}")
-        summary = result[0]
-        summary.primary = rank == 0
-        return summary
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Ray: a pool of actors, each with both models loaded once; shards handed out as actors free up
-
-
-class _CapfiltActor:
-    """A Ray actor: loads the captioner and the filter once, then processes the shards it is handed."""
-
-    def __init__(self, captioner: Any, filter: Any, cfg: CapfiltConfig, job: _Job, out_root: str, device: str):
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-        cap_model, filt_model = _load(captioner, cfg, device), _load(filter, cfg, device)
-        self.worker = _worker(cap_model, filt_model, cfg, job, _output_dir(Path(out_root)))
-
-    def process(self, shard: int, rows: list[list[Any]]) -> int:
-        self.worker.process([ShardTask(shard, [Row.from_json(r) for r in rows])])
-        return len(rows)
-
-
-def _process_ray(
-    captioner: Any, filter: Any, cfg: CapfiltConfig, job: _Job, out: OutputDir, pending: list[ShardTask], bar: Any
-) -> tuple[int, str]:
-    from collections import deque
-
-    from blip.jobs.engines import import_ray, ray_workers
-    from blip.jobs.runner import JobError
-
-    ray = import_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        count, gpus, device = ray_workers(
-            ray, cfg.num_workers, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.device, len(pending)
-        )
-        engine = f"ray x{count}"
-        slim = dataclasses.replace(job, plan=dataclasses.replace(job.plan, rows=[]), shards=[])  # rows go per shard
-        actor_class = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)(_CapfiltActor)
-        actors = [actor_class.remote(captioner, filter, cfg, slim, str(out.root), device) for _ in range(count)]
-        queue, in_flight, processed = deque(pending), {}, 0
-        throttle = Throttle(SUMMARY_EVERY_S)
-
-        def submit(actor: Any) -> None:
-            if queue:
-                shard = queue.popleft()
-                in_flight[actor.process.remote(shard.shard, [r.to_json() for r in shard.rows])] = actor
-
-        try:
-            for actor in actors:  # two each: the next shard waits at the actor while it works on one
-                submit(actor)
-                submit(actor)
-            while in_flight:
-                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                actor = in_flight.pop(ref)
-                try:
-                    rows = ray.get(ref)
-                except Exception as e:
-                    raise JobError(f"a Ray worker failed: {e}") from e
-                processed += rows
-                bar.update(rows)
-                if throttle():
-                    out.write_summaries(len(job.shards), job.total_rows, _manifest_extra(job, engine))
-                submit(actor)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-        return processed, engine
-    finally:
-        if started_here:
-            ray.shutdown()

@@ -6,18 +6,21 @@ Exit codes: 0 ok, 1 finished with failed rows (listed in errors.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
 from blip.jobs.index import INDEX_KINDS
+from blip.jobs.lock import OutputBusyError
 from blip.jobs.runner import JobError, TaskOptions
 from blip.jobs.sources import IMAGE_EXTENSIONS, INPUT_KINDS, InputError, InputOptions
-from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, JobMismatchError
+from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, OutputError
 from blip.tasks.options import OPTIONS, CaptionOptions, VqaOptions, add_option_flags, option_values
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
@@ -71,13 +74,37 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="folder inputs: file extensions taken as images, comma-separated, or '*' for every file",
     )
 
-    g = p.add_argument_group("engine")
+    add_engine_flags(p.add_argument_group("engine"))
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+
+
+def add_engine_flags(g: Any) -> None:
+    """The engine's flags (`EngineOptions`), for every job command (`blip batch`, `blip capfilt`)."""
     g.add_argument("--engine", choices=ENGINES, default="auto", help="auto: torchrun when launched by it, else local")
     g.add_argument("--ray-address", help="Ray cluster to join ('auto' or host:port; default: start a local one)")
     g.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, else per --cpus-per-worker)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per Ray actor")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs)")
-    p.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        dest="dist_timeout_s",
+        default=EngineOptions().dist_timeout_s,
+        metavar="SECONDS",
+        help="torchrun: how long ranks wait for each other, e.g. for the slowest rank's share (default: 24 h)",
+    )
+
+
+def disk_error(e: OSError, out: str) -> str:
+    """One line for an OS error while a job runs: a full disk under the output folder (a rerun resumes), or what
+    the OS said about which file."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device of {Path(out).expanduser().resolve()} (disk or quota full): free some "
+            f"space, then rerun the same command; it resumes where it stopped"
+        )
+    what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    return f"{what} (finished shards are kept: a rerun resumes)"
 
 
 def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
@@ -152,13 +179,6 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         limit=args.limit,
     )
     options = TaskOptions(**option_values(args, OPTIONS[task])) if task in OPTIONS else TaskOptions()
-    engine = EngineOptions(
-        engine=args.engine,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-    )
     return BatchConfig(
         task=task,
         model=args.model,
@@ -178,16 +198,16 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         index_type=getattr(args, "index_type", "auto"),
         inputs=inputs,
         options=options,
-        engine=engine,
+        engine=EngineOptions.of(args),
     )
 
 
-def _fatal(prog: str, message: str) -> int:
+def fatal(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     elif verbose:
@@ -200,14 +220,16 @@ def batch_main(argv: list[str] | None = None, prog: str = "blip batch") -> int:
 
     parser = build_batch_parser(prog)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
         result = run_batch(cfg)
-    except (_UsageError, InputError, JobMismatchError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
-        return _fatal(f"{prog} {args.task}", str(e))
-    except RuntimeError as e:  # e.g. an optional package that is missing
-        return _fatal(f"{prog} {args.task}", str(e))
+    except (_UsageError, InputError, OutputError, CheckpointError, JobError, FileNotFoundError, ValueError) as e:
+        return fatal(f"{prog} {args.task}", str(e))
+    except OSError as e:  # a full disk, a read-only folder: finished shards are kept
+        return fatal(f"{prog} {args.task}", disk_error(e, args.out))
+    except (OutputBusyError, RuntimeError) as e:  # another job on --out; an optional package that is missing
+        return fatal(f"{prog} {args.task}", str(e))
     except KeyboardInterrupt:
         print(f"{prog} {args.task}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -270,17 +292,18 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
 
     parser = build_retrieve_parser(prog)
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     if not args.queries and not args.image:
-        return _fatal(prog, "give a text query, or --image")
+        return fatal(prog, "give a text query, or --image")
     if any(not q.strip() for q in args.queries):
-        return _fatal(prog, "a query is empty")
-    if args.top_k < 1:
-        return _fatal(prog, "--top-k must be >= 1")
+        return fatal(prog, "a query is empty")
+    for flag, value in (("--top-k", args.top_k), ("--nprobe", args.nprobe), ("--ef-search", args.ef_search)):
+        if value is not None and value < 1:
+            return fatal(prog, f"{flag} must be >= 1, got {value}")
     try:
         device = resolve_device(args.device)
     except DeviceError as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     try:
         collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search, fetch=fetch_url)
         model_source = args.model or collection.meta.get("model_source")
@@ -303,7 +326,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
             results += list(zip(args.image, hits))
         elapsed = time.perf_counter() - started
     except (SearchIndexError, CheckpointError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as e:
-        return _fatal(prog, str(e))
+        return fatal(prog, str(e))
     for query, hits in results:
         if args.format == "jsonl":
             for hit in hits:

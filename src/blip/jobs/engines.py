@@ -12,27 +12,44 @@ import dataclasses
 import datetime
 import logging
 import os
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from blip.distributed import resolve_device
-from blip.jobs.batch import (
-    BatchConfig,
-    BatchResult,
-    Job,
-    finalize,
-    make_job,
-    make_worker,
-    manifest_extra,
-    progress_bar,
-)
+from blip.jobs.job import Job, RunInfo, RunSettings, pick_engine
+from blip.jobs.lock import OutputBusyError, OutputLock
 from blip.jobs.runner import JobError, ShardTask
 from blip.jobs.sources import Row
-from blip.jobs.writer import JobMismatchError, OutputDir, Receipt, Throttle
+from blip.jobs.writer import OutputDir, OutputError, Receipt, Summary, Throttle
 
 _logger = logging.getLogger(__name__)
 
 SUMMARY_EVERY_S = 2.0  # how often the coordinator refreshes _manifest.json and errors.jsonl while running
+
+
+def run_job(make_job: Callable[[str], Job], settings: RunSettings) -> Any:
+    """Run (or resume) a job on the engine `settings.engine` names; returns what its kind's `finalize` returns.
+
+    `make_job(device)` makes the job in a process that works on `device` (each torchrun rank makes its own; the Ray
+    driver, which runs no rows, makes it with "cpu")."""
+    engine = pick_engine(settings.engine.engine)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine != "torchrun" and world > 1:
+        raise ValueError(
+            f"launched as one of {world} torchrun processes but --engine {engine}: every process would run the "
+            f"whole job; use --engine auto (or torchrun)"
+        )
+    if engine == "torchrun":
+        return run_torchrun(make_job, settings)
+    if engine == "ray":
+        return run_ray(make_job("cpu"))
+    return run_local(make_job(str(resolve_device(settings.device, 0))))
+
+
+def _summaries(job: Job, out: OutputDir, engine: str) -> Summary:
+    return out.write_summaries(len(job.shards), job.total_rows, job.kind.manifest_extra(job, engine))
 
 
 def _refresher(job: Job, out: OutputDir, engine: str):
@@ -40,64 +57,76 @@ def _refresher(job: Job, out: OutputDir, engine: str):
 
     def refresh(_: Receipt | None = None) -> None:
         if throttle():
-            out.write_summaries(len(job.shards), job.total_rows, manifest_extra(job, engine))
+            _summaries(job, out, engine)
 
     return refresh
 
 
-def _prepare(job: Job, out: OutputDir) -> bool:
-    cfg = job.config
-    return out.prepare(
-        job.description, job.fingerprint, overwrite=cfg.overwrite, num_shards=len(job.shards), model_source=cfg.model
+def _lock(out: OutputDir) -> OutputLock:
+    out.check_folder()
+    return OutputLock(out.root)
+
+
+def _prepare(job: Job, out: OutputDir) -> tuple[bool, list[ShardTask], int]:
+    """Coordinator, holding the lock: (resuming?, the shards left to do, rows already done)."""
+    resumed = out.prepare(
+        job.description,
+        job.fingerprint,
+        overwrite=job.settings.overwrite,
+        num_shards=len(job.shards),
+        model_source=job.kind.model_source,
     )
-
-
-def _pending(job: Job, out: OutputDir) -> tuple[list[ShardTask], int]:
     done = out.done_shards()
     pending = [s for s in job.shards if s.shard not in done]
-    return pending, sum(len(s.rows) for s in job.shards if s.shard in done)
+    return resumed, pending, sum(len(s.rows) for s in job.shards if s.shard in done)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # In-process
 
 
-def run_local(job: Job) -> BatchResult:
-    cfg = job.config
+def run_local(job: Job) -> Any:
     out = job.output_dir()
-    resumed = _prepare(job, out)
-    pending, initial = _pending(job, out)
-    refresh = _refresher(job, out, "local")
-    if pending:
-        worker = make_worker(job, str(resolve_device(cfg.device, 0)))
-        with progress_bar(job, initial) as bar:
-            try:
-                worker.process(pending, progress=bar.update, on_commit=refresh)
-            finally:
-                out.write_summaries(len(job.shards), job.total_rows, manifest_extra(job, "local"))
-    summary, index = finalize(job, out, "local")
-    return BatchResult(out.root, summary, resumed, "local", index=index)
+    with _lock(out):
+        resumed, pending, initial = _prepare(job, out)
+        rows_run, started = 0, time.perf_counter()
+        if pending:
+            worker = job.worker(str(resolve_device(job.settings.device, 0)))
+            with job.progress_bar(initial) as bar:
+
+                def step(rows: int) -> None:
+                    nonlocal rows_run
+                    rows_run += rows
+                    bar.update(rows)
+
+                try:
+                    worker.process(pending, progress=step, on_commit=_refresher(job, out, "local"))
+                finally:
+                    _summaries(job, out, "local")
+        return job.kind.finalize(job, out, RunInfo("local", resumed, rows_run, time.perf_counter() - started))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# torchrun: each rank takes every world_size-th pending shard; rank 0 prepares and merges
+# torchrun: each rank takes every world_size-th pending shard; rank 0 locks, prepares and finishes. Whatever fails
+# on one rank is told to the others at the next meeting point, so no rank waits for a partner that gave up.
 
 
-def run_torchrun(cfg: BatchConfig) -> BatchResult:
+def run_torchrun(make_job: Callable[[str], Job], settings: RunSettings) -> Any:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
         _logger.info("--engine torchrun without a torchrun launch of several processes: running in this process")
-        return run_local(make_job(cfg))
+        return run_local(make_job(str(resolve_device(settings.device, 0))))
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.engine.dist_timeout_s))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=settings.engine.dist_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = str(resolve_device(settings.device, int(os.environ.get("LOCAL_RANK", "0"))))
+    lock: OutputLock | None = None
     try:
         job, error = None, None
         try:
-            job = make_job(cfg)
+            job = make_job(device)
         except Exception as e:  # every rank must hear about it, or the others would wait forever
             error = f"{e}"
         views: list[Any] = [None] * world
@@ -106,42 +135,61 @@ def run_torchrun(cfg: BatchConfig) -> BatchResult:
         if errors:
             raise JobError(errors[0] if error is None else error)
         if len({fp for fp, _ in views}) != 1:
-            raise JobMismatchError("the ranks see different inputs (did the input change while they started?)")
+            raise JobError("the ranks see different inputs or models (did something change while they started?)")
         assert job is not None
         out = job.output_dir()
         status: list[Any] = [None, None, False]
+        failure: BaseException | None = None
         if rank == 0:
             try:
-                resumed = _prepare(job, out)
-                pending, _ = _pending(job, out)
+                lock = _lock(out)
+                lock.acquire()
+                resumed, pending, _ = _prepare(job, out)
                 status = [None, [s.shard for s in pending], resumed]
-            except (JobMismatchError, OSError, ValueError) as e:
-                status = [str(e), None, False]
+            except (OutputError, OutputBusyError, OSError, ValueError) as e:
+                status, failure = [str(e), None, False], e
         dist.broadcast_object_list(status, src=0)
+        if failure is not None:
+            raise failure
         if status[0]:
-            raise JobMismatchError(status[0])
+            raise JobError(status[0])
         mine = [job.shards[i] for i in status[1][rank::world]]
         engine = f"torchrun x{world}"
-        if mine:
-            worker = make_worker(job, str(resolve_device(cfg.device, local_rank)))
-            refresh = _refresher(job, out, engine) if rank == 0 else None
-            share = sum(len(s.rows) for s in mine)
-            with progress_bar(job, 0, total=share, show=rank == 0) as bar:
-                worker.process(mine, progress=bar.update, on_commit=refresh)
-        dist.barrier()
-        result: list[Any] = [None, None, None]
+        rows_run, started = 0, time.perf_counter()
+        try:
+            if mine:
+                worker = job.worker(device)
+                refresh = _refresher(job, out, engine) if rank == 0 else None
+                share = sum(len(s.rows) for s in mine)
+                with job.progress_bar(0, total=share, show=rank == 0) as bar:
+                    worker.process(mine, progress=bar.update, on_commit=refresh)
+                rows_run = share
+        except Exception as e:
+            failure = e
+        outcomes: list[Any] = [None] * world
+        dist.all_gather_object(outcomes, (rows_run, f"{type(failure).__name__}: {failure}" if failure else None))
+        if failure is not None:
+            raise failure
+        failed = [f"rank {r} failed ({err})" for r, (_, err) in enumerate(outcomes) if err]
+        if failed:
+            raise JobError(f"{failed[0]}; finished shards are kept: rerun to resume")
+        run = RunInfo(engine, bool(status[2]), sum(n for n, _ in outcomes), time.perf_counter() - started)
+        result: list[Any] = [None, None]
         if rank == 0:
             try:
-                result = [*finalize(job, out, engine), None]
+                result = [job.kind.finalize(job, out, run), None]
             except Exception as e:  # tell the other ranks before failing, or they would wait for the broadcast
-                result = [None, None, f"{type(e).__name__}: {e}"]
-                dist.broadcast_object_list(result, src=0)
+                dist.broadcast_object_list([None, f"{type(e).__name__}: {e}"], src=0)
                 raise
         dist.broadcast_object_list(result, src=0)
-        if result[2]:
-            raise JobError(f"rank 0 failed to finish the job: {result[2]}")
-        return BatchResult(out.root, result[0], bool(status[2]), engine, index=result[1], primary=rank == 0)
+        if result[1]:
+            raise JobError(f"rank 0 failed to finish the job: {result[1]}")
+        if rank != 0:
+            result[0].primary = False  # the coordinator reports
+        return result[0]
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             dist.destroy_process_group()
 
@@ -177,13 +225,13 @@ def import_ray() -> Any:
 
 
 class ShardActor:
-    """A Ray actor: loads the model once, then processes the shards it is handed (same worker as every engine)."""
+    """A Ray actor: loads the model(s) once, then processes the shards it is handed (same worker as every engine)."""
 
     def __init__(self, job: Job, threads: int, device: str):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.worker = make_worker(job, device)
+        self.worker = job.worker(device)
 
     def process(self, shard: int, rows: list[list[Any]]) -> dict[str, Any]:
         task = ShardTask(shard, [Row.from_json(r) for r in rows])
@@ -201,13 +249,18 @@ def _slim(job: Job) -> Job:
     return dataclasses.replace(job, plan=plan, shards=[])
 
 
-def run_ray(job: Job) -> BatchResult:
-    ray = import_ray()
-    cfg = job.config
-    options = cfg.engine
+def run_ray(job: Job) -> Any:
     out = job.output_dir()
-    resumed = _prepare(job, out)
-    pending, initial = _pending(job, out)
+    with _lock(out):
+        return _run_ray(job, out)
+
+
+def _run_ray(job: Job, out: OutputDir) -> Any:
+    ray = import_ray()
+    cfg = job.settings
+    options = cfg.engine
+    resumed, pending, initial = _prepare(job, out)
+    rows_run, started = 0, time.perf_counter()
     started_here = False
     engine = "ray"
     if pending:
@@ -227,23 +280,24 @@ def run_ray(job: Job) -> BatchResult:
             threads = max(1, int(options.cpus_per_worker))
             actors = [actor_class.remote(slim, threads, device) for _ in range(count)]
             try:
-                _dispatch(ray, job, out, actors, pending, initial, engine)
+                rows_run = _dispatch(ray, job, out, actors, pending, initial, engine)
             finally:
                 for actor in actors:
                     ray.kill(actor)
         finally:
             if started_here:
                 ray.shutdown()
-    summary, index = finalize(job, out, engine)
-    return BatchResult(out.root, summary, resumed, engine, index=index)
+    return job.kind.finalize(job, out, RunInfo(engine, resumed, rows_run, time.perf_counter() - started))
 
 
 def _dispatch(
     ray: Any, job: Job, out: OutputDir, actors: list[Any], pending: list[ShardTask], initial: int, engine: str
-) -> None:
+) -> int:
+    """Hands the pending shards to the actors as they free up; returns the rows they processed."""
     queue = deque(pending)
     in_flight: dict[Any, Any] = {}
     refresh = _refresher(job, out, engine)
+    rows_run = 0
 
     def submit(actor: Any) -> None:
         if queue:
@@ -253,7 +307,7 @@ def _dispatch(
     for actor in actors:  # two each: the next shard is queued at the actor while it works on one
         submit(actor)
         submit(actor)
-    with progress_bar(job, initial) as bar:
+    with job.progress_bar(initial) as bar:
         try:
             while in_flight:
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -262,8 +316,10 @@ def _dispatch(
                     result = ray.get(ref)
                 except Exception as e:
                     raise JobError(f"a Ray worker failed: {e}") from e
+                rows_run += result["rows"]
                 bar.update(result["rows"])
                 refresh()
                 submit(actor)
         finally:
-            out.write_summaries(len(job.shards), job.total_rows, manifest_extra(job, engine))
+            _summaries(job, out, engine)
+    return rows_run

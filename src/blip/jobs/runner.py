@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from blip.jobs.pipeline import Decoded, Prefetcher, decode_key
+from blip.jobs.prefetch import Decoded, Prefetcher, decode_key
 from blip.jobs.sources import Row, read_image
 from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
 from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, dispatch, row_seed

@@ -55,6 +55,7 @@ __all__ = [
     "plan_input",
     "read_bytes",
     "read_image",
+    "require_rows",
     "shard_paths",
 ]
 
@@ -147,6 +148,30 @@ def plan_input(spec: str, task: str, options: InputOptions = InputOptions()) -> 
     if options.limit is not None:
         plan.rows = plan.rows[: options.limit]
     return plan
+
+
+def require_rows(
+    plan: InputPlan, options: InputOptions = InputOptions(), flag: str = "--input", extensions_flag: str | None = None
+) -> InputPlan:
+    """`plan`, or `InputError` saying what was looked for when it has no rows (a job of nothing is a mistake).
+    `flag`: the option that named the input; `extensions_flag`: the one that chooses a folder's image extensions."""
+    if plan.rows:
+        return plan
+    if plan.kind == "folder":
+        extensions = (
+            "every file"
+            if "*" in options.extensions
+            else "files ending " + ", ".join(f".{e.lstrip('.')}" for e in options.extensions)
+        )
+        skipped = f"; {plan.skipped_files} other files were skipped" if plan.skipped_files else ""
+        hint = f", or name other extensions with {extensions_flag}" if extensions_flag else ""
+        raise InputError(
+            f"{flag} {plan.spec}: no images found (looked for {extensions} in the folder and its subfolders, hidden "
+            f"ones left out{skipped}); check the path{hint}"
+        )
+    if plan.kind in ("csv", "jsonl"):
+        raise InputError(f"{flag} {plan.spec}: the manifest has no rows (no record in the file)")
+    raise InputError(f"{flag} {plan.spec}: the tar shards hold no samples")
 
 
 def detect_kind(spec: str) -> str:

@@ -9,6 +9,11 @@ Layout of ``--out``::
     index/                      embed: the search index (see blip.jobs.index)
     _receipts/part-000000.json  written last, atomically: the shard is finished (rows, errors, files)
     _work/part-000000.journal   a shard in progress: one line per finished batch, appended as it goes
+    .blip.lock                  while a job runs: who holds the folder (see blip.jobs.lock)
+
+The manifest names everything the job writes (``"owns"``: the names above, the shard files, a kind's own outputs
+such as CapFilt's dataset); ``--overwrite`` deletes exactly that, and nothing that no manifest of ours names is
+ever deleted: a folder without a manifest that holds anything is refused, so is a file the job would write.
 
 How nothing is lost or duplicated under ``kill -9``:
 
@@ -40,10 +45,11 @@ from typing import Any
 import numpy as np
 
 from blip.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir, jsonl_bytes
+from blip.jobs.lock import LOCK
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = "blip-batch/1"
+MANIFEST_FORMAT = "blip-batch/1"
 MANIFEST = "_manifest.json"
 ERRORS = "errors.jsonl"
 RECEIPTS = "_receipts"
@@ -51,11 +57,70 @@ WORK = "_work"
 INDEX = "index"
 OUTPUT_FORMATS = ("jsonl", "parquet")
 EMBED_FORMATS = ("npy", "safetensors")
-_PART_FILE = re.compile(r"part-\d{6,}\.(jsonl|parquet|npy|safetensors)")
 
 
-class JobMismatchError(ValueError):
+class OutputError(ValueError):
+    """``--out`` cannot take this job: a file, a folder that is not a blip job's, or one whose files it would
+    overwrite."""
+
+
+class JobMismatchError(OutputError):
     """The output folder holds results of a different job."""
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp")  # blip.io's atomic writes: .<name>.<pid>.<hex>.tmp
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What a job writes in its output folder, as its manifest names it (``"owns"``): the names in `names`, the
+    shard files ``<prefix>-000000.<ext>`` up to `count` shards, and their temporary files. A rerun with --overwrite
+    deletes exactly these; nothing else in the folder is ever deleted."""
+
+    names: tuple[str, ...]
+    prefix: str = "part"
+    extensions: tuple[str, ...] = ("jsonl",)
+    count: int = 0
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self.names:
+            return True
+        match = re.fullmatch(rf"{re.escape(self.prefix)}-(\d{{6,}})\.(\w+)", name)
+        if match is None or match[2] not in self.extensions:
+            return False
+        shard = int(match[1])
+        return shard < self.count and match[1] == f"{shard:06d}"
+
+    def is_temporary(self, name: str) -> bool:
+        """A temporary file of an atomic write of one of ours (or the index being built)."""
+        match = _TEMPORARY.fullmatch(name)
+        if match is not None:
+            return match[1] in self
+        return name.startswith(f"{INDEX}.tmp-") and INDEX in self.names
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "shard_files": {"prefix": self.prefix, "extensions": list(self.extensions), "count": self.count},
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Owned:
+        owns = manifest.get("owns")
+        if isinstance(owns, dict):
+            shards = owns.get("shard_files") or {}
+            return cls(
+                tuple(owns.get("names", ())),
+                str(shards.get("prefix", "part")),
+                tuple(shards.get("extensions", ())),
+                int(shards.get("count", 0)),
+            )
+        # a manifest from before "owns": its bookkeeping, the embed index, and the shard files it lists
+        names = [MANIFEST, ERRORS, RECEIPTS, WORK] + ([INDEX] if manifest.get("job", {}).get("task") == "embed" else [])
+        names += [f for shard in (manifest.get("shards") or {}).values() for f in shard.get("files", ())]
+        return cls(tuple(names), count=0)
 
 
 def shard_name(shard: int) -> str:
@@ -201,7 +266,10 @@ class Summary:
 
 
 class OutputDir:
-    """Everything about ``--out``: the job check, journals, shard commits, receipts and the merged summaries."""
+    """Everything about ``--out``: the job check, journals, shard commits, receipts and the merged summaries.
+
+    `extra_outputs`: what the job writes in the folder besides the shards and the bookkeeping (the embed job's
+    index, CapFilt's dataset); its manifest names them with the rest, so a later --overwrite may remove them."""
 
     def __init__(
         self,
@@ -210,6 +278,7 @@ class OutputDir:
         output_format: str = "jsonl",
         embed_format: str | None = None,
         file_prefix: str = "part",
+        extra_outputs: tuple[str, ...] = (),
     ):
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
@@ -221,8 +290,9 @@ class OutputDir:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", file_prefix):
             raise ValueError(f"file_prefix must be a plain name, got {file_prefix!r}")
         self.file_prefix = file_prefix  # output files are <file_prefix>-000000.jsonl, ...
+        self.extra_outputs = tuple(extra_outputs)
         self._receipts: dict[int, Receipt] = {}
-        self._manifest_base: dict[str, Any] = {"format": FORMAT}
+        self._manifest_base: dict[str, Any] = {"format": MANIFEST_FORMAT}
 
     # --- paths ---------------------------------------------------------------------------------------------------
 
@@ -236,22 +306,48 @@ class OutputDir:
     def journal_path(self, shard: int) -> Path:
         return self.root / WORK / f"{shard_name(shard)}.journal"
 
+    def owned(self, num_shards: int) -> Owned:
+        """What a job of `num_shards` shards writes here."""
+        extensions = ["parquet" if self.output_format == "parquet" else "jsonl"]
+        if self.embed_format is not None:
+            extensions.append(self.embed_format)
+        names = (MANIFEST, ERRORS, RECEIPTS, WORK, *self.extra_outputs)
+        return Owned(names, self.file_prefix, tuple(extensions), num_shards)
+
     # --- the job -------------------------------------------------------------------------------------------------
 
+    def check_folder(self) -> None:
+        """`OutputError` when ``--out`` names a file."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(
+                f"--out {self.root} is a file, not a folder: choose a folder (--overwrite replaces earlier results "
+                f"in a folder, never a file)"
+            )
+
     def read_manifest(self) -> dict[str, Any] | None:
+        """The folder's manifest when a blip job wrote it; None when there is none (or it is someone else's file)."""
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, json.JSONDecodeError) as e:
-            raise JobMismatchError(f"{self.manifest_path} is unreadable ({e}); use --overwrite to start over") from e
+            raise OutputError(
+                f"{self.manifest_path} is unreadable ({e}): this folder can be neither resumed nor overwritten; move "
+                f"it away or choose another --out"
+            ) from e
+        return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
 
     def prepare(
         self, job: dict[str, Any], fingerprint: str, *, overwrite: bool, num_shards: int, model_source: str = ""
     ) -> bool:
-        """Coordinator only, before any work: check that `job` may resume here (or start it), clear leftovers.
-        Returns True when earlier results are being resumed."""
+        """Coordinator only, holding the folder's lock (`blip.jobs.lock`), before any work: check that `job` may
+        resume here, or start it. Returns True when earlier results are being resumed.
+
+        Only what a manifest of ours names is ever deleted (with --overwrite): a folder without one that holds
+        anything is refused, and so is one holding a file this job would write that no manifest names."""
+        self.check_folder()
         manifest = self.read_manifest()
+        ours = self.owned(num_shards)
         if manifest is not None and not overwrite:
             if manifest.get("fingerprint") != fingerprint:
                 message = describe_mismatch(
@@ -262,27 +358,36 @@ class OutputDir:
                     new_model=model_source,
                 )
                 raise JobMismatchError(message)
-        elif manifest is None and not overwrite:
-            foreign = [p.name for p in self.root.iterdir() if not self.is_ours(p.name)] if self.root.is_dir() else []
-            if foreign:
-                raise JobMismatchError(
-                    f"{self.root} is not empty ({', '.join(sorted(foreign)[:3])}, ...) and holds no {MANIFEST}: not a "
-                    f"blip batch output folder. Choose an empty or new --out (or --overwrite to write into it anyway)"
+        else:
+            present = self._present(ours)
+            if manifest is None and present and not overwrite:
+                raise OutputError(
+                    f"{self.root} is not empty ({_some(present)}) and holds no {MANIFEST}: not a blip batch output "
+                    f"folder. Choose an empty or new --out (or --overwrite to write beside what is there)"
                 )
-        if overwrite or manifest is None:
-            self.clear()
+            before = Owned.from_manifest(manifest) if manifest is not None else Owned(())
+            clash = [n for n in present if n in ours and n not in before and not before.is_temporary(n)]
+            if clash:
+                raise OutputError(
+                    f"{self.root} holds {_some(clash)}, which this job would write but no {MANIFEST} of a blip job "
+                    f"names: nothing of yours is deleted, so move {'them' if len(clash) > 1 else 'it'} away or "
+                    f"choose another --out"
+                )
+            if manifest is not None:
+                self.clear()
             manifest = None
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_temporary_files()
+        self._remove_temporary_files(ours)
         resuming = manifest is not None
         now = _now()
         started = manifest.get("started", now) if manifest else now
         self._manifest_base = {
-            "format": FORMAT,
+            "format": MANIFEST_FORMAT,
             "fingerprint": fingerprint,
             "job": job,
             "model_source": model_source,
             "started": started,
+            "owns": ours.to_json(),
         }
         if not resuming:
             self.write_manifest(num_shards, Summary(num_shards, 0, job["input"]["rows"], 0, 0, 0), {})
@@ -290,51 +395,50 @@ class OutputDir:
         (self.root / WORK).mkdir(exist_ok=True)
         return resuming
 
+    def _present(self, ours: Owned) -> list[str]:
+        """What is in the folder, but for its lock and our temporary files."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.name != LOCK and not ours.is_temporary(p.name))
+
     def clear(self) -> None:
-        """Remove what a batch job writes here (and nothing else)."""
-        if not self.root.exists():
+        """Remove what the folder's manifest says a job wrote here (and nothing else), the manifest last."""
+        manifest = self.read_manifest()
+        if manifest is None:
             return
-        for path in self.root.iterdir():
-            if not self.is_ours(path.name):
+        owned = Owned.from_manifest(manifest)
+        for path in sorted(self.root.iterdir()):
+            if path.name == MANIFEST or (path.name not in owned and not owned.is_temporary(path.name)):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+        self.manifest_path.unlink()
         self._receipts.clear()
 
-    def _remove_temporary_files(self) -> None:
+    def _remove_temporary_files(self, ours: Owned) -> None:
         """Leftovers of a killed run: temporary files, and journals of shards committed just before the kill."""
-        for folder in (self.root, self.root / RECEIPTS, self.root / WORK):
+        for path in self.root.iterdir():
+            if ours.is_temporary(path.name):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+        for folder in (self.root / RECEIPTS, self.root / WORK):
             for path in folder.glob(".*.tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        for path in self.root.glob(f"{INDEX}.tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
         done = self.done_shards()
         for shard in done:
             with contextlib.suppress(FileNotFoundError):
                 self.journal_path(shard).unlink()
 
-    def is_ours(self, name: str) -> bool:
-        """Whether `name` (in the output folder) is something a batch job writes there."""
-        if _is_ours(name):
-            return True
-        return self.file_prefix != "part" and re.fullmatch(rf"{self.file_prefix}-\d{{6,}}\.\w+", name) is not None
-
     def tidy(self) -> None:
         """A finished job keeps no empty work folder."""
         with contextlib.suppress(OSError):
             (self.root / WORK).rmdir()
-
-    def check(self, fingerprint: str) -> None:
-        """Non-coordinators: the coordinator's manifest must describe the same job."""
-        manifest = self.read_manifest()
-        if manifest is None or manifest.get("fingerprint") != fingerprint:
-            raise JobMismatchError(
-                f"{self.manifest_path} does not describe this process's job: did the input change while the job "
-                f"started? (fingerprint {manifest and manifest.get('fingerprint')} vs {fingerprint})"
-            )
 
     # --- shards --------------------------------------------------------------------------------------------------
 
@@ -459,16 +563,6 @@ class OutputDir:
         atomic_write_json(self.manifest_path, manifest, fsync=False)
 
 
-def _is_ours(name: str) -> bool:
-    """Names a batch job writes in its output folder."""
-    return (
-        name in (MANIFEST, ERRORS, RECEIPTS, WORK, INDEX)
-        or _PART_FILE.fullmatch(name) is not None
-        or (name.startswith(".") and name.endswith(".tmp"))
-        or name.startswith(f"{INDEX}.tmp-")
-    )
-
-
 def describe_mismatch(
     root: Path, old: dict[str, Any], new: dict[str, Any], *, old_model: str | None = None, new_model: str | None = None
 ) -> str:
@@ -491,6 +585,10 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
     if old == new:
         return []
     return [f"{prefix} was {_short(old)}, now {_short(new)}"]
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _short(value: Any) -> str:
