@@ -123,7 +123,7 @@ def test_to_rgb_matches_transformers_convert(mode):
 def test_resizing_while_converting_equals_convert_then_resize(mode, monkeypatch):
     """`size=` (used by the server and batch jobs right after decoding) gives the pixels the model's preprocessing
     gives, bit for bit, though it resizes grey images in one band and composites transparency in strips."""
-    monkeypatch.setattr(blip.transforms, "COMPOSITE_STRIP_PIXELS", 20)  # strips of one or two rows here
+    monkeypatch.setattr(blip.transforms, "STRIP_PIXELS", 20)  # strips of one or two rows here
     image = mode_zoo()[mode]
     for size in (5, 9, 13, 24):
         expected = np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BICUBIC))

@@ -17,9 +17,10 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value transformers stores as "resample"
 
 ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 class ImageDecodeError(ValueError):
@@ -76,9 +78,29 @@ def load_image(
     return _decode(fp, name, max_pixels, size)
 
 
+def image_dimensions(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "bytes") -> tuple[int, int]:
+    """(width, height) read from the header alone (no pixel data decoded); the same refusals as `load_image` for data
+    that is not an image or is over `max_pixels`."""
+    if not data:
+        raise ImageDecodeError(f"{name}: empty data (0 bytes)")
+    return _open(io.BytesIO(data), name, max_pixels, lambda opened: opened.size)
+
+
 def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int, size: int | None) -> Image.Image:
-    """Open, check the size, decode, apply EXIF orientation in place and convert (and resize) while the file is
-    open, so the full-size image is never copied."""
+    """Decode, apply EXIF orientation in place and convert (and resize) while the file is open, so the full-size
+    image is never copied."""
+
+    def convert(opened: Image.Image) -> Image.Image:
+        opened.load()  # decode everything now, so truncated data fails here and not later
+        ImageOps.exif_transpose(opened, in_place=True)
+        image = to_rgb(opened, name=name, size=size)
+        return opened.copy() if image is opened else image  # `opened` is closed on return, its pixels with it
+
+    return _open(fp, name, max_pixels, convert)
+
+
+def _open(fp: io.BytesIO | Path, name: str, max_pixels: int, work: Callable[[Image.Image], T]) -> T:
+    """`work(image)` on the opened image once its size is checked, with every failure as an `ImageDecodeError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -89,11 +111,7 @@ def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int, size: int | None)
                         f"{name}: image is {width}x{height} = {width * height} pixels, over the "
                         f"limit of {max_pixels} (max_pixels); refused before decoding"
                     )
-                opened.load()  # decode everything now, so truncated data fails here and not later
-                ImageOps.exif_transpose(opened, in_place=True)
-                image = to_rgb(opened, name=name, size=size)
-                # `opened` is closed on exit (its pixels with it): keep a copy only where nothing new was made
-                return opened.copy() if image is opened else image
+                return work(opened)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -111,7 +129,7 @@ def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int, size: int | None)
 
 
 GREY_MODES = ("L", "LA", "La")  # one colour band: R = G = B after conversion
-COMPOSITE_STRIP_PIXELS = 1 << 18  # transparency is composited this many pixels at a time
+STRIP_PIXELS = 1 << 18  # transparency is composited this many pixels at a time
 
 
 def to_rgb(image: Image.Image, *, name: str = "image", size: int | None = None) -> Image.Image:
@@ -120,9 +138,9 @@ def to_rgb(image: Image.Image, *, name: str = "image", size: int | None = None) 
     32-bit and 16-bit integer and float modes are clipped to 0..255, not rescaled, exactly as transformers does).
     RGB images without transparency are returned as they are.
 
-    `size`: the result is resized to size x size (bicubic, as `ImageTransform` does), with the same pixels as
-    `to_rgb(image).resize(...)` but less memory: grey images are resized in one band and expanded to RGB after,
-    transparency is composited in strips of rows, never on full-size RGBA copies."""
+    `size`: the result is resized to size x size (bicubic, as `ImageTransform` does): the same pixels as
+    `to_rgb(image).resize(...)`, with less memory: a grey image is resized in its one band and expanded to RGB after.
+    Transparency is composited a strip of rows at a time, never on full-size RGBA copies."""
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             image = _composite_on_white(image, "L" if image.mode in GREY_MODES else "RGB")
@@ -138,16 +156,14 @@ def to_rgb(image: Image.Image, *, name: str = "image", size: int | None = None) 
 
 
 def _composite_on_white(image: Image.Image, mode: str) -> Image.Image:
-    """`alpha_composite(white, image.convert("RGBA")).convert(mode)`, computed a strip of rows at a time (every step
-    is per pixel, so the pixels are the same), so the only full-size image made is the result."""
+    """`alpha_composite(white, image.convert("RGBA")).convert(mode)` a strip of rows at a time (each step works
+    pixel by pixel, so the pixels are the same): the only full-size image it makes is the result."""
     width, height = image.size
     out = Image.new(mode, image.size)
-    rows = max(1, COMPOSITE_STRIP_PIXELS // max(width, 1))
+    rows = max(1, STRIP_PIXELS // max(width, 1))
     for top in range(0, height, rows):
-        box = (0, top, width, min(top + rows, height))
-        rgba = image.crop(box).convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        strip = Image.alpha_composite(white, rgba)
+        rgba = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")
+        strip = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         out.paste(strip.getchannel("R") if mode == "L" else strip.convert("RGB"), (0, top))
     return out
 
