@@ -23,6 +23,8 @@ import httpx
 import uvicorn
 from PIL import Image
 
+from blip.serve.cli import uvicorn_config
+
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
@@ -52,7 +54,8 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 in a background thread."""
+    """uvicorn serving `app` on 127.0.0.1 in a background thread, configured as `blip serve` configures it (the
+    connection guard and timeouts of the app's settings)."""
 
     def __init__(self, app, graceful_s: int = 10):
         self.app = app
@@ -63,10 +66,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_s
-        )
-        self.server = uvicorn.Server(config)
+        settings = app.state.service.settings
+        self.server = uvicorn.Server(uvicorn_config(app, settings, timeout_graceful_shutdown=graceful_s))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> LiveServer:

@@ -265,6 +265,8 @@ def test_unauthenticated_bodies_are_refused_before_parsing(hardened):
         assert r.status_code == 401
         r = anonymous.post("/predict", content=bomb, headers=json_type)  # its token would be in the body
         assert r.status_code == 401
+        r = anonymous.post("/", content=b"secret_token=x", headers={"Content-Type": "text/plain"})  # not JSON: no token
+        assert r.status_code == 401
     assert hardened.status()["VmHWM"] - peak_before < 64 * MIB
 
 

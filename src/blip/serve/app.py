@@ -381,7 +381,7 @@ def create_app(
 
     def azure_target(model: str | None, deployment: str | None, with_text: bool) -> tuple[str, Blip, str]:
         """(name, model, task) for /score: the named model's own task, else the first model for the columns."""
-        name = model
+        name = model or None  # ?model= (empty) as if not given
         if name is None and deployment and svc.ready and deployment in svc.models:
             name = deployment
         if name is not None:

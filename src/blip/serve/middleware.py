@@ -63,9 +63,19 @@ def method_label(method: str) -> str:
     return method if method in METHODS else "OTHER"
 
 
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON: no type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def token_matches(given: str | None, token: str) -> bool:
     """Constant-time comparison, encoded as the service's own check does."""
-    return bool(given) and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())  # type: ignore[union-attr]
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -139,7 +149,7 @@ def bounded_json_route(max_depth: int, max_items: int, token: str | None = None)
                     raise
                 if needs_token:
                     given = parsed.get("secret_token") if isinstance(parsed, dict) else None
-                    if not isinstance(given, str) or not token_matches(given, token):  # type: ignore[arg-type]
+                    if not isinstance(given, str) or not token_matches(given, token or ""):
                         raise Unauthorized()
                 self._json = parsed
             return self._json
@@ -213,11 +223,15 @@ class ServeMiddleware:
         self.token_in_body_paths = frozenset(token_in_body_paths)
         self.active = 0
 
-    def _authenticate(self, scope: Scope, method: str, path: str, authorization: str | None) -> bool:
+    def _authenticate(self, scope: Scope, method: str, path: str, headers: dict[str, str]) -> bool:
         """False: answer 401 now. Marks a model-card request without a valid bearer header for the body check."""
-        if self.token is None or token_matches(bearer_token(authorization), self.token):
+        if self.token is None or method == "OPTIONS":  # a CORS preflight has no credentials; the request after it has
+            return True
+        if token_matches(bearer_token(headers.get("authorization")), self.token):
             return True
         if method == "POST" and path in self.token_in_body_paths:
+            if not is_json(headers.get("content-type")):
+                return False  # only a JSON body can carry secret_token
             scope[AUTH_SCOPE_KEY] = "secret_token"
             return True
         if self._protected is None:
@@ -255,7 +269,7 @@ class ServeMiddleware:
                     retry=True,
                 )
                 return
-            if not self._authenticate(scope, scope.get("method", ""), path, headers.get("authorization")):
+            if not self._authenticate(scope, scope.get("method", ""), path, headers):
                 self.metrics.rejected.inc(reason="unauthorized")
                 body = error_body("unauthorized", UNAUTHORIZED_MESSAGE, "Authorization")
                 await self._reply(send_wrapper, 401, body, extra=[(b"www-authenticate", b"Bearer")])
