@@ -30,6 +30,12 @@ def test_json_shape_check():
     with pytest.raises(ValueError):
         parse_json(b"{not json", max_depth=4, max_items=10)
     assert parse_json(b'{"a": [1, "x,y"]}', max_depth=4, max_items=10) == {"a": [1, "x,y"]}
+    assert parse_json('\ufeff{"a": "日本, [語]"}'.encode(), max_depth=4, max_items=10) == {"a": "日本, [語]"}
+    hidden = ('{"a": "\u2200", "b": ' + "[1," * 50 + "1" + "]" * 50 + "}").encode("utf-16-le")
+    with pytest.raises(ValueError):  # read as UTF-8 only: in UTF-16 a 0x22 byte need not be a quote
+        parse_json(hidden, max_depth=64, max_items=1000)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        parse_json(b'{"a": "\xff"}', max_depth=4, max_items=10)
 
 
 def test_json_shape_check_stops_early_on_a_bomb():

@@ -382,15 +382,16 @@ def create_app(
     def azure_target(model: str | None, deployment: str | None, with_text: bool) -> tuple[str, Blip, str]:
         """(name, model, task) for /score: the named model's own task, else the first model for the columns."""
         name = model or None  # ?model= (empty) as if not given
-        if name is None and deployment and svc.ready and deployment in svc.models:
+        loaded = svc.models if svc.ready else {}
+        if name is None and deployment in loaded:
             name = deployment
-        if name is not None:
-            can_caption = svc.ready and name in svc.models and "caption" in svc.models[name].tasks
-            task = "caption" if can_caption else "vqa"
-            if task == "vqa" and svc.ready and name in svc.models and "vqa" in svc.models[name].tasks and not with_text:
+        if name in loaded:
+            tasks = loaded[name].tasks
+            if "caption" not in tasks and "vqa" in tasks and not with_text:
                 message = f'model {name!r} answers questions: send columns ["image", "text"]'
                 raise svc.invalid("input_data.columns", message)
-        elif with_text and (not svc.ready or any("vqa" in m.tasks for m in svc.models.values())):
+            task = "caption" if "caption" in tasks else "vqa"
+        elif name is None and with_text and any("vqa" in m.tasks for m in loaded.values()):
             task = "vqa"
         else:
             task = "caption"
