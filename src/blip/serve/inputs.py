@@ -37,6 +37,7 @@ _logger = logging.getLogger(__name__)
 SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.\-]*):")
 URL_SAFE = str.maketrans("-_", "+/")
 T = TypeVar("T")
+INLINE_HEADER_BYTES = 1 << 20  # a request's images up to this size have their headers read on the event loop
 TRIM_AFTER_PIXELS = 4_000_000  # decoded since the last trim; fewer leave too little to be worth a malloc_trim
 
 
@@ -190,7 +191,10 @@ class ImageLoader:
             order.append(distinct[key])
         datas = await gather_all([self._read(s) for s in firsts])
         fields = [s.field for s in firsts]
-        pixels = await anyio.to_thread.run_sync(self._measure, datas, fields)
+        if sum(len(d) for d in datas) <= INLINE_HEADER_BYTES:
+            pixels = self._measure(datas, fields)
+        else:
+            pixels = await anyio.to_thread.run_sync(self._measure, datas, fields)
         self._check_request(pixels, fields)
         loaded = await gather_all([self._decode(d, f, p, size) for d, f, p in zip(datas, fields, pixels)])
         return [loaded[i] for i in order]
