@@ -344,6 +344,40 @@ def test_request_timeout_answers_503_and_the_server_recovers(tiny_models, images
         assert r.status_code == 200
 
 
+def test_images_wait_for_the_in_flight_pixel_budget_then_503(tiny_models, images, monkeypatch):
+    """Issue 14.2: decoded pixels in flight are bounded server-wide; an image that does not fit waits (the server
+    stays answerable) and, past the request timeout, its request gets 503 with Retry-After; once the budget frees,
+    requests go through again."""
+    import blip.serve.inputs
+
+    gate = threading.Event()
+    decoding = threading.Event()
+    real = blip.serve.inputs.load_image
+
+    def held(*args, **kwargs):
+        decoding.set()
+        assert gate.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blip.serve.inputs, "load_image", held)
+    settings = ServeSettings(max_image_pixels=4096, max_inflight_pixels=6000, timeout_s=1.0)
+    app = create_app(tiny_models, settings)
+    first, second = (ref(image.resize((64, 64))) for image in images[:2])  # 4096 pixels each: one at a time
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        held_request = pool.submit(c.post, "/v1/caption", json={"images": [first]})
+        assert decoding.wait(10)
+        start = time.monotonic()
+        r = c.post("/v1/caption", json={"images": [second]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "timeout" and r.headers["retry-after"] == "1"
+        assert 0.9 < time.monotonic() - start < 5
+        assert "blip_decode_waiting 0" in c.get("/metrics").text and c.get("/healthz").status_code == 200
+        gate.set()
+        assert held_request.result(timeout=30).status_code == 503  # it too ran out of time, while decoding
+        both = {"images": [first, second]}  # 8192 pixels in all, one image at a time (retried: a busy machine)
+        wait_until(lambda: c.post("/v1/caption", json=both).status_code == 200, 30)
+        assert "blip_decode_pixels_in_flight 0" in c.get("/metrics").text
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_models, images):
     app = create_app(tiny_models, ServeSettings())
     gate = hold_batches(app)
