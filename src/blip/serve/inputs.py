@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,10 @@ SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.\-]*):")
 URL_SAFE = str.maketrans("-_", "+/")
 T = TypeVar("T")
 INLINE_HEADER_BYTES = 1 << 20  # a request's images up to this size have their headers read on the event loop
-TRIM_AFTER_PIXELS = 4_000_000  # decoded since the last trim; fewer leave too little to be worth a malloc_trim
+# malloc_trim after an image this large (its decode grows the heap by tens of MB), at most every TRIM_INTERVAL_S; small
+# images leave little to return, and trimming after them costs more (the model's memory faulted back in) than it saves
+TRIM_IMAGE_PIXELS = 2_000_000
+TRIM_INTERVAL_S = 1.0
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -173,8 +177,10 @@ class ImageLoader:
         self.max_request_pixels = max_request_pixels or decode_workers * max_pixels
         self.budget = PixelBudget(max(max_inflight_pixels or decode_workers * max_pixels, max_pixels))
         self._decode_limit = anyio.CapacityLimiter(decode_workers)
-        self._untrimmed = 0  # pixels decoded since memory was last handed back
+        self._untrimmed = False  # a large image was decoded since memory was last handed back
+        self._trimmed_at = 0.0
         self._trimming: asyncio.Future[object] | None = None
+        self._trim_later: asyncio.TimerHandle | None = None
 
     async def load(self, sources: list[ImageSource], size: int | None = None) -> list[ImageItem]:
         """All images of a request (resized to size x size when given, as the model's preprocessing does), fetched
@@ -256,18 +262,28 @@ class ImageLoader:
             image = await anyio.to_thread.run_sync(guarded, limiter=self._decode_limit)
         finally:
             self.budget.release(pixels)
-            self._untrimmed += pixels
+            self._untrimmed = self._untrimmed or pixels >= TRIM_IMAGE_PIXELS
             self._trim_when_idle()
         return ImageItem(hashlib.sha256(data).hexdigest(), image)
 
     def _trim_when_idle(self) -> None:
-        """After large decodes with none in flight, return freed memory to the system (in a thread, not awaited)."""
-        if release_memory is None or self.budget.used or self._untrimmed < TRIM_AFTER_PIXELS:
+        """After large decodes with none in flight, return freed memory to the system (in a thread, not awaited);
+        at most every TRIM_INTERVAL_S, and once more when it is up if it was too soon."""
+        if release_memory is None or self.budget.used or not self._untrimmed:
             return
-        if self._trimming is not None and not self._trimming.done():
+        loop = asyncio.get_running_loop()
+        wait = self._trimmed_at + TRIM_INTERVAL_S - time.monotonic()
+        if wait > 0 or (self._trimming is not None and not self._trimming.done()):
+            if self._trim_later is None:
+                self._trim_later = loop.call_later(max(wait, 0.1), self._retry_trim)
             return
-        self._untrimmed = 0
-        self._trimming = asyncio.get_running_loop().run_in_executor(None, release_memory)
+        self._untrimmed = False
+        self._trimmed_at = time.monotonic()
+        self._trimming = loop.run_in_executor(None, release_memory)
+
+    def _retry_trim(self) -> None:
+        self._trim_later = None
+        self._trim_when_idle()
 
     @staticmethod
     def _guarded(field: str, work: Callable[[], T]) -> T:
