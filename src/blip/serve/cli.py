@@ -257,7 +257,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def resolve_device(name: str) -> str:
-    """The --device value, checked before anything loads ("auto": cuda when available, else cpu)."""
+    """The --device value, checked before anything loads ("auto": cuda when available, else cpu). The one call site
+    is in `cli_main`; a shared validating resolver can replace it there."""
     import torch
 
     if name == "auto":
