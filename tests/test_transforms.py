@@ -7,6 +7,9 @@ import json
 import random
 import re
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 import zlib
 
@@ -15,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import blip.transforms
 from blip.tokenizer import BlipTokenizer
 from blip.transforms import (
     DEFAULT_MAX_PIXELS,
@@ -113,6 +117,62 @@ def test_to_rgb_matches_transformers_convert(mode):
     assert ours.mode == "RGB" and ours.size == image.size
     assert np.array_equal(np.asarray(ours), hf_convert_to_rgb(image, return_numpy=True))
     assert np.array_equal(np.asarray(load_image(image)), np.asarray(ours))
+
+
+@pytest.mark.parametrize("mode", list(mode_zoo()))
+def test_resizing_while_converting_equals_convert_then_resize(mode, monkeypatch):
+    """`size=` (used by the server and batch jobs right after decoding) gives the pixels the model's preprocessing
+    gives, bit for bit, though it resizes grey images in one band and composites transparency in strips."""
+    monkeypatch.setattr(blip.transforms, "STRIP_PIXELS", 20)  # strips of one or two rows here
+    image = mode_zoo()[mode]
+    for size in (5, 9, 13, 24):
+        expected = np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BICUBIC))
+        ours = to_rgb(image, size=size)
+        assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), expected), size
+        assert np.array_equal(np.asarray(load_image(image, size=size)), expected)
+    if mode in ("RGBA", "LA", "P+alpha", "P", "L", "1", "RGB+key"):
+        data = png_bytes(image)
+        full = load_image(data)
+        assert np.array_equal(np.asarray(full), hf_convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True))
+        for size in (5, 24):
+            expected = np.asarray(full.resize((size, size), Image.Resampling.BICUBIC))
+            assert np.array_equal(np.asarray(load_image(data, size=size)), expected)
+
+
+PEAK_SCRIPT = """
+import io, sys
+from PIL import Image
+from blip.transforms import load_image
+
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+mode, side = sys.argv[1], int(sys.argv[2])
+colour = {"RGBA": (200, 10, 10, 100), "LA": (90, 100), "L": 90}[mode]
+buffer = io.BytesIO()
+Image.new(mode, (side, side), colour).save(buffer, "PNG")
+data = buffer.getvalue()
+start = kib("VmRSS")
+image = load_image(data, size=int(sys.argv[3]) if len(sys.argv) > 3 else None)
+print((kib("VmHWM") - start) / 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_decoding_peaks_near_one_decoded_copy():
+    """A 3000x3000 image decodes to 34 MiB (4 bytes a pixel); composited onto white the old way it took four such
+    copies (the RGBA, white, the composite, the RGB). Now: the decoded image, the result and strips of a MiB at most; a
+    grey image resized on load never exists as RGB."""
+    decoded = 3000 * 3000 * 4 / 2**20
+
+    def peak(*args: str) -> float:
+        run = subprocess.run([sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT), *map(str, args)], capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+        return float(run.stdout.decode().split()[-1])
+
+    assert peak("RGBA", 3000) < 3 * decoded
+    assert peak("LA", 3000, 384) < 1.6 * decoded
+    assert peak("L", 3000, 384) < 0.5 * decoded
 
 
 def test_transparency_goes_to_white_after_decoding():

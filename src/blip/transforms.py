@@ -1,6 +1,8 @@
 """Image decoding and preprocessing.
 
-- `load_image`: path / bytes / PIL image -> 8-bit RGB PIL image, refusing oversized and broken data up front.
+- `load_image`: path / bytes / PIL image -> 8-bit RGB PIL image, refusing oversized and broken data up front, and
+  optionally resized to the model's square input at once (`size`: exactly the resize `ImageTransform` does, so the
+  full-size image lives only for the decode; the server and batch jobs use it).
 - `ImageTransform`: evaluation preprocessing, equal to transformers' BlipImageProcessor (PIL backend): RGB conversion
   (transparency composited onto white), bicubic resize of the 8-bit image to a square (no crop, aspect not kept),
   x/255, CLIP mean/std normalisation -> float32 [B, 3, S, S].
@@ -15,9 +17,10 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,14 +36,17 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value transformers stores as "resample"
 
 ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 class ImageDecodeError(ValueError):
     """An input could not be turned into an image. The message starts with the input's name and gives the reason."""
 
 
-def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Decode `source` into an RGB PIL image.
+def load_image(
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, size: int | None = None
+) -> Image.Image:
+    """Decode `source` into an RGB PIL image (`size`: resized to size x size as `ImageTransform` would).
 
     Paths and bytes: the header is read first and images over `max_pixels` are refused before decoding; EXIF
     orientation is applied; the pixel data is fully decoded here, so empty, non-image, truncated or corrupt data (and
@@ -48,31 +54,53 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
     it is (no EXIF rotation, no size limit). Either way the result goes through `to_rgb`.
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source, name=name or "image")
+        return to_rgb(source, name=name or "image", size=size)
     if isinstance(source, bytes | bytearray | memoryview):
         name = name or "bytes"
         data = bytes(source)
         if not data:
             raise ImageDecodeError(f"{name}: empty data (0 bytes)")
-        image = _decode(io.BytesIO(data), name, max_pixels)
+        fp: io.BytesIO | Path = io.BytesIO(data)
     elif isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         name = name or str(source)
         try:
-            size = path.stat().st_size
+            file_size = path.stat().st_size
         except OSError as e:
             raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
         if path.is_dir():
             raise ImageDecodeError(f"{name}: is a directory, not an image file")
-        if size == 0:
+        if file_size == 0:
             raise ImageDecodeError(f"{name}: empty file (0 bytes)")
-        image = _decode(path, name, max_pixels)
+        fp = path
     else:
         raise TypeError(f"{name or 'image'}: expected a PIL image, a path or bytes, got {type(source).__name__}")
-    return to_rgb(image, name=name)
+    return _decode(fp, name, max_pixels, size)
 
 
-def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
+def image_dimensions(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "bytes") -> tuple[int, int]:
+    """(width, height) read from the header alone (no pixel data decoded); the same refusals as `load_image` for data
+    that is not an image or is over `max_pixels`."""
+    if not data:
+        raise ImageDecodeError(f"{name}: empty data (0 bytes)")
+    return _open(io.BytesIO(data), name, max_pixels, lambda opened: opened.size)
+
+
+def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int, size: int | None) -> Image.Image:
+    """Decode, apply EXIF orientation in place and convert (and resize) while the file is open, so the full-size
+    image is never copied."""
+
+    def convert(opened: Image.Image) -> Image.Image:
+        opened.load()  # decode everything now, so truncated data fails here and not later
+        ImageOps.exif_transpose(opened, in_place=True)
+        image = to_rgb(opened, name=name, size=size)
+        return opened.copy() if image is opened else image  # `opened` is closed on return, its pixels with it
+
+    return _open(fp, name, max_pixels, convert)
+
+
+def _open(fp: io.BytesIO | Path, name: str, max_pixels: int, work: Callable[[Image.Image], T]) -> T:
+    """`work(image)` on the opened image once its size is checked, with every failure as an `ImageDecodeError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -83,14 +111,15 @@ def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
                         f"{name}: image is {width}x{height} = {width * height} pixels, over the "
                         f"limit of {max_pixels} (max_pixels); refused before decoding"
                     )
-                opened.load()  # decode everything now, so truncated data fails here and not later
-                return ImageOps.exif_transpose(opened)  # a new image in every case; `opened` is closed on exit
+                return work(opened)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{name}: image too large, refused before decoding ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"{name}: not an image in a format Pillow can read") from e
+    except MemoryError as e:
+        raise ImageDecodeError(f"{name}: out of memory while decoding") from e
     except OSError as e:
         if isinstance(fp, Path) and e.errno is not None:
             raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
@@ -99,19 +128,44 @@ def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(f"{name}: corrupt image data ({type(e).__name__}: {e})") from e
 
 
-def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
+GREY_MODES = ("L", "LA", "La")  # one colour band: R = G = B after conversion
+STRIP_PIXELS = 1 << 18  # transparency is composited this many pixels at a time
+
+
+def to_rgb(image: Image.Image, *, name: str = "image", size: int | None = None) -> Image.Image:
     """transformers' `convert_to_rgb`: an image with an alpha band or a transparency key is converted to RGBA and
     composited onto opaque white; anything else goes through Pillow's `convert("RGB")` (grey, palette, CMYK, YCbCr;
     32-bit and 16-bit integer and float modes are clipped to 0..255, not rescaled, exactly as transformers does).
-    RGB images without transparency are returned as they are."""
+    RGB images without transparency are returned as they are.
+
+    `size`: the result is resized to size x size (bicubic, as `ImageTransform` does): the same pixels as
+    `to_rgb(image).resize(...)`, with less memory: a grey image is resized in its one band and expanded to RGB after.
+    Transparency is composited a strip of rows at a time, never on full-size RGBA copies."""
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
+            image = _composite_on_white(image, "L" if image.mode in GREY_MODES else "RGB")
+        elif image.mode in ("L", "1") and size is not None:
+            image = image if image.mode == "L" else image.convert("L")  # "1" -> 0/255, as its RGB bands would be
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
         return image if image.mode == "RGB" else image.convert("RGB")
     except (ValueError, OSError) as e:
         raise ImageDecodeError(f"{name}: cannot convert mode {image.mode} to RGB ({e})") from e
+
+
+def _composite_on_white(image: Image.Image, mode: str) -> Image.Image:
+    """`alpha_composite(white, image.convert("RGBA")).convert(mode)` a strip of rows at a time (each step works
+    pixel by pixel, so the pixels are the same): the only full-size image it makes is the result."""
+    width, height = image.size
+    out = Image.new(mode, image.size)
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        rgba = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")
+        strip = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        out.paste(strip.getchannel("R") if mode == "L" else strip.convert("RGB"), (0, top))
+    return out
 
 
 def _normalisation_table(mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -146,7 +200,7 @@ class ImageTransform:
         if isinstance(images, Image.Image):
             images = [images]
         size = (self.image_size, self.image_size)
-        resized = [to_rgb(im, name=f"image {i}").resize(size, Image.Resampling.BICUBIC) for i, im in enumerate(images)]
+        resized = [to_rgb(im, name=f"image {i}", size=self.image_size) for i, im in enumerate(images)]
         if not resized:
             return torch.empty(0, 3, *size)
         return _to_tensor(resized, self.mean, self.std)

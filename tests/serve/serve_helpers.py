@@ -7,10 +7,14 @@ from __future__ import annotations
 import base64
 import io
 import os
+import signal
 import socket
+import struct
+import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -18,6 +22,8 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import uvicorn
 from PIL import Image
+
+from blip.serve.cli import uvicorn_config
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -48,7 +54,8 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 in a background thread."""
+    """uvicorn serving `app` on 127.0.0.1 in a background thread, configured as `blip serve` configures it (the
+    connection guard and timeouts of the app's settings)."""
 
     def __init__(self, app, graceful_s: int = 10):
         self.app = app
@@ -59,10 +66,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_s
-        )
-        self.server = uvicorn.Server(config)
+        settings = app.state.service.settings
+        self.server = uvicorn.Server(uvicorn_config(app, settings, timeout_graceful_shutdown=graceful_s))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> LiveServer:
@@ -178,3 +183,81 @@ def rss_bytes() -> int | None:
     except OSError:
         return None
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`blip serve` in a subprocess on 127.0.0.1 (its log in a file, so a long run never blocks on a full pipe);
+    `status()` reads its memory from /proc."""
+
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, max_open_files: int | None = None
+    ):
+        """`max_open_files`: the server's open-file limit (soft and hard), as a tight `ulimit -n` would set."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # closed in stop()
+        command = [sys.executable, "-m", "blip.serve.cli", *args, "--port", str(self.port)]
+        environ = {**os.environ, **(env or {})}
+        limit = None
+        if max_open_files is not None:
+            import resource
+
+            def limit() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self._log, env=environ, preexec_fn=limit
+        )
+
+    def wait_ready(self, timeout: float = 120) -> ServeProcess:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5, trust_env=False) as c:
+            while True:
+                assert self.proc.poll() is None, self.log()
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not get ready"
+                time.sleep(0.1)
+
+    def status(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of the server process, in bytes."""
+        values = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(value.split()[0]) * 1024
+        return values
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def png_variant(png: bytes, i: int) -> bytes:
+    """`png` with a tEXt chunk after its header: other bytes (the server decodes each), the same pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    end_of_header = 8 + 25  # signature + IHDR chunk
+    return png[:end_of_header] + chunk(b"tEXt", b"variant\0" + str(i).encode()) + png[end_of_header:]

@@ -12,7 +12,7 @@ import zlib
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, b64, png_bytes, rss_bytes
+from serve_helpers import LiveServer, b64, png_bytes, png_variant, rss_bytes
 
 from blip.serve import ServeSettings, create_app
 
@@ -234,6 +234,24 @@ def test_bad_json_requests(client, server, good, bomb):
         except AssertionError as e:
             raise AssertionError(f"case {name!r}: {e}") from e
     assert server.recorder.urls == []  # not one connection attempted, not even to loopback
+
+
+def test_request_pixel_budget(client, server):
+    """Five 25-megapixel images (each under the per-image cap) are over the request's 100 MP: 413, naming the image
+    that crosses it, before any is decoded; in every schema."""
+    png = png_bomb(5000, 5000)  # 1-bit: a few KB each
+    encoded = [b64(png_variant(png, i)) for i in range(5)]
+    cases = [
+        ("/v1/caption", {"images": [{"b64": e} for e in encoded]}, "images[4].b64"),
+        ("/predict", {"inputs": {"images": [{"b64": e} for e in encoded]}}, "inputs.images[4].b64"),
+        ("/score", {"input_data": {"columns": ["image"], "data": [[e] for e in encoded]}}, "input_data.data[4][0]"),
+    ]
+    for path, body, field in cases:
+        start = time.monotonic()
+        error = check_error(client.post(path, json=body), 413, field, "125000000 pixels", "per request")
+        assert error["code"] == "too_many_pixels" and time.monotonic() - start < 5
+    r = client.post("/v1/caption", json={"images": [{"b64": e} for e in encoded[:4]]})  # 100 MP: within it
+    assert r.status_code == 200, r.text
 
 
 def test_bad_uploads(client):

@@ -93,12 +93,38 @@ def test_serves_logs_json_and_stops_on_sigterm(hf_checkpoints, images):
     assert any("models loaded" in entry.get("message", "") for entry in lines)
 
 
-def test_a_model_that_cannot_load_exits_1(tmp_path):
-    proc = start(["--model", str(tmp_path / "missing"), "--port", str(free_port())])
-    try:
-        assert proc.wait(90) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert "model loading failed" in proc.stderr.read()
+def test_failed_starts_exit_2_with_one_line_before_listening(hf_checkpoints, collection_dir, tmp_path):
+    """Issue 15.7: a start that cannot work (a model that cannot load, a device that is not there, a port in use, an
+    index that does not fit the served models) says so in one line and exits 2, before anything listens: no
+    traceback, no "Uvicorn running" (it used to log that first, then exit 1)."""
+    import torch
+
+    caption = str(hf_checkpoints(CAPTION))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = {
+            "missing model": (["--model", str(tmp_path / "missing")], "cannot load it"),
+            "unknown device": (["--model", caption, "--device", "foo"], "not a device"),
+            "port in use": (["--model", caption, "--port", str(busy.getsockname()[1])], "in use"),
+            "index of another model": (["--model", caption, "--index", f"x={collection_dir}"], "--index x="),
+        }
+        if not torch.cuda.is_available():
+            cases["cuda without CUDA"] = (["--model", caption, "--device", "cuda"], "CUDA is not available")
+        procs = {
+            name: start([*args, *(["--port", str(free_port())] if "--port" not in args else [])])
+            for name, (args, _) in cases.items()
+        }
+        try:
+            for name, proc in procs.items():
+                assert proc.wait(120) == 2, name
+                err = proc.stderr.read()
+                lines = err.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("blip serve: error: "), (name, err)
+                assert cases[name][1] in lines[0], (name, lines[0])
+                assert "Traceback" not in err and "running on" not in err.lower(), (name, err)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)

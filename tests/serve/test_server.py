@@ -132,6 +132,55 @@ def test_azure_ml_schema(client, tiny_models, images):
     assert r.json() == [{"text": a.text} for a in expected]
 
 
+def test_azure_ml_routing_and_prompts(tiny_models, images):
+    """Issue 15.9: with several models, /score goes to the one named by ?model= or by the azureml-model-deployment
+    header (when it names a loaded model); a captioning model takes the text column as the caption's prompt (it
+    was answered as a question by the VQA model); rows with different prompts each get their own; a caption-only
+    server takes ["image", "text"] as prompts; a bad row is named by its index."""
+    captioner, vqa = tiny_models["captioner"], tiny_models["vqa"]
+    prompts = ["a picture of", "a drawing of", "a picture of", ""]
+    rows = [[b64(png_bytes(images[i])), p] for i, p in enumerate(prompts)]
+    body = {"input_data": {"columns": ["image", "text"], "index": [4, 5, 6, 7], "data": rows}}
+    expected = [captioner.caption(images[i], prompt=p or None)[0].text for i, p in enumerate(prompts)]
+    answers = [a.text for a in vqa.answer(images[:3], prompts[:3])]
+    app = create_app(tiny_models, ServeSettings())
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/score", params={"model": "captioner"}, json=body)
+        assert r.status_code == 200, r.text
+        assert [x["text"] for x in r.json()] == expected
+        assert r.json()[0]["text"].startswith("a picture of") and r.json()[0] != r.json()[1]
+        r = c.post("/score", json=body, headers={"azureml-model-deployment": "captioner"})
+        assert [x["text"] for x in r.json()] == expected
+        rows_vqa = {"input_data": {"columns": ["image", "text"], "data": rows[:3]}}
+        for headers in ({}, {"azureml-model-deployment": "blip-prod-blue"}):  # not a model's name: by columns
+            r = c.post("/score", json=rows_vqa, headers=headers)
+            assert [x["text"] for x in r.json()] == answers[:3]
+        r = c.post("/score", json=rows_vqa, params={"model": "captioner"}, headers={"azureml-model-deployment": "vqa"})
+        assert [x["text"] for x in r.json()] == expected[:3]  # the query parameter wins
+        images_only = {"input_data": {"columns": ["image"], "data": [row[:1] for row in rows[:2]]}}
+        r = c.post("/score", json=images_only, headers={"azureml-model-deployment": "vqa"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input_data.columns", r.text
+        r = c.post("/score", json=images_only, params={"model": "retrieval"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "model", r.text
+
+        def score(data: list[list], **params: str) -> httpx.Response:
+            return c.post("/score", params=params, json={"input_data": {"columns": ["image", "text"], "data": data}})
+
+        r = score([*rows[:3], [rows[3][0], "a " * 300]], model="captioner")  # longer than a prompt may be
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input_data.data[3][1]", r.text
+        r = score([*rows[:3], ["!!not base64!!", "a picture of"]], model="captioner")
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input_data.data[3][0]", r.text
+        r = c.post("/score", json={"input_data": {"columns": ["image", "text"], "data": [*rows[:3], [rows[0][0]]]}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input_data.data[3]", r.text
+        r = c.post("/score", json={"input_data": {"columns": ["image", "text"], "data": [*rows[:3], [rows[0][0], 5]]}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input_data.data[3][1]", r.text
+
+    app = create_app({"captioner": captioner}, ServeSettings())
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/score", json=body)
+        assert [x["text"] for x in r.json()] == expected
+
+
 def test_match_and_similarity(client, tiny_models, images):
     texts = ["a red circle on the left", "two dogs on the beach", "a star"]
     r = client.post("/v1/match", json={"images": [ref(images[0])], "texts": texts})
@@ -190,9 +239,10 @@ def test_images_by_url(loopback_server, image_server, tiny_models, images):
 
 
 def test_models_health_ready_metrics(client, images):
-    assert client.get("/healthz").json()["status"] == "ok"
+    health = client.get("/healthz").json()
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["captioner", "retrieval", "vqa"]
+    assert health["status"] == "ok" and health["models"] == ready.json()["models"]  # issue 15.8: it said []
     models = {m["name"]: m["tasks"] for m in client.get("/v1/models").json()["models"]}
     assert models == {"captioner": ["caption"], "vqa": ["vqa"], "retrieval": ["itc", "itm"]}
     client.post("/v1/caption", json={"images": []})
@@ -294,6 +344,40 @@ def test_request_timeout_answers_503_and_the_server_recovers(tiny_models, images
         assert r.status_code == 200
 
 
+def test_images_wait_for_the_in_flight_pixel_budget_then_503(tiny_models, images, monkeypatch):
+    """Issue 14.2: decoded pixels in flight are bounded server-wide; an image that does not fit waits (the server
+    stays answerable) and, past the request timeout, its request gets 503 with Retry-After; once the budget frees,
+    requests go through again."""
+    import blip.serve.inputs
+
+    gate = threading.Event()
+    decoding = threading.Event()
+    real = blip.serve.inputs.load_image
+
+    def held(*args, **kwargs):
+        decoding.set()
+        assert gate.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blip.serve.inputs, "load_image", held)
+    settings = ServeSettings(max_image_pixels=4096, max_inflight_pixels=6000, timeout_s=1.0)
+    app = create_app(tiny_models, settings)
+    first, second = (ref(image.resize((64, 64))) for image in images[:2])  # 4096 pixels each: one at a time
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        held_request = pool.submit(c.post, "/v1/caption", json={"images": [first]})
+        assert decoding.wait(10)
+        start = time.monotonic()
+        r = c.post("/v1/caption", json={"images": [second]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "timeout" and r.headers["retry-after"] == "1"
+        assert 0.9 < time.monotonic() - start < 5
+        assert "blip_decode_waiting 0" in c.get("/metrics").text and c.get("/healthz").status_code == 200
+        gate.set()
+        assert held_request.result(timeout=30).status_code == 503  # it too ran out of time, while decoding
+        both = {"images": [first, second]}  # 8192 pixels in all, one image at a time (retried: a busy machine)
+        wait_until(lambda: c.post("/v1/caption", json=both).status_code == 200, 30)
+        assert "blip_decode_pixels_in_flight 0" in c.get("/metrics").text
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_models, images):
     app = create_app(tiny_models, ServeSettings())
     gate = hold_batches(app)
@@ -361,10 +445,10 @@ def test_cors_is_off_by_default_and_on_when_asked(client, tiny_models):
     assert "access-control-allow-origin" not in client.get("/healthz", headers=origin).headers
     preflight = {**origin, "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in client.options("/v1/caption", headers=preflight).headers
-    app = create_app(tiny_models, ServeSettings(cors_origins=("https://example.com",)))
+    app = create_app(tiny_models, ServeSettings(cors_origins=("https://example.com",), token="t0ken"))
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
-        r = c.options("/v1/caption", headers=preflight)
-        assert r.headers["access-control-allow-origin"] == "https://example.com"
+        r = c.options("/v1/caption", headers=preflight)  # a preflight carries no token, even where routes need one
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.com"
         other = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
         assert "access-control-allow-origin" not in c.options("/v1/caption", headers=other).headers
 

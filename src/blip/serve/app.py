@@ -1,13 +1,20 @@
 """The HTTP server: `create_app(models, settings)` returns a FastAPI app serving loaded `Blip` models.
 
 Routes (schemas in `blip.serve.schemas`):
-- `POST /score`                 Azure ML online-endpoint schema (captioning or VQA by columns)
+- `POST /score`                 Azure ML online-endpoint schema (captioning or VQA, see below)
 - `POST /`, `POST /predict`     the model card's schema: several questions per image, or captions
 - `POST /v1/caption|vqa|match|similarity` (JSON) and `.../upload` (multipart): our API, with scores and options
 - `POST /v1/retrieve`           search a collection index (`blip serve --index NAME=DIR[@MODEL]`), see below
 - `GET /v1/models`, `GET /v1/indexes`, `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /` (web page / liveness)
 
 Every model call goes through the micro-batcher (`blip.serve.batching`) into the task functions in `blip.tasks`.
+
+Azure ML `/score` picks its model by, in order: the `model` query parameter; the `azureml-model-deployment` header
+(which Azure ML sends) when it names a loaded model; else by the columns: `["image"]` goes to the first captioning
+model, `["image", "text"]` to the first VQA model (or, with none loaded, to the first captioning model). A captioning
+model takes `text` as the caption's prompt (conditional captioning: "a picture of" -> "a picture of a dog ..."; an
+empty text captions without one); a VQA model takes it as the question and needs the text column. Row errors name
+the row: `input_data.data[3][1]`.
 
 Collection retrieval, `POST /v1/retrieve`, over an index built by `blip batch embed` (the same search as
 `blip retrieve`: ITC top-k from the index, text queries then re-ranked by the ITM match probability)::
@@ -39,16 +46,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blip.fetch import SafeFetcher
-from blip.serve.inputs import ImageSource, from_ref, from_string
-from blip.serve.middleware import ServeMiddleware
+from blip.serve.inputs import ImageSource, from_ref, from_string, gather_all
+from blip.serve.middleware import LOG_PATH_CHARS, ServeMiddleware, bounded_json_route
 from blip.serve.retrieval import IndexSpec
 from blip.serve.schemas import (
     AnswerOut,
@@ -86,7 +94,7 @@ from blip.serve.schemas import (
 from blip.serve.service import Service
 from blip.serve.settings import ServeSettings
 from blip.tasks.common import Caption
-from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions
 from blip.tasks.retrieval import RetrieveOptions
 
 if TYPE_CHECKING:
@@ -113,6 +121,8 @@ STATUS_CODES.update({408: "body_timeout", 413: "body_too_large", 415: "unsupport
 bearer = HTTPBearer(auto_error=False, description="the server's token, when started with one")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ModelQuery = Annotated[str | None, Query(description="a loaded model's name (default: the first able to)")]
+AZURE_DEPLOYMENT = "azureml-model-deployment"  # the header Azure ML routes by: used when it names a loaded model
+CARD_PATHS = ("/", "/predict")  # the model card's routes: the token may come in the body as secret_token
 Uploads = Annotated[list[UploadFile], File(description="image files (PNG, JPEG, GIF, WebP, BMP, TIFF)")]
 
 
@@ -239,6 +249,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = svc
+    app.router.route_class = bounded_json_route(settings.max_json_depth, settings.max_json_items, settings.token)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -254,6 +265,13 @@ def create_app(
         retry_after_s=settings.retry_after_s,
         known_paths=lambda: {getattr(r, "path", "") for r in app.routes},
         body_timeout_s=settings.timeout_s,
+        token=settings.token,
+        protected_paths=lambda: {
+            r.path
+            for r in app.routes
+            if isinstance(r, APIRoute) and any(d.dependency is require_auth for d in r.dependencies)
+        },
+        token_in_body_paths=CARD_PATHS,
     )
 
     @app.exception_handler(ApiError)
@@ -267,7 +285,7 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
-        field = "body" if exc.status_code in (400, 408, 413) else None
+        field = "body" if exc.status_code in (400, 408, 413) else "Authorization" if exc.status_code == 401 else None
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and field:
             message = message if message.startswith("body") else f"body: {message}"
@@ -275,7 +293,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        _logger.exception("internal error on %s %s", request.method, request.url.path)
+        _logger.exception("internal error on %.64s %.*s", request.method, LOG_PATH_CHARS, request.url.path)
         return _error_response(500, "internal_error", "internal error; see the server log")
 
     async def require_auth(credentials: Credentials) -> None:
@@ -299,9 +317,14 @@ def create_app(
             return StatusResponse(status="ok")
         return StatusResponse(status="ok", models=sorted(svc.models), indexes=sorted(svc.indexes))
 
-    @app.get("/healthz", response_model=StatusResponse, tags=["service"], summary="the process is alive")
+    @app.get(
+        "/healthz",
+        response_model=StatusResponse,
+        tags=["service"],
+        summary="the process is alive; lists the models and indexes loaded so far (/readyz: whether it takes work)",
+    )
     async def healthz() -> StatusResponse:
-        return StatusResponse(status="ok")
+        return StatusResponse(status="ok", models=sorted(svc.models), indexes=sorted(svc.indexes))
 
     @app.get(
         "/readyz",
@@ -356,15 +379,78 @@ def create_app(
 
     # --- Azure ML schema ---------------------------------------------------------------------------------------------
 
+    def azure_target(model: str | None, deployment: str | None, with_text: bool) -> tuple[str, Blip, str]:
+        """(name, model, task) for /score: the named model's own task, else the first model for the columns."""
+        name = model or None  # ?model= (empty) as if not given
+        loaded = svc.models if svc.ready else {}
+        if name is None and deployment in loaded:
+            name = deployment
+        if name in loaded:
+            tasks = loaded[name].tasks
+            if "caption" not in tasks and "vqa" in tasks and not with_text:
+                message = f'model {name!r} answers questions: send columns ["image", "text"]'
+                raise svc.invalid("input_data.columns", message)
+            task = "caption" if "caption" in tasks else "vqa"
+        elif name is None and with_text and any("vqa" in m.tasks for m in loaded.values()):
+            task = "vqa"
+        else:
+            task = "caption"
+        resolved, blip = svc.resolve(name, task)
+        return resolved, blip, task
+
+    async def azure_captions(
+        name: str, blip: Blip, sources: list[ImageSource], prompts: list[str | None]
+    ) -> list[AzureResult]:
+        """Rows with the same prompt go to the model together; a prompt's errors name its first row."""
+        groups: dict[str | None, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        params: dict[str | None, CaptionOptions] = {}
+        for prompt, rows in groups.items():
+            try:
+                params[prompt] = CaptionOptions(prompt=prompt)
+            except OptionError as e:
+                message = str(e).removeprefix(f"{e.field}: ")
+                raise svc.invalid(f"input_data.data[{rows[0]}][1]", f"as a prompt: {message}") from e
+
+        async def caption_group(prompt: str | None, rows: list[int]) -> list[list[Caption]]:
+            try:
+                return await svc.caption(name, blip, params[prompt], [sources[i] for i in rows], "input_data.data")
+            except ApiError as e:
+                if prompt is None or e.field not in ("prompt", "max_new_tokens"):
+                    raise
+                message = e.message.removeprefix(f"{e.field}: ")
+                raise svc.invalid(f"input_data.data[{rows[0]}][1]", f"as a prompt: {message}") from e
+
+        results = await gather_all([caption_group(p, rows) for p, rows in groups.items()])
+        texts: list[str] = [""] * len(sources)
+        for rows, captions in zip(groups.values(), results):
+            for i, caption in zip(rows, captions):
+                texts[i] = caption[0].text
+        return [AzureResult(text=t) for t in texts]
+
     @app.post(
         "/score",
         response_model=list[AzureResult],
         tags=["Azure ML"],
         responses=ERRORS,
-        summary='Azure ML online endpoint: columns ["image"] captions, ["image", "text"] answers',
+        summary='Azure ML online endpoint: columns ["image"] captions, ["image", "text"] answers (or prompts)',
         dependencies=auth,
     )
-    async def score(body: AzureRequest, model: ModelQuery = None) -> list[AzureResult]:
+    async def score(
+        body: AzureRequest,
+        model: ModelQuery = None,
+        deployment: Annotated[
+            str | None,
+            Header(
+                alias=AZURE_DEPLOYMENT,
+                description="Azure ML's deployment name: picks the model when it names a loaded one",
+            ),
+        ] = None,
+    ) -> list[AzureResult]:
+        """Captions (`["image"]`, or `["image", "text"]` with a captioning model: text is the prompt) or answers
+        (`["image", "text"]` with a VQA model). The model: `?model=`, else the `azureml-model-deployment` header when
+        it names a loaded model, else the first that fits the columns (VQA for a text column, when one is loaded)."""
         data = body.input_data
         columns = data.columns
         if columns not in (["image"], ["image", "text"]):
@@ -375,21 +461,21 @@ def create_app(
             if len(row) != len(columns):
                 message = f"expected {len(columns)} values ({columns}), got {len(row)}"
                 raise svc.invalid(f"input_data.data[{i}]", message)
+        with_text = columns == ["image", "text"]
+        name, blip, task = azure_target(model, deployment, with_text)
         sources = [from_string(row[0], f"input_data.data[{i}][0]") for i, row in enumerate(data.data)]
-        if columns == ["image"]:
-            name, blip = svc.resolve(model, "caption")
-            captions = await svc.caption(name, blip, CaptionOptions(), sources, field="input_data.data")
-            return [AzureResult(text=c[0].text) for c in captions]
-        name, blip = svc.resolve(model, "vqa")
+        texts = [row[1] for row in data.data] if with_text else [""] * len(sources)
+        svc.check_texts([(f"input_data.data[{i}][1]", t) for i, t in enumerate(texts)])
+        if task == "caption":
+            svc.check_count(len(sources), svc.settings.max_images, "input_data.data", "images")
+            return await azure_captions(name, blip, sources, [t if t.strip() else None for t in texts])
         svc.check_count(len(sources), svc.settings.max_texts, "input_data.data", "rows")
         svc.check_count(len({s.value for s in sources}), svc.settings.max_images, "input_data.data", "distinct images")
-        questions = [row[1] for row in data.data]
-        for i, question in enumerate(questions):
+        for i, question in enumerate(texts):
             if not question.strip():
                 raise svc.invalid(f"input_data.data[{i}][1]", "the question is empty")
-        svc.check_texts([(f"input_data.data[{i}][1]", q) for i, q in enumerate(questions)])
         options = svc.vqa_options(VqaOptions(), blip)
-        answers = await svc.answer(name, options, sources, questions, list(range(len(questions))))
+        answers = await svc.answer(name, options, sources, texts, list(range(len(texts))))
         return [AzureResult(text=a.text) for a in answers]
 
     # --- the model card's schema -------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ class MicroBatcher:
                 raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} jobs")
         except Exception as error:
             if len(batch) > 1:
-                _logger.info("a batch of %d jobs failed (%s); retrying each alone", len(batch), error)
+                _logger.info("a batch of %d jobs failed (%.300s); retrying each alone", len(batch), error)
                 for job in batch:
                     self._run([job])
                 return

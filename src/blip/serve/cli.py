@@ -6,10 +6,15 @@
     blip serve --model itm=Salesforce/blip-itm-base-coco --index photos=photos-embedded/    # POST /v1/retrieve
 
 An index goes with the served model whose checkpoint embedded it (the index records its fingerprint), or with the one
-`--index NAME=DIR@MODEL` names. A folder without an index, an unknown @MODEL or a misused flag exit 2 at once; an
-index that does not fit its model (another checkpoint, no ITC head) fails the start after loading, exit 1.
+`--index NAME=DIR@MODEL` names.
 
-Logs go to stderr as JSON lines (one access-log line per request). SIGTERM / Ctrl-C stop taking connections,
+Everything is checked before the server listens: flags, index folders, the device, the port (bound, not listening),
+then the models are loaded and the indexes opened. Any failure there (a misused flag, `--device cuda` without CUDA,
+a port in use, a model that cannot load, an index that does not fit its model) prints one line, `blip serve: error:
+...`, and exits 2 with nothing served.
+
+Logs go to stderr as JSON lines (one access-log line per request; a message repeated more than `LOG_BURST` times a
+minute is dropped past that, with a count on the next one let through). SIGTERM / Ctrl-C stop taking connections,
 finish the requests in flight, then exit 0.
 """
 
@@ -18,13 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blip.distributed import DEFAULT_DEVICE, resolve_device
 from blip.serve.retrieval import IndexSpec, check_index_folder, parse_indexes
@@ -34,6 +41,46 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 _logger = logging.getLogger(__name__)
+
+LOG_BURST = 10  # the same message at most this often per LOG_WINDOW_S, then dropped (and counted)
+LOG_WINDOW_S = 60.0
+
+
+class StartError(Exception):
+    """The server cannot start: one line for the user, exit 2."""
+
+
+class RepeatFilter(logging.Filter):
+    """Let a message (logger, level and unformatted text) through at most `burst` times per `window_s`; the first
+    one let through after drops says how many were dropped. Keeps a flood (e.g. asyncio's accept() errors when out
+    of file descriptors, or invalid-request warnings) from filling the disk."""
+
+    def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S, max_keys: int = 1024):
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, int, str], list[float]] = {}  # key -> [window start, count, dropped]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        now = time.monotonic()
+        with self._lock:
+            state = self._seen.get(key)
+            if state is None or now - state[0] > self.window_s:
+                dropped = int(state[2]) if state else 0
+                if len(self._seen) >= self.max_keys:
+                    self._seen.clear()
+                self._seen[key] = [now, 1, 0]
+                if dropped:
+                    record.msg = f"{record.msg} [{dropped} more like this dropped in the last {self.window_s:g} s]"
+                return True
+            state[1] += 1
+            if state[1] > self.burst:
+                state[2] += 1
+                return False
+            return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -100,9 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true", help="one request per model call (same as --max-batch 1)")
     p.add_argument("--queue-size", type=int, default=defaults.queue_size, help="requests admitted at once; 503 past")
     p.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request (503 past)")
-    p.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    p.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, help="requests in progress at once; 503 past"
+    )
+    p.add_argument(
+        "--max-open-connections",
+        type=int,
+        default=defaults.max_open_connections,
+        help="TCP connections open at once (kept under the open-file limit); past it new ones get 503 and are closed",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a connection has to send a complete request head; closed past it",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=defaults.keep_alive_timeout_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / MIB)
-    p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    p.add_argument("--max-json-depth", type=int, default=defaults.max_json_depth, help="nesting of a JSON body")
+    p.add_argument(
+        "--max-json-items", type=int, default=defaults.max_json_items, help="values (elements, members) in a JSON body"
+    )
+    p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels, help="decoded pixels per image")
+    p.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=defaults.max_request_pixels,
+        help="decoded pixels of a request's images in all; 413 past it",
+    )
+    p.add_argument(
+        "--max-inflight-pixels",
+        type=int,
+        default=defaults.max_inflight_pixels,
+        help="pixels being decoded at once, server-wide; later images wait (503 at the request timeout)",
+    )
     p.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
     p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="questions or texts per request")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on max_new_tokens")
@@ -156,8 +239,15 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         queue_size=args.queue_size,
         timeout_s=args.timeout,
         max_connections=args.max_connections,
+        max_open_connections=args.max_open_connections,
+        header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
         max_body_bytes=int(args.max_body_mb * MIB),
+        max_json_depth=args.max_json_depth,
+        max_json_items=args.max_json_items,
         max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_inflight_pixels=args.max_inflight_pixels,
         max_images=args.max_images,
         max_texts=args.max_texts,
         max_new_tokens=args.max_new_tokens,
@@ -169,24 +259,72 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     )
 
 
-def model_loader(paths: dict[str, str], args: argparse.Namespace) -> Callable[[], dict[str, Blip]]:
-    def load() -> dict[str, Blip]:
-        import blip
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:500] + "..."
 
-        models = {}
-        for name, path in paths.items():
-            _logger.info("loading %s from %s", name, path)
+
+def load_models(paths: dict[str, str], args: argparse.Namespace, device: str) -> dict[str, Blip]:
+    import blip
+
+    models = {}
+    for name, path in paths.items():
+        start = time.perf_counter()
+        try:
             models[name] = blip.load(
-                path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
+                path, device=device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
             )
-        return models
+        except Exception as e:  # any failure to load is the user's to fix: one line, no traceback
+            raise StartError(f"--model {name}={path}: cannot load it: {type(e).__name__}: {_one_line(e)}") from e
+        _logger.info("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
+    _logger.info("models loaded: %s", ", ".join(f"{n} ({sorted(m.tasks)})" for n, m in models.items()))
+    return models
 
-    return load
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening: uvicorn does that) before the models load, so a port in use
+    is a one-line start error at once."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP proto: asyncio sets TCP_NODELAY
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
 
 
-def configure_logging(level: str) -> None:
+def uvicorn_config(app: Any, settings: ServeSettings, **overrides: Any) -> Any:
+    """uvicorn's config for `app`: our access log and JSON logs, the connection guard (head timeout, cap on open
+    connections) and the keep-alive timeout from `settings`."""
+    import uvicorn
+
+    from blip.serve.connections import connection_cap, guarded_protocol
+
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": int(settings.timeout_s) + 5,
+        "server_header": False,
+        "http": guarded_protocol(settings.header_timeout_s, connection_cap(settings.max_open_connections)),
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def configure_logging(level: str) -> logging.Handler:
+    """JSON lines on stderr; returns the handler (installed on the root logger)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -194,17 +332,43 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware writes the access log
+    return handler
+
+
+class StartupLog:
+    """Holds the log records of the start (model loading, ...) until it succeeds, so that a failed start says one
+    line; at debug level they go out at once."""
+
+    def __init__(self, handler: logging.Handler, level: str):
+        self.handler = handler
+        self.buffer: logging.handlers.MemoryHandler | None = None
+        if level != "debug":
+            self.buffer = logging.handlers.MemoryHandler(1 << 20, logging.CRITICAL + 1, handler, flushOnClose=False)
+            logging.getLogger().handlers[:] = [self.buffer]
+
+    def started(self) -> None:
+        if self.buffer is not None:
+            self.buffer.flush()
+            logging.getLogger().handlers[:] = [self.handler]
+            self.buffer.close()
+
+    def failed(self) -> None:
+        if self.buffer is not None:
+            logging.getLogger().handlers[:] = [self.handler]
+            self.buffer.setTarget(None)  # type: ignore[arg-type]
+            self.buffer.close()
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT. Returns 0 after a clean stop, 1 if loading failed, 2 on bad usage."""
+    """Run the server until SIGTERM/SIGINT. Returns 0 after a clean stop, 2 on bad usage or a failed start (one
+    line on stderr, nothing bound), 1 if the server stopped for another reason."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return int(e.code or 0)
     try:
-        resolve_device(args.device)  # an unusable device fails here, before binding or loading (exit 2)
+        device = str(resolve_device(args.device))  # an unusable device: one line, before binding or loading
         settings = settings_from_args(args)
         paths = parse_models(args.model)
         indexes = index_specs(args.index, paths, args.tokenizer)
@@ -219,38 +383,35 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"blip serve: error: {e.name} is missing: pip install 'blip-vl[serve]'", file=sys.stderr)
         return 2
 
-    configure_logging(args.log_level)
+    startup_log = StartupLog(configure_logging(args.log_level), args.log_level)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    failed: list[BaseException] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_error(error: BaseException) -> None:
-        failed.append(error)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(
-        settings=settings, loader=model_loader(paths, args), on_load_error=on_load_error, indexes=dict(indexes)
-    )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(settings.timeout_s) + 5,
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
+    sock = None
+    try:
+        sock = bind_socket(settings.host, settings.port)  # bound, not listening: a port in use fails before loading
+        models = load_models(paths, args, device)
+        try:
+            app = create_app(models, settings, indexes=dict(indexes))
+        except ValueError as e:  # IndexSetupError: an index that does not fit the served models
+            raise StartError(_one_line(e)) from e
+    except StartError as e:
+        if sock is not None:
+            sock.close()
+        startup_log.failed()
+        print(f"blip serve: error: {e}", file=sys.stderr)
+        return 2
+    startup_log.started()
+    server = uvicorn.Server(uvicorn_config(app, settings))
     served = ", ".join([*paths, *(f"index {n}" for n in indexes)])
-    _logger.info("serving %s on http://%s:%d", served, settings.host, settings.port)
+    _logger.info("serving %s on http://%s:%d", served, settings.host, sock.getsockname()[1])
     _quiet_after_shutdown()
-    server.run()
-    return 1 if failed or not server.started else 0
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1
 
 
 def _quiet_after_shutdown() -> None:

@@ -1,18 +1,35 @@
-"""The ASGI layer around the app: request ids, a cap on requests in progress (503 past it), a cap on body size
-(413) and on the time the body takes to arrive (408), Prometheus request metrics and one structured JSON access-log
-line per request."""
+"""The ASGI layer around the app: request ids, a cap on requests in progress (503 past it), authentication before
+the body is read, a cap on body size (413) and on the time the body takes to arrive (408), Prometheus request
+metrics and one structured JSON access-log line per request; and the routes' JSON parsing (`bounded_json_route`).
+
+Authentication comes first: when the server has a token, a route that needs it answers 401 at once unless the
+request carries `Authorization: Bearer <token>` (its body is never read). The model card's routes (`POST /` and
+`/predict`) may carry the token in the body as `secret_token` instead: without a valid bearer header their body is
+parsed (bounded as below, off the event loop when large) and then checked; a body that is malformed or too complex
+to parse answers 401 too.
+
+JSON bodies are parsed with a cap on nesting depth and on the number of values (`check_json_shape`, 413 past
+either), in a worker thread when larger than `THREAD_PARSE_BYTES`, so `[],[],...` cannot make millions of objects.
+
+Everything taken from the request line into metrics labels and log fields is bounded: an unknown method is counted
+as OTHER and logged cut to `LOG_FIELD_CHARS`, the path is logged cut, and the route label is a route's template or
+"unmatched"."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
+import anyio
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from blip.serve.metrics import ServerMetrics
@@ -28,6 +45,139 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # always answered, even when busy
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
+LOG_FIELD_CHARS = 64  # request-line values in the access log: methods
+LOG_PATH_CHARS = 512
+AUTH_SCOPE_KEY = "blip.auth"  # "secret_token": the route must find the token in its JSON body
+THREAD_PARSE_BYTES = 64 * 1024  # JSON bodies larger than this are parsed in a worker thread
+STRUCTURE = re.compile(rb'[\[\]{},"]')
+STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"')  # a JSON string after its opening quote
+
+
+def _bounded(value: str, limit: int) -> str:
+    return value if len(value) <= limit else f"{value[:limit]}...({len(value)} chars)"
+
+
+def method_label(method: str) -> str:
+    """The method as a metrics label: one of the standard methods, or OTHER."""
+    return method if method in METHODS else "OTHER"
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON: no type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    """Constant-time comparison, encoded as the service's own check does."""
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The credentials of an `Authorization: Bearer <token>` header (scheme case-insensitive), else None."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
+class JsonTooComplex(HTTPException):
+    """A JSON body nested deeper or holding more values than the server parses (raised before parsing)."""
+
+    def __init__(self, message: str):
+        super().__init__(413, f"body: {message}")
+
+
+def check_json_shape(body: bytes, max_depth: int, max_items: int) -> None:
+    """Raise `JsonTooComplex` if `body` nests deeper than `max_depth` or holds more than `max_items` values (counted
+    as commas and opened arrays/objects outside strings). Cheap for ordinary bodies (three byte counts: the structural
+    characters anywhere bound those outside strings); otherwise a scan that stops as soon as a cap is passed, so a
+    body of millions of values costs as much as `max_items` of them. Malformed JSON is left to the parser."""
+    opens = body.count(b"[") + body.count(b"{")
+    if opens <= max_depth and opens + body.count(b",") <= max_items:
+        return
+    depth = items = 0
+    position = 0
+    while (found := STRUCTURE.search(body, position)) is not None:
+        at = found.start()
+        char = body[at]
+        if char == 0x22:  # a string: skip to its closing quote
+            rest = STRING_REST.match(body, at + 1)
+            if rest is None:
+                return  # unterminated: the parser will say so
+            position = rest.end()
+            continue
+        if char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            items += 1
+            if depth > max_depth:
+                raise JsonTooComplex(f"the JSON nests deeper than {max_depth} levels")
+        elif char in (0x5D, 0x7D):  # ] }
+            depth -= 1
+        else:
+            items += 1
+        if items > max_items:
+            raise JsonTooComplex(f"the JSON holds more than {max_items} values")
+        position = at + 1
+
+
+def parse_json(body: bytes, max_depth: int, max_items: int) -> Any:
+    """The JSON value of a UTF-8 body (RFC 8259), its shape checked first. UTF-8 only: in it the bytes the check
+    counts mean what they say (in UTF-16 a `"` byte can be half of another character, hiding structure from it)."""
+    check_json_shape(body, max_depth, max_items)
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise json.JSONDecodeError(f"not UTF-8 ({e.reason} at byte {e.start})", "", 0) from None
+    return json.loads(text)
+
+
+def bounded_json_route(max_depth: int, max_items: int, token: str | None = None) -> type[APIRoute]:
+    """An APIRoute class whose requests parse JSON bodies with `parse_json` (in a worker thread when large) and,
+    for routes the middleware marked (the model card's `secret_token`), check the token in the parsed body."""
+
+    class BoundedJsonRequest(Request):
+        async def json(self) -> Any:
+            if not hasattr(self, "_json"):
+                body = await self.body()
+                needs_token = token is not None and self.scope.get(AUTH_SCOPE_KEY) == "secret_token"
+                try:
+                    if len(body) > THREAD_PARSE_BYTES:
+                        parsed = await anyio.to_thread.run_sync(parse_json, body, max_depth, max_items)
+                    else:
+                        parsed = parse_json(body, max_depth, max_items)
+                except (ValueError, JsonTooComplex):  # json.JSONDecodeError is a ValueError
+                    if needs_token:
+                        raise Unauthorized() from None
+                    raise
+                if needs_token:
+                    given = parsed.get("secret_token") if isinstance(parsed, dict) else None
+                    if not isinstance(given, str) or not token_matches(given, token or ""):
+                        raise Unauthorized()
+                self._json = parsed
+            return self._json
+
+    class BoundedJsonRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+
+            async def bounded_handler(request: Request) -> Response:
+                return await handler(BoundedJsonRequest(request.scope, request.receive))
+
+            return bounded_handler
+
+    return BoundedJsonRoute
+
+
+class Unauthorized(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(401, UNAUTHORIZED_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
+
+
+UNAUTHORIZED_MESSAGE = "Authorization: missing or wrong bearer token"
 
 
 class BodyTooLarge(HTTPException):
@@ -60,7 +210,12 @@ class ServeMiddleware:
         retry_after_s: int = 1,
         known_paths: Callable[[], set[str]] = set,
         body_timeout_s: float = 30.0,
+        token: str | None = None,
+        protected_paths: Callable[[], Collection[str]] = frozenset,
+        token_in_body_paths: Collection[str] = (),
     ):
+        """`protected_paths()`: paths that need the token (read on the first request, once the routes exist);
+        `token_in_body_paths`: POST paths whose JSON body may carry it as `secret_token` instead."""
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -68,7 +223,26 @@ class ServeMiddleware:
         self.retry_after_s = retry_after_s
         self.known_paths = known_paths
         self.body_timeout_s = body_timeout_s
+        self.token = token
+        self._protected_paths = protected_paths
+        self._protected: Collection[str] | None = None
+        self.token_in_body_paths = frozenset(token_in_body_paths)
         self.active = 0
+
+    def _authenticate(self, scope: Scope, method: str, path: str, headers: dict[str, str]) -> bool:
+        """False: answer 401 now. Marks a model-card request without a valid bearer header for the body check."""
+        if self.token is None or method == "OPTIONS":  # a CORS preflight has no credentials; the request after it has
+            return True
+        if token_matches(bearer_token(headers.get("authorization")), self.token):
+            return True
+        if method == "POST" and path in self.token_in_body_paths:
+            if not is_json(headers.get("content-type")):
+                return False  # only a JSON body can carry secret_token
+            scope[AUTH_SCOPE_KEY] = "secret_token"
+            return True
+        if self._protected is None:
+            self._protected = frozenset(self._protected_paths())
+        return path not in self._protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,6 +274,11 @@ class ServeMiddleware:
                     error_body("overloaded", f"too many requests in progress (limit {self.max_connections})"),
                     retry=True,
                 )
+                return
+            if not self._authenticate(scope, scope.get("method", ""), path, headers):
+                self.metrics.rejected.inc(reason="unauthorized")
+                body = error_body("unauthorized", UNAUTHORIZED_MESSAGE, "Authorization")
+                await self._reply(send_wrapper, 401, body, extra=[(b"www-authenticate", b"Bearer")])
                 return
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -145,10 +324,13 @@ class ServeMiddleware:
 
         return wrapped
 
-    async def _reply(self, send: Send, status: int, body: bytes, retry: bool = False) -> None:
+    async def _reply(
+        self, send: Send, status: int, body: bytes, retry: bool = False, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if retry:
             headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        headers.extend(extra or [])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -157,7 +339,7 @@ class ServeMiddleware:
         route_path = getattr(route, "path", None) or (path if path in self.known_paths() else "unmatched")
         method = scope.get("method", "")
         status = info["status"] or 500
-        self.metrics.requests.inc(route=route_path, method=method, status=str(status))
+        self.metrics.requests.inc(route=route_path, method=method_label(method), status=str(status))
         self.metrics.latency.observe(seconds, route=route_path)
         client = scope.get("client") or ("", 0)
         access_logger.info(
@@ -165,8 +347,8 @@ class ServeMiddleware:
                 {
                     "event": "request",
                     "request_id": request_id,
-                    "method": method,
-                    "path": path,
+                    "method": _bounded(method, LOG_FIELD_CHARS),
+                    "path": _bounded(path, LOG_PATH_CHARS),
                     "route": route_path,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),

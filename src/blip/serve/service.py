@@ -94,6 +94,8 @@ class Service:
             max_pixels=settings.max_image_pixels,
             max_bytes=settings.fetch_max_bytes,
             decode_workers=settings.decode_workers,
+            max_request_pixels=settings.max_request_pixels,
+            max_inflight_pixels=settings.max_inflight_pixels,
         )
         self._solo = itertools.count()
         gauge = self.metrics.gauge
@@ -103,6 +105,8 @@ class Service:
         gauge("blip_models_loaded", "Models loaded and served.", lambda: len(self.models) if self.loaded else 0)
         gauge("blip_ready", "1 when the server takes work.", lambda: 1 if self.ready else 0)
         gauge("blip_indexes_loaded", "Collection indexes served.", lambda: len(self.indexes) if self.loaded else 0)
+        gauge("blip_decode_pixels_in_flight", "Decoded pixels being decoded now.", lambda: self.images.budget.used)
+        gauge("blip_decode_waiting", "Images waiting to be decoded.", lambda: self.images.budget.waiting)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -309,7 +313,7 @@ class Service:
         solo: bool,
         slot: Slot,
     ) -> Any:
-        items = await self.images.load(sources)
+        items = await self.images.load(sources, size=self.models[model].transform.image_size)
         work = build(items)
         key = BatchKey(task, model, options, solo=next(self._solo) if solo else None)
         try:

@@ -23,6 +23,11 @@ class ServeSettings:
     max_connections: int = 256  # HTTP requests in progress at once (health and metrics routes exempt)
     decode_workers: int = 4  # images decoded at once
 
+    # connections (slow or idle clients); the cap on open connections stays under the open-file limit
+    max_open_connections: int = 1024  # TCP connections open at once; past it new ones get 503 and are closed
+    header_timeout_s: float = 10.0  # a connection must send a complete request head within this
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+
     # request limits
     max_body_bytes: int = 32 * MIB
     max_images: int = 16  # per request
@@ -30,6 +35,10 @@ class ServeSettings:
     max_text_chars: int = 1000
     max_answers: int = 1000  # VQA rank-mode candidate answers
     max_image_pixels: int = 25_000_000
+    max_request_pixels: int = 100_000_000  # decoded pixels of a request's images, in all (413 past it)
+    max_inflight_pixels: int = 50_000_000  # decoded pixels being decoded at once, server-wide (later images wait)
+    max_json_depth: int = 32  # nesting of a JSON body
+    max_json_items: int = 10_000  # values (array elements, object members) in a JSON body
     max_new_tokens: int = 64
     max_beams: int = 8
     max_captions: int = 8
@@ -55,6 +64,11 @@ class ServeSettings:
             "max_text_chars",
             "max_answers",
             "max_image_pixels",
+            "max_request_pixels",
+            "max_inflight_pixels",
+            "max_open_connections",
+            "max_json_depth",
+            "max_json_items",
             "max_new_tokens",
             "max_beams",
             "max_captions",
@@ -64,8 +78,12 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_total_timeout_s"):
+        timeouts = ("timeout_s", "header_timeout_s", "keep_alive_timeout_s")
+        for name in (*timeouts, "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_total_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_inflight_pixels < self.max_image_pixels:  # else an image under the cap could never be decoded
+            pixels = f"max_inflight_pixels ({self.max_inflight_pixels})"
+            raise ValueError(f"{pixels} must be >= max_image_pixels ({self.max_image_pixels})")
         if self.max_wait_ms < 0 or self.fetch_max_redirects < 0:
             raise ValueError("max_wait_ms and fetch_max_redirects must be >= 0")
