@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip.distributed import DEFAULT_DEVICE, resolve_device
-from blip.serve.retrieval import IndexSpec, check_index_folder, parse_indexes
+from blip.serve.indexes import IndexSpec, check_index_folder, parse_indexes
 from blip.serve.settings import MIB, ServeSettings
 
 if TYPE_CHECKING:
