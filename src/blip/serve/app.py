@@ -43,11 +43,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 
 from blip.fetch import SafeFetcher
-from blip.serve import routes
-from blip.serve.errors import ApiError, api_error, error_response, http_error, validation_error
+from blip.serve import errors, routes
+from blip.serve.errors import ApiError
 from blip.serve.indexes import IndexSpec
 from blip.serve.middleware import LOG_PATH_CHARS, ServeMiddleware
 from blip.serve.service import Service
@@ -133,17 +133,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return api_error(exc)
+        return errors.api_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc)
+        return errors.validation_error(exc)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error(exc)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return errors.http_error(exc)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         _logger.exception("internal error on %.64s %.*s", request.method, LOG_PATH_CHARS, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the server log")
+        return errors.error_response(500, "internal_error", "internal error; see the server log")
