@@ -28,6 +28,7 @@ async def predict(
     if len(inputs.texts) != len(inputs.images):
         message = f"{len(inputs.texts)} question lists for {len(inputs.images)} images (texts[i]: images[i])"
         raise svc.invalid("inputs.texts", message)
+    # the schema has no model field: no model to answer with is an error of the texts, as no captioner is above
     fields = ("inputs.texts", "inputs.images", "inputs.texts")
     _, per_image = await answer_groups(svc, model, sources, inputs.texts, VqaOptions, fields)
     return CardResponse(captions=[CardImageResult(image_results=[a.text for _, a in pairs]) for pairs in per_image])

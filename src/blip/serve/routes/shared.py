@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -36,9 +36,9 @@ async def require_auth(svc: ServiceDep, credentials: Credentials) -> None:
 AUTH = [Depends(require_auth)]
 
 
-def api_router(tag: str, **kwargs: object) -> APIRouter:
+def api_router(tag: str, **kwargs: Any) -> APIRouter:
     """A router for one group of routes (`tag` in the API docs), parsing JSON bodies under the server's caps."""
-    return APIRouter(tags=[tag], route_class=BoundedJsonRoute, **kwargs)  # type: ignore[arg-type]
+    return APIRouter(tags=[tag], route_class=BoundedJsonRoute, **kwargs)
 
 
 def finite(value: float) -> float | None:
