@@ -1,6 +1,6 @@
-"""A name means one thing: one `Job`, the jobs' prefetch module not named like training's pipeline, and no
-top-level name defined both in `blip.jobs` and in `blip.capfilt` (CapFilt uses the jobs' pieces, it does not copy
-them)."""
+"""A name means one thing: one `Job`, one `retrieval` module, the jobs' prefetch module not named like training's
+pipeline, and no top-level name defined both in `blip.jobs` and in `blip.capfilt` (CapFilt uses the jobs' pieces, it
+does not copy them)."""
 
 from __future__ import annotations
 
@@ -34,14 +34,21 @@ def _top_level_names(package: str) -> dict[str, list[str]]:
 
 
 def test_one_job_class():
-    """The batch jobs' and CapFilt's (the server's micro-batcher has a queue entry of that name: not a job here)."""
+    """The batch job, across all of blip (CapFilt runs as one; the server's micro-batcher queues `QueuedWork`)."""
     jobs = [
         f"{path.relative_to(SRC)}:{node.name}"
-        for path in sorted([*SRC.glob("jobs/*.py"), *SRC.glob("capfilt/*.py")])
+        for path in sorted(SRC.rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ClassDef) and node.name.lstrip("_") == "Job"
     ]
     assert jobs == ["jobs/job.py:Job"]
+
+
+def test_one_retrieval_module():
+    """Reading an index and searching it is `blip.tasks.retrieval`; the server's side of serving indexes (specs,
+    opening, matching them to the served models) is `blip.serve.indexes`, not a second `retrieval`."""
+    assert [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("retrieval.py"))] == ["tasks/retrieval.py"]
+    assert (SRC / "serve" / "indexes.py").is_file()
 
 
 def test_prefetch_is_not_a_second_pipeline():

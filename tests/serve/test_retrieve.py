@@ -19,7 +19,7 @@ import blip
 from blip.jobs.cli import retrieve_main
 from blip.serve import ServeSettings, create_app
 from blip.serve.cli import cli_main
-from blip.serve.retrieval import IndexSetupError, IndexSpec, parse_indexes
+from blip.serve.indexes import IndexSetupError, IndexSpec, parse_indexes
 from blip.serve.schemas import EXAMPLE_PNG
 from blip.tasks.retrieval import load_collection_index, search_images, search_texts
 from conftest import RETRIEVAL

@@ -15,7 +15,8 @@ import pytest
 from serve_helpers import b64, png_bytes
 
 import blip
-from blip.serve.cli import build_parser, cli_main, parse_models, settings_from_args
+from blip.serve import ServeSettings
+from blip.serve.cli import BATCHING_FLAGS, LIMIT_FLAGS, build_parser, cli_main, parse_models, settings_from_args
 from conftest import CAPTION, VQA
 
 
@@ -48,6 +49,16 @@ def test_flags_become_settings():
     settings = settings_from_args(args)
     assert settings.max_batch == 1 and settings.queue_size == 5 and settings.cors_origins == ("https://a",)
     assert settings.host == "127.0.0.1" and settings.token is None
+
+
+def test_every_limit_flag_defaults_to_its_setting_and_sets_it():
+    """The limit flags come from one table (`SettingFlag`): no flags means the settings' defaults, and each flag sets
+    its field (MiB flags in bytes)."""
+    assert settings_from_args(build_parser().parse_args(["--model", "x"])) == ServeSettings()
+    for flag in (*BATCHING_FLAGS, *LIMIT_FLAGS):
+        given = 3 if flag.field != "max_inflight_pixels" else 30_000_000
+        settings = settings_from_args(build_parser().parse_args(["--model", "x", flag.flag, str(given)]))
+        assert getattr(settings, flag.field) == given * flag.unit, flag.flag
 
 
 def test_usage_errors_exit_2(capsys):

@@ -5,9 +5,10 @@
 
     app = create_app(models, indexes={"photos": "photos-embedded/"})  # `blip batch embed` output: POST /v1/retrieve
 
-Modules: app (routes), schemas (bodies), batching (micro-batcher), inputs (images from
-requests), fetch (safe URL fetcher), retrieval (collection indexes and their models), middleware (limits, metrics,
-access log), metrics, settings, cli.
+Modules: app (assembly), routes/ (ops, v1, azure, card: a module per API, over the one service), service (models,
+batcher, checks, model calls), schemas (bodies), errors (the one error shape), batching (micro-batcher), inputs (images
+from requests; URLs through `blip.fetch`), indexes (collection indexes and their models), middleware (limits, auth,
+metrics, access log), connections (head timeout, connection cap), metrics, settings, cli.
 """
 
 from __future__ import annotations

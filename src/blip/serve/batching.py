@@ -4,14 +4,14 @@ same generation settings) are merged into one model call.
 - Admission is bounded: `admit()` hands out at most `queue_size` slots (a slot covers a request from before its
   images are fetched until its answer is ready), so a full server answers 503 at once instead of piling up images.
 - One inference thread runs the batches, one at a time (a CPU or a GPU is best used by one big call at once).
-- The first job of a batch waits at most `max_wait_ms` for jobs with the same key, up to `max_batch` rows; a job
-  larger than `max_batch` runs alone, never split. While other admitted requests are still being prepared (images
+- The first request of a batch waits at most `max_wait_ms` for others with the same key, up to `max_batch` rows;
+  one larger than `max_batch` runs alone, never split. While other admitted requests are still being prepared (images
   fetched and decoded), it waits for them up to `PREPARING_WAIT_FACTOR` times as long, so a burst of arrivals makes
   one batch. It does not wait at all when it is the only request in the server and the previous batch was a single
   request too (a lone client pays no batching delay).
-- A job whose caller stopped waiting (timeout) is dropped if its batch has not started.
-- If a merged batch fails, each of its jobs is retried alone, so one bad request cannot fail its neighbours.
-- `close()` stops admitting, lets the queued jobs finish, and stops the thread.
+- Queued work whose caller stopped waiting (timeout) is dropped if its batch has not started.
+- If a merged batch fails, each of its requests is retried alone, so one bad request cannot fail its neighbours.
+- `close()` stops admitting, lets the queued work finish, and stops the thread.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _logger = logging.getLogger(__name__)
 
 # runner(key, payloads) -> one result per payload, in order; runs on the inference thread
 Runner = Callable[[Hashable, list[Any]], list[Any]]
-BatchObserver = Callable[[Hashable, int, int, float], None]  # (key, rows, jobs, seconds)
+BatchObserver = Callable[[Hashable, int, int, float], None]  # (key, rows, requests, seconds)
 
 
 PREPARING_WAIT_FACTOR = 4
@@ -44,7 +44,9 @@ class BatcherClosed(Exception):
 
 
 @dataclass(eq=False)
-class Job:
+class QueuedWork:
+    """One request's payload waiting for the model: its batch key, its rows, and the future its caller awaits."""
+
     key: Hashable
     payload: Any
     rows: int
@@ -102,12 +104,12 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.name = name
         self._cond = threading.Condition()
-        self._pending: deque[Job] = deque()
+        self._pending: deque[QueuedWork] = deque()
         self._admitted = 0
         self._preparing = 0  # admitted, not yet submitted
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._last_jobs = 0  # requests in the previous batch
+        self._last_requests = 0  # requests in the previous batch
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -122,7 +124,7 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
-        """Jobs queued for the model, not yet running."""
+        """Requests queued for the model, not yet running."""
         return len(self._pending)
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -166,18 +168,18 @@ class MicroBatcher:
             self._cond.notify_all()
 
     async def submit(self, key: Hashable, payload: Any, rows: int, slot: Slot | None = None) -> Any:
-        """Queue one job (for the request holding `slot`) and wait for its result (cancel the await to give up)."""
+        """Queue the work of the request holding `slot` and wait for its result (cancel the await to give up)."""
         loop = asyncio.get_running_loop()
-        job = Job(key, payload, max(1, rows), loop.create_future(), loop)
+        queued = QueuedWork(key, payload, max(1, rows), loop.create_future(), loop)
         with self._cond:
             if self._closing or self._thread is None:
                 raise BatcherClosed("the server is not accepting work (shutting down)")
             if slot is not None and not slot.submitted:
                 slot.submitted = True
                 self._preparing -= 1
-            self._pending.append(job)
+            self._pending.append(queued)
             self._cond.notify_all()
-        return await job.future
+        return await queued.future
 
     # --- inference thread ----------------------------------------------------------------------------------------
 
@@ -189,9 +191,9 @@ class MicroBatcher:
             self._run(batch)
 
     def _rows_for(self, key: Hashable) -> int:
-        return sum(job.rows for job in self._pending if job.key == key)
+        return sum(queued.rows for queued in self._pending if queued.key == key)
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> list[QueuedWork] | None:
         with self._cond:
             while True:
                 while not self._pending and not self._closing:
@@ -202,7 +204,7 @@ class MicroBatcher:
                 if first.future.cancelled():
                     self._pending.popleft()
                     continue
-                lonely = self._admitted == 1 and self._last_jobs <= 1
+                lonely = self._admitted == 1 and self._last_requests <= 1
                 while not self._closing and self._rows_for(first.key) < self.max_batch:
                     if self._preparing > 0:
                         wait = self.max_wait * PREPARING_WAIT_FACTOR
@@ -213,52 +215,52 @@ class MicroBatcher:
                         break
                     self._cond.wait(remaining)
                 batch = self._take(first.key)
-                self._last_jobs = len(batch)
+                self._last_requests = len(batch)
                 return batch
 
-    def _take(self, key: Hashable) -> list[Job]:
-        """Jobs with `key`, oldest first, up to max_batch rows (at least one job); caller holds the lock."""
-        batch: list[Job] = []
+    def _take(self, key: Hashable) -> list[QueuedWork]:
+        """Queued work with `key`, oldest first, up to max_batch rows (at least one); caller holds the lock."""
+        batch: list[QueuedWork] = []
         rows = 0
-        kept: deque[Job] = deque()
-        for job in self._pending:
-            if job.future.cancelled():
+        kept: deque[QueuedWork] = deque()
+        for queued in self._pending:
+            if queued.future.cancelled():
                 continue
-            if job.key == key and (not batch or rows + job.rows <= self.max_batch):
-                batch.append(job)
-                rows += job.rows
+            if queued.key == key and (not batch or rows + queued.rows <= self.max_batch):
+                batch.append(queued)
+                rows += queued.rows
             else:
-                kept.append(job)
+                kept.append(queued)
         self._pending = kept
         return batch
 
-    def _run(self, batch: list[Job]) -> None:
-        batch = [job for job in batch if not job.future.cancelled()]
+    def _run(self, batch: list[QueuedWork]) -> None:
+        batch = [queued for queued in batch if not queued.future.cancelled()]
         if not batch:
             return
         key = batch[0].key
         start = time.perf_counter()
         try:
-            results = self.runner(key, [job.payload for job in batch])
+            results = self.runner(key, [queued.payload for queued in batch])
             if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} jobs")
+                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} payloads")
         except Exception as error:
             if len(batch) > 1:
-                _logger.info("a batch of %d jobs failed (%.300s); retrying each alone", len(batch), error)
-                for job in batch:
-                    self._run([job])
+                _logger.info("a batch of %d requests failed (%.300s); retrying each alone", len(batch), error)
+                for queued in batch:
+                    self._run([queued])
                 return
             self._finish(batch[0], None, error)
             return
         finally:
             if self.on_batch is not None:
-                self.on_batch(key, sum(job.rows for job in batch), len(batch), time.perf_counter() - start)
-        for job, result in zip(batch, results):
-            self._finish(job, result, None)
+                self.on_batch(key, sum(queued.rows for queued in batch), len(batch), time.perf_counter() - start)
+        for queued, result in zip(batch, results):
+            self._finish(queued, result, None)
 
     @staticmethod
-    def _finish(job: Job, result: Any, error: BaseException | None) -> None:
+    def _finish(queued: QueuedWork, result: Any, error: BaseException | None) -> None:
         try:
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            queued.loop.call_soon_threadsafe(_resolve, queued.future, result, error)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass

@@ -30,11 +30,12 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip.distributed import DEFAULT_DEVICE, resolve_device
-from blip.serve.retrieval import IndexSpec, check_index_folder, parse_indexes
+from blip.serve.indexes import IndexSpec, check_index_folder, parse_indexes, split_name
 from blip.serve.settings import MIB, ServeSettings
 
 if TYPE_CHECKING:
@@ -108,6 +109,76 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+@dataclass(frozen=True)
+class SettingFlag:
+    """A flag that sets one `ServeSettings` field: its type and default are the field's (in `unit`s: MiB flags)."""
+
+    flag: str
+    field: str
+    help: str | None = None
+    unit: int = 1
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def value(self, args: argparse.Namespace) -> Any:
+        given = getattr(args, self.dest)
+        return given if self.unit == 1 else int(given * self.unit)
+
+
+BATCHING_FLAGS = (
+    SettingFlag("--max-batch", "max_batch", "rows merged into one model call"),
+    SettingFlag("--max-wait-ms", "max_wait_ms", "wait for a batch to fill"),
+)
+LIMIT_FLAGS = (
+    SettingFlag("--queue-size", "queue_size", "requests admitted at once; 503 past"),
+    SettingFlag("--timeout", "timeout_s", "seconds per request (503 past)"),
+    SettingFlag("--max-connections", "max_connections", "requests in progress at once; 503 past"),
+    SettingFlag(
+        "--max-open-connections",
+        "max_open_connections",
+        "TCP connections open at once (kept under the open-file limit); past it new ones get 503 and are closed",
+    ),
+    SettingFlag(
+        "--header-timeout",
+        "header_timeout_s",
+        "seconds a connection has to send a complete request head; closed past it",
+    ),
+    SettingFlag("--keep-alive-timeout", "keep_alive_timeout_s", "seconds an idle keep-alive connection stays open"),
+    SettingFlag("--max-body-mb", "max_body_bytes", unit=MIB),
+    SettingFlag("--max-json-depth", "max_json_depth", "nesting of a JSON body"),
+    SettingFlag("--max-json-items", "max_json_items", "values (elements, members) in a JSON body"),
+    SettingFlag("--max-image-pixels", "max_image_pixels", "decoded pixels per image"),
+    SettingFlag(
+        "--max-request-pixels", "max_request_pixels", "decoded pixels of a request's images in all; 413 past it"
+    ),
+    SettingFlag(
+        "--max-inflight-pixels",
+        "max_inflight_pixels",
+        "pixels being decoded at once, server-wide; later images wait (503 at the request timeout)",
+    ),
+    SettingFlag("--max-images", "max_images", "images per request"),
+    SettingFlag("--max-texts", "max_texts", "questions or texts per request"),
+    SettingFlag("--max-new-tokens", "max_new_tokens", "cap on max_new_tokens"),
+    SettingFlag("--max-beams", "max_beams", "cap on num_beams"),
+    SettingFlag("--max-top-k", "max_top_k", "cap on /v1/retrieve top_k"),
+    SettingFlag("--fetch-timeout", "fetch_total_timeout_s", "seconds per URL"),
+    SettingFlag("--fetch-max-mb", "fetch_max_bytes", "bytes per image", unit=MIB),
+    SettingFlag("--max-redirects", "fetch_max_redirects"),
+)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, flags: tuple[SettingFlag, ...]) -> None:
+    defaults = ServeSettings()
+    for flag in flags:
+        default = getattr(defaults, flag.field)
+        kind = type(default) if flag.unit == 1 else float
+        parser.add_argument(
+            flag.flag, type=kind, default=default if flag.unit == 1 else default / flag.unit, help=flag.help
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = ServeSettings()
     p = argparse.ArgumentParser(
@@ -142,58 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass inside a batch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="rows merged into one model call")
-    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, help="wait for a batch to fill")
+    _add_setting_flags(p, BATCHING_FLAGS)
     p.add_argument("--no-batching", action="store_true", help="one request per model call (same as --max-batch 1)")
-    p.add_argument("--queue-size", type=int, default=defaults.queue_size, help="requests admitted at once; 503 past")
-    p.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request (503 past)")
-    p.add_argument(
-        "--max-connections", type=int, default=defaults.max_connections, help="requests in progress at once; 503 past"
-    )
-    p.add_argument(
-        "--max-open-connections",
-        type=int,
-        default=defaults.max_open_connections,
-        help="TCP connections open at once (kept under the open-file limit); past it new ones get 503 and are closed",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=defaults.header_timeout_s,
-        help="seconds a connection has to send a complete request head; closed past it",
-    )
-    p.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        default=defaults.keep_alive_timeout_s,
-        help="seconds an idle keep-alive connection stays open",
-    )
-    p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / MIB)
-    p.add_argument("--max-json-depth", type=int, default=defaults.max_json_depth, help="nesting of a JSON body")
-    p.add_argument(
-        "--max-json-items", type=int, default=defaults.max_json_items, help="values (elements, members) in a JSON body"
-    )
-    p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels, help="decoded pixels per image")
-    p.add_argument(
-        "--max-request-pixels",
-        type=int,
-        default=defaults.max_request_pixels,
-        help="decoded pixels of a request's images in all; 413 past it",
-    )
-    p.add_argument(
-        "--max-inflight-pixels",
-        type=int,
-        default=defaults.max_inflight_pixels,
-        help="pixels being decoded at once, server-wide; later images wait (503 at the request timeout)",
-    )
-    p.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
-    p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="questions or texts per request")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on max_new_tokens")
-    p.add_argument("--max-beams", type=int, default=defaults.max_beams, help="cap on num_beams")
-    p.add_argument("--max-top-k", type=int, default=defaults.max_top_k, help="cap on /v1/retrieve top_k")
-    p.add_argument("--fetch-timeout", type=float, default=defaults.fetch_total_timeout_s, help="seconds per URL")
-    p.add_argument("--fetch-max-mb", type=float, default=defaults.fetch_max_bytes / MIB, help="bytes per image")
-    p.add_argument("--max-redirects", type=int, default=defaults.fetch_max_redirects)
+    _add_setting_flags(p, LIMIT_FLAGS)
     p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -203,9 +225,8 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     """["caption=path", "path2"] -> {"caption": "path", "<name of path2>": "path2"}."""
     models: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or "/" in name or os.sep in name:
-            path, name = spec, Path(spec.rstrip("/")).name or spec
+        name, path = split_name(spec)
+        name = name or Path(spec.rstrip("/")).name or spec
         if not path:
             raise ValueError(f"--model {spec!r}: no path")
         if name in models:
@@ -229,33 +250,11 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         token = os.environ.get(args.token_env)
         if not token:
             raise ValueError(f"--token-env {args.token_env}: the variable is not set or empty")
+    values = {flag.field: flag.value(args) for flag in (*BATCHING_FLAGS, *LIMIT_FLAGS)}
+    if args.no_batching:
+        values.update(max_batch=1, max_wait_ms=0.0)
     return ServeSettings(
-        host=args.host,
-        port=args.port,
-        token=token or None,
-        cors_origins=tuple(args.cors_origin),
-        max_batch=1 if args.no_batching else args.max_batch,
-        max_wait_ms=0.0 if args.no_batching else args.max_wait_ms,
-        queue_size=args.queue_size,
-        timeout_s=args.timeout,
-        max_connections=args.max_connections,
-        max_open_connections=args.max_open_connections,
-        header_timeout_s=args.header_timeout,
-        keep_alive_timeout_s=args.keep_alive_timeout,
-        max_body_bytes=int(args.max_body_mb * MIB),
-        max_json_depth=args.max_json_depth,
-        max_json_items=args.max_json_items,
-        max_image_pixels=args.max_image_pixels,
-        max_request_pixels=args.max_request_pixels,
-        max_inflight_pixels=args.max_inflight_pixels,
-        max_images=args.max_images,
-        max_texts=args.max_texts,
-        max_new_tokens=args.max_new_tokens,
-        max_beams=args.max_beams,
-        max_top_k=args.max_top_k,
-        fetch_total_timeout_s=args.fetch_timeout,
-        fetch_max_bytes=int(args.fetch_max_mb * MIB),
-        fetch_max_redirects=args.max_redirects,
+        host=args.host, port=args.port, token=token or None, cors_origins=tuple(args.cors_origin), **values
     )
 
 

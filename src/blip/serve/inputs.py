@@ -29,7 +29,8 @@ from typing import TypeVar
 import anyio
 
 from blip.fetch import FetchError, SafeFetcher, describe_content, sniff_image_type
-from blip.serve.schemas import ApiError, ImageRef
+from blip.serve.errors import ApiError
+from blip.serve.schemas import ImageRef
 from blip.tasks.batch import ImageItem
 from blip.transforms import ImageDecodeError, image_dimensions, load_image
 
@@ -71,6 +72,11 @@ def from_ref(ref: ImageRef, field: str) -> ImageSource:
     if ref.url is not None:
         return ImageSource(f"{field}.url", "url", ref.url)
     return ImageSource(f"{field}.b64", "b64", ref.b64 or "")
+
+
+def from_refs(refs: list[ImageRef], field: str = "images") -> list[ImageSource]:
+    """A request's list of images, each named `field[i]` in errors."""
+    return [from_ref(ref, f"{field}[{i}]") for i, ref in enumerate(refs)]
 
 
 def from_string(value: str, field: str) -> ImageSource:

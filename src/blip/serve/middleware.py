@@ -1,6 +1,6 @@
 """The ASGI layer around the app: request ids, a cap on requests in progress (503 past it), authentication before
 the body is read, a cap on body size (413) and on the time the body takes to arrive (408), Prometheus request
-metrics and one structured JSON access-log line per request; and the routes' JSON parsing (`bounded_json_route`).
+metrics and one structured JSON access-log line per request; and the routes' JSON parsing (`BoundedJsonRoute`).
 
 Authentication comes first: when the server has a token, a route that needs it answers 401 at once unless the
 request carries `Authorization: Bearer <token>` (its body is never read). The model card's routes (`POST /` and
@@ -10,6 +10,8 @@ to parse answers 401 too.
 
 JSON bodies are parsed with a cap on nesting depth and on the number of values (`check_json_shape`, 413 past
 either), in a worker thread when larger than `THREAD_PARSE_BYTES`, so `[],[],...` cannot make millions of objects.
+The caps and the token are the app's service's settings (`app.state.service.settings`), read per request, so one
+route class serves every app.
 
 Everything taken from the request line into metrics labels and log fields is bounded: an unknown method is counted
 as OTHER and logged cut to `LOG_FIELD_CHARS`, the path is logged cut, and the route label is a route's template or
@@ -32,7 +34,9 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from blip.serve.errors import error_content
 from blip.serve.metrics import ServerMetrics
+from blip.serve.settings import ServeSettings
 
 _logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("blip.serve.access")
@@ -135,41 +139,45 @@ def parse_json(body: bytes, max_depth: int, max_items: int) -> Any:
     return json.loads(text)
 
 
-def bounded_json_route(max_depth: int, max_items: int, token: str | None = None) -> type[APIRoute]:
-    """An APIRoute class whose requests parse JSON bodies with `parse_json` (in a worker thread when large) and,
-    for routes the middleware marked (the model card's `secret_token`), check the token in the parsed body."""
+class BoundedJsonRequest(Request):
+    """A request whose JSON body is parsed by `parse_json` under the server's caps (in a worker thread when large)
+    and, when the middleware marked it (the model card's `secret_token`), checked for the token."""
 
-    class BoundedJsonRequest(Request):
-        async def json(self) -> Any:
-            if not hasattr(self, "_json"):
-                body = await self.body()
-                needs_token = token is not None and self.scope.get(AUTH_SCOPE_KEY) == "secret_token"
-                try:
-                    if len(body) > THREAD_PARSE_BYTES:
-                        parsed = await anyio.to_thread.run_sync(parse_json, body, max_depth, max_items)
-                    else:
-                        parsed = parse_json(body, max_depth, max_items)
-                except (ValueError, JsonTooComplex):  # json.JSONDecodeError is a ValueError
-                    if needs_token:
-                        raise Unauthorized() from None
-                    raise
-                if needs_token:
-                    given = parsed.get("secret_token") if isinstance(parsed, dict) else None
-                    if not isinstance(given, str) or not token_matches(given, token or ""):
-                        raise Unauthorized()
-                self._json = parsed
-            return self._json
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = await self._parse(await self.body(), self.app.state.service.settings)
+        return self._json
 
-    class BoundedJsonRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-            handler = super().get_route_handler()
+    async def _parse(self, body: bytes, settings: ServeSettings) -> Any:
+        limits = (settings.max_json_depth, settings.max_json_items)
+        token = settings.token
+        needs_token = token is not None and self.scope.get(AUTH_SCOPE_KEY) == "secret_token"
+        try:
+            if len(body) > THREAD_PARSE_BYTES:
+                parsed = await anyio.to_thread.run_sync(parse_json, body, *limits)
+            else:
+                parsed = parse_json(body, *limits)
+        except (ValueError, JsonTooComplex):  # json.JSONDecodeError is a ValueError
+            if needs_token:
+                raise Unauthorized() from None
+            raise
+        if needs_token:
+            given = parsed.get("secret_token") if isinstance(parsed, dict) else None
+            if not isinstance(given, str) or not token_matches(given, token or ""):
+                raise Unauthorized()
+        return parsed
 
-            async def bounded_handler(request: Request) -> Response:
-                return await handler(BoundedJsonRequest(request.scope, request.receive))
 
-            return bounded_handler
+class BoundedJsonRoute(APIRoute):
+    """The routes' class: their handlers see a `BoundedJsonRequest`."""
 
-    return BoundedJsonRoute
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded_handler(request: Request) -> Response:
+            return await handler(BoundedJsonRequest(request.scope, request.receive))
+
+        return bounded_handler
 
 
 class Unauthorized(HTTPException):
@@ -196,7 +204,7 @@ class BodyTimeout(HTTPException):
 
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+    return json.dumps(error_content(code, message, field)).encode()
 
 
 class ServeMiddleware:
@@ -208,24 +216,24 @@ class ServeMiddleware:
         max_body_bytes: int,
         max_connections: int,
         retry_after_s: int = 1,
-        known_paths: Callable[[], set[str]] = set,
+        known_paths: Collection[str] = (),
         body_timeout_s: float = 30.0,
         token: str | None = None,
-        protected_paths: Callable[[], Collection[str]] = frozenset,
+        protected_paths: Collection[str] = (),
         token_in_body_paths: Collection[str] = (),
     ):
-        """`protected_paths()`: paths that need the token (read on the first request, once the routes exist);
-        `token_in_body_paths`: POST paths whose JSON body may carry it as `secret_token` instead."""
+        """`known_paths`: every path the app serves (a metrics label even when no route matched the method);
+        `protected_paths`: paths that need the token; `token_in_body_paths`: POST paths whose JSON body may carry it
+        as `secret_token` instead."""
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
         self.retry_after_s = retry_after_s
-        self.known_paths = known_paths
+        self.known_paths = frozenset(known_paths)
         self.body_timeout_s = body_timeout_s
         self.token = token
-        self._protected_paths = protected_paths
-        self._protected: Collection[str] | None = None
+        self.protected_paths = frozenset(protected_paths)
         self.token_in_body_paths = frozenset(token_in_body_paths)
         self.active = 0
 
@@ -240,9 +248,7 @@ class ServeMiddleware:
                 return False  # only a JSON body can carry secret_token
             scope[AUTH_SCOPE_KEY] = "secret_token"
             return True
-        if self._protected is None:
-            self._protected = frozenset(self._protected_paths())
-        return path not in self._protected
+        return path not in self.protected_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -336,7 +342,7 @@ class ServeMiddleware:
 
     def _record(self, scope: Scope, path: str, info: dict[str, Any], request_id: str, seconds: float) -> None:
         route = scope.get("route")
-        route_path = getattr(route, "path", None) or (path if path in self.known_paths() else "unmatched")
+        route_path = getattr(route, "path", None) or (path if path in self.known_paths else "unmatched")
         method = scope.get("method", "")
         status = info["status"] or 500
         self.metrics.requests.inc(route=route_path, method=method_label(method), status=str(status))

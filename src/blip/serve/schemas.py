@@ -1,4 +1,5 @@
-"""Request and response bodies of every route (pydantic), and the one error shape all failures use.
+"""Request and response bodies of every route (pydantic), and the one error body all failures use (`ErrorResponse`;
+raised as `blip.serve.errors.ApiError`).
 
 Three request schemas:
 - Azure ML online endpoint (`POST /score`): `{"input_data": {"columns", "index", "data"}}` -> `[{"text": ...}]`.
@@ -16,26 +17,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from blip.tasks.options import CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
-
-
-class ApiError(Exception):
-    """A failure answered as `{"error": {"code", "message", "field"}}` with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.headers = headers or {}
 
 
 def _not_blank(value: str) -> str:

@@ -1,10 +1,10 @@
-"""What the routes share (`Service`): settings, models, the micro-batcher, the image loader, metrics; auth, model
-choice and limit checks; and `run()`, which takes a request from admission to its model result."""
+"""The one service every route reaches (`app.state.service`): settings, models, indexes, the micro-batcher, the image
+loader, metrics; auth, model choice and limit checks; and `run()`, which takes a request from admission to its model
+result."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 from collections.abc import Callable, Hashable
@@ -16,10 +16,11 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from blip.fetch import FetchLimits, SafeFetcher
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
+from blip.serve.errors import ApiError
+from blip.serve.indexes import IndexSpec, ServedIndex, blocking_fetch, open_indexes
 from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
-from blip.serve.retrieval import IndexSpec, ServedIndex, blocking_fetch, open_indexes
-from blip.serve.schemas import ApiError
+from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
 from blip.serve.settings import ServeSettings
 from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
 from blip.tasks.common import Answer, Caption
@@ -150,10 +151,10 @@ class Service:
             raise TypeError(f"unexpected batch key {key!r}")
         return dispatch(self.models[key.model], key.task, key.options, payloads)
 
-    def _observe_batch(self, key: Hashable, n_rows: int, n_jobs: int, seconds: float) -> None:
+    def _observe_batch(self, key: Hashable, n_rows: int, n_requests: int, seconds: float) -> None:
         task = key.task if isinstance(key, BatchKey) else "unknown"
         self.metrics.batch_rows.observe(n_rows, task=task)
-        self.metrics.batch_requests.observe(n_jobs, task=task)
+        self.metrics.batch_requests.observe(n_requests, task=task)
         self.metrics.inference.observe(seconds, task=task)
 
     # --- checks ----------------------------------------------------------------------------------------------------
@@ -162,22 +163,18 @@ class Service:
         token = self.settings.token
         if not token:
             return
-        expected = token.encode()
-        given = [c for c in (credentials.credentials if credentials else None, secret_token) if c]
         # every candidate is compared, in constant time, so timing tells nothing about which one was close
-        matches = [hmac.compare_digest(c.encode("utf-8", "surrogatepass"), expected) for c in given]
+        matches = [token_matches(c, token) for c in (credentials.credentials if credentials else None, secret_token)]
         if not any(matches):
-            raise ApiError(
-                401,
-                "unauthorized",
-                "Authorization: missing or wrong bearer token",
-                field="Authorization",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            headers = {"WWW-Authenticate": "Bearer"}
+            raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE, field="Authorization", headers=headers)
 
-    def resolve(self, name: str | None, task: str, field: str = "model") -> tuple[str, Blip]:
+    def check_ready(self) -> None:
         if not self.ready:
             raise ApiError(503, "not_ready", self.not_ready_reason(), headers=self.retry_headers())
+
+    def resolve(self, name: str | None, task: str, field: str = "model") -> tuple[str, Blip]:
+        self.check_ready()
         head = HEADS[task]
         if name is not None:
             if name not in self.models:
@@ -194,8 +191,7 @@ class Service:
         raise ApiError(422, "wrong_task", f"{field}: no loaded model can {WHAT[task]}; loaded: {loaded}", field=field)
 
     def resolve_index(self, name: str | None, field: str = "index") -> ServedIndex:
-        if not self.ready:
-            raise ApiError(503, "not_ready", self.not_ready_reason(), headers=self.retry_headers())
+        self.check_ready()
         if not self.indexes:
             message = f"{field}: this server serves no collection index (start it with --index NAME=DIR)"
             raise ApiError(422, "no_index", message, field=field)
@@ -212,6 +208,24 @@ class Service:
     def check_count(self, count: int, limit: int, field: str, what: str) -> None:
         if count > limit:
             raise ApiError(422, "too_many", f"{field}: {count} {what}, over the limit of {limit}", field=field)
+
+    def check_images_and_texts(self, n_images: int, texts: list[str]) -> None:
+        """The limits of a request that pairs `images` with `texts` (match, similarity)."""
+        self.check_count(n_images, self.settings.max_images, "images", "images")
+        self.check_count(len(texts), self.settings.max_texts, "texts", "texts")
+        self.check_texts([(f"texts[{i}]", t) for i, t in enumerate(texts)])
+
+    def check_questions(
+        self, n_images: int, groups: list[list[str]], images_field: str, questions_field: str
+    ) -> tuple[list[str], list[int]]:
+        """The limits of a VQA request, `groups[i]` the questions about image i; returns (questions, image_of): the
+        questions in order and the image each is about."""
+        self.check_count(n_images, self.settings.max_images, images_field, "images")
+        questions = [q for group in groups for q in group]
+        image_of = [i for i, group in enumerate(groups) for _ in group]
+        self.check_count(len(questions), self.settings.max_texts, questions_field, "questions")
+        self.check_texts([(f"{questions_field}[{i}][{j}]", q) for i, g in enumerate(groups) for j, q in enumerate(g)])
+        return questions, image_of
 
     def check_texts(self, texts: list[tuple[str, str]]) -> None:
         for field, text in texts:
@@ -241,17 +255,15 @@ class Service:
             self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(options.answers)])
         return self.checked(options, blip)
 
-    @staticmethod
-    def checked(options: Any, blip: Blip) -> Any:
-        try:
-            options.check_model(blip)
-        except OptionError as e:
-            raise ApiError(422, "invalid_request", str(e), field=e.field) from e
+    @classmethod
+    def checked(cls, options: Any, blip: Blip) -> Any:
+        """`options` if `blip` can run them (e.g. its vocabulary holds the prompt); else a 422 naming the field."""
+        cls.options(lambda: options.check_model(blip))
         return options
 
     @staticmethod
     def options(make: Callable[[], Any]) -> Any:
-        """`make()`'s options; a rule between options that fails is a 422 naming the field."""
+        """`make()`'s result; a rule of the options layer that fails (`OptionError`) is a 422 naming the field."""
         try:
             return make()
         except OptionError as e:
@@ -291,11 +303,10 @@ class Service:
             raise ApiError(503, "overloaded", str(e), headers=self.retry_headers()) from e
         except BatcherClosed as e:
             raise ApiError(503, "unavailable", str(e), headers=self.retry_headers()) from e
+        key = BatchKey(task, model, options, solo=next(self._solo) if solo else None)
         with slot:
             try:
-                return await asyncio.wait_for(
-                    self._run(task, model, options, sources, build, solo, slot), self.settings.timeout_s
-                )
+                return await asyncio.wait_for(self._run(key, sources, build, slot), self.settings.timeout_s)
             except asyncio.TimeoutError as e:
                 self.metrics.rejected.inc(reason="timeout")
                 message = f"the request took longer than {self.settings.timeout_s:g} s"
@@ -304,18 +315,10 @@ class Service:
                 raise ApiError(503, "unavailable", str(e), headers=self.retry_headers()) from e
 
     async def _run(
-        self,
-        task: str,
-        model: str,
-        options: Hashable,
-        sources: list[ImageSource],
-        build: Callable[[list[ImageItem]], Any],
-        solo: bool,
-        slot: Slot,
+        self, key: BatchKey, sources: list[ImageSource], build: Callable[[list[ImageItem]], Any], slot: Slot
     ) -> Any:
-        items = await self.images.load(sources, size=self.models[model].transform.image_size)
+        items = await self.images.load(sources, size=self.models[key.model].transform.image_size)
         work = build(items)
-        key = BatchKey(task, model, options, solo=next(self._solo) if solo else None)
         try:
             return await self.batcher.submit(key, work, rows(work), slot)
         except ValueError as e:  # the task functions' own argument checks

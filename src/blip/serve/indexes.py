@@ -59,6 +59,15 @@ def _default_name(path: str) -> str:
     return folder.name or path
 
 
+def split_name(spec: str) -> tuple[str, str]:
+    """A `--model`/`--index` value "NAME=REST" -> (NAME, REST); ("", spec) when it names nothing (no "=", or what
+    stands before it is empty or a path)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or "/" in name or os.sep in name:
+        return "", spec
+    return name, rest
+
+
 def parse_indexes(specs: Iterable[str], models: Iterable[str], tokenizer: str | None = None) -> dict[str, IndexSpec]:
     """["photos=out/@retrieval", "out2/"] -> {"photos": IndexSpec("out/", "retrieval"), "out2": IndexSpec("out2/")}.
 
@@ -66,9 +75,7 @@ def parse_indexes(specs: Iterable[str], models: Iterable[str], tokenizer: str | 
     names = list(models)
     indexes: dict[str, IndexSpec] = {}
     for spec in specs:
-        name, sep, rest = spec.partition("=")
-        if not sep or not name or "/" in name or os.sep in name:
-            name, rest = "", spec
+        name, rest = split_name(spec)
         path, at, model = rest.rpartition("@")
         if not at or model not in names:
             if at and model and path and not Path(rest).expanduser().exists() and Path(path).expanduser().exists():
