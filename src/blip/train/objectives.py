@@ -51,7 +51,60 @@ def _ramp(alpha: float, step: int, ramp_steps: int) -> float:
     return alpha * min(1.0, step / ramp_steps) if ramp_steps > 0 else alpha
 
 
-class PretrainTask(TrainTask):
+class _ContrastiveTask(TrainTask):
+    """What pretraining and retrieval share: ITC with a momentum encoder, queues and a distillation ramp, and ITM on
+    hard negatives mined from the ITC similarities. `image_ids` (retrieval) make every pair of one image a positive."""
+
+    def __init__(
+        self,
+        model: BlipModel,
+        *,
+        queue_size: int,
+        momentum: float,
+        alpha: float,
+        alpha_ramp_steps: int,
+        temp: float,
+        itm_token_id: int | None,
+        negatives_all_ranks: bool,
+        seed: int,
+        use_image_ids: bool,
+    ):
+        super().__init__()
+        self.model = model
+        self.alpha, self.alpha_ramp_steps = alpha, alpha_ramp_steps
+        self.itm_token_id = itm_token_id
+        self.itc = ContrastiveLoss(
+            model,
+            embed_dim=model.config.embed_dim,
+            queue_size=queue_size,
+            momentum=momentum,
+            temp=temp,
+            alpha=alpha,
+            use_idx=use_image_ids,
+        )
+        # retrieval mines among the online similarities only (eps 0), pretraining smooths them (the paper's code)
+        eps = 0.0 if use_image_ids else PRETRAIN_EPS
+        self.itm = MatchingLoss(use_momentum=not use_image_ids, eps=eps, all_ranks=negatives_all_ranks, seed=seed)
+
+    def before_step(self, step: int) -> None:
+        self.itc.alpha = _ramp(self.alpha, step, self.alpha_ramp_steps)
+        self.itc.momentum_update(self.model)
+
+    def contrastive_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings `[B, N, Dv]`, ITC loss, ITM loss) of a batch."""
+        model = self.model
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        image_embeds = model.encode_image(pixels)  # (B, N, Dv)
+        image_feat = model.image_features(image_embeds)
+        text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
+        idx = batch["image_ids"] if self.itc.use_idx else None
+        itc = self.itc(image_feat, text_feat, pixels, ids, mask, idx=idx)
+        pad = model.config.text.pad_token_id
+        itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, pad)
+        return image_embeds, itc.loss, itm_loss
+
+
+class PretrainTask(_ContrastiveTask):
     """ITC + ITM + LM, weights 1:1:1; one ViT pass and three text passes per pair.
 
     batch: `pixel_values` `[B, 3, S, S]`, `input_ids`/`attention_mask` `[B, T]` (`[CLS] text [SEP]`)."""
@@ -70,31 +123,26 @@ class PretrainTask(TrainTask):
         negatives_all_ranks: bool = True,
         seed: int = 0,
     ):
-        super().__init__()
-        self.model = model
-        self.alpha, self.alpha_ramp_steps = alpha, alpha_ramp_steps
-        self.itm_token_id = itm_token_id
-        self.itc = ContrastiveLoss(
-            model, embed_dim=model.config.embed_dim, queue_size=queue_size, momentum=momentum, temp=temp, alpha=alpha
+        super().__init__(
+            model,
+            queue_size=queue_size,
+            momentum=momentum,
+            alpha=alpha,
+            alpha_ramp_steps=alpha_ramp_steps,
+            temp=temp,
+            itm_token_id=itm_token_id,
+            negatives_all_ranks=negatives_all_ranks,
+            seed=seed,
+            use_image_ids=False,
         )
-        self.itm = MatchingLoss(use_momentum=True, eps=PRETRAIN_EPS, all_ranks=negatives_all_ranks, seed=seed)
         self.lm = LanguageModelingLoss(label_smoothing)
 
-    def before_step(self, step: int) -> None:
-        self.itc.alpha = _ramp(self.alpha, step, self.alpha_ramp_steps)
-        self.itc.momentum_update(self.model)
-
     def training_forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        model, text = self.model, self.model.config.text
-        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-        image_embeds = model.encode_image(pixels)  # (B, N, Dv)
-        image_feat = model.image_features(image_embeds)
-        text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
-        itc = self.itc(image_feat, text_feat, pixels, ids, mask)
-        itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, text.pad_token_id)
-        decoder_ids, targets = decoder_targets(ids, mask, bos_id=text.bos_token_id)
-        lm_loss = self.lm(model.lm_logits(decoder_ids, mask, image_embeds), targets)
-        return {"itc_loss": itc.loss, "itm_loss": itm_loss, "lm_loss": lm_loss, "loss": itc.loss + itm_loss + lm_loss}
+        image_embeds, itc_loss, itm_loss = self.contrastive_losses(batch)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        decoder_ids, targets = decoder_targets(ids, mask, bos_id=self.model.config.text.bos_token_id)
+        lm_loss = self.lm(self.model.lm_logits(decoder_ids, mask, image_embeds), targets)
+        return {"itc_loss": itc_loss, "itm_loss": itm_loss, "lm_loss": lm_loss, "loss": itc_loss + itm_loss + lm_loss}
 
 
 class CaptionTask(TrainTask):
@@ -150,7 +198,7 @@ class VqaTask(TrainTask):
         return {"vqa_loss": loss, "loss": loss}
 
 
-class RetrievalTask(TrainTask):
+class RetrievalTask(_ContrastiveTask):
     """ITC (all captions of an image are positives, `idx_queue`) + ITM with hard negatives from the online
     similarities, same-image pairs excluded.
 
@@ -169,35 +217,22 @@ class RetrievalTask(TrainTask):
         negatives_all_ranks: bool = True,
         seed: int = 0,
     ):
-        super().__init__()
-        self.model = model
-        self.alpha, self.alpha_ramp_steps = alpha, alpha_ramp_steps
-        self.itm_token_id = itm_token_id
-        self.itc = ContrastiveLoss(
+        super().__init__(
             model,
-            embed_dim=model.config.embed_dim,
             queue_size=queue_size,
             momentum=momentum,
-            temp=temp,
             alpha=alpha,
-            use_idx=True,
+            alpha_ramp_steps=alpha_ramp_steps,
+            temp=temp,
+            itm_token_id=itm_token_id,
+            negatives_all_ranks=negatives_all_ranks,
+            seed=seed,
+            use_image_ids=True,
         )
-        self.itm = MatchingLoss(use_momentum=False, eps=0.0, all_ranks=negatives_all_ranks, seed=seed)
-
-    def before_step(self, step: int) -> None:
-        self.itc.alpha = _ramp(self.alpha, step, self.alpha_ramp_steps)
-        self.itc.momentum_update(self.model)
 
     def training_forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        model = self.model
-        pixels, ids, mask, idx = batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["image_ids"]
-        image_embeds = model.encode_image(pixels)
-        image_feat = model.image_features(image_embeds)
-        text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
-        itc = self.itc(image_feat, text_feat, pixels, ids, mask, idx=idx)
-        pad = model.config.text.pad_token_id
-        itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, pad)
-        return {"itc_loss": itc.loss, "itm_loss": itm_loss, "loss": itc.loss + itm_loss}
+        _, itc_loss, itm_loss = self.contrastive_losses(batch)
+        return {"itc_loss": itc_loss, "itm_loss": itm_loss, "loss": itc_loss + itm_loss}
 
 
 OBJECTIVES: dict[str, type[TrainTask]] = {  # by `TrainConfig.task`
