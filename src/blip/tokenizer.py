@@ -9,7 +9,7 @@ folder's tokenizer_config.json turns them on; transformers 5 defaults them to of
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -105,18 +105,13 @@ class BlipTokenizer:
                 f"{VOCAB_FILE}, or the path of one of those files"
             )
         config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
-        unk = _token_text(config.get("unk_token", SPECIAL_ROLES["unk_token"]))
-        try:
+
+        def make(unk: str) -> Tokenizer:
             if source.suffix == ".json":
-                tokenizer = Tokenizer.from_file(str(source))
-            else:
-                tokenizer = Tokenizer(WordPiece.from_file(str(source), unk_token=unk, max_input_chars_per_word=100))
-        except Exception as e:  # tokenizers raises bare Exceptions for malformed files
-            raise ValueError(f"cannot read the tokenizer file {source}: {e}") from e
-        try:
-            return cls(tokenizer, config)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+                return Tokenizer.from_file(str(source))
+            return Tokenizer(WordPiece.from_file(str(source), unk_token=unk, max_input_chars_per_word=100))
+
+        return cls._assemble(make, config, str(source))
 
     @classmethod
     def from_files(cls, files: dict[str, str], source: str = "checkpoint") -> BlipTokenizer:
@@ -140,15 +135,22 @@ class BlipTokenizer:
                 raise ValueError(f"{source}: {CONFIG_FILE} is not valid JSON ({e})") from e
             if not isinstance(config, dict):
                 raise ValueError(f"{source}: {CONFIG_FILE} does not hold a JSON object")
-        unk = _token_text(config.get("unk_token", SPECIAL_ROLES["unk_token"]))
-        try:
+
+        def make(unk: str) -> Tokenizer:
             if TOKENIZER_FILE in files:
-                tokenizer = Tokenizer.from_str(files[TOKENIZER_FILE])
-            elif VOCAB_FILE in files:
+                return Tokenizer.from_str(files[TOKENIZER_FILE])
+            if VOCAB_FILE in files:
                 vocab = {token: i for i, token in enumerate(files[VOCAB_FILE].splitlines())}
-                tokenizer = Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
-            else:
-                raise ValueError(f"no {TOKENIZER_FILE} or {VOCAB_FILE}")
+                return Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+            raise ValueError(f"no {TOKENIZER_FILE} or {VOCAB_FILE}")
+
+        return cls._assemble(make, config, source)
+
+    @classmethod
+    def _assemble(cls, make: Callable[[str], Tokenizer], config: dict, source: str) -> BlipTokenizer:
+        """`make(unk_token)` builds the WordPiece tokenizer; either step failing is one ValueError naming `source`."""
+        try:
+            tokenizer = make(_token_text(config.get("unk_token", SPECIAL_ROLES["unk_token"])))
         except Exception as e:  # tokenizers raises bare Exceptions for malformed files
             raise ValueError(f"{source}: cannot read the tokenizer: {e}") from e
         try:
