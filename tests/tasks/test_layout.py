@@ -1,5 +1,5 @@
-"""One home per concern: the task layer imports nothing above it, the server no longer reaches into the batch-job
-package, and the server's micro-batches and the jobs' rows go through one dispatch function."""
+"""One home per concern: the server's micro-batches and the jobs' rows go through one dispatch function (the import
+rules between packages are in tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -15,40 +15,6 @@ from blip.tasks.retrieval import read_source_image
 from oracle import make_images
 
 SRC = Path(blip.__file__).parent
-ABOVE_TASKS = ("blip.train", "blip.serve", "blip.jobs", "blip.capfilt")
-# `blip serve --index` checks an index's checkpoint fingerprint; that helper moves to blip.weights.fingerprint
-ALLOWED_SERVE_FROM_JOBS = {("blip.jobs.batch", "model_fingerprint")}
-
-
-def imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) of every import in `path`, at any depth (lazy imports too)."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out += [(alias.name, "") for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out += [(node.module, alias.name) for alias in node.names]
-    return out
-
-
-def test_tasks_import_nothing_from_train_serve_jobs_or_capfilt():
-    bad = [
-        f"{p.name}: {module}"
-        for p in sorted((SRC / "tasks").glob("*.py"))
-        for module, _ in imports(p)
-        if module.startswith(ABOVE_TASKS)
-    ]
-    assert bad == []
-
-
-def test_serve_does_not_import_the_batch_jobs():
-    bad = [
-        f"{p.name}: {module}.{name}"
-        for p in sorted((SRC / "serve").rglob("*.py"))
-        for module, name in imports(p)
-        if module.startswith("blip.jobs") and (module, name) not in ALLOWED_SERVE_FROM_JOBS
-    ]
-    assert bad == []
 
 
 def test_one_runner_name_and_one_image_merge():
