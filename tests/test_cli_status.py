@@ -124,3 +124,19 @@ def test_fast_steps_stay_silent_on_a_terminal(hf_checkpoints, image):
         ["caption", "--model", str(hf_checkpoints(CAPTION)), image], env={"BLIP_STATUS_AFTER_S": "600"}
     )
     assert code == 0 and "blip caption:" not in err
+
+
+def test_the_command_sets_passive_openmp_before_torch_is_loaded():
+    """`blip` sets OMP_WAIT_POLICY=PASSIVE (unless the user chose) before torch, hence OpenMP, is loaded: `import
+    blip` and `import blip.cli` no longer import torch; the public names still resolve."""
+    code = (
+        "import os, sys; import blip.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'));"
+        "import blip; print(all(getattr(blip, name) is not None for name in blip.__all__))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split() == ["False", "PASSIVE", "True"], done.stderr
+    mine = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}
+    )
+    assert mine.stdout.split() == ["False", "ACTIVE", "True"], mine.stderr

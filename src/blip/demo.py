@@ -18,6 +18,7 @@ interrupted training run from its checkpoint. Delete a stage's folder (and those
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.util
 import json
@@ -45,6 +46,9 @@ FILTER_DEFINITION = (
     "the filter removes it (ITM P(match) below the threshold). precision = noisy among removed, recall = removed "
     "among noisy."
 )
+
+
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("blip_demo_stage", default="")
 
 
 class DemoConfigError(ValueError):
@@ -134,7 +138,11 @@ class Stages:
             return record["result"]
         self.say(f"{head}: {what} ...")
         t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
+        token = _LABEL.set(f"demo {self.count}/{self.total} {name}")  # training progress bars show it
+        try:
+            result = fn()
+        finally:
+            _LABEL.reset(token)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "result": result}, indent=1) + "\n")
@@ -188,7 +196,7 @@ def _count_pairs(data: str) -> int:
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     from blip.train.recipe import run
 
-    summary = run(cfg)
+    summary = run(cfg.replace(label=_LABEL.get() or cfg.label))
     if not summary.finished:
         raise RuntimeError(f"training in {cfg.out_dir} stopped before its last step")
     return {
