@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 from collections import deque
 from typing import Any
 
@@ -168,7 +169,11 @@ def ray_workers(
     return max(1, min(count, shards)), gpus, "cuda" if gpus else ("cpu" if device == "auto" else device)
 
 
-def import_ray() -> Any:
+def import_ray(local: bool = False) -> Any:
+    """Ray; `local`: for a new local cluster, whose token authentication we choose before Ray reads its settings
+    (left unset, Ray chooses the same and logs a WARNING saying so)."""
+    if local and "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as e:
@@ -202,7 +207,7 @@ def _slim(job: Job) -> Job:
 
 
 def run_ray(job: Job) -> BatchResult:
-    ray = import_ray()
+    ray = import_ray(local=job.config.engine.ray_address is None)
     cfg = job.config
     options = cfg.engine
     out = job.output_dir()

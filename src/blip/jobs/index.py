@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 _logger = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probe logs ModuleNotFoundErrors at INFO
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 BACKENDS = ("auto", "faiss", "numpy")
