@@ -97,8 +97,8 @@ def test_the_full_demo_config_loads_and_is_bigger_than_the_smoke_one():
     assert sum(full.noise_rates) == pytest.approx(1.0)
 
 
-# A pretraining stage long enough to be killed in the middle: 160 web + 80 clean pairs in batches of 2 are one
-# 120-step epoch, so the only checkpoints before its end are the timed ones (every 0.2 s).
+# A pretraining stage long enough to be killed in the middle: 64 web + 80 clean pairs in batches of 2 are one
+# 72-step epoch, so the only checkpoints before its end are the timed ones (every 0.15 s).
 KILL_CONFIG = f"""
 import importlib.util
 
@@ -109,8 +109,8 @@ spec.loader.exec_module(demo_shapes)
 
 def get_config(smoke=False):
     cfg = demo_shapes.get_config(smoke=True)
-    pretrain = cfg.pretrain.replace(batch_size=2, max_steps=120, log_every=1, ckpt_every_s=0.2)
-    return cfg.replace(n_web=160, pretrain=pretrain, untrained_baseline=False)
+    pretrain = cfg.pretrain.replace(batch_size=2, max_steps=72, log_every=1, ckpt_every_s=0.15)
+    return cfg.replace(n_web=64, pretrain=pretrain, untrained_baseline=False)
 """
 
 
@@ -145,7 +145,7 @@ def test_kill_9_in_a_demo_stage_then_rerun_resumes_from_a_recent_checkpoint(tmp_
     proc.wait()
     done_at_kill = max(logged_steps())
     checkpoint = load_checkpoint(stage / "checkpoint.pt")
-    assert checkpoint["epoch"] == 0 and 1 <= checkpoint["step"] < 120  # a timed checkpoint, inside the epoch
+    assert checkpoint["epoch"] == 0 and 1 <= checkpoint["step"] < 72  # a timed checkpoint, inside the epoch
     assert not (stage / "stage.json").exists()
 
     # The rerun of the stage (what `blip demo` does next time) resumes from that checkpoint and ends exactly where an
@@ -157,7 +157,7 @@ def test_kill_9_in_a_demo_stage_then_rerun_resumes_from_a_recent_checkpoint(tmp_
     reference = pretrain(cfg, web_data, tmp_path / "reference", data_dir)
     assert f"resumed from {stage / 'checkpoint.pt'} at step {checkpoint['step']}" in caplog.text
     assert checkpoint["step"] <= done_at_kill
-    assert resumed["steps"] == reference["steps"] == 120
+    assert resumed["steps"] == reference["steps"] == 72
     a, b = load_checkpoint(resumed["checkpoint"]), load_checkpoint(reference["checkpoint"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
