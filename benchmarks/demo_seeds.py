@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `blip` command does (see blip.cli), before torch loads
 
 KEYS = (
     ("filter_precision", "filter precision (%)", 100.0),

@@ -126,17 +126,24 @@ def test_fast_steps_stay_silent_on_a_terminal(hf_checkpoints, image):
     assert code == 0 and "blip caption:" not in err
 
 
-def test_the_command_sets_passive_openmp_before_torch_is_loaded():
-    """`blip` sets OMP_WAIT_POLICY=PASSIVE (unless the user chose) before torch, hence OpenMP, is loaded: `import
-    blip` and `import blip.cli` no longer import torch; the public names still resolve."""
+def test_one_shot_commands_set_passive_openmp_before_torch_is_loaded():
+    """`blip caption|vqa|match|similarity` set OMP_WAIT_POLICY=PASSIVE (unless the user chose) before torch, hence
+    OpenMP, is loaded; `import blip` and `import blip.cli` no longer import torch; the public names still resolve.
+    Other commands keep OpenMP's default."""
     code = (
-        "import os, sys; import blip.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'));"
+        "import os, sys; from blip.cli import main; print('torch' in sys.modules);"
+        "main(sys.argv[1:]); print(os.environ.get('OMP_WAIT_POLICY'));"
         "import blip; print(all(getattr(blip, name) is not None for name in blip.__all__))"
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.stdout.split() == ["False", "PASSIVE", "True"], done.stderr
-    mine = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}
-    )
-    assert mine.stdout.split() == ["False", "ACTIVE", "True"], mine.stderr
+
+    def policy(*argv: str, extra: dict[str, str] | None = None) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, env={**env, **(extra or {})}
+        )
+        return done.stdout.split()
+
+    missing = ["--model", "/nonexistent/model", "a.png"]
+    assert policy("caption", *missing) == ["False", "PASSIVE", "True"]
+    assert policy("caption", *missing, extra={"OMP_WAIT_POLICY": "ACTIVE"}) == ["False", "ACTIVE", "True"]
+    assert policy("convert", "/nonexistent/model.pth", "out") == ["False", "None", "True"]

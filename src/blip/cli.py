@@ -14,17 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# OpenMP threads that sleep while they wait instead of spinning. When other processes keep the cores busy, a spinning
-# thread holds a core that the thread it waits for needs: the demo's 2-thread training steps ran 5-25x slower
-# (0.07-0.9 steps/s against 1.8-4.7 with this setting, 2-core AMD EPYC). Must be set before torch is imported (the
-# `blip` package imports it lazily); the user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 VERBOSE_HELP = "log what happens: loading (source, layout, weights file, dtype/device, resizing, dropped keys), ..."
 # Commands with their own parser that has no -v of its own: `blip serve -v` just turns on INFO logging here.
 PASSTHROUGH_WITHOUT_VERBOSE = frozenset({"serve"})
 STATUS_AFTER_S = 1.0  # a step still running after this long gets a status line on stderr (when it is a terminal)
+# One-shot commands whose OpenMP threads sleep while they wait instead of spinning. When other processes keep the
+# cores busy, a spinning thread holds a core that the thread it waits for needs: a base-model caption took 6.5-13 s
+# instead of 2-2.7 s that way (2 threads, 2-core AMD EPYC, a busy machine). On a quiet machine spinning is ~25%
+# faster, so long-running commands (serve, batch, train, demo) keep OpenMP's default. The user's setting wins.
+PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity"})
 
 _logger = logging.getLogger("blip.cli")
 
@@ -154,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
     p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 2)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 1)")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
     for name, command in sub.choices.items():  # -v after the command too (`blip caption -v ...`)
         if name not in PASSTHROUGH:
@@ -487,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in PASSIVE_OPENMP_COMMANDS and "torch" not in sys.modules:  # read when torch loads OpenMP
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.command:
         parser.print_help()

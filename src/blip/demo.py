@@ -67,7 +67,7 @@ class DemoConfig:
     noise_rates: tuple[float, float, float, float] = (0.5, 0.2, 0.2, 0.1)  # web: correct, partial, unrelated, junk
     world_image_size: int = 64  # pixels of the generated images
     max_shapes: int = 3  # shapes per image, at most
-    threads: int = 2  # torch CPU threads for every stage (0 = torch's default)
+    threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
     alpha_ramp_steps: int = 150  # pretraining: momentum-distillation alpha ramps in over this many steps
     caption: TrainConfig = field(default_factory=lambda: TrainConfig(task="caption"))
@@ -173,7 +173,7 @@ def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
         n_vqa=cfg.n_vqa,
         n_test=cfg.n_test,
         cfg=world,
-        workers=max(1, cfg.threads),
+        workers=max(2, cfg.threads),  # image rendering processes
         progress=True,
     )
     return {"counts": meta["counts"], "noise_rates": meta["noise_rates"]}
