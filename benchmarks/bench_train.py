@@ -1,11 +1,14 @@
 """Training throughput per task: optimizer steps/s, samples/s and peak memory on synthetic batches.
 
     python benchmarks/bench_train.py                                   # the shapes model on CPU
+    python benchmarks/bench_train.py --compare-matmul                  # oneDNN vs F.linear training linears (CPU)
     python benchmarks/bench_train.py --preset blip_base_pretrain --image-size 224 --batch 32 --device cuda --amp bf16
 
 Synthetic batches (random pixels, random caption tokens, 3 answers per question) go through the real training tasks
-(`blip.train.objectives`) with AdamW; data loading is not measured. Results are printed and written as JSON
-(`--out`, default runs/bench/train.json) for comparison across commits.
+(`blip.train.objectives`) with AdamW; data loading is not measured. `--compare-matmul` alternates blocks of steps
+between our CPU linears (oneDNN, `blip.models.kernels`) and plain `F.linear` in the same process, so that both see the
+same machine load (this machine is often shared), and reports the median step time of each. Results are printed and
+written as JSON (`--out`, default runs/bench/train.json) for comparison across commits.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def bench(task: str, args: argparse.Namespace) -> dict:
 
     for i in range(args.warmup):
         step(i)
+    if args.compare_matmul:
+        return compare_matmul(task, step, args)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,6 +108,33 @@ def bench(task: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def compare_matmul(task: str, step, args: argparse.Namespace) -> dict:
+    """Median step time with our oneDNN linears and with F.linear, alternating blocks of `args.steps` steps."""
+    import statistics
+
+    from blip.models import kernels
+
+    onednn = kernels.onednn_linear_available
+    times: dict[str, list[float]] = {"onednn": [], "f_linear": []}
+    for _ in range(args.rounds):
+        for name in times:
+            kernels.onednn_linear_available = onednn if name == "onednn" else (lambda: False)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(i)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    kernels.onednn_linear_available = onednn
+    ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    return {
+        "task": task,
+        "threads": torch.get_num_threads(),
+        "onednn_available": onednn(),
+        "onednn_ms_per_step": round(ms["onednn"], 1),
+        "f_linear_ms_per_step": round(ms["f_linear"], 1),
+        "speedup": round(ms["f_linear"] / ms["onednn"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["pretrain", "caption", "vqa", "retrieval"])
@@ -119,6 +151,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--compare-matmul", action="store_true", help="oneDNN vs F.linear training linears (CPU)")
+    parser.add_argument("--rounds", type=int, default=6, help="--compare-matmul: alternating blocks per side")
     parser.add_argument("--out", default="runs/bench/train.json")
     args = parser.parse_args()
     results = []

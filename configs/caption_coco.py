@@ -6,7 +6,7 @@
 
 Paper (Karpathy test, beam 3, 5..20 tokens, prompt "a picture of "): ViT-B 14M B@4 38.6 / CIDEr 129.7;
 129M 39.4 / 131.4; CapFilt-L 39.7 / 133.3; ViT-L 40.4 / 136.7 (LAVIS re-run of base: 39.9 / 133.5). Recipe
-(FACTS.md 7): lr 1e-5 cosine to 0 without warmup, 5 epochs, 32 per GPU x 8, 384 px, AdamW wd 0.05. The original
+(docs/training.md): lr 1e-5 cosine to 0 without warmup, 5 epochs, 32 per GPU x 8, 384 px, AdamW wd 0.05. The original
 trained in fp32; bf16 autocast is used on GPUs here (amp=none to match).
 """
 

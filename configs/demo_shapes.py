@@ -33,7 +33,11 @@ def get_config(smoke: bool = False) -> DemoConfig:
         n_test=200,
         noise_rates=(0.4, 0.3, 0.2, 0.1),  # correct, partial, unrelated, junk
         max_shapes=2,
-        threads=2,
+        # One torch thread. This model's operations are small: a second thread makes a training step only ~1.2x
+        # faster on an idle 2-core machine (9.4 against 7.6 steps/s), and when other processes keep the cores busy
+        # two threads must wait for each other at every operation: 0.07-1.4 steps/s against 2.3-5.3 for one thread
+        # (2-core AMD EPYC). One thread keeps the demo's time predictable on a shared machine.
+        threads=1,
         pretrain=TrainConfig(
             task="pretrain",
             **MODEL,

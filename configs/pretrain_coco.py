@@ -4,7 +4,7 @@
         data=coco_karpathy_train.json,vg_caption.json,"cc3m/{00000..00331}.tar" ...
 
 The data spec lists manifests (.json/.jsonl/.csv) and/or WebDataset shards (one kind per run here: convert the
-others first). Recipe (FACTS.md 7): 20 epochs, lr 3e-4 with 3000 warmup steps from 1e-6 (the original then decays
+others first). Recipe (docs/training.md): 20 epochs, lr 3e-4 with 3000 warmup steps from 1e-6 (the original then decays
 x0.9 per epoch; cosine to 1e-6 here), AdamW wd 0.05, 224 px, crop scale 0.2, queue 57600, momentum 0.995,
 alpha 0.4 ramped over 2 epochs, ITC + ITM + LM 1:1:1, text max length 30, global batch 2880. The model starts from an
 ImageNet ViT-B/16 and BERT-base in the paper; `init=` a converted checkpoint to do the same.

@@ -27,7 +27,7 @@ def get_config(smoke: bool = False) -> TrainConfig:
         eval_max_images=200,
         eval_min_new_tokens=0,
         **SHAPES_MODEL,
-        # objectives (FACTS.md 7), queue scaled to the data
+        # objectives (docs/training.md#objectives), queue scaled to the data
         queue_size=2048,
         alpha_ramp_epochs=1.0,
         # optimisation

@@ -6,7 +6,7 @@
 
 Paper (COCO 5k test, TR@1/5/10 and IR@1/5/10): ViT-B 14M 80.6/95.2/97.6 and 63.1/85.3/91.1; 129M
 81.9/95.4/97.8 and 64.3/85.7/91.5; CapFilt-L 81.2/95.7/97.9 and 64.1/85.8/91.6; ViT-L 82.4/95.4/97.9 and
-65.1/86.3/91.8. Recipe (FACTS.md 7): lr 1e-5 cosine, 6 epochs, 32 per GPU x 8, 384 px, queue 57600, alpha 0.4
+65.1/86.3/91.8. Recipe (docs/training.md): lr 1e-5 cosine, 6 epochs, 32 per GPU x 8, 384 px, queue 57600, alpha 0.4
 ramped over the first epoch, hard negatives from all ranks, k_test 256 at evaluation.
 """
 

@@ -26,7 +26,7 @@ def get_config(smoke: bool = False) -> TrainConfig:
         max_text_len=35,
         **SHAPES_MODEL,
         queue_size=2048,
-        alpha_ramp_epochs=1.0,  # retrieval fine-tuning ramps alpha over the first epoch (FACTS.md 7)
+        alpha_ramp_epochs=1.0,  # retrieval fine-tuning ramps alpha over the first epoch (docs/training.md)
         epochs=3,
         batch_size=32,
         lr=2e-4,

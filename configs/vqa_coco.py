@@ -6,7 +6,7 @@
         --vqa-mode rank
 
 Paper (test-dev / test-std): ViT-B 14M 77.54 / 77.62; 129M 78.24 / 78.17; CapFilt-L 78.25 / 78.32 (LAVIS re-run
-78.23 / 78.29). Recipe (FACTS.md 7): lr 2e-5 cosine, 10 epochs, 16 per GPU x 16, 480 px, stochastic depth 0.1,
+78.23 / 78.29). Recipe (docs/training.md): lr 2e-5 cosine, 10 epochs, 16 per GPU x 16, 480 px, stochastic depth 0.1,
 answers weighted by their share of the 10 votes, rank mode over the 3,128-answer list at test time. Difference:
 Visual Genome rows (one answer) get weight 1 here, 0.2 in the original.
 """

@@ -4,11 +4,19 @@ and a rerun keeps the finished stages. (The full-size demo is `make demo`, outsi
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from blip.demo import DemoConfigError, load_demo_config, run_demo
+from blip.demo import DemoConfigError, load_demo_config, pretrain, run_demo
+from blip.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_shapes.py"
@@ -63,6 +71,12 @@ def test_demo_writes_metrics_and_report(demo_run):
     assert any("filter on web captions: precision" in line for line in lines)
 
 
+def test_training_stages_label_their_progress_bars(demo_run):
+    out, _ = demo_run
+    for folder, label in (("web/pretrain", "demo 3/10 pretrain_web"), ("capfilt/vqa", "demo 10/10 vqa_capfilt")):
+        assert json.loads((out / folder / "config.json").read_text())["label"] == label
+
+
 def test_demo_rerun_keeps_finished_stages(demo_run):
     out, _ = demo_run
     lines: list[str] = []
@@ -81,3 +95,70 @@ def test_the_full_demo_config_loads_and_is_bigger_than_the_smoke_one():
     full, smoke = load_demo_config(CONFIG), load_demo_config(CONFIG, smoke=True)
     assert full.n_web > smoke.n_web and full.pretrain.max_steps > smoke.pretrain.max_steps
     assert sum(full.noise_rates) == pytest.approx(1.0)
+
+
+# A pretraining stage long enough to be killed in the middle: 64 web + 80 clean pairs in batches of 2 are one
+# 72-step epoch, so the only checkpoints before its end are the timed ones (every 0.15 s).
+KILL_CONFIG = f"""
+import importlib.util
+
+spec = importlib.util.spec_from_file_location("demo_shapes", {str(CONFIG)!r})
+demo_shapes = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo_shapes)
+
+
+def get_config(smoke=False):
+    cfg = demo_shapes.get_config(smoke=True)
+    pretrain = cfg.pretrain.replace(batch_size=2, max_steps=72, log_every=1, ckpt_every_s=0.15)
+    return cfg.replace(n_web=64, pretrain=pretrain, untrained_baseline=False)
+"""
+
+
+def test_kill_9_in_a_demo_stage_then_rerun_resumes_from_a_recent_checkpoint(tmp_path, caplog):
+    config = tmp_path / "demo_kill.py"
+    config.write_text(KILL_CONFIG)
+    out = tmp_path / "demo"
+    stage = out / "web" / "pretrain"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blip.cli", "demo", "--config", str(config), "--out", str(out), "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def logged_steps() -> list[int]:
+        path = stage / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = logged_steps()
+        if (
+            (stage / "checkpoint.pt").is_file()
+            and steps
+            and steps[-1] > load_checkpoint(stage / "checkpoint.pt")["step"]
+        ):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the demo left its pretraining stage before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = max(logged_steps())
+    checkpoint = load_checkpoint(stage / "checkpoint.pt")
+    assert checkpoint["epoch"] == 0 and 1 <= checkpoint["step"] < 72  # a timed checkpoint, inside the epoch
+    assert not (stage / "stage.json").exists()
+
+    # The rerun of the stage (what `blip demo` does next time) resumes from that checkpoint and ends exactly where an
+    # uninterrupted run of the same stage ends.
+    cfg = load_demo_config(config).replace(threads=1)
+    data_dir, web_data = out / "data", f"{out / 'data' / 'web.jsonl'},{out / 'data' / 'clean.jsonl'}"
+    with caplog.at_level(logging.INFO, logger="blip.train.loop"):
+        resumed = pretrain(cfg, web_data, stage, data_dir)
+    reference = pretrain(cfg, web_data, tmp_path / "reference", data_dir)
+    assert f"resumed from {stage / 'checkpoint.pt'} at step {checkpoint['step']}" in caplog.text
+    assert checkpoint["step"] <= done_at_kill
+    assert resumed["steps"] == reference["steps"] == 72
+    a, b = load_checkpoint(resumed["checkpoint"]), load_checkpoint(reference["checkpoint"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert resumed["test"] == reference["test"]

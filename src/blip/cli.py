@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,17 @@ from blip.distributed import DEFAULT_DEVICE
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, add_option_flags, options_from_args
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
+VERBOSE_HELP = "log what happens: loading (source, layout, weights file, dtype/device, resizing, dropped keys), ..."
+# Commands with their own parser that has no -v of its own: `blip serve -v` just turns on INFO logging here.
+PASSTHROUGH_WITHOUT_VERBOSE = frozenset({"serve"})
+STATUS_AFTER_S = 1.0  # a step still running after this long gets a status line on stderr (when it is a terminal)
+# One-shot commands whose OpenMP threads sleep while they wait instead of spinning. When other processes keep the
+# cores busy, a spinning thread holds a core that the thread it waits for needs: a base-model caption took 6.5-13 s
+# instead of 2-2.7 s that way (2 threads, 2-core AMD EPYC, a busy machine). On a quiet machine spinning is ~25%
+# faster, so long-running commands (serve, batch, train, demo) keep OpenMP's default. The user's setting wins.
+PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity"})
+
+_logger = logging.getLogger("blip.cli")
 
 
 class CliError(Exception):
@@ -48,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="BLIP vision-language models: caption images, answer "
         "questions, match and compare images with text, convert checkpoints.",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="log what happens (loading, resizing, ...)")
+    parser.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -125,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
     p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 2)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 1)")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
+    for name, command in sub.choices.items():  # -v after the command too (`blip caption -v ...`)
+        if name not in PASSTHROUGH:
+            command.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -154,16 +172,69 @@ def _check_device(device: str) -> None:
         raise CliError(str(e)) from e
 
 
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """Say `message` on stderr if the step is still running after `STATUS_AFTER_S` seconds (environment:
+    BLIP_STATUS_AFTER_S) and stderr is a terminal: a user waiting for a base model should not wait in silence, and
+    pipes, logs and `--format jsonl` consumers get nothing extra."""
+    try:
+        after = float(os.environ.get("BLIP_STATUS_AFTER_S", STATUS_AFTER_S))
+    except ValueError:
+        after = STATUS_AFTER_S
+    if not sys.stderr.isatty():
+        yield
+        return
+    timer = threading.Timer(after, lambda: print(message, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _load(args: argparse.Namespace):
     import blip
     from blip.weights.load import CheckpointError
 
+    _logger.info("loading %s (device %s, dtype %s)", args.model, args.device, args.dtype or "float32")
+    started = time.perf_counter()
     try:
-        return blip.load(
-            args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
-        )
+        with status(f"blip {args.command}: loading {args.model} ..."):
+            model = blip.load(
+                args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
+            )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
+    log_load_report(model, time.perf_counter() - started)
+    return model
+
+
+def log_load_report(model: Any, seconds: float) -> None:
+    """What loading did, at INFO (`-v`): source, layout and weights file, size, dtype/device, resizing, drops."""
+    report = model.report
+    _logger.info(
+        "loaded %s in %.1fs: a %r model (%.2fM parameters), %s on %s",
+        model.source,
+        seconds,
+        model.config.kind,
+        model.model.num_parameters() / 1e6,
+        str(model.dtype).removeprefix("torch."),
+        model.device,
+    )
+    if report is None:
+        return
+    _logger.info("weights: %s (%s layout)", report.weights_file, report.layout)
+    if report.resized_position_embedding:
+        old, new = report.resized_position_embedding
+        _logger.info("resized the position embedding from %d to %d patches", old, new)
+    if report.dropped_keys:
+        shown = ", ".join(report.dropped_keys[:5]) + (", ..." if len(report.dropped_keys) > 5 else "")
+        _logger.info("dropped %d training-only or unused entries: %s", len(report.dropped_keys), shown)
 
 
 def _decode_all(paths: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -217,7 +288,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     good = [p for p in args.images if p in images]
     if good:
         try:
-            results = model.caption([images[p] for p in good], **options.to_dict())
+            with status(f"blip caption: captioning {_plural(len(good), 'image')} ..."):
+                results = model.caption([images[p] for p in good], **options.to_dict())
         except ValueError as e:
             raise CliError(str(e)) from e
         for path, result in zip(good, results):
@@ -248,7 +320,8 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     good = [(i, q) for i, q in pairs if i in images]
     if good:
         try:
-            results = model.answer([images[i] for i, _ in good], [q for _, q in good], **options.to_dict())
+            with status(f"blip vqa: answering {_plural(len(good), 'question')} ..."):
+                results = model.answer([images[i] for i, _ in good], [q for _, q in good], **options.to_dict())
         except ValueError as e:
             raise CliError(str(e)) from e
         for (path, question), ans in zip(good, results):
@@ -267,7 +340,8 @@ def cmd_match(args: argparse.Namespace) -> int:
     good = [(i, t) for i, t in pairs if i in images]
     if good:
         try:
-            probs = model.match([images[i] for i, _ in good], [t for _, t in good])
+            with status(f"blip match: scoring {_plural(len(good), 'pair')} ..."):
+                probs = model.match([images[i] for i, _ in good], [t for _, t in good])
         except ValueError as e:
             raise CliError(str(e)) from e
         for (path, text), prob in zip(good, probs):
@@ -281,7 +355,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     good = [p for p in args.image if p in images]
     if good:
         try:
-            sims = model.similarity([images[p] for p in good], args.text)
+            what = f"{_plural(len(good), 'image')} and {_plural(len(args.text), 'text')}"
+            with status(f"blip similarity: embedding {what} ..."):
+                sims = model.similarity([images[p] for p in good], args.text)
         except ValueError as e:
             raise CliError(str(e)) from e
         for path, row in zip(good, sims.tolist()):
@@ -294,10 +370,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import blip
     from blip.weights.load import CheckpointError
 
+    started = time.perf_counter()
     try:
         model = blip.load(
             args.source, kind=args.kind, image_size=args.image_size, tokenizer=args.tokenizer, config=args.config
         )
+        log_load_report(model, time.perf_counter() - started)
         model.save(args.output)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
@@ -328,7 +406,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from blip.data import shapes
 
-    return shapes.cli_main(args.args)
+    verbose = [a for a in args.args if a in ("-v", "--verbose")]
+    if verbose:  # `blip data shapes -v ...`: the generator's own parser has no -v
+        logging.getLogger().setLevel(logging.INFO)
+    return shapes.cli_main([a for a in args.args if a not in verbose])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -386,15 +467,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command_at is not None and argv[command_at] in PASSTHROUGH and set(argv[:command_at]) <= {"-v", "--verbose"}:
-        if command_at:
+        rest = argv[command_at + 1 :]
+        verbose = bool(command_at)
+        if argv[command_at] in PASSTHROUGH_WITHOUT_VERBOSE and {"-v", "--verbose"} & set(rest):
+            rest = [a for a in rest if a not in ("-v", "--verbose")]
+            verbose = True
+        if verbose:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         run, _ = PASSTHROUGH[argv[command_at]]
         try:
-            return run(argv[command_at + 1 :])
+            return run(rest)
         except KeyboardInterrupt:
             return 130
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in PASSIVE_OPENMP_COMMANDS and "torch" not in sys.modules:  # read when torch loads OpenMP
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.command:
         parser.print_help()

@@ -18,6 +18,7 @@ interrupted training run from its checkpoint. Delete a stage's folder (and those
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.util
 import json
@@ -47,6 +48,9 @@ FILTER_DEFINITION = (
 )
 
 
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("blip_demo_stage", default="")
+
+
 class DemoConfigError(ValueError):
     """A demo config that cannot be used (missing file, wrong type, an output folder made with another config)."""
 
@@ -63,7 +67,7 @@ class DemoConfig:
     noise_rates: tuple[float, float, float, float] = (0.5, 0.2, 0.2, 0.1)  # web: correct, partial, unrelated, junk
     world_image_size: int = 64  # pixels of the generated images
     max_shapes: int = 3  # shapes per image, at most
-    threads: int = 2  # torch CPU threads for every stage (0 = torch's default)
+    threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
     alpha_ramp_steps: int = 150  # pretraining: momentum-distillation alpha ramps in over this many steps
     caption: TrainConfig = field(default_factory=lambda: TrainConfig(task="caption"))
@@ -134,7 +138,11 @@ class Stages:
             return record["result"]
         self.say(f"{head}: {what} ...")
         t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
+        token = _LABEL.set(f"demo {self.count}/{self.total} {name}")  # training progress bars show it
+        try:
+            result = fn()
+        finally:
+            _LABEL.reset(token)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "result": result}, indent=1) + "\n")
@@ -165,7 +173,7 @@ def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
         n_vqa=cfg.n_vqa,
         n_test=cfg.n_test,
         cfg=world,
-        workers=max(1, cfg.threads),
+        workers=max(2, cfg.threads),  # image rendering processes
         progress=True,
     )
     return {"counts": meta["counts"], "noise_rates": meta["noise_rates"]}
@@ -188,7 +196,7 @@ def _count_pairs(data: str) -> int:
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     from blip.train.recipe import run
 
-    summary = run(cfg)
+    summary = run(cfg.replace(label=_LABEL.get() or cfg.label))
     if not summary.finished:
         raise RuntimeError(f"training in {cfg.out_dir} stopped before its last step")
     return {

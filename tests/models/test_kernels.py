@@ -1,4 +1,4 @@
-"""`blip.models.kernels`: the oneDNN linear path equals `F.linear` (+ GELU), and stays out of training."""
+"""`blip.models.kernels`: the oneDNN linear path equals `F.linear` (+ GELU), in inference and in training."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_linear_bfloat16() -> None:
 
 
 @needs_onednn
-def test_inference_goes_to_onednn_and_training_to_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inference_and_training_go_to_onednn_autocast_to_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
 
@@ -58,12 +58,38 @@ def test_inference_goes_to_onednn_and_training_to_f_linear(monkeypatch: pytest.M
     x = torch.randn(2, 16)
     with torch.inference_mode():
         layer(x, gelu=True)
-    assert calls == ["gelu"]
-    # With autograd on, the layer trains through F.linear: gradients flow and oneDNN is not called.
+    assert calls == ["gelu"]  # inference: one fused call
+    # With autograd on, the layer trains through oneDNN (forward and input gradient; the GELU stays separate) and
+    # its gradients are F.linear's.
     out = layer(x)
     out.sum().backward()
-    assert calls == ["gelu"]
+    assert calls == ["gelu", "none"]
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(8, -1))
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert calls == ["gelu", "none", "none", "none"]
+    # Under autocast PyTorch picks the product dtypes: F.linear, no oneDNN call.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16), (4, 9, 16)])
+def test_training_gradients_match_f_linear(shape: tuple[int, ...], gelu: bool) -> None:
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=generator, requires_grad=True)
+    weight = torch.randn(24, 16, generator=generator, requires_grad=True)
+    bias = torch.randn(24, generator=generator, requires_grad=True)
+    x = base[:, -1] if shape[-2:] == (9, 16) else base  # a strided slice, as the decoder's last position is
+    out = linear(x, weight, bias, gelu)
+    reference = F.gelu(F.linear(x, weight, bias)) if gelu else F.linear(x, weight, bias)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(out.shape, generator=generator)
+    ours = torch.autograd.grad(out, (base, weight, bias), upstream)
+    expected = torch.autograd.grad(reference, (base, weight, bias), upstream)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_setting_off_and_bad_setting() -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -216,7 +217,11 @@ def ray_workers(
     return max(1, min(count, shards)), gpus, "cuda" if gpus else ("cpu" if device == "auto" else device)
 
 
-def import_ray() -> Any:
+def import_ray(local: bool = False) -> Any:
+    """Ray; `local`: for a new local cluster, whose token authentication we choose before Ray reads its settings
+    (left unset, Ray chooses the same and logs a WARNING saying so)."""
+    if local and "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as e:
@@ -256,7 +261,7 @@ def run_ray(job: Job) -> Any:
 
 
 def _run_ray(job: Job, out: OutputDir) -> Any:
-    ray = import_ray()
+    ray = import_ray(local=job.settings.engine.ray_address is None)
     cfg = job.settings
     options = cfg.engine
     resumed, pending, initial = _prepare(job, out)

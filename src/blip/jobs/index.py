@@ -34,6 +34,7 @@ from blip.tasks.retrieval import (
 )
 
 _logger = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probe logs ModuleNotFoundErrors at INFO
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 BACKENDS = ("auto", "faiss", "numpy")

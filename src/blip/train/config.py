@@ -146,6 +146,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     log_every: int = 10  # steps between metrics.jsonl rows
     ckpt_every: int = 0  # steps between checkpoints (0 = at the end of every epoch only)
+    ckpt_every_s: float = 30.0  # also checkpoint once this many seconds passed (0 = off): a kill loses less than that
+    # (the interval grows to 20x the time one checkpoint takes to write, for models whose checkpoints are large)
+    label: str = ""  # the progress bar's label ("" = the task)
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     save_hf: bool = True  # write out_dir/model as a Hugging Face folder (caption / vqa / retrieval)
     smoke: bool = False  # set by `smoke=true`: the config file shrank the run
@@ -171,6 +174,8 @@ class TrainConfig:
         for name in non_negative + ("eval_max_images", "image_size", "patch_size"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.ckpt_every_s >= 0:
+            errors.append(f"ckpt_every_s must be >= 0, got {self.ckpt_every_s}")
         if self.lr <= 0:
             errors.append(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.momentum <= 1.0:

@@ -2,9 +2,11 @@
 
 Per optimizer step: `task.before_step(step)`, the learning rate for the step, `grad_accum` micro-batches (forward
 under autocast — bf16 on CUDA by default, nothing on CPU — and backward, DDP gradient sync on the last one only),
-optional gradient clipping, the optimizer step. Rank 0 shows a tqdm bar, appends the rank-averaged losses to
-`metrics.jsonl` every `log_every` steps and writes checkpoints (`checkpoint.pt`, atomically) every `ckpt_every`
-steps and at the end of every epoch.
+optional gradient clipping, the optimizer step. Rank 0 shows a tqdm bar (the run's label, steps and an ETA), appends
+the rank-averaged losses to `metrics.jsonl` every `log_every` steps and writes checkpoints (`checkpoint.pt`,
+atomically) at the end of every epoch, every `ckpt_every` steps, and at the first step that ends `ckpt_every_s`
+seconds after the last checkpoint (so a kill loses at most that much work, plus the step in flight). The time
+interval is stretched when writing a checkpoint is slow, so that writing takes at most 1/20 of the time.
 
 Resume is exact: the checkpoint holds the task state (model, momentum encoders, queues, temperature, draw
 counter), the optimizer, the step and the position inside the epoch, and every rank's RNG states; the data order
@@ -38,6 +40,8 @@ _logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+WRITE_SHARE = 20  # a time-based checkpoint waits at least this many times as long as the last write took
+BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} steps, ETA {remaining} ({rate_fmt}{postfix})"
 
 
 class TrainData(Protocol):
@@ -55,9 +59,11 @@ class LoopSettings:
     clip_grad: float = 0.0
     amp: str = "none"  # none, bf16, fp16
     log_every: int = 10
-    ckpt_every: int = 0
+    ckpt_every: int = 0  # steps between checkpoints (0 = off)
+    ckpt_every_s: float = 0.0  # seconds between checkpoints (0 = off)
     stop_after: int = 0
     resume: bool = True
+    desc: str = "train"  # the progress bar's label
 
 
 @dataclass
@@ -104,6 +110,7 @@ class Trainer:
         dist: D.DistInfo,
         describe: dict[str, Any] | None = None,
         on_checkpoint: Callable[[LoopState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if data.micro_batches_per_epoch < settings.grad_accum:
             raise ValueError(
@@ -115,6 +122,9 @@ class Trainer:
         self.describe = describe or {}
         self.on_checkpoint = on_checkpoint
         self.state = LoopState()
+        self.clock = clock
+        self._last_checkpoint = clock()
+        self._write_seconds = 0.0  # how long the last checkpoint took to write
         self.steps_per_epoch = data.micro_batches_per_epoch // settings.grad_accum
         self.amp_dtype = autocast_dtype(settings.amp, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype is torch.float16)
@@ -132,9 +142,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG state; rank 0 writes."""
+        started = self.clock()
         rngs = D.all_gather_object(rng_state())
         if not self.dist.is_main:
             D.barrier()
+            self._checkpointed(started)
             return
         task = D.unwrap_model(self.task)
         task_state = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
@@ -159,6 +171,21 @@ class Trainer:
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.state)
         D.barrier()
+        self._checkpointed(started)
+
+    def _checkpointed(self, started: float) -> None:
+        self._last_checkpoint = self.clock()
+        self._write_seconds = self._last_checkpoint - started
+
+    def _checkpoint_due_by_time(self) -> bool:
+        """`ckpt_every_s` seconds (or 20 writes' time, if longer) since the last checkpoint, on any rank."""
+        every = self.settings.ckpt_every_s
+        if every <= 0:
+            return False
+        due = self.clock() - self._last_checkpoint >= max(every, WRITE_SHARE * self._write_seconds)
+        if self.dist.distributed:  # every rank must take the same decision: save_checkpoint is collective
+            due = bool(D.all_reduce_max(int(due), self.dist.device))
+        return due
 
     def maybe_resume(self) -> bool:
         """Load `out_dir/checkpoint.pt` when resuming is on and it exists (else a fresh metrics.jsonl)."""
@@ -228,8 +255,16 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         params = [p for p in task.parameters() if p.requires_grad]
-        bar = tqdm(total=s.total_steps, initial=state.step, desc="train", disable=not self.dist.is_main)
+        bar = tqdm(
+            total=s.total_steps,
+            initial=state.step,
+            desc=s.desc,
+            unit="step",
+            bar_format=BAR_FORMAT,
+            disable=not self.dist.is_main,
+        )
         started, last_log = time.perf_counter(), time.perf_counter()
+        self._last_checkpoint = self.clock()
         window: dict[str, torch.Tensor] = {}
         window_steps = 0
         try:
@@ -275,7 +310,8 @@ class Trainer:
                         state.micro_in_epoch = 0
                     stopping = bool(s.stop_after) and state.step >= s.stop_after
                     periodic = bool(s.ckpt_every) and state.step % s.ckpt_every == 0
-                    if epoch_done or periodic or stopping or state.step == s.total_steps:
+                    timed = self._checkpoint_due_by_time()
+                    if epoch_done or periodic or timed or stopping or state.step == s.total_steps:
                         self.save_checkpoint()
                     if epoch_done or stopping or state.step >= s.total_steps:
                         break

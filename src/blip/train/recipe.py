@@ -281,8 +281,10 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> RunSummary:
         amp=cfg.amp,
         log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every,
+        ckpt_every_s=cfg.ckpt_every_s,
         stop_after=cfg.stop_after,
         resume=cfg.resume,
+        desc=cfg.label or cfg.task,
     )
     trainer = Trainer(task, optimizer, schedule, data, settings, out_dir=out, dist=dist, describe=describe)
     _logger.info(
