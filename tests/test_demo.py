@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from blip.demo import DemoConfigError, load_demo_config, pretrain, run_demo
-from blip.train.checkpoint import load_checkpoint
+from blip.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_shapes.py"

@@ -1,4 +1,4 @@
-"""Golden outputs of the published checkpoints on BLIP's demo image (FACTS.md §9).
+"""Golden outputs of the published checkpoints on BLIP's demo image (docs/evaluation.md, golden outputs).
 
 These need the real weights in the local Hugging Face cache and the demo image (BLIP's `demo.jpg`, the woman and
 her dog on the beach) at $BLIP_DEMO_IMAGE; they are skipped, with the reason, where either is missing. Users with

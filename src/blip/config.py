@@ -2,7 +2,8 @@
 
 Field defaults are the defaults transformers uses for a field missing from a BLIP `config.json`, so a minimal hub
 config (which only states what differs) resolves to the same model here and there. Note the trap in
-`TextConfig.num_attention_heads`: the default is 8, while every real checkpoint uses 12 (see FACTS.md §1.2).
+`TextConfig.num_attention_heads`: the default is 8, while every real checkpoint uses 12
+(docs/architecture.md, text transformer).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class TextConfig:
     bos_token_id: int = 30522  # [DEC], starts every decoder sequence
     pad_token_id: int = 0
     sep_token_id: int = 102  # [SEP], the end of every generated sequence
-    label_smoothing: float = 0.0  # round-trips config.json only; training takes it from TrainConfig (FACTS: 0.1)
+    label_smoothing: float = 0.0  # round-trips config.json only; training takes it from TrainConfig (0.1)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import blip
 from blip.jobs import BatchConfig, InputOptions, TaskOptions, run_batch
 from blip.jobs.cli import batch_main
 
-SCORE_TOL = 1e-4  # DESIGN: scores agree within 1e-4 whatever the batch (the texts and tokens exactly)
+SCORE_TOL = 1e-4  # docs/outputs.md: scores agree within 1e-4 whatever the batch (the texts and tokens exactly)
 
 
 def _manifest(tmp_path, folder, good):

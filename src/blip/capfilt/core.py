@@ -85,7 +85,7 @@ IMAGES = "images"
 
 @dataclass(frozen=True)
 class CapfiltConfig:
-    """CapFilt options. Defaults are the paper's (FACTS.md §7): nucleus sampling p=0.9 (top-k 50, repetition
+    """CapFilt options. Defaults are the paper's (docs/training.md): nucleus sampling p=0.9 (top-k 50, repetition
     penalty 1.1) after the prompt "a picture of ", and keep a text when the filter's P(match) >= 0.5."""
 
     num_captions: int = 1  # synthetic captions per image

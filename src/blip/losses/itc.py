@@ -1,6 +1,6 @@
 """Image-text contrastive loss (ITC) with momentum encoders, feature queues and momentum distillation.
 
-Per pair (FACTS.md §7): online features are compared with momentum features of the current (global) batch and of
+Per pair (docs/training.md): online features are compared with momentum features of the current (global) batch and of
 a queue of earlier batches; the targets mix the ground truth with the momentum model's own softmax,
 `alpha * softmax(sim_m) + (1 - alpha) * onehot`, and the loss is `(i2t + t2i) / 2`. The momentum encoders follow
 the online ones by `p_m = m * p_m + (1 - m) * p`, once per optimizer step, before the forward.

@@ -2,7 +2,7 @@
 
 For every text one negative image, and for every image one negative text, are sampled with probability
 proportional to the softmax of the ITC similarities, so that similar-looking but wrong pairs are picked more often
-(FACTS.md §7). The positive is never sampled: the diagonal (or, for retrieval with image ids, every pair of the
+(docs/training.md). The positive is never sampled: the diagonal (or, for retrieval with image ids, every pair of the
 same image) has weight zero. The ITM batch is the B positives plus the 2B negatives, labels `[1]*B + [0]*2B`,
 cross-entropy.
 

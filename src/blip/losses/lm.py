@@ -2,7 +2,7 @@
 
 Decoder inputs are the tokenized text with position 0 replaced by `[DEC]` (the config's `text.bos_token_id`);
 targets are the same ids with pads and prompt tokens set to -100, predicted one position ahead; cross-entropy with
-label smoothing 0.1 (FACTS.md §7).
+label smoothing 0.1 (docs/training.md, objectives).
 
 - `LanguageModelingLoss`: the mean over target tokens. With several ranks the mean is over the tokens of the whole
   global batch (token counts are summed over ranks), so splitting a batch over processes does not reweight it.

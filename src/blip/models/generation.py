@@ -6,7 +6,7 @@ for VQA) whose cross-attention keys/values were projected once (`CrossKV`). Rows
 source leaves the batch as soon as its result is final.
 
 The decoding rules (logits processing order, beam bookkeeping, length normalisation, stopping) follow what
-transformers' `generate` does, so the same checkpoint gives the same token ids; see FACTS.md §5.
+transformers' `generate` does, so the same checkpoint gives the same token ids; see docs/generation.md.
 """
 
 from __future__ import annotations

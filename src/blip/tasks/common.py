@@ -15,7 +15,7 @@ from PIL import Image
 from blip.transforms import load_image
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes]  # noqa: UP007 - used at runtime in isinstance checks
-MAX_TEXT_TOKENS = 35  # what the retrieval/ITM and VQA checkpoints were trained and evaluated with (FACTS.md §3)
+MAX_TEXT_TOKENS = 35  # what the ITM/ITC and VQA checkpoints were trained and evaluated with (docs/preprocessing.md)
 
 
 @dataclass

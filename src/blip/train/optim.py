@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with betas (0.9, 0.999) and weight decay 0.05 (FACTS.md §7). The original decays every parameter; with
+AdamW with betas (0.9, 0.999) and weight decay 0.05 (docs/training.md). The original decays every parameter; with
 `decay_1d=False` biases, LayerNorm weights, embeddings' 1-D tables and the temperature are left undecayed (LAVIS).
 The schedule is a pure function of the step (linear warmup from `warmup_lr`, then cosine down to `min_lr`, or
 constant), so its state is the step alone and resuming sets it exactly.

@@ -2,7 +2,7 @@
 
 Our modules use the Hugging Face BLIP key layout, so an HF state dict needs only its tied/derived entries
 normalised; the original Salesforce `.pth` layout differs in the ViT names and carries training-only state
-(momentum encoders, feature queues, temperature) that inference models drop. See FACTS.md §2.
+(momentum encoders, feature queues, temperature) that inference models drop. See docs/checkpoints.md.
 """
 
 from __future__ import annotations

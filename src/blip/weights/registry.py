@@ -21,7 +21,7 @@ PRETRAINED: dict[str, PretrainedInfo] = {
     "caption-base": _info("Salesforce/blip-image-captioning-base", "caption", "ViT-B", "COCO captioning"),
     "caption-large": _info("Salesforce/blip-image-captioning-large", "caption", "ViT-L", "COCO captioning"),
     "vqa-base": _info("Salesforce/blip-vqa-base", "vqa", "ViT-B", "VQAv2"),
-    # "capfilt-large" names the CapFilt-L bootstrapped data; the model itself is ViT-B (FACTS.md §2.1).
+    # "capfilt-large" names the CapFilt-L bootstrapped data; the model itself is ViT-B (docs/checkpoints.md).
     "vqa-capfilt-large": _info("Salesforce/blip-vqa-capfilt-large", "vqa", "ViT-B", "VQAv2, CapFilt-L data"),
     "itm-base-coco": _info("Salesforce/blip-itm-base-coco", "retrieval", "ViT-B", "COCO retrieval / ITM"),
     "itm-large-coco": _info("Salesforce/blip-itm-large-coco", "retrieval", "ViT-L", "COCO retrieval / ITM"),
