@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from blip.distributed import DEFAULT_DEVICE
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, add_option_flags, options_from_args
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
@@ -36,6 +35,8 @@ class CliError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    from blip.distributed import add_device_flag  # torch: after main() chose the OpenMP wait policy
+
     if model:
         parser.add_argument(
             "--model",
@@ -44,9 +45,7 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
             help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
         )
         parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
-    parser.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(parser)
     parser.add_argument(
         "--dtype",
         default=None,
@@ -466,6 +465,8 @@ PASSTHROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] in PASSIVE_OPENMP_COMMANDS and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
     if command_at is not None and argv[command_at] in PASSTHROUGH and set(argv[:command_at]) <= {"-v", "--verbose"}:
         rest = argv[command_at + 1 :]
         verbose = bool(command_at)
@@ -481,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in PASSIVE_OPENMP_COMMANDS and "torch" not in sys.modules:  # read when torch loads OpenMP
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.command:
         parser.print_help()

@@ -14,6 +14,7 @@ Two gathers, as the objectives need them:
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import os
@@ -55,6 +56,11 @@ def world_info_from_env() -> tuple[int, int, int]:
 
 DEFAULT_DEVICE = "auto"  # every command line's --device default: a GPU when there is one, else the CPU
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Every command line's `--device`, with the one default."""
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help=f"{DEVICE_CHOICES} (auto: a GPU when there is one)")
 
 
 class DeviceError(ValueError):

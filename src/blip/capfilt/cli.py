@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from blip.capfilt.core import DATASET, CapfiltConfig, run_capfilt
-from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device, world_info_from_env
+from blip.distributed import DeviceError, add_device_flag, check_device_name, resolve_device, world_info_from_env
 from blip.jobs.cli import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
@@ -70,9 +70,7 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("running")
-    g.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(g)
     g.add_argument("--dtype", default=_DEFAULTS.dtype, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     g.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="rows per batch (default: 32)")

@@ -6,8 +6,8 @@ the first dot of the file name, the rest is its extension (``images/0001.seg.png
 repeated name (a second ``0001.png``, next to the first or later in the shard) makes that sample a duplicate, which
 readers report instead of silently keeping one of the copies.
 
-Used by training (`blip.train.data` streams samples), the batch jobs and CapFilt (`blip.jobs.sources` plans a row per
-sample and reads each image later by its offset: ``tar://<path>#<offset>:<size>``).
+Used by training (`blip.train.datasets` streams samples), the batch jobs and CapFilt (`blip.jobs.sources` plans a row
+per sample and reads each image later by its offset: ``tar://<path>#<offset>:<size>``).
 """
 
 from __future__ import annotations

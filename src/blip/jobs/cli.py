@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device
+from blip.distributed import DeviceError, add_device_flag, resolve_device
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
 from blip.jobs.index import INDEX_KINDS
 from blip.jobs.lock import OutputBusyError
@@ -50,9 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, help="only the first N rows of the input")
 
     g = p.add_argument_group("speed")
-    g.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights/compute dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
@@ -272,9 +270,7 @@ def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParse
     p.add_argument("--no-rerank", action="store_true", help="text queries: ITC order only, no ITM re-ranking")
     p.add_argument("--nprobe", type=int, help="ivf: cells searched per query")
     p.add_argument("--ef-search", type=int, help="hnsw: search breadth")
-    p.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output format (default: text)")
     p.add_argument("--verbose", "-v", action="store_true")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip.distributed import DEFAULT_DEVICE, resolve_device
+from blip.distributed import add_device_flag, resolve_device
 from blip.serve.indexes import IndexSpec, check_index_folder, parse_indexes, split_name
 from blip.serve.settings import MIB, ServeSettings
 
@@ -207,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--token", help="require this bearer token (or secret_token); prefer --token-env")
     p.add_argument("--token-env", metavar="VAR", help="read the token from this environment variable")
-    p.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass inside a batch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

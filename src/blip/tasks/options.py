@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from blip.models.generation import GenerationConfig
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # generation (hence torch) only when decoding: the command line parses its flags before torch loads
     from blip.api import Blip
+    from blip.models.generation import GenerationConfig
 
 KINDS = ("int", "float", "bool", "str", "texts")
 _WHAT = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
@@ -332,6 +331,8 @@ class CaptionOptions(TaskOptionsBase):
             )
 
     def generation(self) -> GenerationConfig:
+        from blip.models.generation import GenerationConfig
+
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from blip.distributed import DEFAULT_DEVICE, DeviceError, resolve_device, world_info_from_env
+from blip.distributed import DeviceError, add_device_flag, resolve_device, world_info_from_env
 from blip.train.config import ConfigError, TrainConfig, resolve_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -104,9 +104,7 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-new-tokens", type=int, default=5)
     parser.add_argument("--vqa-mode", choices=["generate", "rank"], default="generate")
     parser.add_argument("--k-test", type=int, default=16, help="retrieval: candidates re-ranked with ITM")
-    parser.add_argument(
-        "--device", default=DEFAULT_DEVICE, help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_flag(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--verbose", "-v", action="store_true")

@@ -28,7 +28,7 @@ from blip.data.manifests import DataError, SkipLog, read_pairs, read_questions, 
 from blip.tokenizer import BlipTokenizer
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
 from blip.train.config import TrainConfig
-from blip.train.data import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
+from blip.train.datasets import GlobalBatchSampler, PairDataset, QuestionDataset, TarPairStream, count_tar_samples
 from blip.train.loop import LoopSettings, Trainer, total_steps
 from blip.train.modeling import build_model
 from blip.train.objectives import CaptionTask, PretrainTask, RetrievalTask, TrainTask, VqaTask

@@ -97,7 +97,7 @@ class DemoConfig:
 def load_demo_config(path: str | Path | None = None, *, smoke: bool = False) -> DemoConfig:
     """The demo config file's `get_config(smoke)`: `path`, else `configs/demo_shapes.py` in the working directory or
     in the source tree this package lives in."""
-    candidates = [Path(path)] if path else [Path(DEFAULT_CONFIG), Path(__file__).resolve().parents[2] / DEFAULT_CONFIG]
+    candidates = [Path(path)] if path else [Path(DEFAULT_CONFIG), Path(__file__).resolve().parents[3] / DEFAULT_CONFIG]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise DemoConfigError(f"demo config not found (looked for {', '.join(map(str, candidates))})")
@@ -182,7 +182,7 @@ def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
 def _count_pairs(data: str) -> int:
     """Training pairs in `data`; a row the trainer would skip (e.g. an image path it cannot find) is an error here,
     since a silently smaller set would skew the comparison."""
-    from blip.train.data import SkipLog, read_pairs, resolve_sources
+    from blip.data.manifests import SkipLog, read_pairs, resolve_sources
 
     skips = SkipLog()
     pairs = read_pairs(resolve_sources(data, "pretrain"), skips=skips)
@@ -462,7 +462,7 @@ def run_demo(
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
     None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
     sizes. A folder holding a run of another config (threads aside) is refused with `DemoConfigError`."""
-    from blip.reports.demo import write_report
+    from blip.demo.report import write_report
 
     out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)

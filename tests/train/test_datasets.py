@@ -15,7 +15,7 @@ from PIL import Image
 from blip.data.manifests import DataError, SkipLog, read_caption_rows, read_pairs, read_questions, resolve_sources
 from blip.data.vocab import shapes_tokenizer
 from blip.train.collate import PairCollator, QuestionCollator, pre_caption
-from blip.train.data import GlobalBatchSampler, PairDataset, TarPairStream, count_tar_samples
+from blip.train.datasets import GlobalBatchSampler, PairDataset, TarPairStream, count_tar_samples
 
 
 def _image_fn(image, rng):

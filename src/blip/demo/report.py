@@ -6,8 +6,8 @@
         out/report_data.png      what each pretraining run reads: true / false web, synthetic and clean texts
         out/report_losses.png    the two pretraining runs' losses
 
-`metrics` is the demo's `metrics.json` content, `scores` the per-text filter scores (`blip.demo.analyse_capfilt`),
-`examples` web images with their captions and verdicts (`blip.demo.pick_examples`).
+`metrics` is the demo's `metrics.json` content, `scores` the per-text filter scores (`analyse_capfilt`),
+`examples` web images with their captions and verdicts (`pick_examples`).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""PNG and HTML reports (matplotlib, Agg backend)."""
