@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 _logger = logging.getLogger(__name__)
+# The papers' test-time decoding, not the user-facing defaults of `blip.tasks.options`: captions by beam search
+# (3 beams, 5-20 tokens), VQA answers greedy up to 10 tokens.
+CAPTION_EVAL_BEAMS, CAPTION_EVAL_MAX_TOKENS, CAPTION_EVAL_MIN_TOKENS = 3, 20, 5
+VQA_EVAL_BEAMS, VQA_EVAL_MAX_TOKENS = 1, 10
 
 
 @dataclass
@@ -83,9 +87,9 @@ def evaluate_caption(
     rows: list[dict[str, Any]],
     *,
     prompt: str = "",
-    num_beams: int = 3,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 5,
+    num_beams: int = CAPTION_EVAL_BEAMS,
+    max_new_tokens: int = CAPTION_EVAL_MAX_TOKENS,
+    min_new_tokens: int = CAPTION_EVAL_MIN_TOKENS,
 ) -> EvalResult:
     captions = blip.caption(
         [r["image"] for r in rows],
@@ -109,8 +113,8 @@ def evaluate_vqa(
     questions: list[Question],
     *,
     answer_list: list[str] | None = None,
-    num_beams: int = 1,
-    max_new_tokens: int = 10,
+    num_beams: int = VQA_EVAL_BEAMS,
+    max_new_tokens: int = VQA_EVAL_MAX_TOKENS,
 ) -> EvalResult:
     answers = blip.answer(
         [q.image for q in questions],
@@ -224,7 +228,7 @@ def evaluate(
     prompt: str = "",
     num_beams: int | None = None,
     max_new_tokens: int | None = None,
-    min_new_tokens: int = 5,
+    min_new_tokens: int = CAPTION_EVAL_MIN_TOKENS,
     vqa_mode: str = "generate",
     k_test: int = 16,
 ) -> EvalResult:
@@ -234,8 +238,8 @@ def evaluate(
             blip,
             caption_rows(data, split, max_images),
             prompt=prompt,
-            num_beams=3 if num_beams is None else num_beams,
-            max_new_tokens=max_new_tokens or 20,
+            num_beams=CAPTION_EVAL_BEAMS if num_beams is None else num_beams,
+            max_new_tokens=max_new_tokens or CAPTION_EVAL_MAX_TOKENS,
             min_new_tokens=min_new_tokens,
         )
     if task == "vqa":
@@ -249,8 +253,8 @@ def evaluate(
             blip,
             question_rows(data, split, max_images),
             answer_list=answer_list,
-            num_beams=1 if num_beams is None else num_beams,
-            max_new_tokens=max_new_tokens or 10,
+            num_beams=VQA_EVAL_BEAMS if num_beams is None else num_beams,
+            max_new_tokens=max_new_tokens or VQA_EVAL_MAX_TOKENS,
         )
     if task == "retrieval":
         return evaluate_retrieval(blip, caption_rows(data, split, max_images), k_test=k_test)

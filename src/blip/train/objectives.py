@@ -13,6 +13,8 @@ must also be queried with `[ENC]`. The decoder reads `[DEC]`.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -53,21 +55,23 @@ def _ramp(alpha: float, step: int, ramp_steps: int) -> float:
 
 class _ContrastiveTask(TrainTask):
     """What pretraining and retrieval share: ITC with a momentum encoder, queues and a distillation ramp, and ITM on
-    hard negatives mined from the ITC similarities. `image_ids` (retrieval) make every pair of one image a positive."""
+    hard negatives mined from the ITC similarities. With `use_image_ids` (retrieval) every pair of one image is a
+    positive."""
+
+    use_image_ids: ClassVar[bool] = False
 
     def __init__(
         self,
         model: BlipModel,
         *,
-        queue_size: int,
-        momentum: float,
-        alpha: float,
-        alpha_ramp_steps: int,
-        temp: float,
-        itm_token_id: int | None,
-        negatives_all_ranks: bool,
-        seed: int,
-        use_image_ids: bool,
+        queue_size: int = 57600,
+        momentum: float = 0.995,
+        alpha: float = 0.4,
+        alpha_ramp_steps: int = 0,
+        temp: float = 0.07,
+        itm_token_id: int | None = None,
+        negatives_all_ranks: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -80,11 +84,11 @@ class _ContrastiveTask(TrainTask):
             momentum=momentum,
             temp=temp,
             alpha=alpha,
-            use_idx=use_image_ids,
+            use_idx=self.use_image_ids,
         )
         # retrieval mines among the online similarities only (eps 0), pretraining smooths them (the paper's code)
-        eps = 0.0 if use_image_ids else PRETRAIN_EPS
-        self.itm = MatchingLoss(use_momentum=not use_image_ids, eps=eps, all_ranks=negatives_all_ranks, seed=seed)
+        eps = 0.0 if self.use_image_ids else PRETRAIN_EPS
+        self.itm = MatchingLoss(use_momentum=not self.use_image_ids, eps=eps, all_ranks=negatives_all_ranks, seed=seed)
 
     def before_step(self, step: int) -> None:
         self.itc.alpha = _ramp(self.alpha, step, self.alpha_ramp_steps)
@@ -109,32 +113,8 @@ class PretrainTask(_ContrastiveTask):
 
     batch: `pixel_values` `[B, 3, S, S]`, `input_ids`/`attention_mask` `[B, T]` (`[CLS] text [SEP]`)."""
 
-    def __init__(
-        self,
-        model: BlipModel,
-        *,
-        queue_size: int = 57600,
-        momentum: float = 0.995,
-        alpha: float = 0.4,
-        alpha_ramp_steps: int = 0,
-        temp: float = 0.07,
-        label_smoothing: float = 0.1,
-        itm_token_id: int | None = None,
-        negatives_all_ranks: bool = True,
-        seed: int = 0,
-    ):
-        super().__init__(
-            model,
-            queue_size=queue_size,
-            momentum=momentum,
-            alpha=alpha,
-            alpha_ramp_steps=alpha_ramp_steps,
-            temp=temp,
-            itm_token_id=itm_token_id,
-            negatives_all_ranks=negatives_all_ranks,
-            seed=seed,
-            use_image_ids=False,
-        )
+    def __init__(self, model: BlipModel, *, label_smoothing: float = 0.1, **contrastive: Any):
+        super().__init__(model, **contrastive)
         self.lm = LanguageModelingLoss(label_smoothing)
 
     def training_forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -204,31 +184,7 @@ class RetrievalTask(_ContrastiveTask):
 
     batch: `pixel_values`, `input_ids`/`attention_mask`, `image_ids` `[B]` (one id per distinct image)."""
 
-    def __init__(
-        self,
-        model: BlipModel,
-        *,
-        queue_size: int = 57600,
-        momentum: float = 0.995,
-        alpha: float = 0.4,
-        alpha_ramp_steps: int = 0,
-        temp: float = 0.07,
-        itm_token_id: int | None = None,
-        negatives_all_ranks: bool = True,
-        seed: int = 0,
-    ):
-        super().__init__(
-            model,
-            queue_size=queue_size,
-            momentum=momentum,
-            alpha=alpha,
-            alpha_ramp_steps=alpha_ramp_steps,
-            temp=temp,
-            itm_token_id=itm_token_id,
-            negatives_all_ranks=negatives_all_ranks,
-            seed=seed,
-            use_image_ids=True,
-        )
+    use_image_ids = True
 
     def training_forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         _, itc_loss, itm_loss = self.contrastive_losses(batch)
