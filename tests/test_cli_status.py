@@ -147,3 +147,11 @@ def test_one_shot_commands_set_passive_openmp_before_torch_is_loaded():
     assert policy("caption", *missing) == ["False", "PASSIVE", "True"]
     assert policy("caption", *missing, extra={"OMP_WAIT_POLICY": "ACTIVE"}) == ["False", "ACTIVE", "True"]
     assert policy("convert", "/nonexistent/model.pth", "out") == ["False", "None", "True"]
+
+
+def test_help_and_the_command_parser_do_not_load_torch():
+    """`blip --help` and the one-shot commands' parsers (with their `--device` flag) are built without torch: the
+    device check loads it lazily, after the command chose OpenMP's wait policy."""
+    code = "import sys; from blip.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split()[:1] == ["False"], done.stderr

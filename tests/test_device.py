@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import blip
-from blip.distributed import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device
+from blip.devices import DEFAULT_DEVICE, DeviceError, check_device_name, resolve_device
 from oracle import TinySpec, make_images
 
 CAPTION = TinySpec(kind="caption", seed=21)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from blip.config import BlipConfig
-from blip.distributed import resolve_device
+from blip.devices import resolve_device
 from blip.models.blip import BlipModel
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task

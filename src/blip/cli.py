@@ -35,7 +35,7 @@ class CliError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
-    from blip.distributed import add_device_flag  # torch: after main() chose the OpenMP wait policy
+    from blip.devices import add_device_flag
 
     if model:
         parser.add_argument(
@@ -163,7 +163,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _check_device(device: str) -> None:
     """An unusable --device is a one-line usage error before anything is loaded."""
-    from blip.distributed import DeviceError, resolve_device
+    from blip.devices import DeviceError, resolve_device
 
     try:
         resolve_device(device)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from blip.capfilt.core import DATASET, CapfiltConfig, run_capfilt
-from blip.distributed import DeviceError, add_device_flag, check_device_name, resolve_device, world_info_from_env
+from blip.devices import DeviceError, add_device_flag, check_device_name, resolve_device
+from blip.distributed import world_info_from_env
 from blip.jobs.cli import (
     EXIT_FAILED_ROWS,
     EXIT_OK,

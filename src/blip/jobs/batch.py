@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip.distributed import check_device_name, resolve_device, world_info_from_env
+from blip.devices import check_device_name, resolve_device
+from blip.distributed import world_info_from_env
 from blip.jobs.index import INDEX_KINDS, build_collection_index, index_is_current
 from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job, pick_engine
 from blip.jobs.runner import TASKS, RowRunner, TaskOptions

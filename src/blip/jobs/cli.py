@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blip.distributed import DeviceError, add_device_flag, resolve_device
+from blip.devices import DeviceError, add_device_flag, resolve_device
 from blip.jobs.batch import ENGINES, BatchConfig, EngineOptions, run_batch
 from blip.jobs.index import INDEX_KINDS
 from blip.jobs.lock import OutputBusyError

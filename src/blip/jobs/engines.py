@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from blip.distributed import resolve_device
+from blip.devices import resolve_device
 from blip.jobs.job import Job, RunInfo, RunSettings, pick_engine
 from blip.jobs.lock import OutputBusyError, OutputLock
 from blip.jobs.runner import JobError, ShardTask

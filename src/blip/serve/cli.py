@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip.distributed import add_device_flag, resolve_device
+from blip.devices import add_device_flag, resolve_device
 from blip.serve.indexes import IndexSpec, check_index_folder, parse_indexes, split_name
 from blip.serve.settings import MIB, ServeSettings
 

@@ -16,7 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from blip.distributed import DeviceError, add_device_flag, resolve_device, world_info_from_env
+from blip.devices import DeviceError, add_device_flag, resolve_device
+from blip.distributed import world_info_from_env
 from blip.train.config import ConfigError, TrainConfig, resolve_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
