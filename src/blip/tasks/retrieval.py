@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
+from blip.data.webdataset import TAR_PREFIX, read_member
+from blip.io import read_jsonl
 from blip.transforms import load_image
 
 if TYPE_CHECKING:
@@ -37,7 +39,6 @@ _logger = logging.getLogger(__name__)
 
 INDEX = "index"  # the index folder inside a `blip batch embed` output folder
 INDEX_FORMAT = "blip-index/1"
-TAR_PREFIX = "tar://"  # a WebDataset member: tar://<shard path>#<offset>:<size>
 _QUERY_BLOCK = 1024
 
 ImageReader = Callable[[str, str], Image.Image]  # (row id, source) -> RGB image
@@ -158,14 +159,7 @@ def read_source_image(row_id: str, source: str, fetch: Fetch | None = None) -> I
     """A collection row's image: a local path, a WebDataset member (tar://shard#offset:size) or, with `fetch`, an
     http(s) URL."""
     if source.startswith(TAR_PREFIX):
-        path, _, span = source[len(TAR_PREFIX) :].rpartition("#")
-        offset, size = (int(x) for x in span.split(":"))
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"truncated tar member: {len(data)} of {size} bytes present")
-        return load_image(data, name=row_id)
+        return load_image(read_member(source), name=row_id)
     if source.startswith(("http://", "https://")):
         if fetch is None:
             raise OSError(f"cannot fetch {source}: no URL fetcher given")
@@ -189,11 +183,6 @@ class CollectionIndex:
         return read_source_image(row["image"], row.get("source", ""), self.fetch)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_collection_index(
     path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None, fetch: Fetch | None = None
 ) -> CollectionIndex:
@@ -207,7 +196,7 @@ def load_collection_index(
         raise SearchIndexError(f"{path}: no index here (expected {INDEX}/index.json from `blip batch embed`)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-    rows = _read_jsonl(folder / "rows.jsonl")
+    rows = read_jsonl(folder / "rows.jsonl")
     info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], meta["count"], meta.get("params", {}))
     index: VectorIndex
     if meta["backend"] == "faiss":
