@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,19 +265,27 @@ def search_texts(
 
     queries = text_embeddings(blip, list(texts)).numpy()
     scores, ids = collection.index.search(queries, top_k)
+    per_text = [[_hit(collection, int(i), float(s)) for s, i in zip(rs, ri) if i >= 0] for rs, ri in zip(scores, ids)]
+    # A row that several texts re-rank is read (decoded, maybe fetched) once, and kept only until its last use.
+    uses = Counter(hit.row for hits in per_text for hit in hits) if rerank else Counter()
+    read: dict[int, Image.Image | Exception] = {}
     results = []
-    for text, row_scores, row_ids in zip(texts, scores, ids):
-        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+    for text, hits in zip(texts, per_text):
         if rerank and hits:
-            if "itm" not in blip.tasks:
-                blip.require("itm")
+            blip.require("itm")
             images, keep = [], []
             for hit in hits:
-                try:
-                    images.append(collection.read_image(hit.row))
-                    keep.append(hit)
-                except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
-                    _logger.warning("cannot re-rank %s: %s", hit.image, e)
+                image = read[hit.row] if hit.row in read else _read_row(collection, hit.row)
+                uses[hit.row] -= 1
+                if uses[hit.row]:
+                    read[hit.row] = image
+                else:
+                    read.pop(hit.row, None)
+                if isinstance(image, Exception):
+                    _logger.warning("cannot re-rank %s: %s", hit.image, image)
+                    continue
+                images.append(image)
+                keep.append(hit)
             probs = match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
             for hit, p in zip(keep, probs):
                 hit.itm = p
@@ -285,6 +294,13 @@ def search_texts(
             hit.rank = rank
         results.append(hits)
     return results
+
+
+def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
+    try:
+        return collection.read_image(row)
+    except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
+        return e
 
 
 def search_images(
