@@ -165,9 +165,8 @@ def _split(values: list[Any], works: Sequence[PairWork]) -> list[list[Any]]:
 
 def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[list[Any]]:
     images, questions, image_index = _pairs(works)
-    answers = list(options.answers) if options.answers is not None else None
     generation = options.generation()
-    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=answers)
+    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=options.answers)
     return _split(results, works)
 
 
