@@ -121,9 +121,10 @@ class Blip:
         options.check_model(self)
         image_list, question_list = pair_up(images, questions, "question")
         decoded, index = unique_images(image_list)
-        answers = list(options.answers) if options.answers is not None else None
         generation = options.generation()
-        return vqa_task.answer_questions(self, decoded, question_list, index, generation=generation, answers=answers)
+        return vqa_task.answer_questions(
+            self, decoded, question_list, index, generation=generation, answers=options.answers
+        )
 
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
         """ITM probability that each (image, text) pair matches."""

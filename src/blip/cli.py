@@ -34,17 +34,16 @@ class CliError(Exception):
     """A fatal, user-facing error: printed as one line, exit code 2."""
 
 
-def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser) -> None:
     from blip.devices import add_device_flag
 
-    if model:
-        parser.add_argument(
-            "--model",
-            "-m",
-            required=True,
-            help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
-        )
-        parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    parser.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     add_device_flag(parser)
     parser.add_argument(
         "--dtype",

@@ -111,7 +111,7 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return _vqa(blip, options if options is not None else VqaOptions(), works)
     if task == "match":
         images, texts, image_index = _pairs(works)
-        return _split(match_probabilities(blip, images, texts, image_index), works)
+        return _split(match_probabilities(blip, images, texts, image_index), [len(w.texts) for w in works])
     if task == "similarity":
         return _similarity(blip, works)
     if task == "embed":
@@ -141,11 +141,7 @@ def _caption(blip: Blip, options: CaptionOptions, works: Sequence[CaptionWork]) 
         images += [item.image for item in work.images]
         generators += [torch.Generator(device=blip.device).manual_seed(seed) for seed in work.seeds]
     per_image = caption_images(blip, images, prompt=options.prompt, generation=generation, generators=generators)
-    out, start = [], 0
-    for work in works:
-        out.append(per_image[start : start + len(work.images)])
-        start += len(work.images)
-    return out
+    return _split(per_image, [len(w.images) for w in works])
 
 
 def _pairs(works: Sequence[PairWork]) -> tuple[list[Image.Image], list[str], list[int]]:
@@ -155,20 +151,20 @@ def _pairs(works: Sequence[PairWork]) -> tuple[list[Image.Image], list[str], lis
     return images, texts, image_index
 
 
-def _split(values: list[Any], works: Sequence[PairWork]) -> list[list[Any]]:
+def _split(values: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
+    """`values` cut into consecutive runs of `sizes`."""
     out, start = [], 0
-    for work in works:
-        out.append(values[start : start + len(work.texts)])
-        start += len(work.texts)
+    for size in sizes:
+        out.append(values[start : start + size])
+        start += size
     return out
 
 
 def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[list[Any]]:
     images, questions, image_index = _pairs(works)
-    answers = list(options.answers) if options.answers is not None else None
     generation = options.generation()
-    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=answers)
-    return _split(results, works)
+    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=options.answers)
+    return _split(results, [len(w.texts) for w in works])
 
 
 def _similarity(blip: Blip, works: Sequence[SimilarityWork]) -> list[list[list[float]]]:

@@ -25,7 +25,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -194,9 +194,6 @@ class TaskOptionsBase:
     def from_mapping(cls: type[OptionsT], values: Mapping[str, Any]) -> OptionsT:
         """Options from a mapping that may hold other keys too (parsed arguments, a request body)."""
         return cls(**{name: values[name] for name in cls.specs() if name in values})
-
-    def replace(self: OptionsT, **changes: Any) -> OptionsT:
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(getattr(self, name)) for name in self.specs()}
@@ -472,12 +469,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_option_flags(parser: argparse.ArgumentParser | Any, cls: type[TaskOptionsBase], *, skip: tuple[str, ...] = ()):
+def add_option_flags(parser: argparse.ArgumentParser | Any, cls: type[TaskOptionsBase]):
     """A flag per option (`--max-new-tokens`, ...), with the option's default and help. Values are kept as given and
     checked by `options_from_args`, so a bad value gets the same one-line message as everywhere else."""
     for name, spec in cls.specs().items():
-        if name in skip:
-            continue
         default = cls.defaults()[name]
         flags = [flag(name), *spec.aliases]
         described = spec.cli_help or spec.help
@@ -509,10 +504,3 @@ def option_values(args: argparse.Namespace | Mapping[str, Any], cls: type[TaskOp
 def options_from_args(args: argparse.Namespace, cls: type[OptionsT]) -> OptionsT:
     """Validated options from parsed arguments; OptionError for a bad value."""
     return cls(**option_values(args, cls))
-
-
-def iter_options() -> Iterator[tuple[str, type[TaskOptionsBase], str, Spec]]:
-    """(task, class, option name, spec) of every option of every task."""
-    for task, cls in OPTIONS.items():
-        for name, spec in cls.specs().items():
-            yield task, cls, name, spec

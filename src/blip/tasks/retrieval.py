@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
+from blip.data.webdataset import TAR_PREFIX, read_member
+from blip.io import read_jsonl
 from blip.transforms import load_image
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ _logger = logging.getLogger(__name__)
 
 INDEX = "index"  # the index folder inside a `blip batch embed` output folder
 INDEX_FORMAT = "blip-index/1"
-TAR_PREFIX = "tar://"  # a WebDataset member: tar://<shard path>#<offset>:<size>
 _QUERY_BLOCK = 1024
 
 ImageReader = Callable[[str, str], Image.Image]  # (row id, source) -> RGB image
@@ -158,14 +160,7 @@ def read_source_image(row_id: str, source: str, fetch: Fetch | None = None) -> I
     """A collection row's image: a local path, a WebDataset member (tar://shard#offset:size) or, with `fetch`, an
     http(s) URL."""
     if source.startswith(TAR_PREFIX):
-        path, _, span = source[len(TAR_PREFIX) :].rpartition("#")
-        offset, size = (int(x) for x in span.split(":"))
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"truncated tar member: {len(data)} of {size} bytes present")
-        return load_image(data, name=row_id)
+        return load_image(read_member(source), name=row_id)
     if source.startswith(("http://", "https://")):
         if fetch is None:
             raise OSError(f"cannot fetch {source}: no URL fetcher given")
@@ -189,11 +184,6 @@ class CollectionIndex:
         return read_source_image(row["image"], row.get("source", ""), self.fetch)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_collection_index(
     path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None, fetch: Fetch | None = None
 ) -> CollectionIndex:
@@ -207,7 +197,7 @@ def load_collection_index(
         raise SearchIndexError(f"{path}: no index here (expected {INDEX}/index.json from `blip batch embed`)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-    rows = _read_jsonl(folder / "rows.jsonl")
+    rows = read_jsonl(folder / "rows.jsonl")
     info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], meta["count"], meta.get("params", {}))
     index: VectorIndex
     if meta["backend"] == "faiss":
@@ -275,19 +265,27 @@ def search_texts(
 
     queries = text_embeddings(blip, list(texts)).numpy()
     scores, ids = collection.index.search(queries, top_k)
+    per_text = [[_hit(collection, int(i), float(s)) for s, i in zip(rs, ri) if i >= 0] for rs, ri in zip(scores, ids)]
+    # A row that several texts re-rank is read (decoded, maybe fetched) once, and kept only until its last use.
+    uses = Counter(hit.row for hits in per_text for hit in hits) if rerank else Counter()
+    read: dict[int, Image.Image | Exception] = {}
     results = []
-    for text, row_scores, row_ids in zip(texts, scores, ids):
-        hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+    for text, hits in zip(texts, per_text):
         if rerank and hits:
-            if "itm" not in blip.tasks:
-                blip.require("itm")
+            blip.require("itm")
             images, keep = [], []
             for hit in hits:
-                try:
-                    images.append(collection.read_image(hit.row))
-                    keep.append(hit)
-                except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
-                    _logger.warning("cannot re-rank %s: %s", hit.image, e)
+                image = read[hit.row] if hit.row in read else _read_row(collection, hit.row)
+                uses[hit.row] -= 1
+                if uses[hit.row]:
+                    read[hit.row] = image
+                else:
+                    read.pop(hit.row, None)
+                if isinstance(image, Exception):
+                    _logger.warning("cannot re-rank %s: %s", hit.image, image)
+                    continue
+                images.append(image)
+                keep.append(hit)
             probs = match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
             for hit, p in zip(keep, probs):
                 hit.itm = p
@@ -296,6 +294,13 @@ def search_texts(
             hit.rank = rank
         results.append(hits)
     return results
+
+
+def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
+    try:
+        return collection.read_image(row)
+    except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
+        return e
 
 
 def search_images(

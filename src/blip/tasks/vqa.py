@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,10 +53,11 @@ def answer_questions(
     image_index: list[int],
     *,
     generation: GenerationConfig,
-    answers: list[str] | None,
+    answers: Sequence[str] | None,
 ) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
     results: list[Answer] = []
+    ranked = None if answers is None else _answer_ids(blip, answers)  # tokenized once, not per chunk
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         used = sorted({image_index[r] for r in rows})
@@ -64,24 +66,29 @@ def answer_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
         cross = _answer_cross(blip, states, mask)
-        if answers is None:
+        if ranked is None:
             bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
             for (seq,) in generate(blip.model.text_decoder, cross, [bos], generation, eos_id=eos):
                 results.append(Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids))
         else:
-            results.extend(_rank(blip, cross, answers))
+            results.extend(_rank(blip, cross, answers, *ranked))
     return results
 
 
-def _rank(blip: Blip, cross: CrossKV, answers: list[str]) -> list[Answer]:
+def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answers as decoder inputs: `[BOS] ... [SEP]` ids and mask, on the model's device."""
+    ids, mask = blip.tokenizer(answers)
+    ids[:, 0] = blip.config.text.bos_token_id
+    return ids.to(blip.device), mask.to(blip.device)
+
+
+def _rank(blip: Blip, cross: CrossKV, answers: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Answer]:
     """Original rank mode: keep the top-k answers by first-token probability, then re-score those k by teacher
-    forcing; score = -(sum of label-smoothed token cross-entropies), as the official VQA numbers were made."""
+    forcing; score = -(sum of label-smoothed token cross-entropies), as the official VQA numbers were made.
+    `ids`, `mask`: the answers from `_answer_ids`."""
     decoder = blip.model.text_decoder
     device = cross.keys[0].device
     num_questions = cross.keys[0].shape[0]
-    ids, mask = blip.tokenizer(answers)
-    ids[:, 0] = blip.config.text.bos_token_id
-    ids, mask = ids.to(device), mask.to(device)
     start = torch.full((num_questions, 1), blip.config.text.bos_token_id, device=device)
     first = decoder(start, cross=cross, last_only=True).float().softmax(-1)  # (Q, V)
     k = min(RANK_TOP_K, len(answers))
