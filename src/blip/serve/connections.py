@@ -71,9 +71,6 @@ class ConnectionGuard:
         self.header_timeout_s = header_timeout_s
         self.max_open = max_open
         self.waiting: dict[GuardedH11Protocol, None] = {}  # insertion-ordered: the oldest first
-        self.evicted = 0
-        self.refused = 0
-        self.timed_out = 0
 
 
 def guarded_protocol(header_timeout_s: float, max_open: int) -> type[GuardedH11Protocol]:
@@ -92,7 +89,6 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.guard.max_open and not self._evict_one():
-            self.guard.refused += 1
             self.connections.discard(self)
             transport.write(BUSY_RESPONSE)
             transport.close()
@@ -129,7 +125,6 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.guard.timed_out += 1
             _logger.debug("closed a connection: no complete request head in %g s", self.guard.header_timeout_s)
             self._close()
 
@@ -138,7 +133,6 @@ class GuardedH11Protocol(H11Protocol):
         victim = next((c for c in self.guard.waiting if c is not self), None)
         if victim is None:
             return False
-        self.guard.evicted += 1
         victim._close()
         return True
 
