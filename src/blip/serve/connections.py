@@ -19,7 +19,6 @@ It relies only on the protocol's documented hooks (`connection_made`, `data_rece
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import resource
@@ -28,12 +27,12 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from blip.serve.errors import error_body
+
 _logger = logging.getLogger(__name__)
 
 FD_RESERVE = 64  # open files kept free for everything but client connections (models, logs, URL fetches, ...)
-BUSY_BODY = json.dumps(
-    {"error": {"code": "overloaded", "message": "too many open connections; retry later", "field": None}}
-).encode()
+BUSY_BODY = error_body("overloaded", "too many open connections; retry later")
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
     b"connection: close\r\ncontent-length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY
