@@ -196,7 +196,7 @@ class ImageLoader:
         order: list[int] = []
         firsts: list[ImageSource] = []
         for source in sources:
-            key = (source.kind if source.kind != "bytes" else "b", source.value)
+            key = (source.kind, source.value)
             if key not in distinct:
                 distinct[key] = len(firsts)
                 firsts.append(source)
