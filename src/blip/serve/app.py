@@ -103,6 +103,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             load_task.cancel()
         await anyio.to_thread.run_sync(svc.batcher.close, svc.settings.timeout_s)
         await svc.fetcher.aclose()
+        await anyio.to_thread.run_sync(svc.index_fetcher.close)
 
 
 def _add_middleware(app: FastAPI, svc: Service) -> None:

@@ -19,7 +19,6 @@ It relies only on the protocol's documented hooks (`connection_made`, `data_rece
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import resource
@@ -28,12 +27,12 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from blip.serve.errors import error_body
+
 _logger = logging.getLogger(__name__)
 
 FD_RESERVE = 64  # open files kept free for everything but client connections (models, logs, URL fetches, ...)
-BUSY_BODY = json.dumps(
-    {"error": {"code": "overloaded", "message": "too many open connections; retry later", "field": None}}
-).encode()
+BUSY_BODY = error_body("overloaded", "too many open connections; retry later")
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
     b"connection: close\r\ncontent-length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY
@@ -71,9 +70,6 @@ class ConnectionGuard:
         self.header_timeout_s = header_timeout_s
         self.max_open = max_open
         self.waiting: dict[GuardedH11Protocol, None] = {}  # insertion-ordered: the oldest first
-        self.evicted = 0
-        self.refused = 0
-        self.timed_out = 0
 
 
 def guarded_protocol(header_timeout_s: float, max_open: int) -> type[GuardedH11Protocol]:
@@ -92,7 +88,6 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.guard.max_open and not self._evict_one():
-            self.guard.refused += 1
             self.connections.discard(self)
             transport.write(BUSY_RESPONSE)
             transport.close()
@@ -129,7 +124,6 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.guard.timed_out += 1
             _logger.debug("closed a connection: no complete request head in %g s", self.guard.header_timeout_s)
             self._close()
 
@@ -138,7 +132,6 @@ class GuardedH11Protocol(H11Protocol):
         victim = next((c for c in self.guard.waiting if c is not self), None)
         if victim is None:
             return False
-        self.guard.evicted += 1
         victim._close()
         return True
 

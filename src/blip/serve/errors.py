@@ -5,6 +5,7 @@ the OpenAPI document lists for the routes."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -51,6 +52,11 @@ class ApiError(Exception):
 
 def error_content(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "field": field}}
+
+
+def error_body(code: str, message: str, field: str | None = None) -> bytes:
+    """The error body as bytes, for the layers below FastAPI (the ASGI middleware, the connection guard)."""
+    return json.dumps(error_content(code, message, field)).encode()
 
 
 def error_response(

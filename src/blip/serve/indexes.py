@@ -11,14 +11,12 @@ records no fingerprint); a served model whose fingerprint differs from the recor
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blip.fetch import FetchLimits, SafeFetcher
 from blip.tasks.retrieval import INDEX, CollectionIndex, Fetch, SearchIndexError, load_collection_index
 
 if TYPE_CHECKING:
@@ -165,20 +163,3 @@ def open_indexes(
     specs: dict[str, IndexSpec], models: dict[str, Blip], fetch: Fetch | None = None
 ) -> dict[str, ServedIndex]:
     return {name: open_index(name, spec, models, fetch) for name, spec in specs.items()}
-
-
-def blocking_fetch(limits: FetchLimits, *, allow_loopback: bool = False) -> Fetch:
-    """The safe fetcher as a plain call, for the inference thread (re-ranking reads collection rows given by URL):
-    each call runs a fetcher of its own on an event loop of its own."""
-
-    def fetch(url: str) -> bytes:
-        async def once() -> bytes:
-            fetcher = SafeFetcher(limits, allow_loopback=allow_loopback)
-            try:
-                return await fetcher.fetch(url, name="collection image")
-            finally:
-                await fetcher.aclose()
-
-        return asyncio.run(once())
-
-    return fetch

@@ -196,7 +196,7 @@ class ImageLoader:
         order: list[int] = []
         firsts: list[ImageSource] = []
         for source in sources:
-            key = (source.kind if source.kind != "bytes" else "b", source.value)
+            key = (source.kind, source.value)
             if key not in distinct:
                 distinct[key] = len(firsts)
                 firsts.append(source)
@@ -262,15 +262,18 @@ class ImageLoader:
 
     async def _decode(self, data: bytes, field: str, pixels: int, size: int | None) -> ImageItem:
         decode = functools.partial(load_image, data, max_pixels=self.max_pixels, name=field, size=size)
+
+        def work() -> ImageItem:  # the worker thread hashes the bytes too (megabytes: not on the event loop)
+            image = self._guarded(field, decode)
+            return ImageItem(hashlib.sha256(data).hexdigest(), image)
+
         await self.budget.acquire(pixels)
         try:
-            guarded = functools.partial(self._guarded, field, decode)
-            image = await anyio.to_thread.run_sync(guarded, limiter=self._decode_limit)
+            return await anyio.to_thread.run_sync(work, limiter=self._decode_limit)
         finally:
             self.budget.release(pixels)
             self._untrimmed = self._untrimmed or pixels >= TRIM_IMAGE_PIXELS
             self._trim_when_idle()
-        return ImageItem(hashlib.sha256(data).hexdigest(), image)
 
     def _trim_when_idle(self) -> None:
         """After large decodes with none in flight, return freed memory to the system (in a thread, not awaited);

@@ -34,7 +34,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from blip.serve.errors import error_content
+from blip.serve.errors import error_body
 from blip.serve.metrics import ServerMetrics
 from blip.serve.settings import ServeSettings
 
@@ -201,10 +201,6 @@ class BodyTimeout(HTTPException):
 
     def __init__(self, seconds: float):
         super().__init__(408, f"body: the request body did not arrive within {seconds:g} s")
-
-
-def error_body(code: str, message: str, field: str | None = None) -> bytes:
-    return json.dumps(error_content(code, message, field)).encode()
 
 
 class ServeMiddleware:

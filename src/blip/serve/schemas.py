@@ -168,7 +168,7 @@ def option_model(name: str, cls: type[TaskOptionsBase], base: type[BaseModel], d
 
 def to_options(params: BaseModel, cls: type[OptionsT]) -> OptionsT:
     """The request's options (rules between options checked here: OptionError naming the field)."""
-    return cls.from_mapping({name: getattr(params, name) for name in cls.specs() if hasattr(params, name)})
+    return cls.from_mapping(dict(params))  # it takes the options' own fields from the request's
 
 
 CaptionParams = option_model(

@@ -5,6 +5,7 @@ result."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Hashable
@@ -14,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from fastapi.security import HTTPAuthorizationCredentials
 
-from blip.fetch import FetchLimits, SafeFetcher
+from blip.fetch import FetchLimits, SafeFetcher, SyncFetcher
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
 from blip.serve.errors import ApiError
-from blip.serve.indexes import IndexSpec, ServedIndex, blocking_fetch, open_indexes
+from blip.serve.indexes import IndexSpec, ServedIndex, open_indexes
 from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
 from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
@@ -75,7 +76,9 @@ class Service:
             total_timeout_s=settings.fetch_total_timeout_s,
         )
         self.index_specs = dict(indexes or {})
-        self.index_fetch = blocking_fetch(limits, allow_loopback=settings.fetch_allow_loopback)
+        # re-ranking reads the collection's http(s) rows on the inference thread: the blocking face of the fetcher
+        self.index_fetcher = SyncFetcher(limits, allow_loopback=settings.fetch_allow_loopback)
+        self.index_fetch = functools.partial(self.index_fetcher.fetch, name="collection image")
         self.indexes: dict[str, ServedIndex] = {}
         if loader is None and self.index_specs:  # models given: open the indexes now (IndexSetupError if one fails)
             self.indexes = open_indexes(self.index_specs, self.models, self.index_fetch)

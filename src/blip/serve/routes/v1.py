@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Form
 from pydantic import BaseModel
 
-from blip.serve.errors import ERRORS, ApiError
+from blip.serve.errors import ERRORS
 from blip.serve.indexes import ServedIndex
 from blip.serve.inputs import ImageSource, from_ref, from_refs
 from blip.serve.routes.shared import AUTH, ServiceDep, Uploads, answer_groups, api_router, finite, read_uploads
@@ -144,11 +144,8 @@ def _pairing(n_images: int, n_texts: int) -> list[int]:
         return [0] * n_texts
     if n_texts == 1 or n_images == n_texts:
         return list(range(n_images))
-    raise ApiError(
-        422,
-        "invalid_request",
-        f"texts: {n_images} images but {n_texts} texts: give one image, one text, or lists of the same length",
-        field="texts",
+    raise Service.invalid(
+        "texts", f"{n_images} images but {n_texts} texts: give one image, one text, or lists of the same length"
     )
 
 
