@@ -62,8 +62,7 @@ from blip.jobs.sources import (
     read_image,
     require_rows,
 )
-from blip.jobs.writer import OutputDir
-from blip.models.generation import GenerationConfig
+from blip.jobs.writer import ERRORS, OutputDir
 from blip.tasks.batch import CaptionWork, ImageItem, PairWork, dispatch
 from blip.tasks.batch import row_seed as _row_seed
 from blip.tasks.caption import prompt_prefix
@@ -153,9 +152,6 @@ class CapfiltConfig:
             repetition_penalty=self.repetition_penalty,
             num_captions=self.num_captions,
         )
-
-    def generation(self) -> GenerationConfig:
-        return self.captioning().generation()
 
     def describe(self) -> dict[str, Any]:
         """The options that change the records (part of the job's fingerprint)."""
@@ -286,10 +282,6 @@ class CapfiltRunner(RowRunner):
         self.prompt_text = captioner.tokenizer.decode(prefix) if len(prefix) > 1 else ""
         sizes = {captioner.transform.image_size, filter.transform.image_size}
         self._image_size = sizes.pop() if len(sizes) == 1 else None  # both models resize the same way: do it once
-
-    @property
-    def image_size(self) -> int:
-        return self.blip.transform.image_size
 
     def load(self, row: Row) -> Image.Image:
         return read_image(row, self._image_size)
@@ -431,7 +423,7 @@ class CapfiltKind(JobKind):
             out_dir=out.root,
             dataset=dataset,
             records=sorted(out.root.glob(f"{RECORDS_PREFIX}-*.jsonl")),
-            errors=out.root / "errors.jsonl",
+            errors=out.root / ERRORS,
             data=job.plan.spec,
             rows=job.total_rows,
             failed=batch.rows_failed,
