@@ -102,8 +102,9 @@ def run_local(job: Job) -> Any:
 
                 try:
                     worker.process(pending, progress=step, on_commit=_refresher(job, out, "local"))
-                finally:
-                    _summaries(job, out, "local")
+                except BaseException:
+                    _summaries(job, out, "local")  # what finished is on record (finalize writes them otherwise)
+                    raise
         return job.kind.finalize(job, out, RunInfo("local", resumed, rows_run, time.perf_counter() - started))
 
 
@@ -325,6 +326,7 @@ def _dispatch(
                 bar.update(result["rows"])
                 refresh()
                 submit(actor)
-        finally:
-            _summaries(job, out, engine)
+        except BaseException:
+            _summaries(job, out, engine)  # what finished is on record (finalize writes them otherwise)
+            raise
     return rows_run
