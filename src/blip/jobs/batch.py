@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip.devices import check_device_name, resolve_device
-from blip.distributed import world_info_from_env
 from blip.jobs.index import INDEX_KINDS, build_collection_index, current_index
-from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job, pick_engine
+from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
 from blip.jobs.runner import TASKS, RowRunner, TaskOptions
 from blip.jobs.sources import InputOptions, plan_input, require_rows
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
@@ -60,10 +58,7 @@ class BatchConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def validate(self) -> None:
-        if pick_engine(self.engine.engine) == "ray":
-            check_device_name(self.device)  # the actors may run on machines with GPUs this one lacks
-        else:
-            resolve_device(self.device, world_info_from_env()[1])  # fails here, before the input or model is read
+        self.engine.check_device(self.device)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
         if self.output_format not in OUTPUT_FORMATS:
