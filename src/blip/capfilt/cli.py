@@ -128,9 +128,8 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         tokenizer=args.tokenizer,
         **dataclasses.asdict(EngineOptions.of(args)),  # CapfiltConfig's engine fields are EngineOptions' own
     )
-    progress = args.progress if args.progress is not None else sys.stderr.isatty()
     try:
-        summary = run_capfilt(args.captioner, args.filter, args.data, args.out, cfg, progress=progress)
+        summary = run_capfilt(args.captioner, args.filter, args.data, args.out, cfg, progress=args.progress)
     except (
         InputError,
         DataError,

@@ -453,14 +453,15 @@ def run_capfilt(
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: CapfiltConfig = CapfiltConfig(),
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> CapfiltSummary:
     """Run (or resume) CapFilt of `data` into `out_dir`; see the module docstring for what is written.
 
     `captioner`: a model with a caption head (a fine-tuned captioner); `filter`: a model with an ITM head (a
     retrieval fine-tune). Each is a `blip.Blip` or anything `blip.load` reads. `cfg.engine` picks the engine (as
-    `blip batch --engine`). Raises `InputError` for an unusable input, `JobMismatchError` when `out_dir` holds
-    results of other options (unless `cfg.overwrite`), `OutputError` for an output folder that is not CapFilt's."""
+    `blip batch --engine`); `progress`: the progress bar (None: when stderr is a terminal). Raises `InputError`
+    for an unusable input, `JobMismatchError` when `out_dir` holds results of other options (unless
+    `cfg.overwrite`), `OutputError` for an output folder that is not CapFilt's."""
     kind = CapfiltKind(captioner, filter, cfg)
     cfg.validate()
     if cfg.threads > 0:
