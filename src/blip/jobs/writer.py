@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -609,18 +608,3 @@ def import_pyarrow() -> tuple[Any, Any]:
     except ImportError as e:
         raise RuntimeError("--format parquet needs pyarrow: pip install pyarrow") from e
     return pa, pq
-
-
-class Throttle:
-    """True at most every `seconds` (and on the first call)."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self._last = -float("inf")
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self.seconds:
-            self._last = now
-            return True
-        return False
