@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from blip.capfilt.core import DATASET, CapfiltConfig, run_capfilt
-from blip.devices import DeviceError, add_device_flag, check_device_name, resolve_device
-from blip.distributed import world_info_from_env
+from blip.devices import DeviceError, add_device_flag
 from blip.jobs.cli import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
@@ -101,10 +100,7 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         return int(e.code or 0)
     setup_logging(args.verbose)
     try:
-        if args.engine == "ray":
-            check_device_name(args.device)  # the actors may run on machines with GPUs this one lacks
-        else:
-            resolve_device(args.device, world_info_from_env()[1])
+        EngineOptions.of(args).check_device(args.device)
     except DeviceError as e:
         return fatal(prog, str(e))
     for flag in ("data", "keep_clean"):
@@ -132,9 +128,8 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         tokenizer=args.tokenizer,
         **dataclasses.asdict(EngineOptions.of(args)),  # CapfiltConfig's engine fields are EngineOptions' own
     )
-    progress = args.progress if args.progress is not None else sys.stderr.isatty()
     try:
-        summary = run_capfilt(args.captioner, args.filter, args.data, args.out, cfg, progress=progress)
+        summary = run_capfilt(args.captioner, args.filter, args.data, args.out, cfg, progress=args.progress)
     except (
         InputError,
         DataError,

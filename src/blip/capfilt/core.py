@@ -62,8 +62,7 @@ from blip.jobs.sources import (
     read_image,
     require_rows,
 )
-from blip.jobs.writer import OutputDir
-from blip.models.generation import GenerationConfig
+from blip.jobs.writer import ERRORS, OutputDir
 from blip.tasks.batch import CaptionWork, ImageItem, PairWork, dispatch
 from blip.tasks.batch import row_seed as _row_seed
 from blip.tasks.caption import prompt_prefix
@@ -153,9 +152,6 @@ class CapfiltConfig:
             repetition_penalty=self.repetition_penalty,
             num_captions=self.num_captions,
         )
-
-    def generation(self) -> GenerationConfig:
-        return self.captioning().generation()
 
     def describe(self) -> dict[str, Any]:
         """The options that change the records (part of the job's fingerprint)."""
@@ -286,10 +282,6 @@ class CapfiltRunner(RowRunner):
         self.prompt_text = captioner.tokenizer.decode(prefix) if len(prefix) > 1 else ""
         sizes = {captioner.transform.image_size, filter.transform.image_size}
         self._image_size = sizes.pop() if len(sizes) == 1 else None  # both models resize the same way: do it once
-
-    @property
-    def image_size(self) -> int:
-        return self.blip.transform.image_size
 
     def load(self, row: Row) -> Image.Image:
         return read_image(row, self._image_size)
@@ -431,7 +423,7 @@ class CapfiltKind(JobKind):
             out_dir=out.root,
             dataset=dataset,
             records=sorted(out.root.glob(f"{RECORDS_PREFIX}-*.jsonl")),
-            errors=out.root / "errors.jsonl",
+            errors=out.root / ERRORS,
             data=job.plan.spec,
             rows=job.total_rows,
             failed=batch.rows_failed,
@@ -461,14 +453,15 @@ def run_capfilt(
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfg: CapfiltConfig = CapfiltConfig(),
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> CapfiltSummary:
     """Run (or resume) CapFilt of `data` into `out_dir`; see the module docstring for what is written.
 
     `captioner`: a model with a caption head (a fine-tuned captioner); `filter`: a model with an ITM head (a
     retrieval fine-tune). Each is a `blip.Blip` or anything `blip.load` reads. `cfg.engine` picks the engine (as
-    `blip batch --engine`). Raises `InputError` for an unusable input, `JobMismatchError` when `out_dir` holds
-    results of other options (unless `cfg.overwrite`), `OutputError` for an output folder that is not CapFilt's."""
+    `blip batch --engine`); `progress`: the progress bar (None: when stderr is a terminal). Raises `InputError`
+    for an unusable input, `JobMismatchError` when `out_dir` holds results of other options (unless
+    `cfg.overwrite`), `OutputError` for an output folder that is not CapFilt's."""
     kind = CapfiltKind(captioner, filter, cfg)
     cfg.validate()
     if cfg.threads > 0:

@@ -14,17 +14,14 @@ shard commit) and one coordinator locks the output folder, merges the manifest a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip.devices import check_device_name, resolve_device
-from blip.distributed import world_info_from_env
-from blip.jobs.index import INDEX_KINDS, build_collection_index, index_is_current
-from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job, pick_engine
+from blip.jobs.index import INDEX_KINDS, build_collection_index, current_index
+from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
 from blip.jobs.runner import TASKS, RowRunner, TaskOptions
 from blip.jobs.sources import InputOptions, plan_input, require_rows
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
@@ -61,10 +58,7 @@ class BatchConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def validate(self) -> None:
-        if pick_engine(self.engine.engine) == "ray":
-            check_device_name(self.device)  # the actors may run on machines with GPUs this one lacks
-        else:
-            resolve_device(self.device, world_info_from_env()[1])  # fails here, before the input or model is read
+        self.engine.check_device(self.device)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
         if self.output_format not in OUTPUT_FORMATS:
@@ -167,10 +161,10 @@ class BatchKind(JobKind):
         if cfg.task == "embed" and summary.complete and cfg.index_type != "none":
             if summary.rows_ok == 0:
                 _logger.warning("no image was embedded: no index built")
-            elif index_is_current(out.root, job.fingerprint) and cfg.index_type in ("auto", _index_kind(out.root)):
-                index_meta = json.loads((out.root / INDEX / "index.json").read_text(encoding="utf-8"))
             else:
-                index_meta = build_collection_index(out.root, cfg.index_type)
+                index_meta = current_index(out.root, job.fingerprint, cfg.index_type) or build_collection_index(
+                    out.root, cfg.index_type
+                )
             if index_meta is not None:
                 extra["index"] = {k: index_meta[k] for k in ("kind", "backend", "dim", "count", "params")}
                 summary = out.write_summaries(len(job.shards), job.total_rows, extra)
@@ -183,13 +177,6 @@ def load_blip(cfg: BatchConfig, device: str) -> Blip:
     model = blip.load(cfg.model, device=device, dtype=cfg.dtype, tokenizer=cfg.tokenizer, batch_size=cfg.batch_size)
     _logger.info("loaded %s on %s (%s)", cfg.model, device, model.dtype)
     return model
-
-
-def _index_kind(out: Path) -> str | None:
-    try:
-        return json.loads((out / INDEX / "index.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def run_batch(cfg: BatchConfig) -> BatchResult:

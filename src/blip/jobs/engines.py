@@ -23,7 +23,7 @@ from blip.jobs.job import Job, RunInfo, RunSettings, pick_engine
 from blip.jobs.lock import OutputBusyError, OutputLock
 from blip.jobs.runner import JobError, ShardTask
 from blip.jobs.sources import Row
-from blip.jobs.writer import OutputDir, OutputError, Receipt, Summary, Throttle
+from blip.jobs.writer import OutputDir, OutputError, Receipt, Summary
 
 _logger = logging.getLogger(__name__)
 
@@ -54,10 +54,14 @@ def _summaries(job: Job, out: OutputDir, engine: str) -> Summary:
 
 
 def _refresher(job: Job, out: OutputDir, engine: str):
-    throttle = Throttle(SUMMARY_EVERY_S)
+    """`refresh()`: rewrite the summaries, at most every `SUMMARY_EVERY_S` (and on the first call)."""
+    last = -float("inf")
 
     def refresh(_: Receipt | None = None) -> None:
-        if throttle():
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= SUMMARY_EVERY_S:
+            last = now
             _summaries(job, out, engine)
 
     return refresh
@@ -102,8 +106,9 @@ def run_local(job: Job) -> Any:
 
                 try:
                     worker.process(pending, progress=step, on_commit=_refresher(job, out, "local"))
-                finally:
-                    _summaries(job, out, "local")
+                except BaseException:
+                    _summaries(job, out, "local")  # what finished is on record (finalize writes them otherwise)
+                    raise
         return job.kind.finalize(job, out, RunInfo("local", resumed, rows_run, time.perf_counter() - started))
 
 
@@ -325,6 +330,7 @@ def _dispatch(
                 bar.update(result["rows"])
                 refresh()
                 submit(actor)
-        finally:
-            _summaries(job, out, engine)
+        except BaseException:
+            _summaries(job, out, engine)  # what finished is on record (finalize writes them otherwise)
+            raise
     return rows_run

@@ -204,9 +204,11 @@ def build_collection_index(
     return meta
 
 
-def index_is_current(out: Path, manifest_fingerprint: str) -> bool:
+def current_index(out: Path, job_fingerprint: str, kind: str = "auto") -> dict[str, Any] | None:
+    """The metadata of ``<out>/index`` when it indexes the vectors of job `job_fingerprint` and is of `kind` (any
+    kind for "auto"), read once; None when it must be (re)built."""
     try:
         meta = json.loads((out / INDEX / "index.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("job") == manifest_fingerprint
+        return None
+    return meta if meta.get("job") == job_fingerprint and kind in ("auto", meta.get("kind")) else None

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blip.devices import check_device_name, resolve_device
+from blip.distributed import world_info_from_env
 from blip.jobs.runner import ShardTask, ShardWorker, split_shards
 from blip.jobs.sources import InputPlan
 from blip.jobs.writer import OutputDir
@@ -48,6 +50,14 @@ class EngineOptions:
     def of(cls, source: Any) -> EngineOptions:
         """The engine options among `source`'s attributes: parsed flags, or a config that has these fields."""
         return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})
+
+    def check_device(self, device: str) -> None:
+        """`DeviceError` now, before any input or model is read, for a device the job cannot run on: with Ray only
+        the name is checked (the actors may run on machines with GPUs this one lacks), else that this process has it."""
+        if pick_engine(self.engine) == "ray":
+            check_device_name(device)
+        else:
+            resolve_device(device, world_info_from_env()[1])
 
     def validate(self) -> None:
         if self.engine not in ENGINES:

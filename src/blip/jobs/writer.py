@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,7 +373,7 @@ class OutputDir:
                     f"choose another --out"
                 )
             if manifest is not None:
-                self.clear()
+                self._clear(before)
             manifest = None
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temporary_files(ours)
@@ -404,9 +403,10 @@ class OutputDir:
     def clear(self) -> None:
         """Remove what the folder's manifest says a job wrote here (and nothing else), the manifest last."""
         manifest = self.read_manifest()
-        if manifest is None:
-            return
-        owned = Owned.from_manifest(manifest)
+        if manifest is not None:
+            self._clear(Owned.from_manifest(manifest))
+
+    def _clear(self, owned: Owned) -> None:
         for path in sorted(self.root.iterdir()):
             if path.name == MANIFEST or (path.name not in owned and not owned.is_temporary(path.name)):
                 continue
@@ -518,8 +518,9 @@ class OutputDir:
             self._receipts[shard] = Receipt.from_json(obj)
         return dict(sorted(self._receipts.items()))
 
-    def summarize(self, num_shards: int, total_rows: int) -> Summary:
-        receipts = self.receipts()
+    def summarize(self, num_shards: int, total_rows: int, receipts: dict[int, Receipt] | None = None) -> Summary:
+        if receipts is None:
+            receipts = self.receipts()
         return Summary(
             shards=num_shards,
             shards_done=len(receipts),
@@ -531,8 +532,8 @@ class OutputDir:
 
     def write_summaries(self, num_shards: int, total_rows: int, extra: dict[str, Any] | None = None) -> Summary:
         """Coordinator: rebuild errors.jsonl and _manifest.json from the receipts (atomically)."""
-        summary = self.summarize(num_shards, total_rows)
         receipts = self.receipts()
+        summary = self.summarize(num_shards, total_rows, receipts)
         errors = [e for r in receipts.values() for e in r.errors]
         atomic_write_bytes(self.root / ERRORS, jsonl_bytes(errors), fsync=False)
         self.write_manifest(num_shards, summary, receipts, extra)
@@ -607,18 +608,3 @@ def import_pyarrow() -> tuple[Any, Any]:
     except ImportError as e:
         raise RuntimeError("--format parquet needs pyarrow: pip install pyarrow") from e
     return pa, pq
-
-
-class Throttle:
-    """True at most every `seconds` (and on the first call)."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self._last = -float("inf")
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self.seconds:
-            self._last = now
-            return True
-        return False
