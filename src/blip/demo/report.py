@@ -15,10 +15,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from blip.io import read_jsonl
 
 _logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def plot_pretrain_losses(out: Path, path: Path) -> Path | None:
         log = out / arm / "pretrain" / "metrics.jsonl"
         if not log.is_file():
             continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(log)
         found = found or bool(rows)
         for ax, name in zip(axes, ("itc_loss", "itm_loss", "lm_loss")):
             ax.plot([r["step"] for r in rows], [r.get(name) for r in rows], color=COLORS[arm], label=arm)

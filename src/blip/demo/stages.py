@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from blip.capfilt import CapfiltConfig
+from blip.io import atomic_write_json, read_jsonl
 from blip.train.config import TrainConfig
 
 _logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class Stages:
             _LABEL.reset(token)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "result": result}, indent=1) + "\n")
+        atomic_write_json(marker, {"seconds": seconds, "cpu_seconds": cpu, "result": result})  # never half a marker
         self.timings[name], self.cpu[name] = seconds, cpu
         elapsed = time.perf_counter() - self.started
         self.say(f"{head}: done in {seconds:.0f}s (elapsed {elapsed / 60:.1f} min)")
@@ -326,7 +327,7 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
 
 def training_sets(data_dir: Path, capfilt_dataset: str, analysis: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """How many texts each pretraining run reads, and how many of them are false for their image."""
-    clean = sum(len(json.loads(line)["captions"]) for line in (data_dir / "clean.jsonl").read_text().splitlines())
+    clean = sum(len(row["captions"]) for row in read_jsonl(data_dir / "clean.jsonl"))
     web, synth = analysis["web"], analysis["synthetic"]
     kept_web = web["texts"] - web["removed"]
     kept_web_false = web["noisy"] - web["removed_noisy"]
@@ -417,7 +418,7 @@ def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
         untrained.update(_headline(task, result.metrics))
     # Chance: the most common clean training caption for every test image; each question's most common training
     # answer; a random ranking (R@1 = 1 / number of test images, both ways).
-    clean = [c for line in (data_dir / "clean.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    clean = [c for row in read_jsonl(data_dir / "clean.jsonl") for c in row["captions"]]
     constant = Counter(clean).most_common(1)[0][0]
     rows = caption_rows(str(data_dir), max_images=cfg.n_test)
     scores = caption_scores({i: r["captions"] for i, r in enumerate(rows)}, {i: constant for i in range(len(rows))})
@@ -475,7 +476,7 @@ def run_demo(
     identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "threads"}
     if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "threads"} != identity:
         raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
-    saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    atomic_write_json(saved, cfg.to_dict())
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -571,7 +572,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], write_report: C
     metrics["load_average"] = _load_average()
     metrics["threads"] = cfg.threads
     metrics["config"] = cfg.to_dict()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
     examples = pick_examples(out / "capfilt_data", data_dir, cfg.examples)
     report = write_report(out, metrics, analysis["scores"], examples)
     say(summary_text(metrics))
