@@ -348,6 +348,8 @@ code { background: #f4f4f4; padding: 1px 4px; }
 
 def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], examples: list[dict[str, Any]]) -> Path:
     """Write the PNGs and `report.html` into `out`; returns the HTML path."""
+    from blip.data.shapes import NOISE_KINDS
+
     out = Path(out)
     figures = {
         "metrics": plot_metric_bars(metrics, out / "report_metrics.png"),
@@ -356,7 +358,7 @@ def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], exa
         "losses": plot_pretrain_losses(out, out / "report_losses.png"),
     }
     cfg = metrics["config"]
-    rates = dict(zip(("correct", "partial", "unrelated", "junk"), cfg["noise_rates"]))
+    rates = dict(zip(NOISE_KINDS, cfg["noise_rates"]))
     rates_text = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items())
     web_sets = metrics["training_sets"]
     losses = (

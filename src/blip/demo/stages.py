@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from blip.capfilt import CapfiltConfig
+from blip.demo.report import write_report
 from blip.io import atomic_write_json, read_jsonl
 from blip.train.config import TrainConfig
 
@@ -270,12 +271,12 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
     """The filter against the known noise labels, the synthetic captions against the true scenes, and what each
     pretraining set holds."""
     from blip.capfilt import read_records
-    from blip.data.shapes import Scene, check_caption
+    from blip.data.shapes import NOISE_KINDS, Scene, check_caption
 
     kinds: Counter = Counter()
     removed: Counter = Counter()
     synth = Counter()
-    scores: dict[str, list[float]] = {"correct": [], "partial": [], "unrelated": [], "junk": []}
+    scores: dict[str, list[float]] = {k: [] for k in NOISE_KINDS}
     synth_scores: dict[str, list[float]] = {"true": [], "false": []}
     for record in read_records(folder):
         noise = record.get("noise") or record.get("input_noise")
@@ -367,10 +368,10 @@ def pick_examples(folder: Path, data_dir: Path, n: int) -> list[dict[str, Any]]:
         if noise not in chosen or len(chosen[noise]) >= per_kind:
             continue
         scene = Scene.from_dict(record["scene"])
-        synthetic = [
-            {**s, "errors": caption_errors(scene, s["text"]), "true": not caption_errors(scene, s["text"])}
-            for s in record["synthetic"]
-        ]
+        synthetic = []
+        for s in record["synthetic"]:
+            errors = caption_errors(scene, s["text"])
+            synthetic.append({**s, "errors": errors, "true": not errors})
         image = Path(record["image"])
         chosen[noise].append(
             {
@@ -463,8 +464,6 @@ def run_demo(
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
     None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
     sizes. A folder holding a run of another config (threads aside) is refused with `DemoConfigError`."""
-    from blip.demo.report import write_report
-
     out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)
     if seed is not None:
@@ -481,12 +480,12 @@ def run_demo(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, out, say, write_report)
+        return _run(cfg, out, say)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], write_report: Callable[..., Path]) -> int:
+def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
     data_dir = out / "data"
     web_data = f"{data_dir / 'web.jsonl'},{data_dir / 'clean.jsonl'}"
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
