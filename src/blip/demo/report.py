@@ -15,10 +15,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from blip.io import read_jsonl
 
 _logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def plot_pretrain_losses(out: Path, path: Path) -> Path | None:
         log = out / arm / "pretrain" / "metrics.jsonl"
         if not log.is_file():
             continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(log)
         found = found or bool(rows)
         for ax, name in zip(axes, ("itc_loss", "itm_loss", "lm_loss")):
             ax.plot([r["step"] for r in rows], [r.get(name) for r in rows], color=COLORS[arm], label=arm)
@@ -347,6 +348,8 @@ code { background: #f4f4f4; padding: 1px 4px; }
 
 def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], examples: list[dict[str, Any]]) -> Path:
     """Write the PNGs and `report.html` into `out`; returns the HTML path."""
+    from blip.data.shapes import NOISE_KINDS
+
     out = Path(out)
     figures = {
         "metrics": plot_metric_bars(metrics, out / "report_metrics.png"),
@@ -355,7 +358,7 @@ def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], exa
         "losses": plot_pretrain_losses(out, out / "report_losses.png"),
     }
     cfg = metrics["config"]
-    rates = dict(zip(("correct", "partial", "unrelated", "junk"), cfg["noise_rates"]))
+    rates = dict(zip(NOISE_KINDS, cfg["noise_rates"]))
     rates_text = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items())
     web_sets = metrics["training_sets"]
     losses = (

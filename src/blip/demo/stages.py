@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from blip.capfilt import CapfiltConfig
+from blip.demo.report import write_report
+from blip.io import atomic_write_json, read_jsonl
 from blip.train.config import TrainConfig
 
 _logger = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ class Stages:
             _LABEL.reset(token)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "result": result}, indent=1) + "\n")
+        atomic_write_json(marker, {"seconds": seconds, "cpu_seconds": cpu, "result": result})  # never half a marker
         self.timings[name], self.cpu[name] = seconds, cpu
         elapsed = time.perf_counter() - self.started
         self.say(f"{head}: done in {seconds:.0f}s (elapsed {elapsed / 60:.1f} min)")
@@ -269,12 +271,12 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
     """The filter against the known noise labels, the synthetic captions against the true scenes, and what each
     pretraining set holds."""
     from blip.capfilt import read_records
-    from blip.data.shapes import Scene, check_caption
+    from blip.data.shapes import NOISE_KINDS, Scene, check_caption
 
     kinds: Counter = Counter()
     removed: Counter = Counter()
     synth = Counter()
-    scores: dict[str, list[float]] = {"correct": [], "partial": [], "unrelated": [], "junk": []}
+    scores: dict[str, list[float]] = {k: [] for k in NOISE_KINDS}
     synth_scores: dict[str, list[float]] = {"true": [], "false": []}
     for record in read_records(folder):
         noise = record.get("noise") or record.get("input_noise")
@@ -326,7 +328,7 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
 
 def training_sets(data_dir: Path, capfilt_dataset: str, analysis: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """How many texts each pretraining run reads, and how many of them are false for their image."""
-    clean = sum(len(json.loads(line)["captions"]) for line in (data_dir / "clean.jsonl").read_text().splitlines())
+    clean = sum(len(row["captions"]) for row in read_jsonl(data_dir / "clean.jsonl"))
     web, synth = analysis["web"], analysis["synthetic"]
     kept_web = web["texts"] - web["removed"]
     kept_web_false = web["noisy"] - web["removed_noisy"]
@@ -366,10 +368,10 @@ def pick_examples(folder: Path, data_dir: Path, n: int) -> list[dict[str, Any]]:
         if noise not in chosen or len(chosen[noise]) >= per_kind:
             continue
         scene = Scene.from_dict(record["scene"])
-        synthetic = [
-            {**s, "errors": caption_errors(scene, s["text"]), "true": not caption_errors(scene, s["text"])}
-            for s in record["synthetic"]
-        ]
+        synthetic = []
+        for s in record["synthetic"]:
+            errors = caption_errors(scene, s["text"])
+            synthetic.append({**s, "errors": errors, "true": not errors})
         image = Path(record["image"])
         chosen[noise].append(
             {
@@ -417,7 +419,7 @@ def baselines(cfg: DemoConfig, data_dir: Path) -> dict[str, dict[str, float]]:
         untrained.update(_headline(task, result.metrics))
     # Chance: the most common clean training caption for every test image; each question's most common training
     # answer; a random ranking (R@1 = 1 / number of test images, both ways).
-    clean = [c for line in (data_dir / "clean.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    clean = [c for row in read_jsonl(data_dir / "clean.jsonl") for c in row["captions"]]
     constant = Counter(clean).most_common(1)[0][0]
     rows = caption_rows(str(data_dir), max_images=cfg.n_test)
     scores = caption_scores({i: r["captions"] for i, r in enumerate(rows)}, {i: constant for i in range(len(rows))})
@@ -462,8 +464,6 @@ def run_demo(
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
     None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
     sizes. A folder holding a run of another config (threads aside) is refused with `DemoConfigError`."""
-    from blip.demo.report import write_report
-
     out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)
     if seed is not None:
@@ -475,17 +475,17 @@ def run_demo(
     identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "threads"}
     if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "threads"} != identity:
         raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
-    saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    atomic_write_json(saved, cfg.to_dict())
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, out, say, write_report)
+        return _run(cfg, out, say)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], write_report: Callable[..., Path]) -> int:
+def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
     data_dir = out / "data"
     web_data = f"{data_dir / 'web.jsonl'},{data_dir / 'clean.jsonl'}"
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
@@ -571,7 +571,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], write_report: C
     metrics["load_average"] = _load_average()
     metrics["threads"] = cfg.threads
     metrics["config"] = cfg.to_dict()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
     examples = pick_examples(out / "capfilt_data", data_dir, cfg.examples)
     report = write_report(out, metrics, analysis["scores"], examples)
     say(summary_text(metrics))

@@ -4,7 +4,7 @@
 - `recipe.run(cfg)`: a whole run (data, model, task, loop, export, evaluation); `cli.cli_main` / `cli.eval_main`
 - `objectives`: `PretrainTask`, `CaptionTask`, `VqaTask`, `RetrievalTask` (`training_forward(batch) -> {..., "loss"}`)
 - `loop.Trainer`: the generic loop (AMP, accumulation, clipping, DDP, checkpoints, exact resume)
-- `data` / `collate`: datasets, the global batch sampler, WebDataset streaming (readers: `blip.data.manifests`,
+- `datasets` / `collate`: datasets, the global batch sampler, WebDataset streaming (readers: `blip.data.manifests`,
   `blip.data.webdataset`)
 - `optim`, `modeling` (build / export models), `plots` (training curves); process group and gathers:
   `blip.distributed`; running a model over a test set: `blip.evaluation.run`

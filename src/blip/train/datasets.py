@@ -1,7 +1,7 @@
 """Training data: datasets, the global batch sampler, WebDataset streaming.
 
 Sources are found and read by `blip.data.manifests` (folders, JSONL/CSV/TSV manifests, Karpathy/COCO/VQAv2 json) and
-`blip.data.webdataset` (tar shards); their names are re-exported here for the training code.
+`blip.data.webdataset` (tar shards).
 
 Bad rows never stop a run: rows whose image file is missing, whose text is empty or whose JSON is broken are skipped
 when the manifest is read, images that fail to decode are replaced by the next row at load time, tar samples without
@@ -21,38 +21,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
-from blip.data.manifests import (
-    CAPTION_COLUMNS,
-    DataError,
-    Pair,
-    Question,
-    SkipLog,
-    first_value,
-    read_caption_rows,
-    read_pairs,
-    read_questions,
-    resolve_sources,
-    texts_of,
-)
+from blip.data.manifests import CAPTION_COLUMNS, DataError, SkipLog, first_value, texts_of
 from blip.data.webdataset import ShardError, TarSample, iter_tar_samples
 from blip.transforms import ImageDecodeError, load_image
 
-__all__ = [
-    "DataError",
-    "GlobalBatchSampler",
-    "Pair",
-    "PairDataset",
-    "Question",
-    "QuestionDataset",
-    "SkipLog",
-    "TarPairStream",
-    "count_tar_samples",
-    "read_caption_rows",
-    "read_pairs",
-    "read_questions",
-    "resolve_sources",
-    "sample_rng",
-]
+__all__ = ["GlobalBatchSampler", "PairDataset", "QuestionDataset", "TarPairStream", "count_tar_samples", "sample_rng"]
 
 _logger = logging.getLogger(__name__)
 

@@ -310,8 +310,10 @@ class Trainer:
                         state.micro_in_epoch = 0
                     stopping = bool(s.stop_after) and state.step >= s.stop_after
                     periodic = bool(s.ckpt_every) and state.step % s.ckpt_every == 0
-                    timed = self._checkpoint_due_by_time()
-                    if epoch_done or periodic or timed or stopping or state.step == s.total_steps:
+                    due = epoch_done or periodic or stopping or state.step == s.total_steps
+                    # the clock last: with several ranks it costs a collective, not needed when saving anyway (the
+                    # conditions before it are the same on every rank, so all ranks skip it together)
+                    if due or self._checkpoint_due_by_time():
                         self.save_checkpoint()
                     if epoch_done or stopping or state.step >= s.total_steps:
                         break

@@ -3,10 +3,10 @@ results: `blip.evaluation.plots`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from blip.evaluation.plots import pyplot
+from blip.io import read_jsonl
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
@@ -15,7 +15,7 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     path = Path(metrics_jsonl)
     if plt is None or not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         return None
     steps = [r["step"] for r in rows]

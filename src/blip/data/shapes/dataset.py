@@ -55,8 +55,13 @@ _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
-_MANIFESTS = {"clean": "clean.jsonl", "web": "web.jsonl", "vqa": "vqa.jsonl", "test": "test.jsonl"}
-_MANIFESTS["vqa_test"] = "vqa_test.jsonl"
+_MANIFESTS = {
+    "clean": "clean.jsonl",
+    "web": "web.jsonl",
+    "vqa": "vqa.jsonl",
+    "test": "test.jsonl",
+    "vqa_test": "vqa_test.jsonl",
+}
 _JSON_FILES = (
     "answer_list.json",
     "dataset_shapes.json",
