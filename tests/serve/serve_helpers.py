@@ -185,6 +185,14 @@ def rss_bytes() -> int | None:
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Polls `condition()` until it holds; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
