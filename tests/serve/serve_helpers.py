@@ -5,7 +5,6 @@ a local image server for the URL-fetch tests, and a transport that records every
 from __future__ import annotations
 
 import base64
-import io
 import os
 import signal
 import socket
@@ -21,15 +20,9 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import uvicorn
-from PIL import Image
 
 from blip.serve.cli import uvicorn_config
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
+from oracle import png_bytes  # noqa: F401 - the server tests import it from here
 
 
 def b64(data: bytes) -> str:
