@@ -5,6 +5,7 @@ Only tests import this module; transformers is a dev dependency, never a runtime
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,13 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
         pixels = np.clip(base + noise + (i * 37) % 100, 0, 255).astype(np.uint8)
         images.append(Image.fromarray(pixels, "RGB"))
     return images
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """`image` encoded as a file's bytes (PNG unless `fmt` says otherwise)."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
 
 
 def hf_load(folder: Path, kind: str):

@@ -66,3 +66,15 @@ def assert_same_rows(rows: list[dict], reference: list[dict], rel: float = 1e-5)
 
 def read_errors(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines() if line.strip()]
+
+
+def one_line(err: str) -> str:
+    """The error a command printed: exactly one line on stderr, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and folder (None) under `root`."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from jobs_helpers import one_line
 
 from blip.capfilt.cli import capfilt_main
 from blip.cli import main
@@ -41,19 +42,12 @@ CAPFILT_FLAGS = [
 ]
 
 
-def _line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("flag, value", BATCH_FLAGS)
 def test_batch_counts(caption_model, image_folder, tmp_path, capsys, flag, value):
     folder, _, _ = image_folder
     argv = ["caption", "-m", str(caption_model), "-i", str(folder), "-o", str(tmp_path / "o"), flag, value]
     assert batch_main(argv) == 2
-    line = _line(capsys)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"blip batch caption: error: {flag} must be ") and line.endswith(f"got {value}"), line
     assert not (tmp_path / "o").exists()
 
@@ -63,7 +57,7 @@ def test_capfilt_counts(caption_model, retrieval_model, image_folder, tmp_path, 
     folder, _, _ = image_folder
     argv = ["--captioner", str(caption_model), "--filter", str(retrieval_model), "--data", str(folder)]
     assert capfilt_main([*argv, "--out", str(tmp_path / "o"), flag, value]) == 2
-    line = _line(capsys)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"blip capfilt: error: {flag} must be ") and line.endswith(f"got {value}"), line
 
 
@@ -77,13 +71,13 @@ def test_single_commands_batch_size(command, tmp_path, capsys):
     }[command]
     for value in ("0", "-2"):
         assert main([command, "-m", str(tmp_path / "never-read"), *inputs, "--batch-size", value]) == 2
-        assert _line(capsys) == f"blip {command}: error: --batch-size must be >= 1, got {value}"
+        assert one_line(capsys.readouterr().err) == f"blip {command}: error: --batch-size must be >= 1, got {value}"
 
 
 @pytest.mark.parametrize("flag", ["--top-k", "--nprobe", "--ef-search"])
 def test_retrieve_counts(tmp_path, capsys, flag):
     assert retrieve_main(["a dog", "--index", str(tmp_path), flag, "0"]) == 2
-    assert _line(capsys) == f"blip retrieve: error: {flag} must be >= 1, got 0"
+    assert one_line(capsys.readouterr().err) == f"blip retrieve: error: {flag} must be >= 1, got 0"
 
 
 def test_empty_inputs_name_what_was_looked_for(caption_model, tmp_path):
@@ -121,6 +115,6 @@ def test_capfilt_of_an_empty_folder(caption_model, retrieval_model, tmp_path, ca
     empty.mkdir()
     argv = ["--captioner", str(caption_model), "--filter", str(retrieval_model), "--data", str(empty)]
     assert capfilt_main([*argv, "--out", str(tmp_path / "o")]) == 2
-    line = _line(capsys)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"blip capfilt: error: --data {empty}: no images found (looked for files ending .jpg")
     assert not (tmp_path / "o").exists()

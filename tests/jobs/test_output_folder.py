@@ -14,26 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from jobs_helpers import read_errors, read_rows
+from jobs_helpers import one_line, read_errors, read_rows, snapshot
 
 import blip.jobs.writer as writer
 from blip.jobs.cli import batch_main
 from blip.jobs.lock import LOCK, OutputLock
 
 
-def _snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (bytes) and folder (None) under `root`."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
 def _args(model, folder, out, *extra):
     return ["caption", "-m", str(model), "-i", str(folder), "-o", str(out), "--no-progress", *extra]
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_a_users_folder_survives_with_and_without_overwrite(caption_model, retrieval_model, image_folder, tmp_path):
@@ -43,7 +32,7 @@ def test_a_users_folder_survives_with_and_without_overwrite(caption_model, retri
     (out / "index" / "embeddings_v1").mkdir(parents=True)
     (out / "index" / "embeddings_v1" / "vectors.txt").write_text("0.1 0.2 0.3\n")
     (out / "errors.jsonl").write_text('{"my": "own errors"}\n')
-    before = _snapshot(out)
+    before = snapshot(out)
     for argv in (
         _args(caption_model, folder, out),
         _args(caption_model, folder, out, "--overwrite"),
@@ -51,7 +40,7 @@ def test_a_users_folder_survives_with_and_without_overwrite(caption_model, retri
         ["embed", *_args(retrieval_model, folder, out, "--overwrite")[1:]],
     ):
         assert batch_main(argv) == 2, argv
-        assert _snapshot(out) == before, argv  # byte for byte, and no lock file left behind
+        assert snapshot(out) == before, argv  # byte for byte, and no lock file left behind
 
 
 def test_overwrite_deletes_exactly_what_the_manifest_names(caption_model, image_folder, tmp_path, capsys):
@@ -64,26 +53,24 @@ def test_overwrite_deletes_exactly_what_the_manifest_names(caption_model, image_
     (out / "part-000007.jsonl").write_text("mine too: the job has 5 shards")
     (out / "sub").mkdir()
     (out / "sub" / "errors.jsonl").write_text("mine")
-    mine = {
-        k: v for k, v in _snapshot(out).items() if k in ("notes.md", "part-000007.jsonl", "sub", "sub/errors.jsonl")
-    }
+    mine = {k: v for k, v in snapshot(out).items() if k in ("notes.md", "part-000007.jsonl", "sub", "sub/errors.jsonl")}
 
     assert (
         batch_main(_args(caption_model, folder, out, "--shard-size", "9", "--max-new-tokens", "5", "--overwrite")) == 1
     )
-    assert {k: v for k, v in _snapshot(out).items() if k in mine} == mine
+    assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
     ours = ["part-000000.jsonl", "part-000001.jsonl"]
     assert sorted(p.name for p in out.glob("part-*.jsonl")) == [*ours, "part-000007.jsonl"]
     assert sum(len((out / name).read_text().splitlines()) for name in ours) == len(good)
     assert json.loads((out / "_manifest.json").read_text())["job"]["options"]["max_new_tokens"] == 5
 
     # a job that would write a file no manifest names (its 8th shard) is refused, and nothing is deleted
-    before = _snapshot(out)
+    before = snapshot(out)
     capsys.readouterr()
     assert batch_main(_args(caption_model, folder, out, "--shard-size", "2", "--overwrite")) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert "part-000007.jsonl" in line and "no _manifest.json" in line
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_out_is_a_file(caption_model, image_folder, tmp_path, capsys):
@@ -92,7 +79,7 @@ def test_out_is_a_file(caption_model, image_folder, tmp_path, capsys):
     out.write_text("not a folder")
     for extra in ((), ("--overwrite",)):
         assert batch_main(_args(caption_model, folder, out, *extra)) == 2
-        line = _one_line(capsys.readouterr().err)
+        line = one_line(capsys.readouterr().err)
         assert "is a file, not a folder" in line and "choose a folder" in line
     assert out.read_text() == "not a folder"
 
@@ -127,7 +114,7 @@ def test_one_job_at_a_time_and_a_killed_holder_blocks_nothing(caption_model, ima
         assert holder.poll() is None, holder.stderr.read().decode()[-2000:]
         # a second job, with other options, on the same folder: refused, naming the holder
         assert batch_main(_args(caption_model, folder, out, "--max-new-tokens", "20")) == 2
-        line = _one_line(capsys.readouterr().err)
+        line = one_line(capsys.readouterr().err)
         assert "in use by another job" in line and f"pid {holder.pid} " in line
         manifest = json.loads((out / "_manifest.json").read_text())
         assert manifest["job"]["options"]["max_new_tokens"] == 4
@@ -182,7 +169,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(caption_model, image_folder
         monkeypatch.setattr(writer, "atomic_write_bytes", full_disk)
     out = tmp_path / "out"
     assert batch_main(_args(caption_model, folder, out, *job)) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith("blip batch caption: error: no space left on the device of") and str(out) in line
     assert "rerun the same command" in line
     monkeypatch.undo()

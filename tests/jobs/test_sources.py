@@ -87,11 +87,9 @@ def _tar(path, members):
 
 
 def test_webdataset_plan_and_read(tmp_path):
-    from oracle import make_images
+    from oracle import make_images, png_bytes
 
-    buf = io.BytesIO()
-    make_images(1)[0].save(buf, format="PNG")
-    png = buf.getvalue()
+    png = png_bytes(make_images(1)[0])
     _tar(tmp_path / "s-0.tar", [("a.png", png), ("a.txt", b"first"), ("b.json", b"{}"), ("c.jpg", b"junk")])
     _tar(tmp_path / "s-1.tar", [("d.png", png)])
     (tmp_path / "s-2.tar").write_bytes(b"not a tar at all" * 100)
@@ -120,13 +118,9 @@ def test_read_image_errors(tmp_path):
 
 def test_duplicate_member_names_in_a_shard_are_row_errors(tmp_path):
     """Issue 14.12: a repeated member name used to keep one copy silently (the earlier sample was lost)."""
-    from oracle import make_images
+    from oracle import make_images, png_bytes
 
-    pngs = []
-    for image in make_images(2):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        pngs.append(buf.getvalue())
+    pngs = [png_bytes(image) for image in make_images(2)]
     members = [("a.png", pngs[0]), ("a.txt", b"first"), ("a.png", pngs[1]), ("a.txt", b"second")]  # adjacent copies
     members += [("b.png", pngs[0]), ("c.png", pngs[1]), ("b.png", pngs[1])]  # b comes back later in the shard
     _tar(tmp_path / "d.tar", members)

@@ -4,7 +4,6 @@ such row fails with its reason in errors.jsonl while the job goes on."""
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -17,7 +16,7 @@ from jobs_helpers import read_errors, read_rows
 import blip.jobs.sources as sources
 from blip.fetch import FetchLimits, SyncFetcher, system_resolver
 from blip.jobs import BatchConfig, TaskOptions, run_batch
-from oracle import make_images
+from oracle import make_images, png_bytes
 
 PUBLIC_HOST = "images.example.com"
 PUBLIC_IP = "93.184.216.34"  # what PUBLIC_HOST "resolves" to here; nothing ever connects to it
@@ -68,9 +67,7 @@ class LocalServer:
 
 @pytest.fixture
 def png() -> bytes:
-    buf = io.BytesIO()
-    make_images(1, seed=4)[0].save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(make_images(1, seed=4)[0])
 
 
 @pytest.fixture

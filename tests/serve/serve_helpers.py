@@ -5,7 +5,6 @@ a local image server for the URL-fetch tests, and a transport that records every
 from __future__ import annotations
 
 import base64
-import io
 import os
 import signal
 import socket
@@ -21,15 +20,9 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import uvicorn
-from PIL import Image
 
 from blip.serve.cli import uvicorn_config
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
+from oracle import png_bytes  # noqa: F401 - the server tests import it from here
 
 
 def b64(data: bytes) -> str:
@@ -183,6 +176,14 @@ def rss_bytes() -> int | None:
     except OSError:
         return None
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Polls `condition()` until it holds; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def free_port() -> int:

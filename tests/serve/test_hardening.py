@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import ServeProcess, b64, png_bytes, png_variant
+from serve_helpers import ServeProcess, b64, png_bytes, png_variant, wait_until
 
 from conftest import CAPTION, VQA
 
@@ -50,15 +50,6 @@ def hardened(hf_checkpoints, tmp_path_factory):
 def client(hardened):
     with httpx.Client(base_url=hardened.url, timeout=60, headers=AUTH, trust_env=False) as c:
         yield c
-
-
-def wait_for(condition, timeout: float) -> float:
-    """Seconds until condition() held; fails after `timeout`."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "condition not met in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 # --- 14.2 decoded pixels ---------------------------------------------------------------------------------------------
@@ -105,7 +96,7 @@ def test_decoded_pixels_stay_inside_the_budgets(hardened, client):
 
     peak = hardened.status()["VmHWM"] - baseline
     assert peak < 250 * MIB, f"peak RSS {peak / MIB:.0f} MiB over the baseline"
-    wait_for(lambda: hardened.status()["VmRSS"] - baseline < 64 * MIB, 5)
+    wait_until(lambda: hardened.status()["VmRSS"] - baseline < 64 * MIB, 5)
     metrics = client.get("/metrics").text
     assert "blip_decode_pixels_in_flight 0" in metrics
 
@@ -221,7 +212,7 @@ def test_many_half_open_sockets_do_not_lock_out_clients(hardened, client, images
     flooder = threading.Thread(target=flood)
     flooder.start()
     try:
-        wait_for(lambda: len(held) >= 2 * MAX_OPEN, 20)
+        wait_until(lambda: len(held) >= 2 * MAX_OPEN, 20)
         body = {"images": [{"b64": b64(png_bytes(images[0]))}]}
         for _ in range(5):
             with httpx.Client(base_url=hardened.url, timeout=10, headers=AUTH, trust_env=False) as fresh:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, b64
+from serve_helpers import LiveServer, b64, wait_until
 
 import blip
 from blip.jobs.cli import retrieve_main
@@ -45,13 +44,6 @@ def assert_same_hits(results: list[dict], expected: list, reranked: bool) -> Non
         assert [h["itm_score"] for h in results] == pytest.approx([h.itm for h in expected], abs=1e-5)
     else:
         assert all(h["itm_score"] is None for h in results)
-
-
-def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 # --- the same answers as `blip retrieve` ---------------------------------------------------------------------------
@@ -184,7 +176,7 @@ def test_several_indexes_and_a_model_without_itm(tiny_models, collection_dir):
 def test_ready_only_once_the_indexes_are_loaded(tiny_models, collection_dir):
     app = create_app(loader=lambda: {"r": tiny_models["retrieval"]}, indexes={"shapes": collection_dir})
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30, trust_env=False) as c:
-        wait_until(lambda: c.get("/readyz").status_code == 200)
+        wait_until(lambda: c.get("/readyz").status_code == 200, 20)
         assert c.get("/readyz").json()["indexes"] == ["shapes"]
         assert c.post("/v1/retrieve", json={"text": "a dog", "top_k": 2}).json()["model"] == "r"
 
@@ -192,7 +184,7 @@ def test_ready_only_once_the_indexes_are_loaded(tiny_models, collection_dir):
     loader = lambda: {"captioner": tiny_models["captioner"]}  # noqa: E731 - no retrieval model for the index
     app = create_app(loader=loader, indexes={"shapes": collection_dir}, on_load_error=failed.append)
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30, trust_env=False) as c:
-        wait_until(lambda: bool(failed))
+        wait_until(lambda: bool(failed), 20)
         r = c.get("/readyz")
         reason = r.json()["reason"]
         assert r.status_code == 503 and reason.startswith("index loading failed"), reason

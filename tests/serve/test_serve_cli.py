@@ -4,26 +4,18 @@ cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
-from serve_helpers import b64, png_bytes
+from serve_helpers import ServeProcess, b64, free_port, png_bytes
 
 import blip
 from blip.serve import ServeSettings
 from blip.serve.cli import BATCHING_FLAGS, LIMIT_FLAGS, build_parser, cli_main, parse_models, settings_from_args
 from conftest import CAPTION, VQA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -68,37 +60,22 @@ def test_usage_errors_exit_2(capsys):
     assert "not set" in capsys.readouterr().err
 
 
-def test_serves_logs_json_and_stops_on_sigterm(hf_checkpoints, images):
+def test_serves_logs_json_and_stops_on_sigterm(hf_checkpoints, images, tmp_path):
     caption_dir, vqa_dir = hf_checkpoints(CAPTION), hf_checkpoints(VQA)
-    port = free_port()
-    proc = start(
-        ["--model", f"cap={caption_dir}", "--model", f"vqa={vqa_dir}", "--port", str(port), "--max-wait-ms", "2"]
-    )
+    args = ["--model", f"cap={caption_dir}", "--model", f"vqa={vqa_dir}", "--max-wait-ms", "2"]
+    server = ServeProcess(args, tmp_path / "server.log")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while True:
-                assert proc.poll() is None, proc.stderr.read()
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the server did not get ready"
-                time.sleep(0.2)
+        server.wait_ready(timeout=90)
+        with httpx.Client(base_url=server.url, timeout=30) as c:
             body = {"inputs": {"texts": [["what is it?", "how many?"]], "images": [{"b64": b64(png_bytes(images[0]))}]}}
             r = c.post("/predict", json=body)
             assert r.status_code == 200, r.text
             expected = [a.text for a in blip.load(vqa_dir).answer(images[0], ["what is it?", "how many?"])]
             assert r.json() == {"captions": [{"image_results": expected}]}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert server.stop() == 0  # SIGTERM, then up to 30 s
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        server.stop()  # a no-op once it has stopped
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     access = [entry for entry in lines if entry.get("event") == "request" and entry["route"] == "/predict"]
     assert access and access[0]["status"] == 200 and access[0]["method"] == "POST"
     assert any("models loaded" in entry.get("message", "") for entry in lines)

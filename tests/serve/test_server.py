@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, b64, png_bytes
+from serve_helpers import LiveServer, b64, png_bytes, wait_until
 
 from blip.serve import ServeSettings, create_app
 
@@ -34,13 +34,6 @@ def hold_batches(app) -> threading.Event:
 
     batcher.runner = held
     return gate
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 # --- every schema ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from oracle import TinySpec
 
 CAPTION = TinySpec(kind="caption", seed=91)
 VQA = TinySpec(kind="vqa", seed=92)
-RETRIEVAL = TinySpec(kind="retrieval", seed=93)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +29,3 @@ def vqa_dir(hf_checkpoints):
 @pytest.fixture(scope="session")
 def answerer(vqa_dir) -> blip.Blip:
     return blip.load(vqa_dir)
-
-
-@pytest.fixture(scope="session")
-def retrieval_dir(hf_checkpoints):
-    return hf_checkpoints(RETRIEVAL)

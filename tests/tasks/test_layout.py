@@ -12,7 +12,7 @@ import pytest
 
 import blip
 from blip.tasks.retrieval import read_source_image
-from oracle import make_images
+from oracle import make_images, png_bytes
 
 SRC = Path(blip.__file__).parent
 
@@ -47,9 +47,7 @@ def test_server_batches_and_job_rows_share_one_dispatch(captioner, caption_dir, 
         return real(model, images, **kwargs)
 
     monkeypatch.setattr(batch, "caption_images", spy)
-    buffer = io.BytesIO()
-    make_images(1)[0].save(buffer, "PNG")
-    image = {"b64": base64.b64encode(buffer.getvalue()).decode()}
+    image = {"b64": base64.b64encode(png_bytes(make_images(1)[0])).decode()}
     with TestClient(create_app({"c": captioner})) as client:
         r = client.post("/v1/caption", json={"images": [image, image]})
         assert r.status_code == 200, r.text
@@ -68,9 +66,7 @@ def test_server_batches_and_job_rows_share_one_dispatch(captioner, caption_dir, 
 
 def test_collection_rows_are_read_from_files_tar_members_and_urls(tmp_path):
     image = make_images(1)[0]
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    data = buffer.getvalue()
+    data = png_bytes(image)
     (tmp_path / "a.png").write_bytes(data)
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:

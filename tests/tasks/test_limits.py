@@ -14,7 +14,7 @@ import pytest
 
 import blip
 from blip.tasks.options import OptionError
-from oracle import make_images
+from oracle import make_images, png_bytes
 
 _SCRIPT = Path(sys.executable).with_name("blip")  # the installed `blip` command of this environment
 BLIP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "blip.cli"]
@@ -78,15 +78,12 @@ def test_cli_refuses_the_budget_in_one_line(caption_dir, tmp_path):
 def test_server_refuses_the_budget(captioner, answerer):
     pytest.importorskip("fastapi")
     import base64
-    import io
 
     from fastapi.testclient import TestClient
 
     from blip.serve import ServeSettings, create_app
 
-    buffer = io.BytesIO()
-    make_images(1)[0].save(buffer, "PNG")
-    image = {"b64": base64.b64encode(buffer.getvalue()).decode()}
+    image = {"b64": base64.b64encode(png_bytes(make_images(1)[0])).decode()}
     app = create_app({"c": captioner, "v": answerer}, ServeSettings(max_new_tokens=1024))
     with TestClient(app) as client:
         r = client.post("/v1/caption", json={"images": [image], "max_new_tokens": 100, "min_new_tokens": 90})

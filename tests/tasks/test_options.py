@@ -8,7 +8,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import io
 import math
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from blip.tasks.options import (  # noqa: E402
     flag,
     takes_options,
 )
-from oracle import make_images  # noqa: E402
+from oracle import make_images, png_bytes  # noqa: E402
 
 SRC = Path(blip.__file__).parent
 API = {"caption": blip.Blip.caption, "vqa": blip.Blip.answer}
@@ -59,9 +58,7 @@ def openapi() -> dict:
 
 @pytest.fixture(scope="module")
 def png() -> bytes:
-    buffer = io.BytesIO()
-    make_images(1, seed=4)[0].save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(make_images(1, seed=4)[0])
 
 
 @pytest.fixture(scope="module")

@@ -61,30 +61,6 @@ def test_stop_and_resume_is_exact(tmp_path, shapes_dir, task, data):
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "resumed")
 
 
-def test_sigkill_then_resume_is_exact(tmp_path, shapes_dir):
-    """A real process killed with SIGKILL mid-run (checkpoints every step) resumes to the same weights."""
-    cfg = tiny_config("caption", shapes_dir, tmp_path / "full", max_steps=30, ckpt_every=1, batch_size=4)
-    assert run(cfg).finished
-    args = as_overrides(cfg.replace(out_dir=str(tmp_path / "killed")))
-    command = [sys.executable, "-m", "blip.train.cli", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"]
-    assert 1 <= killed_at < 30
-    resumed = run(cfg.replace(out_dir=str(tmp_path / "killed")))
-    assert resumed.finished
-    _assert_same_checkpoint(tmp_path / "full" / "checkpoint.pt", tmp_path / "killed" / "checkpoint.pt")
-    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "killed")
-
-
 def _start_and_kill(cfg, ready) -> None:
     """Run `cfg` with `blip train` in a subprocess and SIGKILL it once `ready()` holds (it must still be running)."""
     proc = subprocess.Popen(
@@ -98,6 +74,23 @@ def _start_and_kill(cfg, ready) -> None:
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, shapes_dir):
+    """A real process killed with SIGKILL mid-run (checkpoints every step) resumes to the same weights."""
+    cfg = tiny_config("caption", shapes_dir, tmp_path / "full", max_steps=30, ckpt_every=1, batch_size=4)
+    assert run(cfg).finished
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    _start_and_kill(
+        cfg.replace(out_dir=str(tmp_path / "killed")),
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
+    )
+    killed_at = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"]
+    assert 1 <= killed_at < 30
+    resumed = run(cfg.replace(out_dir=str(tmp_path / "killed")))
+    assert resumed.finished
+    _assert_same_checkpoint(tmp_path / "full" / "checkpoint.pt", tmp_path / "killed" / "checkpoint.pt")
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "killed")
 
 
 def test_sigkill_between_timed_checkpoints_then_resume_is_exact(tmp_path, shapes_dir):
