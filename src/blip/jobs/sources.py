@@ -436,16 +436,12 @@ def read_image(row: Row, image_size: int | None = None) -> Image.Image:
     if not row.source:
         raise RowError("no image")
     try:
-        if row.source.startswith((TAR_PREFIX, "http://", "https://")):
-            image = load_image(read_bytes(row.source), name=row.id)
-        else:
-            image = load_image(row.source, name=row.id)
+        data = read_bytes(row.source) if row.source.startswith((TAR_PREFIX, "http://", "https://")) else row.source
+        image = load_image(data, name=row.id, size=image_size)  # resized while decoding: no full-size RGB copy
     except ImageDecodeError as e:
         message = str(e)
         prefix = f"{row.id}: "
         raise RowError(message[len(prefix) :] if message.startswith(prefix) else message) from e
     except OSError as e:
         raise RowError(f"cannot read {row.source}: {e.strerror or e}") from e
-    if image_size is not None and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return image
