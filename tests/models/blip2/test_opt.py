@@ -182,6 +182,24 @@ def test_cached_decoding_with_reordering_and_rows_leaving_equals_full_sequences(
         torch.testing.assert_close(torch.stack(outputs), expected[-len(outputs) :], atol=1e-4, rtol=1e-4)
 
 
+def test_gradients_reach_the_input_embeddings_as_in_transformers(pair):
+    """BLIP-2 trains the Q-Former through the frozen LM: the gradient w.r.t. the input embeddings must match."""
+    hf, ours, _ = pair
+    embeds = _embeds(ours, 2, 6, seed=5)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    target = torch.randn(2, 6, ours.config.vocab_size, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for model in (hf, ours):
+        x = embeds.clone().requires_grad_()
+        logits = model(inputs_embeds=x, attention_mask=mask).logits if model is hf else model(x, mask)
+        (logits[:, 2:] * target[:, 2:]).sum().backward()
+        grads.append(x.grad[:, 2:])
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+    assert grads[1].abs().max() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()
 def test_half_precision_is_close_to_transformers(pair, dtype):
