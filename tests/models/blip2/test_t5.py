@@ -257,6 +257,21 @@ def test_decode_without_cache_and_single_row_sources():
         ours.decode(target(ours.config, 3)[:, :2], cross)
 
 
+def test_training_mode_backward_reaches_every_parameter():
+    _, trained = models("flan")
+    ours = T5ForConditionalGeneration(trained.config)
+    ours.load_state_dict(trained.state_dict())
+    ours.train()
+    embeds, mask = source(ours.config)
+    ids = target(ours.config, 3)
+    torch.manual_seed(0)
+    first = ours(embeds, mask, ids)
+    assert not torch.allclose(first, ours(embeds, mask, ids))  # dropout (rate 0.1, transformers' default) is on
+    torch.nn.functional.cross_entropy(first.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    for name, param in ours.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
 # --- saved folders, the head, half precision -------------------------------------------------------------------
 
 

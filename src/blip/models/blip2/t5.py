@@ -64,7 +64,9 @@ def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x, min=-limit, max=limit)
 
 
-def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+def relative_position_bucket(
+    relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
     """Bucket of each `key - query` distance: exact for small distances, log-spaced up to `max_distance`, the last
     bucket beyond. Bidirectional buckets spend half the buckets on keys after the query; causal ones ignore them."""
     buckets = torch.zeros_like(relative)
@@ -77,7 +79,7 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
     exact = num_buckets // 2
     # Same float operations, in the same order, as the reference: the buckets must match at every boundary.
     log_scaled = torch.log(distance.float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    large = torch.clamp((exact + log_scaled.long()), max=num_buckets - 1)
+    large = torch.clamp(exact + log_scaled.long(), max=num_buckets - 1)
     return buckets + torch.where(distance < exact, distance, large)
 
 
