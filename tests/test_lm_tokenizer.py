@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
+from blip.transforms import ImageTransform
+from oracle import make_images
 from oracle_tokenizers import write_opt_tokenizer, write_t5_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -222,3 +224,53 @@ def test_missing_or_bad_files_are_clear_errors(folders, tmp_path):
         LmTokenizer.from_files({"tokenizer.json": "{"})
     with pytest.raises(ValueError, match="unexpected tokenizer file name"):
         LmTokenizer.from_files({"../tokenizer.json": "{}"})
+
+
+# ---- the whole BLIP-2 processor: image preprocessing + text with the 32 image tokens ----
+
+CLIP = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("layout", ["transformers5", "hub"])
+def test_blip2_processor_folder(folders, kind, layout, tmp_path):
+    """transformers 5 saves one processor_config.json with the image processor nested in it; the hub repos have
+    preprocessor_config.json plus a flat processor_config.json ({"num_query_tokens": 32, ...})."""
+    image_processor = transformers.BlipImageProcessor(size={"height": 224, "width": 224}, do_convert_rgb=True, **CLIP)
+    processor = transformers.Blip2Processor(
+        image_processor=image_processor, tokenizer=hf_tokenizer(folders[kind]), num_query_tokens=32
+    )
+    folder = tmp_path / "processor"
+    processor.save_pretrained(folder)
+    if layout == "hub":
+        nested = json.loads((folder / "processor_config.json").read_text())
+        flat = {**nested.pop("image_processor"), "processor_class": "Blip2Processor"}
+        (folder / "preprocessor_config.json").write_text(json.dumps(flat))
+        (folder / "processor_config.json").write_text(json.dumps(nested))
+        assert nested == {"num_query_tokens": 32, "processor_class": "Blip2Processor"}
+    loaded = transformers.AutoProcessor.from_pretrained(str(folder))
+    assert type(loaded).__name__ == "Blip2Processor" and loaded.num_query_tokens == 32
+
+    images = make_images(3, seed=1) + [make_images(1)[0].convert("RGBA"), make_images(1)[0].convert("L")]
+    texts = ["Question: what is it? Answer:", "a photo of", "", "two dogs", "The big yellow star."]
+    expected = loaded(images=images, text=texts, padding="longest", return_tensors="pt")
+    transform = ImageTransform.from_pretrained(folder)
+    assert transform == ImageTransform(image_size=224)
+    assert torch.equal(transform(images), expected["pixel_values"])
+    input_ids, mask = load_text_tokenizer(folder)(texts, num_image_tokens=32)
+    assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    # text only: no image tokens, as Blip2Processor
+    assert torch.equal(
+        load_text_tokenizer(folder)(texts)[0], loaded(text=texts, padding="longest", return_tensors="pt")["input_ids"]
+    )
+
+
+def test_image_transform_saves_blip2_processor_class(tmp_path):
+    ImageTransform(image_size=224).save_pretrained(tmp_path, processor_class="Blip2Processor")
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["processor_class"] == "Blip2Processor" and saved["size"] == {"height": 224, "width": 224}
+    assert ImageTransform.from_pretrained(tmp_path / "preprocessor_config.json") == ImageTransform(image_size=224)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"num_query_tokens": 32}))  # flat: ignored
+    assert ImageTransform.from_pretrained(tmp_path) == ImageTransform(image_size=224)
+    with pytest.raises(ValueError, match="has no image_processor settings"):
+        ImageTransform.from_pretrained(tmp_path / "processor_config.json")
