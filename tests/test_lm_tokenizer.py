@@ -46,6 +46,10 @@ TEXTS = [
 ]
 
 
+KINDS = ["opt", "opt_hub", "opt_legacy", "opt_plain", "opt_json_bytelevel", "opt_json_nopost"]
+KINDS += ["t5", "t5_plain", "t5_cleanup", "t5_normalizer", "t5_hub"]
+
+
 def hf_tokenizer(folder: Path):
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
@@ -54,9 +58,9 @@ def hf_tokenizer(folder: Path):
 def folders(tmp_path_factory) -> dict[str, Path]:
     """opt / t5: what transformers 5 saves; opt_hub: the Salesforce repos' transformers-4 config with vocab.json +
     merges.txt only; opt_legacy: old-style AddedToken dicts, special_tokens_map.json and added_tokens.json;
-    opt_plain / t5_plain: no <image>; t5_cleanup: clean_up_tokenization_spaces on."""
+    opt_plain / t5_plain: no <image>; t5_cleanup: clean_up_tokenization_spaces on; the others: see below."""
     root = tmp_path_factory.mktemp("lmtok")
-    made = {name: root / name for name in ["opt", "opt_hub", "opt_legacy", "opt_plain", "t5", "t5_plain", "t5_cleanup"]}
+    made = {name: root / name for name in KINDS}
     write_opt_tokenizer(made["opt"])
     write_opt_tokenizer(made["opt_plain"], with_image_token=False)
     write_opt_tokenizer(made["opt_hub"], hub_config=True)
@@ -74,14 +78,29 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     write_t5_tokenizer(made["t5"])
     write_t5_tokenizer(made["t5_plain"], with_image_token=False)
     write_t5_tokenizer(made["t5_cleanup"])
-    config = json.loads((made["t5_cleanup"] / "tokenizer_config.json").read_text())
-    (made["t5_cleanup"] / "tokenizer_config.json").write_text(
-        json.dumps({**config, "clean_up_tokenization_spaces": True})
-    )
+    _edit_json(made["t5_cleanup"] / "tokenizer_config.json", clean_up_tokenization_spaces=True)
+    # tokenizer.json wins over add_bos_token: a post-processor without BOS (GPT2TokenizerFast's ByteLevel), or none
+    for name, post in [("opt_json_bytelevel", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                               "use_regex": True}), ("opt_json_nopost", None)]:  # fmt: skip
+        write_opt_tokenizer(made[name], hub_config=True)
+        _edit_json(made[name] / "tokenizer.json", post_processor=post)
+    # T5Tokenizer keeps only a Precompiled normaliser: any other in tokenizer.json is ignored
+    write_t5_tokenizer(made["t5_normalizer"])
+    _edit_json(made["t5_normalizer"] / "tokenizer.json", normalizer={"type": "Lowercase"})
+    # the Salesforce/blip2-flan-t5-* config (saved by transformers 4): the 100 sentinels listed, no added_tokens_decoder
+    write_t5_tokenizer(made["t5_hub"])
+    extras = [f"<extra_id_{i}>" for i in range(100)]
+    hub = dict(additional_special_tokens=extras, eos_token="</s>", extra_ids=100, model_max_length=512,
+               pad_token="<pad>", processor_class="Blip2Processor", sp_model_kwargs={}, special_tokens_map_file=None,
+               tokenizer_class="T5Tokenizer", unk_token="<unk>")  # fmt: skip
+    (made["t5_hub"] / "tokenizer_config.json").write_text(json.dumps(hub))
+    special = dict(additional_special_tokens=extras, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    (made["t5_hub"] / "special_tokens_map.json").write_text(json.dumps(special))
     return made
 
 
-KINDS = ["opt", "opt_hub", "opt_legacy", "opt_plain", "t5", "t5_plain", "t5_cleanup"]
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +116,9 @@ def test_encode_matches_transformers(folders, kind):
         expected = hf(text)["input_ids"]
         assert ours.encode(text) == expected, text
         assert ours.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False)["input_ids"], text
-    if kind.startswith("opt"):
+    if kind in ("opt_json_bytelevel", "opt_json_nopost"):  # transformers 5 ignores add_bos_token here
+        assert ours.encode("a dog")[0] != ours.bos_token_id == 2
+    elif kind.startswith("opt"):
         assert ours.encode("a dog")[0] == ours.bos_token_id == 2
     else:
         assert ours.encode("a dog")[-1] == ours.eos_token_id == 1 and ours.bos_token_id is None
@@ -179,6 +200,55 @@ def test_save_pretrained_round_trip(folders, kind, tmp_path):
     files = {p.name: p.read_text(encoding="utf-8") for p in (tmp_path / "saved").iterdir()}
     from_files = LmTokenizer.from_files(files)
     assert [from_files.encode(t) for t in TEXTS] == [ours.encode(t) for t in TEXTS]
+
+
+FILE_KINDS = [k for k in KINDS if k not in ("opt_hub", "opt_legacy")] + ["t5_metaspace"]
+
+
+@pytest.fixture(scope="module")
+def file_folders(folders, tmp_path_factory) -> dict[str, Path]:
+    """t5_metaspace: tokenizer.json's pre-tokeniser is Metaspace alone (no WhitespaceSplit), as older T5 files have."""
+    made = {k: folders[k] for k in FILE_KINDS if k in folders}
+    made["t5_metaspace"] = tmp_path_factory.mktemp("lmtok_file") / "t5_metaspace"
+    write_t5_tokenizer(made["t5_metaspace"])
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    _edit_json(made["t5_metaspace"] / "tokenizer.json", pre_tokenizer=metaspace)
+    return made
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_file_pipeline_matches_tokenizers_backend(file_folders, kind, tmp_path):
+    """pipeline="file" = transformers' TokenizersBackend, which transformers 5 uses for the Salesforce/blip2-* hub
+    names; saved, it reads back the same in AutoTokenizer."""
+    folder = file_folders[kind]
+    ours, hf = (
+        LmTokenizer.from_pretrained(folder, pipeline="file"),
+        transformers.TokenizersBackend.from_pretrained(folder),
+    )
+    assert ours.pipeline == "file" and len(ours) == len(hf)
+    rows = []
+    for text in TEXTS:
+        rows.append(hf(text)["input_ids"])
+        assert ours.encode(text) == rows[-1], text
+    for ids in rows:
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids)
+    ours.save_pretrained(tmp_path / "saved")
+    saved = hf_tokenizer(tmp_path / "saved")
+    reread = LmTokenizer.from_pretrained(tmp_path / "saved")
+    assert reread.pipeline == "file" and isinstance(load_text_tokenizer(tmp_path / "saved"), LmTokenizer)
+    for text, ids in zip(TEXTS, rows, strict=True):
+        assert saved(text)["input_ids"] == ids == reread.encode(text), text
+    if kind in ("t5_normalizer", "t5_metaspace"):  # here the two pipelines differ
+        class_ids = [LmTokenizer.from_pretrained(folder).encode(t) for t in TEXTS]
+        assert class_ids != rows and class_ids == [hf_tokenizer(folder)(t)["input_ids"] for t in TEXTS]
+
+
+def test_file_pipeline_needs_tokenizer_json(folders):
+    with pytest.raises(ValueError, match=r"no tokenizer\.json \(needed for its own pipeline\)"):
+        LmTokenizer.from_pretrained(folders["opt_hub"], pipeline="file")
+    with pytest.raises(ValueError, match="pipeline must be 'class' or 'file'"):
+        LmTokenizer.from_pretrained(folders["opt"], pipeline="json")
 
 
 def test_load_text_tokenizer_picks_the_family(folders, tmp_path):

@@ -257,6 +257,8 @@ LM_TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, ADDED_TO
 LM_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # tokenizer_config.json's "tokenizer_class" (without "Fast") -> family; the defaults are the classes' own.
 LM_FAMILIES = {"GPT2Tokenizer": "bpe", "T5Tokenizer": "t5"}
+# classes that use tokenizer.json's own pipeline (transformers 5's TokenizersBackend; PreTrainedTokenizerFast in 4)
+FILE_PIPELINE_CLASSES = ("TokenizersBackend", "PreTrainedTokenizer")
 LM_DEFAULTS = {
     "bpe": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
     "t5": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
@@ -282,9 +284,12 @@ class LmTokenizer:
     skips them for BPE unless `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set).
     """
 
-    def __init__(self, tokenizer: Tokenizer, family: str, config: dict, special_tokens: dict[str, str]):
+    def __init__(
+        self, tokenizer: Tokenizer, family: str, config: dict, special_tokens: dict[str, str], pipeline: str = "class"
+    ):
         self._tokenizer = tokenizer
         self.family = family
+        self.pipeline = pipeline
         self.config = config
         self.special_tokens = special_tokens  # role ("bos_token", ..., "image_token") -> text
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -312,9 +317,15 @@ class LmTokenizer:
 
     # ---- loading ----
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> LmTokenizer:
+    def from_pretrained(cls, folder: str | Path, pipeline: str = "class") -> LmTokenizer:
         """`folder`: tokenizer.json (or, for BPE, vocab.json + merges.txt) plus the optional tokenizer_config.json,
-        special_tokens_map.json and added_tokens.json."""
+        special_tokens_map.json and added_tokens.json.
+
+        `pipeline`: "class" (default) builds the pipeline as the folder's tokenizer_class does, which is what
+        `AutoTokenizer.from_pretrained(folder)` does for a local folder; "file" keeps tokenizer.json's own pipeline
+        as transformers' TokenizersBackend does, which is what transformers 5 uses when the Salesforce/blip2-opt-*
+        and Salesforce/blip2-flan-t5-* repos are loaded by hub name. A folder whose tokenizer_class is
+        TokenizersBackend or PreTrainedTokenizerFast (what `save_pretrained` writes for "file") always uses "file"."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"no tokenizer at {folder}: expected a folder")
@@ -330,10 +341,10 @@ class LmTokenizer:
                 f"{folder}: {SENTENCEPIECE_FILE} without {TOKENIZER_FILE} is not supported (no sentencepiece at run "
                 f"time); save the tokenizer with transformers to get {TOKENIZER_FILE}"
             )
-        return cls.from_files(files, source=str(folder))
+        return cls.from_files(files, source=str(folder), pipeline=pipeline)
 
     @classmethod
-    def from_files(cls, files: dict[str, str], source: str = "checkpoint") -> LmTokenizer:
+    def from_files(cls, files: dict[str, str], source: str = "checkpoint", pipeline: str = "class") -> LmTokenizer:
         """Build from file texts held in memory (e.g. a training checkpoint's `tokenizer` entry); only the names in
         LM_TOKENIZER_FILES are accepted."""
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
@@ -347,14 +358,18 @@ class LmTokenizer:
         parsed = {name: _parse_json(text, name, source) for name, text in files.items() if name.endswith(".json")}
         config = parsed.get(CONFIG_FILE, {})
         tokenizer_json = parsed.get(TOKENIZER_FILE)
-        family = _lm_family(config, tokenizer_json, files, source)
+        if pipeline not in ("class", "file"):
+            raise ValueError(f"pipeline must be 'class' or 'file', got {pipeline!r}")
+        if str(config.get("tokenizer_class") or "").removesuffix("Fast") in FILE_PIPELINE_CLASSES:
+            pipeline = "file"
+        family = _lm_family(config, tokenizer_json, files, source, pipeline)
         try:
-            tokenizer, special = _build_lm(family, config, parsed, files)
+            tokenizer, special = _build_lm(family, config, parsed, files, pipeline)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         except Exception as e:  # tokenizers raises bare Exceptions for malformed files
             raise ValueError(f"{source}: cannot read the tokenizer: {e}") from e
-        return cls(tokenizer, family, config, special)
+        return cls(tokenizer, family, config, special, pipeline)
 
     # ---- encoding ----
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
@@ -455,7 +470,9 @@ class LmTokenizer:
         if isinstance(extras, list):
             config["extra_special_tokens"] = [_token_text(t) for t in extras]
         config.update(
-            tokenizer_class={"bpe": "GPT2Tokenizer", "t5": "T5Tokenizer"}[self.family],
+            tokenizer_class="PreTrainedTokenizerFast"
+            if self.pipeline == "file"
+            else {"bpe": "GPT2Tokenizer", "t5": "T5Tokenizer"}[self.family],
             clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
             **self.special_tokens,
         )
@@ -481,9 +498,13 @@ def _parse_json(text: str, name: str, source: str) -> dict:
     return data
 
 
-def _lm_family(config: dict, tokenizer_json: dict | None, files: dict[str, str], source: str) -> str:
+def _lm_family(config: dict, tokenizer_json: dict | None, files: dict[str, str], source: str, pipeline: str) -> str:
     """ "bpe" or "t5", from tokenizer_config.json's tokenizer_class, else from the model in tokenizer.json."""
     name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    if pipeline == "file":
+        if tokenizer_json is None:
+            raise ValueError(f"{source}: no {TOKENIZER_FILE} (needed for its own pipeline)")
+        name = ""
     if name:
         if name not in LM_FAMILIES:
             raise ValueError(
@@ -512,11 +533,14 @@ def _added_token(value: str | dict | AddedToken, **defaults) -> AddedToken:
     return AddedToken(str(value), **defaults)
 
 
-def _build_lm(family: str, config: dict, parsed: dict[str, dict], files: dict[str, str]) -> tuple[Tokenizer, dict]:
+def _build_lm(
+    family: str, config: dict, parsed: dict[str, dict], files: dict[str, str], pipeline: str
+) -> tuple[Tokenizer, dict]:
     """The backend tokenizer and the special tokens (role -> text), the way transformers 5's `from_pretrained`
     assembles them (tokenization_utils_base._from_pretrained + TokenizersBackend / GPT2Tokenizer / T5Tokenizer)."""
     tokenizer_json = parsed.get(TOKENIZER_FILE)
-    named: dict[str, str | dict | AddedToken] = dict(LM_DEFAULTS[family])
+    # the classes' default special tokens; TokenizersBackend has none when it reads tokenizer.json
+    named: dict[str, str | dict | AddedToken] = dict(LM_DEFAULTS[family]) if pipeline == "class" else {}
     named.update({role: config[role] for role in LM_ROLES if config.get(role) is not None})
     # model-specific named tokens, e.g. "image_token": "<image>"
     named.update({k: v for k, v in config.items() if k.endswith("_token") and k not in LM_ROLES and isinstance(v, str)})
@@ -544,14 +568,20 @@ def _build_lm(family: str, config: dict, parsed: dict[str, dict], files: dict[st
             added[int(entry["id"])] = _added_token(entry)
     by_text = {t.content: t for t in added.values()}
     named = {role: by_text.get(_token_text(v), v) for role, v in named.items() if v is not None}
-    if extras is None and family == "t5":
+    if extras is None and family == "t5" and pipeline == "class":
         extras = [f"<extra_id_{i}>" for i in range(int(config.get("extra_ids", 100)))]
 
-    tokenizer = _lm_backend(family, config, tokenizer_json, files)
+    if pipeline == "file":
+        tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+        existing = set(tokenizer.get_added_tokens_decoder().values())
+    else:
+        tokenizer = _lm_backend(family, config, tokenizer_json, files)
+        existing = set()
 
     # TokenizersBackend.__init__: the saved added tokens by id, then any named or extra special token not among them.
     to_add = [added[i] for i in sorted(added)]
-    seen = {t.content for t in to_add}
+    seen = {t.content for t in to_add} | {t.content for t in existing}
+    to_add = [t for t in to_add if repr(t) not in {repr(e) for e in existing}]
     for value in [*named.values(), *(extras or [])]:
         text = _token_text(value)
         if text not in seen:
@@ -564,7 +594,7 @@ def _build_lm(family: str, config: dict, parsed: dict[str, dict], files: dict[st
         tokenizer.add_tokens(to_add)
 
     special = {role: _token_text(v) for role, v in named.items()}
-    if family == "t5":  # T5Tokenizer: always `$A </s>`, whatever tokenizer.json says
+    if family == "t5" and pipeline == "class":  # T5Tokenizer: always `$A </s>`, whatever tokenizer.json says
         eos_id = tokenizer.token_to_id(special["eos_token"])
         if eos_id is None:
             eos_id = tokenizer.token_to_id(special["unk_token"])
@@ -649,9 +679,10 @@ def _precompiled_charsmap(normalizer: dict | None) -> bytes | None:
     return None
 
 
-def load_text_tokenizer(folder: str | Path) -> BlipTokenizer | LmTokenizer:
-    """The tokenizer a checkpoint folder ships: BlipTokenizer for BERT WordPiece (vocab.txt, a WordPiece
-    tokenizer.json or tokenizer_class BertTokenizer), LmTokenizer for OPT / T5 (GPT2Tokenizer / T5Tokenizer)."""
+def load_text_tokenizer(folder: str | Path, pipeline: str = "class") -> BlipTokenizer | LmTokenizer:
+    """The tokenizer a checkpoint folder ships: BlipTokenizer for BERT WordPiece (tokenizer_class BertTokenizer,
+    vocab.txt or a WordPiece tokenizer.json), LmTokenizer for OPT / T5 (GPT2Tokenizer / T5Tokenizer; `pipeline`: see
+    `LmTokenizer.from_pretrained`)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no tokenizer at {folder}: expected a folder")
@@ -659,15 +690,17 @@ def load_text_tokenizer(folder: str | Path) -> BlipTokenizer | LmTokenizer:
     name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
     if name == "BertTokenizer":
         return BlipTokenizer.from_pretrained(folder)
-    if name:
-        return LmTokenizer.from_pretrained(folder)
+    if name and name not in FILE_PIPELINE_CLASSES:
+        return LmTokenizer.from_pretrained(folder, pipeline)
     if (folder / TOKENIZER_FILE).is_file():
         model = (_read_json(folder / TOKENIZER_FILE).get("model") or {}).get("type")
-        return BlipTokenizer.from_pretrained(folder) if model == "WordPiece" else LmTokenizer.from_pretrained(folder)
+        if model == "WordPiece":
+            return BlipTokenizer.from_pretrained(folder)
+        return LmTokenizer.from_pretrained(folder, pipeline)
     if (folder / VOCAB_FILE).is_file():
         return BlipTokenizer.from_pretrained(folder)
     if (folder / VOCAB_JSON_FILE).is_file() and (folder / MERGES_FILE).is_file():
-        return LmTokenizer.from_pretrained(folder)
+        return LmTokenizer.from_pretrained(folder, pipeline)
     raise FileNotFoundError(
         f"no tokenizer in {folder}: looked for {TOKENIZER_FILE}, {VOCAB_FILE}, {VOCAB_JSON_FILE} + {MERGES_FILE}"
     )
