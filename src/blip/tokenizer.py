@@ -277,7 +277,8 @@ class LmTokenizer:
     SentencePiece `Precompiled` normaliser of tokenizer.json, splits on whitespace then Metaspace ("▁", always
     prepended) and always appends `</s>`. Added tokens (e.g. `<image>`) and special tokens come from
     tokenizer_config.json's `added_tokens_decoder`, or else special_tokens_map.json, added_tokens.json and
-    tokenizer.json's `added_tokens`, in transformers' order, so new tokens get the same ids.
+    tokenizer.json's `added_tokens`, in transformers' order, so new tokens get the same ids. `pipeline="file"` keeps
+    tokenizer.json's own pipeline instead (transformers' TokenizersBackend; see `from_pretrained`).
 
     Decoding drops ids outside the vocabulary and, with `skip_special_tokens`, the special tokens; the
     `clean_up_tokenization_spaces` rules apply only when the config turns them on, and never to BPE (transformers 5
