@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,26 @@ def read_torch_file(path: Path, *, mmap: bool = False) -> Any:
         ) from e
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: Path, dtype_of: Callable[[str], torch.dtype | None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file. With `dtype_of(key)`, each floating tensor is cast to that dtype as it
+    is read from the memory-mapped file (None: kept), so a bf16 load never holds the whole fp32 model in memory."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        if dtype_of is None:
+            return load_file(str(path))
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = f.get_tensor(key)
+                target = dtype_of(key)
+                if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+                    tensor = tensor.to(target)
+                out[key] = tensor
+        return out
     except Exception as e:  # SafetensorError, OSError: short, self-contained messages
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); {EXPECTED}") from e
