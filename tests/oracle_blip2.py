@@ -137,7 +137,8 @@ def build_blip2_checkpoint(folder: Path, spec: Blip2Spec, *, max_shard_size: str
         vocab = write_vocab(folder, spec.qformer_vocab_extra)
         vocab_size = len(vocab)
         tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
-        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=None)
+        queries = spec.num_query_tokens if spec.image_token else None  # the processor prepends <image> tokens
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
         processor.save_pretrained(folder)
     else:
         image_processor.save_pretrained(folder)
@@ -171,12 +172,32 @@ def randomize(model: torch.nn.Module, spec: Blip2Spec) -> None:
 
 
 def hf_blip2_load(folder: Path, dtype: torch.dtype | None = None):
+    """transformers' model for a saved folder (in `dtype`, float32 by default; Q-Former kept float32)."""
     import transformers
 
     data = json.loads((Path(folder) / "config.json").read_text())
     cls = getattr(transformers, data["architectures"][0])
-    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": torch.float32}
-    return cls.from_pretrained(folder, **kwargs).eval()
+    return cls.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+
+
+def hf_blip2_processor(folder: Path):
+    from transformers import Blip2Processor
+
+    return Blip2Processor.from_pretrained(folder)
+
+
+def checkpoint_factory(tmp_path_factory):
+    """`make(spec) -> folder`, each spec built once (per factory)."""
+    made: dict[str, Path] = {}
+
+    def make(spec: Blip2Spec | None = None, **kwargs) -> Path:
+        spec = spec or Blip2Spec(**kwargs)
+        key = repr(spec)
+        if key not in made:
+            made[key] = build_blip2_checkpoint(tmp_path_factory.mktemp(f"hf_blip2_{spec.kind}"), spec)
+        return made[key]
+
+    return make
 
 
 def pixels(spec_or_size: Blip2Spec | int, n: int = 2, seed: int = 0) -> torch.Tensor:

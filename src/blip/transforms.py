@@ -216,6 +216,14 @@ class ImageTransform:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {path}: {e}") from e
+        return cls.from_dict(config, path)
+
+    @classmethod
+    def from_dict(cls, config: dict, path: str | os.PathLike = "image processor") -> ImageTransform:
+        """Settings from an image processor's dict (preprocessor_config.json, or processor_config.json's
+        `image_processor` entry, where transformers 5 processors save it)."""
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: the image processor settings are not a JSON object")
         size = config.get("size", 384)
         if isinstance(size, dict):
             if "height" not in size or "width" not in size or size["height"] != size["width"]:

@@ -147,7 +147,7 @@ def _download(repo_id: str) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
             if not any((folder / f).exists() for f in WEIGHT_FILES):
                 folder = Path(
-                    snapshot_download(repo_id, allow_patterns=["pytorch_model.bin*"], local_files_only=local_only)
+                    snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin*"], local_files_only=local_only)
                 )
             return folder
         except Exception as e:  # network errors, missing repos, offline mode: try the cache, then report
