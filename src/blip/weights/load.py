@@ -533,8 +533,8 @@ def load_blip2(
     dtype: torch.dtype | None = None,
     config: Blip2Config | str | os.PathLike | None = None,
 ) -> Loaded:
-    """The BLIP-2 steps of the load path: config (validated) -> read in the target dtype straight from the mapped
-    file (query tokens and Q-Former kept float32, as transformers keeps them) -> convert -> resize -> build on meta
+    """The BLIP-2 steps of the load path: config (validated) -> read in the target dtype tensor by tensor (query
+    tokens and Q-Former kept float32 in an fp16 model, as transformers keeps them) -> convert -> resize -> build on meta
     -> fill tied names -> strict load -> re-tie -> device."""
     if kind is not None and kind not in BLIP2_KIND_TASKS:
         raise CheckpointError(
@@ -562,7 +562,9 @@ def load_blip2(
     target = dtype or torch.float32
 
     def dtype_of(key: str) -> torch.dtype:
-        return torch.float32 if keeps_fp32(key) else target
+        # transformers keeps the query tokens and the Q-Former in fp32 for fp16 only (`_keep_in_fp32_modules`);
+        # bf16 casts everything.
+        return torch.float32 if target == torch.float16 and keeps_fp32(key) else target
 
     state = _read_blip2_weights(weights_path, dtype_of)
     try:

@@ -4,8 +4,9 @@ projected query outputs as soft tokens) or the retrieval heads (ITC projections,
 Which parts exist depends on `Blip2Config.kind`: "opt" / "t5" = transformers' `Blip2ForConditionalGeneration`
 (`language_projection`, `language_model`); "retrieval" = `Blip2ForImageTextRetrieval` (`embeddings`,
 `vision_projection`, `text_projection`, `itm_head`). Parameter names are transformers', so its state dicts load as
-they are. The query tokens and the Q-Former stay float32 whatever the rest is (transformers'
-`_keep_in_fp32_modules`); their outputs are cast to the next module's dtype where transformers casts them.
+they are. In a float16 model the query tokens and the Q-Former stay float32 (transformers' `_keep_in_fp32_modules`,
+which 5.x applies to fp16 only; bf16 casts everything); their outputs are cast to the next module's dtype where
+transformers casts them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from blip.models.blip2.eva_vit import EvaVisionTransformer
 from blip.models.blip2.qformer import QFormer, QFormerTextEmbeddings
 from blip.models.kernels import Linear
 
-KEEP_IN_FP32 = ("query_tokens", "qformer.")  # state-dict prefixes that stay float32 in a bf16/fp16 model
+KEEP_IN_FP32 = ("query_tokens", "qformer.")  # state-dict prefixes that stay float32 in an fp16 model
 
 
 def keeps_fp32(key: str) -> bool:
@@ -62,7 +63,7 @@ class Blip2Model(nn.Module):
         return self.vision_model(pixel_values)
 
     def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """image tokens `[B, N, Dv]` -> Q-Former outputs of the query tokens `[B, Q, Dq]`, float32."""
+        """image tokens `[B, N, Dv]` -> Q-Former outputs of the query tokens `[B, Q, Dq]` (the Q-Former's dtype)."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
         return self.qformer(queries, queries.shape[1], image=image_embeds)
 

@@ -5,8 +5,8 @@ dropout, then each layer: self-attention over the whole sequence (queries and te
 from the queries only to the image tokens on layers `i % cross_attention_frequency == 0`, and a feed-forward block
 that is separate for query positions (`intermediate_query` / `output_query`) and text positions (`intermediate` /
 `output`, present only with `use_qformer_text_input`). Text alone (`queries=0`, the ITC text side) skips the
-cross-attention. transformers keeps this module, and the query tokens, in float32 whatever the model dtype; so do we
-(`Blip2Model.query_output` casts the image tokens up).
+cross-attention. In a float16 model transformers keeps this module, and the query tokens, in float32; so does our
+loader, and `forward` casts its inputs (query/text embeddings, image tokens) to the module's dtype.
 
 Parameter names follow transformers' `Blip2QFormerModel` (`layernorm`, `encoder.layer.{i}.attention.attention.query`,
 `attention.output.{dense,LayerNorm}`, `crossattention.*`, `intermediate_query.dense`, `output_query.*`).
@@ -85,7 +85,7 @@ class QFormerEncoder(nn.Module):
 
 
 class QFormer(nn.Module):
-    """embeddings `[B, Q + T, D]` (queries first) -> hidden states `[B, Q + T, D]`, in the module's dtype (fp32)."""
+    """embeddings `[B, Q + T, D]` (queries first) -> hidden states `[B, Q + T, D]`, in the module's dtype."""
 
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
