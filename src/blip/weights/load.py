@@ -270,7 +270,7 @@ def load_model(
     `kind` takes a part out of a bigger checkpoint (a captioner from a pretrain file); `image_size` resizes the
     position embeddings; `config` (a BlipConfig or an HF config.json) overrides the checkpoint's own or, for an
     original `.pth` that has none, replaces what is inferred from tensor shapes (which assumes 64-wide heads)."""
-    if isinstance(config, Blip2Config) or (kind is not None and kind in BLIP2_KIND_TASKS):
+    if isinstance(config, Blip2Config) or kind in ("opt", "t5"):  # "retrieval" names a kind of both families
         return load_blip2(
             locate(source), source, kind=kind, image_size=image_size, device=device, dtype=dtype, config=config
         )
