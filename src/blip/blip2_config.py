@@ -250,7 +250,7 @@ class Blip2Config:
         expected = T5Config if self.kind == "t5" else OptConfig
         if not isinstance(self.text, expected):
             raise ConfigError(f"text_config: a {self.kind!r} BLIP-2 model needs a {expected.__name__}")
-        _validate_text(self.text)
+        self.text.validate()
         vocab = self.text.vocab_size
         if self.image_token_index is not None and self.image_token_index >= vocab:
             raise ConfigError(
@@ -295,7 +295,7 @@ class Blip2Config:
         if kind != "retrieval":
             if (kind == "t5") != (text_type in ("t5", "mt5", "umt5")):
                 raise ConfigError(f"text_config.model_type = {text_type!r} does not fit a {kind!r} BLIP-2 model")
-            text = _text_from_hf(T5Config if kind == "t5" else OptConfig, text_data)
+            text = (T5Config if kind == "t5" else OptConfig).from_hf_dict(text_data)
         defaults = cls()
         return cls(
             vision=vision,
@@ -327,7 +327,7 @@ class Blip2Config:
             "qformer_config": qformer,
         }
         if self.text is not None:
-            data["text_config"] = _text_to_hf(self.text)
+            data["text_config"] = self.text.to_hf_dict()
             data["use_decoder_only_language_model"] = self.kind == "opt"
         return data
 
@@ -335,24 +335,157 @@ class Blip2Config:
 # --- T5 / Flan-T5 (encoder-decoder) ---------------------------------------------------------------------------------
 
 
+# Activations the T5 feed-forward supports (`feed_forward_proj` = "<act>" or "gated-<act>"); transformers' names.
+T5_ACTIVATIONS = frozenset(
+    {"relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "quick_gelu", "silu", "swish"}
+    | {"tanh", "sigmoid"}
+)
+MAX_RELATIVE_BUCKETS = 4096
+MAX_RELATIVE_DISTANCE = 1_048_576
+
+
 @dataclass(frozen=True)
 class T5Config:
+    """T5 / Flan-T5 as transformers' `T5Config` describes it (`model_type` "t5").
+
+    The head: transformers 5 scales the decoder output by `d_model ** -0.5` unless the config says
+    `tie_word_embeddings: false` (T5 v1.1 / Flan-T5), and it writes that choice back as `scale_decoder_outputs`
+    (while always writing `tie_word_embeddings: true`). Whether `lm_head` is a separate matrix is decided by the
+    weights, not the config: transformers ties it to `shared` unless the checkpoint holds an `lm_head.weight` that
+    differs. `from_hf_dict` takes `tie_word_embeddings` = the scaling (the published pairs: T5 tied + scaled, Flan-T5
+    untied + unscaled); `blip.models.blip2.t5.hf_t5_state_dict` then settles the tie from the tensors, as transformers
+    does.
+    """
+
     vocab_size: int = 32128
     d_model: int = 512
-    d_kv: int = 64
+    d_kv: int = 64  # per-head width; num_heads * d_kv need not equal d_model
     d_ff: int = 2048
-    num_layers: int = 6
+    num_layers: int = 6  # encoder blocks
     num_decoder_layers: int | None = None  # None: = num_layers
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "relu"  # "relu", "gelu", "gated-gelu" (Flan-T5: gelu_new, gated), ...
-    tie_word_embeddings: bool = True  # Flan-T5 says False: separate lm_head, no d_model**-0.5 output scaling
+    feed_forward_proj: str = "relu"  # "relu", "gelu", "gated-gelu" (Flan-T5: gelu_new, gated), "gated-silu", ...
+    tie_word_embeddings: bool = True  # lm_head is `shared`; Flan-T5 says False (a separate lm_head)
+    scale_decoder_outputs: bool | None = (
+        None  # decoder output * d_model**-0.5 before lm_head; None: = tie_word_embeddings
+    )
+    dropout_rate: float = 0.1  # transformers' default; only matters in training mode
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    # T5 work: from_hf_dict / to_hf_dict / validate live here.
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def is_gated_act(self) -> bool:
+        return self.feed_forward_proj.split("-")[0] == "gated"
+
+    @property
+    def dense_act_fn(self) -> str:
+        """The activation's transformers name; "gated-gelu" means the tanh approximation ("gelu_new")."""
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+
+    @property
+    def scales_outputs(self) -> bool:
+        return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
+
+    def replace(self, **changes: Any) -> T5Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> T5Config:
+        """Raise `ConfigError` naming the first `text_config` field no model can be built from; return self."""
+        _check_int("text_config.vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        _check_int("text_config.d_model", self.d_model, 1, MAX_WIDTH)
+        _check_int("text_config.d_kv", self.d_kv, 1, MAX_WIDTH)
+        _check_int("text_config.num_heads", self.num_heads, 1, MAX_WIDTH)
+        if self.num_heads * self.d_kv > MAX_WIDTH:
+            raise ConfigError(
+                f"text_config.num_heads = {self.num_heads} with d_kv {self.d_kv} makes an attention width of "
+                f"{self.num_heads * self.d_kv}; at most {MAX_WIDTH} is supported"
+            )
+        _check_int("text_config.d_ff", self.d_ff, 1, MAX_INTERMEDIATE)
+        _check_int("text_config.num_layers", self.num_layers, 1, MAX_LAYERS)
+        if self.num_decoder_layers is not None:
+            _check_int("text_config.num_decoder_layers", self.num_decoder_layers, 1, MAX_LAYERS)
+        buckets = self.relative_attention_num_buckets
+        # The encoder's bidirectional buckets give each direction buckets // 2, half of them exact: at least one.
+        _check_int("text_config.relative_attention_num_buckets", buckets, 4, MAX_RELATIVE_BUCKETS)
+        distance = self.relative_attention_max_distance
+        _check_int("text_config.relative_attention_max_distance", distance, 1, MAX_RELATIVE_DISTANCE)
+        if distance <= buckets // 2:
+            raise ConfigError(
+                f"text_config.relative_attention_max_distance = {distance} must exceed the exact buckets, "
+                f"relative_attention_num_buckets // 2 = {buckets // 2}"
+            )
+        _check_float("text_config.layer_norm_epsilon", self.layer_norm_epsilon, positive=True)
+        _check_float("text_config.dropout_rate", self.dropout_rate, below_one=True)
+        proj = self.feed_forward_proj
+        if not isinstance(proj, str):
+            raise ConfigError(f"text_config.feed_forward_proj = {proj!r}: must be a string")
+        parts = proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in T5_ACTIVATIONS:
+            raise ConfigError(
+                f"text_config.feed_forward_proj = {proj!r}: expected '<activation>' or 'gated-<activation>' with "
+                f"an activation among {', '.join(sorted(T5_ACTIVATIONS))}"
+            )
+        for name in ("tie_word_embeddings", "scale_decoder_outputs"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "scale_decoder_outputs"):
+                raise ConfigError(f"text_config.{name} = {value!r}: must be true or false")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            _check_token(f"text_config.{name}", getattr(self, name), self.vocab_size)
+        return self
+
+    # --- Hugging Face config.json (the `text_config` section) -------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> T5Config:
+        """Build from a transformers T5 config dict; missing fields take transformers' defaults, resolved (the
+        decoder depth, the activation, the output scaling) the way transformers resolves them."""
+        if not isinstance(data, dict):
+            raise ConfigError("text_config is not a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
+        if values.get("num_decoder_layers") is None:
+            values["num_decoder_layers"] = values.get("num_layers", cls.num_layers)
+        # transformers 5 writes the activation it resolved next to `feed_forward_proj`, and those keys win.
+        proj = values.get("feed_forward_proj", cls.feed_forward_proj)
+        if isinstance(proj, str) and ("dense_act_fn" in data or "is_gated_act" in data):
+            parsed = cls(feed_forward_proj=proj)
+            act = data.get("dense_act_fn", parsed.dense_act_fn)
+            gated = data.get("is_gated_act", parsed.is_gated_act)
+            if (act, gated) != (parsed.dense_act_fn, parsed.is_gated_act):
+                values["feed_forward_proj"] = f"gated-{act}" if gated is True else act
+        # Scaling: `scale_decoder_outputs` when written (transformers 5), else "unless tie_word_embeddings is false".
+        scale = data.get("scale_decoder_outputs")
+        if scale is None:
+            scale = data.get("tie_word_embeddings") is not False
+        values["scale_decoder_outputs"] = scale
+        values["tie_word_embeddings"] = scale
+        eos = values.get("eos_token_id", cls.eos_token_id)
+        if isinstance(eos, list):
+            if len(eos) != 1:
+                raise ConfigError(f"text_config.eos_token_id = {eos}: exactly one end token is supported")
+            values["eos_token_id"] = eos[0]
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A complete `model_type: "t5"` config that transformers reads back into the same model."""
+        data = dataclasses.asdict(self)
+        data.update(
+            model_type="t5",
+            num_decoder_layers=self.decoder_layers,
+            dense_act_fn=self.dense_act_fn,
+            is_gated_act=self.is_gated_act,
+            scale_decoder_outputs=self.scales_outputs,
+            is_encoder_decoder=True,
+        )
+        return data
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
@@ -385,34 +518,3 @@ def _validate_vision(v: Blip2VisionConfig) -> None:
     _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
     if not isinstance(v.qkv_bias, bool):
         raise ConfigError(f"vision_config.qkv_bias = {v.qkv_bias!r}: must be true or false")
-
-
-def _validate_text(text: OptConfig | T5Config) -> None:
-    """The language model's own checks (OptConfig / T5Config.validate), or the basics until they exist."""
-    validate = getattr(text, "validate", None)
-    if validate is not None:
-        validate()
-        return
-    _check_int("text_config.vocab_size", text.vocab_size, 1, MAX_VOCAB)
-
-
-def _text_from_hf(cls: type, data: dict[str, Any]) -> OptConfig | T5Config:
-    from_hf = getattr(cls, "from_hf_dict", None)
-    if from_hf is not None:
-        return from_hf(data)
-    if cls is OptConfig and "_remove_final_layer_norm" in data:
-        data = {**data, "remove_final_layer_norm": data["_remove_final_layer_norm"]}
-    return _dataclass_from(cls, data)
-
-
-def _text_to_hf(text: OptConfig | T5Config) -> dict[str, Any]:
-    to_hf = getattr(text, "to_hf_dict", None)
-    if to_hf is not None:
-        return to_hf()
-    data = dataclasses.asdict(text)
-    if isinstance(text, OptConfig):
-        data["_remove_final_layer_norm"] = data.pop("remove_final_layer_norm")
-        data["model_type"] = "opt"
-    else:
-        data["model_type"] = "t5"
-    return data

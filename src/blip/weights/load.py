@@ -562,8 +562,8 @@ def load_blip2(
     target = dtype or torch.float32
 
     def dtype_of(key: str) -> torch.dtype:
-        # transformers keeps the query tokens and the Q-Former in fp32 for fp16 only (`_keep_in_fp32_modules`);
-        # bf16 casts everything.
+        # transformers keeps the query tokens, the Q-Former and T5's feed-forward `wo` in fp32 for fp16 only
+        # (`_keep_in_fp32_modules`); bf16 casts everything.
         return torch.float32 if target == torch.float16 and keeps_fp32(key) else target
 
     state = _read_blip2_weights(weights_path, dtype_of)
@@ -571,6 +571,8 @@ def load_blip2(
         state = convert.convert_hf_blip2(state)
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
+    if config.kind == "t5":  # the weights decide whether the head is tied, as in transformers
+        config, state = _resolve_t5(config, state, weights_path)
     report = LoadReport(str(source), str(weights_path), "hf")
     if POS_EMBED in state and state[POS_EMBED].shape[1] != config.vision.num_positions:
         old = state[POS_EMBED].shape[1] - 1
@@ -586,6 +588,21 @@ def load_blip2(
     retie(model, groups)
     model.eval().to(device)
     return Loaded(model, report, folder)
+
+
+def _resolve_t5(
+    config: Blip2Config, state: dict[str, torch.Tensor], weights_path: Path
+) -> tuple[Blip2Config, dict[str, torch.Tensor]]:
+    from blip.models.blip2.t5 import hf_t5_state_dict
+
+    prefix = "language_model."
+    try:
+        lm_state, text = hf_t5_state_dict(state, config.text, prefix=prefix)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{weights_path}: {str(e).strip(chr(34) + chr(39))}") from e
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in lm_state.items()})
+    return config.replace(text=text), state
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

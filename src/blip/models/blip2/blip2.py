@@ -24,7 +24,9 @@ KEEP_IN_FP32 = ("query_tokens", "qformer.")  # state-dict prefixes that stay flo
 
 
 def keeps_fp32(key: str) -> bool:
-    return key.startswith(KEEP_IN_FP32)
+    """Whether transformers keeps this parameter float32 in a float16 model: the query tokens, the Q-Former, and
+    T5's feed-forward output projections `wo` (the language model's own `_keep_in_fp32_modules`)."""
+    return key.startswith(KEEP_IN_FP32) or (key.startswith("language_model.") and "wo" in key.split("."))
 
 
 def _language_model(config: Blip2Config) -> nn.Module:
