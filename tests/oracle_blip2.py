@@ -43,6 +43,7 @@ class Blip2Spec:
     lm_ffn: int = 36
     lm_vocab: int = 96
     embed_dim: int = 16  # image_text_hidden_size
+    untied_head: bool = False  # T5: a separate lm_head (as Flan-T5 has); transformers 5 builds it tied
     seed: int = 0
     extra: dict = field(default_factory=dict)  # {"vision": {...}, "qformer": {...}, "text": {...}} overrides
 
@@ -146,6 +147,10 @@ def build_blip2_checkpoint(folder: Path, spec: Blip2Spec, *, max_shard_size: str
     torch.manual_seed(spec.seed)
     model = getattr(transformers, HF_CLASSES[spec.kind])(config).eval()
     randomize(model, spec)
+    if spec.untied_head:
+        head = model.language_model.lm_head
+        noise = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(spec.seed + 2))
+        head.weight = torch.nn.Parameter(noise / head.weight.shape[-1] ** 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder

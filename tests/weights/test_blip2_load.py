@@ -279,10 +279,33 @@ def test_save_gives_a_folder_transformers_loads_with_the_same_outputs(make, tmp_
     assert original.keys() == resaved.keys() and all(torch.equal(original[k], resaved[k]) for k in original)
 
 
-def test_save_of_an_opt_checkpoint_round_trips_through_transformers(make, tmp_path):
-    pytest.importorskip("blip.models.blip2.opt")
-    folder = make(Blip2Spec(kind="opt", seed=9))
+@pytest.mark.parametrize(
+    "spec",
+    [Blip2Spec(kind="opt", seed=9), Blip2Spec(kind="t5", seed=10), Blip2Spec(kind="t5", untied_head=True, seed=11)],
+    ids=["opt", "t5-tied", "t5-untied"],
+)
+def test_save_of_a_generation_checkpoint_round_trips_through_transformers(make, tmp_path, spec):
+    pytest.importorskip(f"blip.models.blip2.{spec.kind}")
+    folder = make(spec)
     blip.load(folder).save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["text_config"]["model_type"] == spec.kind
     original = hf_blip2_load(folder).state_dict()
     resaved = hf_blip2_load(tmp_path / "saved").state_dict()
     assert original.keys() == resaved.keys() and all(torch.equal(original[k], resaved[k]) for k in original)
+    saved_keys = set(load_file(str(tmp_path / "saved" / "model.safetensors")))
+    assert saved_keys == set(load_file(str(folder / "model.safetensors")))  # one name per tied tensor, as transformers
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_fp16_generation_checkpoint_has_transformers_dtypes(make, kind):
+    pytest.importorskip(f"blip.models.blip2.{kind}")
+    folder = make(Blip2Spec(kind=kind, seed=12))
+    model = blip.load(folder, dtype="float16").model
+    hf = hf_blip2_load(folder, torch.float16)
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in hf.state_dict().items()}
+    x = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf.get_image_features(x.half()).pooler_output
+        got = model.language_inputs(model.query_output(model.encode_image(x)))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-2, rtol=1e-2)

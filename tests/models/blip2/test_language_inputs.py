@@ -39,6 +39,16 @@ SPECS = {
     "t5-freq2-wide": Blip2Spec(
         kind="t5", qformer_hidden=48, qformer_heads=6, num_query_tokens=7, lm_hidden=32, lm_heads=4, seed=6
     ),
+    "t5-untied-freq1": Blip2Spec(
+        kind="t5",
+        cross_attention_frequency=1,
+        untied_head=True,
+        image_size=56,
+        extra={
+            "text": {"relative_attention_num_buckets": 16, "feed_forward_proj": "relu", "tie_word_embeddings": True}
+        },
+        seed=8,
+    ),
 }
 
 
@@ -90,6 +100,28 @@ def test_opt_logits_over_queries_and_prompt_equal_transformers(make, name):
         got = model.language_model(embeds, full_mask)
     real = full_mask.bool()  # logits at padding positions mean nothing
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["t5", "t5-untied-freq1"])
+def test_t5_logits_over_queries_and_prompt_equal_transformers(make, name):
+    spec = SPECS[name]
+    _needs("t5")
+    folder = make(spec)
+    hf, model = hf_blip2_load(folder), blip.load(folder).model
+    assert model.language_model.config.tie_word_embeddings == (not spec.untied_head)
+    q = spec.num_query_tokens
+    ids = torch.tensor([[10, 11, 12, 1], [13, 14, 1, 0]])  # the second row right-padded
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    decoder_ids = torch.tensor([[0, 5, 6], [0, 7, 1]])
+    full_mask = torch.cat([torch.ones(2, q, dtype=torch.long), mask], dim=1)
+    x = pixels(spec, 2, seed=5)
+    with torch.no_grad():
+        hf_ids = torch.cat([torch.full((2, q), hf.config.image_token_index), ids], dim=1)
+        expected = hf(pixel_values=x, input_ids=hf_ids, attention_mask=full_mask, decoder_input_ids=decoder_ids).logits
+        soft = model.language_inputs(model.query_output(model.encode_image(x)))
+        embeds = torch.cat([soft, model.language_model.embed_tokens(ids)], dim=1)
+        got = model.language_model(embeds, full_mask, decoder_ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
