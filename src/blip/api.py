@@ -286,11 +286,7 @@ class Blip2(Blip):
         save_blip2(self.model, folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
-        self.transform.save_pretrained(folder)
-        preprocessor = folder / "preprocessor_config.json"
-        settings = json.loads(preprocessor.read_text(encoding="utf-8"))
-        settings["processor_class"] = "Blip2Processor"
-        preprocessor.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        self.transform.save_pretrained(folder, processor_class="Blip2Processor")
         queries = self.config.num_query_tokens if self.config.image_token_index is not None else None
         processor = {"processor_class": "Blip2Processor", "num_query_tokens": queries}
         (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
@@ -351,20 +347,9 @@ def load_lm_tokenizer(folder: Path | None) -> Any:
 
 
 def _blip2_transform(folder: Path | None, image_size: int) -> ImageTransform:
-    """BLIP-2 preprocessing: preprocessor_config.json, or the `image_processor` entry of processor_config.json
-    (where transformers 5's Blip2Processor saves it); at the model's image size."""
-    transform = None
-    if folder is not None:
-        if (folder / "preprocessor_config.json").exists():
-            transform = ImageTransform.from_pretrained(folder)
-        elif (folder / "processor_config.json").exists():
-            path = folder / "processor_config.json"
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"cannot read {path}: {e}") from e
-            if isinstance(data, dict) and isinstance(data.get("image_processor"), dict):
-                transform = ImageTransform.from_dict(data["image_processor"], path)
+    """BLIP-2 preprocessing from the folder (processor_config.json's `image_processor` entry, else
+    preprocessor_config.json), at the model's image size."""
+    transform = ImageTransform.from_pretrained(folder) if folder is not None else None
     if transform is None or transform.image_size != image_size:
         base = transform or ImageTransform()
         transform = ImageTransform(image_size=image_size, mean=base.mean, std=base.std)
