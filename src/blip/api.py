@@ -250,7 +250,10 @@ class Blip2(Blip):
         self.require("itc")
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
-        feats = [self.model.image_features(e[None]).float().cpu() for e in self._image_embeds(decoded)]
+        feats = []
+        for chunk in chunks(len(decoded), self.batch_size):
+            pixels = model_input(self.transform([decoded[i] for i in chunk]), self.model.vision_model)
+            feats.append(self.model.image_features(self.model.encode_image(pixels)).float().cpu())
         return torch.cat(feats)[torch.tensor(index)]
 
     @torch.inference_mode()
