@@ -189,9 +189,11 @@ class Blip2(Blip):
         report: LoadReport | None = None,
         batch_size: int = 16,
         prompt_template: str = BLIP2_PROMPT_TEMPLATE,
+        folder: Path | None = None,
     ):
         super().__init__(model, tokenizer, transform, source=source, report=report, batch_size=batch_size)
         self.prompt_template = prompt_template
+        self.folder = folder  # the checkpoint folder (generation_config.json etc. for the generation work)
 
     @property
     def config(self) -> Blip2Config:
@@ -317,6 +319,7 @@ def _load_blip2(loaded: Loaded, source: str | os.PathLike, tokenizer: Any, batch
         report=loaded.report,
         batch_size=batch_size,
         prompt_template=template,
+        folder=folder,
     )
 
 
