@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from blip.config import (
+    MAX_IMAGE_SIZE,
     MAX_INTERMEDIATE,
     MAX_LAYERS,
+    MAX_PATCHES,
     MAX_TEXT_POSITIONS,
     MAX_VOCAB,
     MAX_WIDTH,
@@ -23,9 +25,21 @@ from blip.config import (
     _check_heads,
     _check_int,
     _check_token,
+    _dataclass_from,
 )
 
 Blip2Kind = Literal["opt", "t5", "retrieval"]  # Blip2ForConditionalGeneration with OPT / T5, Blip2ForImageTextRetrieval
+BLIP2_KIND_TASKS: dict[str, frozenset[str]] = {
+    "opt": frozenset({"caption", "vqa"}),
+    "t5": frozenset({"caption", "vqa"}),
+    "retrieval": frozenset({"itm", "itc"}),
+}
+BLIP2_ARCHITECTURES: dict[str, str] = {
+    "opt": "Blip2ForConditionalGeneration",
+    "t5": "Blip2ForConditionalGeneration",
+    "retrieval": "Blip2ForImageTextRetrieval",
+}
+MAX_QUERY_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -190,8 +204,132 @@ class Blip2Config:
     def replace(self, **changes: Any) -> Blip2Config:
         return dataclasses.replace(self, **changes)
 
-    # Vision + Q-Former work: tasks, validate, from_hf_dict / to_hf_dict (dispatching the text side to
-    # OptConfig / T5Config) live here.
+    @property
+    def tasks(self) -> frozenset[str]:
+        return BLIP2_KIND_TASKS[self.kind]
+
+    @property
+    def lm_width(self) -> int:
+        """The language model's input width (what `language_projection` maps the query outputs to)."""
+        return self.text.d_model if isinstance(self.text, T5Config) else self.text.hidden_size
+
+    def validate(self) -> Blip2Config:
+        """Raise `ConfigError` naming the first field out of range (as config.json spells it); return self."""
+        if self.kind not in BLIP2_KIND_TASKS:
+            raise ConfigError(f"unknown BLIP-2 kind {self.kind!r}; expected one of {', '.join(BLIP2_KIND_TASKS)}")
+        _validate_vision(self.vision)
+        q = self.qformer
+        _check_int("qformer_config.vocab_size", q.vocab_size, 1, MAX_VOCAB)
+        _check_int("qformer_config.hidden_size", q.hidden_size, 1, MAX_WIDTH)
+        _check_int("qformer_config.num_hidden_layers", q.num_hidden_layers, 1, MAX_LAYERS)
+        _check_heads("qformer_config", q.num_attention_heads, q.hidden_size)
+        _check_int("qformer_config.intermediate_size", q.intermediate_size, 1, MAX_INTERMEDIATE)
+        _check_int("qformer_config.max_position_embeddings", q.max_position_embeddings, 2, MAX_TEXT_POSITIONS)
+        _check_float("qformer_config.layer_norm_eps", q.layer_norm_eps, positive=True)
+        _check_float("qformer_config.hidden_dropout_prob", q.hidden_dropout_prob, below_one=True)
+        _check_float("qformer_config.attention_probs_dropout_prob", q.attention_probs_dropout_prob, below_one=True)
+        _check_int("qformer_config.cross_attention_frequency", q.cross_attention_frequency, 1, MAX_LAYERS)
+        _check_int("qformer_config.encoder_hidden_size", q.encoder_hidden_size, 1, MAX_WIDTH)
+        _check_vocab_id("qformer_config.pad_token_id", q.pad_token_id, q.vocab_size, "qformer_config.vocab_size")
+        if q.encoder_hidden_size != self.vision.hidden_size:
+            raise ConfigError(
+                f"qformer_config.encoder_hidden_size = {q.encoder_hidden_size} differs from vision_config.hidden_size "
+                f"= {self.vision.hidden_size}"
+            )
+        _check_int("num_query_tokens", self.num_query_tokens, 1, MAX_QUERY_TOKENS)
+        _check_int("image_text_hidden_size", self.image_text_hidden_size, 1, MAX_WIDTH)
+        if self.image_token_index is not None:
+            _check_int("image_token_index", self.image_token_index, 0, MAX_VOCAB)
+        if self.kind == "retrieval":
+            if not q.use_qformer_text_input:
+                raise ConfigError(
+                    "qformer_config.use_qformer_text_input = false: a retrieval model (Blip2ForImageTextRetrieval) "
+                    "reads text through the Q-Former and needs it true"
+                )
+            return self
+        expected = T5Config if self.kind == "t5" else OptConfig
+        if not isinstance(self.text, expected):
+            raise ConfigError(f"text_config: a {self.kind!r} BLIP-2 model needs a {expected.__name__}")
+        self.text.validate()
+        vocab = self.text.vocab_size
+        if self.image_token_index is not None and self.image_token_index >= vocab:
+            raise ConfigError(
+                f"image_token_index = {self.image_token_index} is outside the language model's vocabulary "
+                f"(text_config.vocab_size = {vocab})"
+            )
+        return self
+
+    # --- Hugging Face config.json -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], kind: Blip2Kind | None = None) -> Blip2Config:
+        """Build from a transformers `config.json` dict (model_type "blip-2"); missing fields take transformers'
+        defaults (OPT when there is no text_config, 32 query tokens, no image token)."""
+        if not isinstance(data, dict):
+            raise ConfigError("the config is not a JSON object")
+        if data.get("model_type", "blip-2") != "blip-2":
+            raise ConfigError(f"model_type {data.get('model_type')!r} is not a BLIP-2 model (expected 'blip-2')")
+        for section in ("vision_config", "qformer_config", "text_config"):
+            if not isinstance(data.get(section) or {}, dict):
+                raise ConfigError(f"{section} is not a JSON object")
+        text_data = dict(data.get("text_config") or {})
+        text_type = text_data.get("model_type", "opt")
+        if kind is None:
+            architectures = data.get("architectures") or []
+            if isinstance(architectures, list) and "Blip2ForImageTextRetrieval" in architectures:
+                kind = "retrieval"
+            elif text_type in ("t5", "mt5", "umt5"):
+                kind = "t5"
+            elif text_type == "opt":
+                kind = "opt"
+            else:
+                raise ConfigError(
+                    f"text_config.model_type = {text_type!r}: only OPT and T5 language models are supported"
+                )
+        if kind not in BLIP2_KIND_TASKS:
+            raise ConfigError(f"unknown BLIP-2 kind {kind!r}; expected one of {', '.join(BLIP2_KIND_TASKS)}")
+        vision = _dataclass_from(Blip2VisionConfig, data.get("vision_config") or {})
+        qformer = _dataclass_from(QFormerConfig, data.get("qformer_config") or {})
+        qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)  # as transformers does
+        text: OptConfig | T5Config | None = None
+        if kind != "retrieval":
+            if (kind == "t5") != (text_type in ("t5", "mt5", "umt5")):
+                raise ConfigError(f"text_config.model_type = {text_type!r} does not fit a {kind!r} BLIP-2 model")
+            text = (T5Config if kind == "t5" else OptConfig).from_hf_dict(text_data)
+        defaults = cls()
+        return cls(
+            vision=vision,
+            qformer=qformer,
+            text=text,
+            kind=kind,
+            num_query_tokens=data.get("num_query_tokens", defaults.num_query_tokens),
+            image_text_hidden_size=data.get("image_text_hidden_size", defaults.image_text_hidden_size),
+            image_token_index=data.get("image_token_index", data.get("image_token_id")),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A complete `config.json` that transformers loads as Blip2ForConditionalGeneration (OPT / T5) or
+        Blip2ForImageTextRetrieval."""
+        vision = dataclasses.asdict(self.vision)
+        vision.pop("drop_path_rate")
+        vision.update(model_type="blip_2_vision_model", hidden_act="gelu")
+        qformer = dataclasses.asdict(self.qformer)
+        qformer.update(model_type="blip_2_qformer", hidden_act="gelu")
+        data: dict[str, Any] = {
+            "architectures": [BLIP2_ARCHITECTURES[self.kind]],
+            "model_type": "blip-2",
+            "num_query_tokens": self.num_query_tokens,
+            "image_text_hidden_size": self.image_text_hidden_size,
+            "image_token_index": self.image_token_index,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "vision_config": vision,
+            "qformer_config": qformer,
+        }
+        if self.text is not None:
+            data["text_config"] = self.text.to_hf_dict()
+            data["use_decoder_only_language_model"] = self.kind == "opt"
+        return data
 
 
 # --- T5 / Flan-T5 (encoder-decoder) ---------------------------------------------------------------------------------
@@ -348,3 +486,35 @@ class T5Config:
             is_encoder_decoder=True,
         )
         return data
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _check_vocab_id(name: str, value: Any, vocab_size: int, vocab_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} = {value!r}: must be an integer")
+    if not 0 <= value < vocab_size:
+        raise ConfigError(f"{name} = {value} is outside the vocabulary ({vocab_name} = {vocab_size})")
+
+
+def _validate_vision(v: Blip2VisionConfig) -> None:
+    _check_int("vision_config.hidden_size", v.hidden_size, 1, MAX_WIDTH)
+    _check_int("vision_config.intermediate_size", v.intermediate_size, 1, MAX_INTERMEDIATE)
+    _check_int("vision_config.num_hidden_layers", v.num_hidden_layers, 1, MAX_LAYERS)
+    _check_heads("vision_config", v.num_attention_heads, v.hidden_size)
+    _check_int("vision_config.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
+    _check_int("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE)
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"vision_config.patch_size = {v.patch_size} does not divide vision_config.image_size = {v.image_size}"
+        )
+    if v.grid_size**2 > MAX_PATCHES:
+        raise ConfigError(
+            f"vision_config.image_size = {v.image_size} with patch_size {v.patch_size} makes {v.grid_size**2} "
+            f"patches; at most {MAX_PATCHES} are supported"
+        )
+    _check_float("vision_config.layer_norm_eps", v.layer_norm_eps, positive=True)
+    _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
+    if not isinstance(v.qkv_bias, bool):
+        raise ConfigError(f"vision_config.qkv_bias = {v.qkv_bias!r}: must be true or false")
