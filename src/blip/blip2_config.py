@@ -11,7 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from blip.config import VisionConfig
+from blip.config import (
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_TEXT_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    ConfigError,
+    VisionConfig,
+    _check_heads,
+    _check_int,
+    _check_token,
+)
 
 Blip2Kind = Literal["opt", "t5", "retrieval"]  # Blip2ForConditionalGeneration with OPT / T5, Blip2ForImageTextRetrieval
 
@@ -33,26 +44,116 @@ class Blip2VisionConfig(VisionConfig):
 
 # --- OPT (decoder-only) -------------------------------------------------------------------------------------------
 
+# transformers' activation names the OPT model implements (`blip.models.blip2.opt.ACTIVATIONS` maps them).
+OPT_ACTIVATIONS = (
+    "relu",
+    "relu2",
+    "relu6",
+    "gelu",
+    "gelu_python",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "silu",
+    "swish",
+    "mish",
+    "tanh",
+    "sigmoid",
+    "linear",
+)
+
 
 @dataclass(frozen=True)
 class OptConfig:
     vocab_size: int = 50272
-    hidden_size: int = 768
+    hidden_size: int = 768  # decoder width
     num_hidden_layers: int = 12
-    ffn_dim: int = 3072
-    max_position_embeddings: int = 2048
-    do_layer_norm_before: bool = True
+    ffn_dim: int = 3072  # MLP width
+    max_position_embeddings: int = 2048  # learned positions (the table has 2 more rows: OPT's offset)
+    do_layer_norm_before: bool = True  # pre-LN; False is post-LN (opt-350m), which also drops the final LayerNorm
     word_embed_proj_dim: int | None = None  # None: = hidden_size (350m projects 512 <-> 1024)
     num_attention_heads: int = 12
-    activation_function: str = "relu"
-    enable_bias: bool = True
-    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"  # one of OPT_ACTIVATIONS
+    enable_bias: bool = True  # biases of the attention and MLP projections
+    layer_norm_elementwise_affine: bool = True  # LayerNorms with weight and bias
     remove_final_layer_norm: bool = False  # config.json spells it `_remove_final_layer_norm`
-    tie_word_embeddings: bool = True
-    pad_token_id: int = 1
-    bos_token_id: int = 2
-    eos_token_id: int = 2
-    # OPT work: from_hf_dict / to_hf_dict / validate live here.
+    tie_word_embeddings: bool = True  # lm_head shares the token embedding matrix
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2  # config.json may list several; the first is kept
+
+    @property
+    def word_embed_dim(self) -> int:
+        """Width of the token embeddings, of `inputs_embeds` and of the LM head's input (`word_embed_proj_dim`)."""
+        return self.hidden_size if self.word_embed_proj_dim is None else self.word_embed_proj_dim
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    def replace(self, **changes: Any) -> OptConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> OptConfig:
+        """Raise `ConfigError` naming the first bad field (`text_config.<name>`); return self. Allocation-free."""
+        s = "text_config"
+        _check_int(f"{s}.vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        _check_int(f"{s}.hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        _check_int(f"{s}.num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        _check_int(f"{s}.ffn_dim", self.ffn_dim, 1, MAX_INTERMEDIATE)
+        _check_int(f"{s}.max_position_embeddings", self.max_position_embeddings, 1, MAX_TEXT_POSITIONS)
+        if self.word_embed_proj_dim is not None:
+            _check_int(f"{s}.word_embed_proj_dim", self.word_embed_proj_dim, 1, MAX_WIDTH)
+        _check_heads(s, self.num_attention_heads, self.hidden_size)
+        if self.activation_function not in OPT_ACTIVATIONS:
+            raise ConfigError(
+                f"{s}.activation_function = {self.activation_function!r}: expected one of {', '.join(OPT_ACTIVATIONS)}"
+            )
+        for name in (
+            "do_layer_norm_before",
+            "enable_bias",
+            "layer_norm_elementwise_affine",
+            "remove_final_layer_norm",
+            "tie_word_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                key = "_remove_final_layer_norm" if name == "remove_final_layer_norm" else name
+                raise ConfigError(f"{s}.{key} = {value!r}: must be true or false")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(self, name) is not None:
+                _check_token(f"{s}.{name}", getattr(self, name), self.vocab_size)
+        return self
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> OptConfig:
+        """Build from an OPT `config.json` dict (a BLIP-2 `text_config`); missing fields take transformers' defaults.
+        Token ids given as lists keep their first element (an empty list is None)."""
+        if not isinstance(data, dict):
+            raise ConfigError("text_config is not a JSON object")
+        model_type = data.get("model_type", "opt")
+        if model_type != "opt":
+            raise ConfigError(f"text_config.model_type = {model_type!r}: expected 'opt'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = "remove_final_layer_norm" if key == "_remove_final_layer_norm" else key
+            if name not in names:
+                continue
+            if name.endswith("_token_id") and isinstance(value, list | tuple):
+                value = value[0] if value else None
+            values[name] = value
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A complete OPT `config.json` dict (`model_type` "opt") that transformers reads back as this model; the
+        training-only fields carry transformers' defaults."""
+        data = dataclasses.asdict(self)
+        data["_remove_final_layer_norm"] = data.pop("remove_final_layer_norm")
+        data["word_embed_proj_dim"] = self.word_embed_dim
+        data.update(dropout=0.1, attention_dropout=0.0, layerdrop=0.0, init_std=0.02, use_cache=True)
+        return {"architectures": ["OPTForCausalLM"], "model_type": "opt", **data}
 
 
 # --- Q-Former ------------------------------------------------------------------------------------------------------
