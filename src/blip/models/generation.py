@@ -157,7 +157,7 @@ class CausalLmStepper:
         num_sources, prefix_len = self.mask.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(num_sources, max_new_tokens)], dim=1)
         self.cache = self.lm.new_cache(prefix_len + max_new_tokens)
-        logits = self.lm(self.embeds, self.mask[:, :prefix_len], cache=self.cache, last_only=True)
+        logits = _last(self.lm(self.embeds, self.mask[:, :prefix_len], cache=self.cache, last_only=True))
         self.embeds, self.length = None, prefix_len  # the prefix lives in the cache now
         _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
         self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
@@ -166,7 +166,7 @@ class CausalLmStepper:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.length += 1
         embeds = self.lm.embed_tokens(tokens[:, None])
-        return self.lm(embeds, self.mask[:, : self.length], cache=self.cache, last_only=True)
+        return _last(self.lm(embeds, self.mask[:, : self.length], cache=self.cache, last_only=True))
 
     def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
         self.cache.select(rows)
@@ -194,17 +194,22 @@ class EncoderDecoderStepper:
         num_sources = len(self.prefix_ids)
         self.cache = self.lm.new_cache(1 + max_new_tokens)
         ids = torch.full((num_sources, 1), self.start_id, dtype=torch.long, device=self.cross.device)
-        logits = self.lm.decode(ids, self.cross, self.cache, last_only=True)
+        logits = _last(self.lm.decode(ids, self.cross, self.cache, last_only=True))
         _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lm.decode(tokens[:, None], self.cross, self.cache, last_only=True)
+        return _last(self.lm.decode(tokens[:, None], self.cross, self.cache, last_only=True))
 
     def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
         self.cache.select(rows)
         if sources is not None:
             self.cross = self.cross.select(sources)
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` next-token logits from a model's `[B, 1, V]` last-position output (or `[B, V]` as it is)."""
+    return logits[:, -1] if logits.dim() == 3 else logits
 
 
 def _expand_cache(cache: KVCache, num_sources: int, rows_per_source: int, device: torch.device) -> None:
