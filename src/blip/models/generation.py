@@ -183,7 +183,7 @@ class EncoderDecoderLm(Protocol):
 
 class EncoderDecoderStepper:
     """An encoder-decoder LM's decoder from `start_id`, cross-attending to each source's encoder states (`cross`:
-    projected once per source, with a `select(sources)` like BLIP's `CrossKV`)."""
+    projected once per source, per-layer `keys` `[E, ...]` and a `select(sources)`, like BLIP's `CrossKV`)."""
 
     def __init__(self, lm: EncoderDecoderLm, cross: Any, start_id: int, num_sources: int):
         self.lm, self.cross, self.start_id = lm, cross, start_id
@@ -193,7 +193,7 @@ class EncoderDecoderStepper:
     def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
         num_sources = len(self.prefix_ids)
         self.cache = self.lm.new_cache(1 + max_new_tokens)
-        ids = torch.full((num_sources, 1), self.start_id, dtype=torch.long, device=self.cross.device)
+        ids = torch.full((num_sources, 1), self.start_id, dtype=torch.long, device=self.cross.keys[0].device)
         logits = _last(self.lm.decode(ids, self.cross, self.cache, last_only=True))
         _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
         return logits
