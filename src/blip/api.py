@@ -9,18 +9,21 @@ from typing import Any
 
 import torch
 
+from blip.blip2_config import Blip2Config
 from blip.config import BlipConfig
 from blip.devices import resolve_device
 from blip.models.blip import BlipModel
+from blip.models.blip2.blip2 import Blip2Model
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
-from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
+from blip.tasks.common import Answer, ImageInput, as_list, chunks, model_input, pair_up, unique_images
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer
 from blip.transforms import ImageTransform
-from blip.weights.load import LoadReport, inference_copy, load_model, load_tokenizer, save_model
-from blip.weights.registry import EXAMPLE_FOR_TASK
+from blip.weights.errors import CheckpointError
+from blip.weights.load import Loaded, LoadReport, inference_copy, load_model, load_tokenizer, save_blip2, save_model
+from blip.weights.registry import BLIP2_PROMPT_TEMPLATE, EXAMPLE_FOR_TASK, EXAMPLE_FOR_TASK_BLIP2, pretrained_info
 
 DTYPES = {
     "float32": torch.float32,
@@ -164,6 +167,195 @@ class Blip:
         (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
+class Blip2(Blip):
+    """A loaded BLIP-2 checkpoint: the same methods as `Blip` (what `tasks` says this checkpoint can do).
+
+    - generation kinds ("opt", "t5"; Blip2ForConditionalGeneration): `caption`, `answer` (the generation work);
+      `tokenizer` is the language model's, `prompt_template` formats VQA questions ("Question: {} Answer:").
+    - retrieval ("retrieval"; Blip2ForImageTextRetrieval): `match` = softmax P(match) of the ITM head averaged over
+      the query outputs; `embed_images` = `[n, Q, E]` (one L2-normalised feature per query token);
+      `embed_texts` = `[n, E]` ([CLS] feature); `similarity` = max over the Q query features of the cosine with the
+      text feature, `[n_images, n_texts]`, as transformers' `use_image_text_matching_head=False` forms it.
+      `tokenizer` is the Q-Former's BERT WordPiece; texts are cut at the Q-Former's positions (512), not at BLIP's 35.
+    """
+
+    def __init__(
+        self,
+        model: Blip2Model,
+        tokenizer: Any,
+        transform: ImageTransform,
+        *,
+        source: str = "",
+        report: LoadReport | None = None,
+        batch_size: int = 16,
+        prompt_template: str = BLIP2_PROMPT_TEMPLATE,
+    ):
+        super().__init__(model, tokenizer, transform, source=source, report=report, batch_size=batch_size)
+        self.prompt_template = prompt_template
+
+    @property
+    def config(self) -> Blip2Config:
+        return self.model.config
+
+    def __repr__(self) -> str:
+        return f"Blip2(kind={self.config.kind!r}, tasks={sorted(self.tasks)}, source={self.source!r})"
+
+    @classmethod
+    def from_model(cls, *args: Any, **kwargs: Any) -> Blip2:
+        raise NotImplementedError("BLIP-2 models are loaded (blip.load), not trained here")
+
+    def require(self, task: str) -> None:
+        """Raise ValueError naming the checkpoint kind that has `task` (caption, vqa, itm, itc) if this one lacks it."""
+        if task not in self.tasks:
+            raise ValueError(
+                f"this checkpoint ({self.source or 'model'}, a BLIP-2 {self.config.kind!r} model) cannot do "
+                f"{task!r}: that needs {EXAMPLE_FOR_TASK_BLIP2[task]}"
+            )
+
+    # --- generation (the generation work fills these in) -----------------------------------------------------------
+
+    def caption(self, images: ImageInput | list[ImageInput], *args: Any, **kwargs: Any) -> list[Any]:
+        self.require("caption")
+        raise NotImplementedError("b2-gen: BLIP-2 captioning is not written yet")
+
+    def answer(self, images: ImageInput | list[ImageInput], questions: str | list[str], *args: Any, **kwargs: Any):
+        self.require("vqa")
+        raise NotImplementedError("b2-gen: BLIP-2 question answering is not written yet")
+
+    # --- retrieval -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
+        """ITM probability that each (image, text) pair matches; each distinct image is encoded once."""
+        self.require("itm")
+        image_list, text_list = pair_up(images, texts, "text")
+        decoded, index = unique_images(image_list)
+        embeds = self._image_embeds(decoded)  # (n_images, N, Dv)
+        out: list[float] = []
+        for chunk in chunks(len(text_list), self.batch_size):
+            rows = list(chunk)
+            ids, mask = self._tokenize([text_list[r] for r in rows])
+            image = embeds[torch.tensor([index[r] for r in rows], device=embeds.device)]
+            logits = self.model.itm_logits(image, ids, mask)
+            out += logits.float().softmax(-1)[:, 1].tolist()
+        return out
+
+    def similarity(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> torch.Tensor:
+        """ITC similarity `[n_images, n_texts]`: per pair, the largest cosine over the image's query features."""
+        return torch.einsum("iqe,te->iqt", self.embed_images(images), self.embed_texts(texts)).amax(dim=1)
+
+    @torch.inference_mode()
+    def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """L2-normalised query features `[n, Q, E]` (float32, CPU): one per query token."""
+        self.require("itc")
+        image_list, _ = as_list(images)
+        decoded, index = unique_images(image_list)
+        feats = [self.model.image_features(e[None]).float().cpu() for e in self._image_embeds(decoded)]
+        return torch.cat(feats)[torch.tensor(index)]
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
+        """L2-normalised text features `[n, E]` (float32, CPU): the Q-Former's [CLS] output, projected."""
+        self.require("itc")
+        text_list, _ = as_list(texts)
+        if not text_list or not all(isinstance(t, str) for t in text_list):
+            raise ValueError("texts must be a string or a non-empty list of strings")
+        feats = []
+        for chunk in chunks(len(text_list), self.batch_size):
+            ids, mask = self._tokenize([text_list[r] for r in chunk])
+            feats.append(self.model.text_features(ids, mask).float().cpu())
+        return torch.cat(feats)
+
+    def _image_embeds(self, decoded: list[Any]) -> torch.Tensor:
+        parts = []
+        for chunk in chunks(len(decoded), self.batch_size):
+            pixels = model_input(self.transform([decoded[i] for i in chunk]), self.model.vision_model)
+            parts.append(self.model.encode_image(pixels))
+        return torch.cat(parts)
+
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer(texts, max_length=self.config.qformer.max_position_embeddings)
+        return ids.to(self.device), mask.to(self.device)
+
+    # --- persistence -----------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a folder transformers loads (Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval and
+        Blip2Processor): config, weights, tokenizer files, preprocessor_config.json, processor_config.json."""
+        folder = Path(path)
+        save_blip2(self.model, folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        self.transform.save_pretrained(folder, processor_class="Blip2Processor")
+        queries = self.config.num_query_tokens if self.config.image_token_index is not None else None
+        processor = {"processor_class": "Blip2Processor", "num_query_tokens": queries}
+        (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def _load_blip2(loaded: Loaded, source: str | os.PathLike, tokenizer: Any, batch_size: int) -> Blip2:
+    """The tokenizer, preprocessing and prompt template of a loaded BLIP-2 model."""
+    model, folder = loaded.model, loaded.folder
+    where = Path(tokenizer).expanduser() if tokenizer is not None else folder
+    if model.config.kind == "retrieval":
+        text_tokenizer = load_blip2_qformer_tokenizer(where, source, model.config.qformer.vocab_size)
+    else:
+        text_tokenizer = load_lm_tokenizer(where)
+    transform = _blip2_transform(folder, model.config.vision.image_size)
+    info = pretrained_info(str(source))
+    template = info.prompt_template if info and info.prompt_template else BLIP2_PROMPT_TEMPLATE
+    return Blip2(
+        model,
+        text_tokenizer,
+        transform,
+        source=str(source),
+        report=loaded.report,
+        batch_size=batch_size,
+        prompt_template=template,
+    )
+
+
+def load_blip2_qformer_tokenizer(folder: Path | None, source: str | os.PathLike, vocab_size: int) -> BlipTokenizer:
+    """The retrieval model's BERT WordPiece tokenizer from its folder (tokenizer.json or vocab.txt)."""
+    names = ("tokenizer.json", "vocab.txt")
+    if folder is None or not any((folder / n).exists() for n in names):
+        raise CheckpointError(
+            f"{source} ships no tokenizer (no tokenizer.json or vocab.txt in {folder}): pass tokenizer=<folder> "
+            f"(--tokenizer) holding the bert-base-uncased files"
+        )
+    try:
+        result = BlipTokenizer.from_pretrained(folder)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from e
+    # The word pieces must fit the Q-Former's embeddings; Blip2Processor's added `<image>` token (past them) does not
+    # reach the model: transformers strips those positions, and we never prepend them.
+    pieces = result._tokenizer.get_vocab_size(with_added_tokens=False)
+    if pieces > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {folder} has {pieces} word pieces but the Q-Former's vocabulary has {vocab_size}"
+        )
+    return result
+
+
+def load_lm_tokenizer(folder: Path | None) -> Any:
+    """The language model's tokenizer (GPT-2 BPE for OPT, SentencePiece-derived for T5), or None until the
+    tokenizer work provides the loader."""
+    try:
+        from blip.tokenizer import load_text_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return load_text_tokenizer(folder) if folder is not None else None
+
+
+def _blip2_transform(folder: Path | None, image_size: int) -> ImageTransform:
+    """BLIP-2 preprocessing from the folder (processor_config.json's `image_processor` entry, else
+    preprocessor_config.json), at the model's image size."""
+    transform = ImageTransform.from_pretrained(folder) if folder is not None else None
+    if transform is None or transform.image_size != image_size:
+        base = transform or ImageTransform()
+        transform = ImageTransform(image_size=image_size, mean=base.mean, std=base.std)
+    return transform
+
+
 def load(
     source: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -172,10 +364,11 @@ def load(
     kind: str | None = None,
     image_size: int | None = None,
     tokenizer: str | os.PathLike | None = None,
-    config: BlipConfig | str | os.PathLike | None = None,
+    config: BlipConfig | Blip2Config | str | os.PathLike | None = None,
     batch_size: int = 16,
 ) -> Blip:
-    """Load a BLIP checkpoint: a hub id (`Salesforce/blip-image-captioning-base`), a short name
+    """Load a BLIP or BLIP-2 checkpoint (a `Blip2` for a config.json with model_type "blip-2"): a hub id
+    (`Salesforce/blip-image-captioning-base`, `Salesforce/blip2-opt-2.7b`), a short name
     (`blip.list_pretrained()`), a local Hugging Face folder, an original Salesforce `.pth` file, a safetensors file,
     or a `blip train` checkpoint.pt (self-describing: its config and tokenizer are inside).
 
@@ -186,6 +379,8 @@ def load(
     device = resolve_device(device)  # an unusable device is one clear error (DeviceError), before any loading
     torch_dtype = parse_dtype(dtype)
     loaded = load_model(source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config)
+    if isinstance(loaded.model, Blip2Model):
+        return _load_blip2(loaded, source, tokenizer, batch_size)
     blip_tokenizer = load_tokenizer(loaded, tokenizer, source)
     model = loaded.model
     folder = loaded.folder

@@ -33,6 +33,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the same way, so raising max_pixels above it has no effect unless Image.MAX_IMAGE_PIXELS is raised too.
 DEFAULT_MAX_PIXELS = 64_000_000
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"  # transformers 5 nests the image processor's settings here
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value transformers stores as "resample"
 
 ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
@@ -207,15 +208,27 @@ class ImageTransform:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> ImageTransform:
-        """Settings from `folder`/preprocessor_config.json (or that file's path); defaults when there is none."""
+        """Settings from `folder`'s image-processor config (or that file's path); defaults when there is none.
+
+        As transformers 5 reads them: the "image_processor" entry of processor_config.json (what transformers 5's
+        processors save, e.g. Blip2Processor) first, else preprocessor_config.json (the hub repos' file)."""
         path = Path(folder)
-        path = path / PREPROCESSOR_FILE if path.is_dir() or not path.suffix else path
+        if path.is_dir() or not path.suffix:
+            nested = _nested_image_processor(path / PROCESSOR_FILE)
+            if nested is not None:
+                return cls._from_config(nested, path / PROCESSOR_FILE)
+            path = path / PREPROCESSOR_FILE
+        elif path.name == PROCESSOR_FILE:
+            nested = _nested_image_processor(path)
+            if nested is None:
+                raise ValueError(f"{path} has no image_processor settings")
+            return cls._from_config(nested, path)
         if not path.is_file():
             return cls()
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
+        return cls._from_config(_read_config(path), path)
+
+    @classmethod
+    def _from_config(cls, config: dict, path: Path) -> ImageTransform:
         size = config.get("size", 384)
         if isinstance(size, dict):
             if "height" not in size or "width" not in size or size["height"] != size["width"]:
@@ -242,13 +255,14 @@ class ImageTransform:
             raise ValueError(f"{path}: image_mean and image_std need 3 values each")
         return cls(image_size=int(size), mean=mean, std=std)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write preprocessor_config.json as transformers writes it for BlipImageProcessor."""
+    def save_pretrained(self, folder: str | os.PathLike, processor_class: str = "BlipProcessor") -> None:
+        """Write preprocessor_config.json as transformers writes it for BlipImageProcessor (`processor_class`:
+        "Blip2Processor" in a BLIP-2 folder)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "image_processor_type": "BlipImageProcessor",
-            "processor_class": "BlipProcessor",
+            "processor_class": processor_class,
             "do_convert_rgb": True,
             "do_resize": True,
             "size": {"height": self.image_size, "width": self.image_size},
@@ -260,6 +274,27 @@ class ImageTransform:
             "image_std": list(self.std),
         }
         (folder / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return config
+
+
+def _nested_image_processor(path: Path) -> dict | None:
+    """processor_config.json's "image_processor" settings, or None (no file, or the older flat file holding only
+    e.g. num_query_tokens)."""
+    if not path.is_file():
+        return None
+    nested = _read_config(path).get("image_processor")
+    if nested is not None and not isinstance(nested, dict):
+        raise ValueError(f"{path}: image_processor is not a JSON object")
+    return nested
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -214,3 +214,57 @@ def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
     return max(found) + 1 if found else 0
+
+
+# --- BLIP-2 ----------------------------------------------------------------------------------------------------------
+
+# transformers before 4.47 kept the EVA ViT's attention bias as two vectors (no key bias); 5.x stores one qkv.bias.
+BLIP2_QV_BIAS = re.compile(r"^(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q|v)_bias$")
+
+
+def convert_hf_blip2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise an HF BLIP-2 state dict: separate `q_bias`/`v_bias` -> one `qkv.bias` `[q | 0 | v]`, derived
+    position-id buffers dropped. Tied copies the file leaves out are filled by the loader (`fill_tied`)."""
+    out, split = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if m := BLIP2_QV_BIAS.match(key):
+            split.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        out[key] = value
+    for prefix, pieces in split.items():
+        if set(pieces) != {"q", "v"}:
+            raise ValueError(f"{prefix}: a split attention bias needs q_bias and v_bias; found {sorted(pieces)}")
+        out[f"{prefix}.qkv.bias"] = torch.cat([pieces["q"], torch.zeros_like(pieces["q"]), pieces["v"]])
+    return out
+
+
+def tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor in `model` (tied embeddings / LM heads), the kept name first: the one
+    transformers writes (`shared` before `embed_tokens` before the rest, e.g. `lm_head`)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+
+    def rank(name: str) -> tuple[int, str]:
+        return (0 if ".shared." in name else 1 if "embed_tokens" in name else 2, name)
+
+    return [sorted(names, key=rank) for names in groups.values() if len(names) > 1]
+
+
+def fill_tied(state: dict[str, torch.Tensor], groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Tied names a checkpoint leaves out, filled from the one it has (transformers saves one name per tie)."""
+    out = dict(state)
+    for names in groups:
+        present = [n for n in names if n in out]
+        for name in names:
+            if name not in out and present:
+                out[name] = out[present[0]]
+    return out
+
+
+def drop_tied(state: dict[str, torch.Tensor], groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """What transformers' `save_pretrained` writes: one name per tied tensor."""
+    dropped = {name for names in groups for name in names[1:]}
+    return {k: v for k, v in state.items() if k not in dropped}

@@ -29,15 +29,17 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from blip.blip2_config import BLIP2_KIND_TASKS, Blip2Config
 from blip.config import KIND_PARTS, BlipConfig, ConfigError
 from blip.models.blip import BlipModel
+from blip.models.blip2.blip2 import Blip2Model, keeps_fp32
 from blip.models.vit import resize_pos_embed
 from blip.tokenizer import BlipTokenizer
 from blip.weights import checkpoint, convert
@@ -103,7 +105,7 @@ class LoadReport:
 class Loaded:
     """What `load_model` found: the model, and where its tokenizer and preprocessing come from."""
 
-    model: BlipModel
+    model: BlipModel | Blip2Model
     report: LoadReport
     folder: Path | None  # where tokenizer / preprocessor files may lie beside the weights (None: not looked for)
     tokenizer_files: dict[str, str] | None = None  # a training checkpoint's own tokenizer, by fixed file names
@@ -145,7 +147,7 @@ def _download(repo_id: str) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
             if not any((folder / f).exists() for f in WEIGHT_FILES):
                 folder = Path(
-                    snapshot_download(repo_id, allow_patterns=["pytorch_model.bin*"], local_files_only=local_only)
+                    snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin*"], local_files_only=local_only)
                 )
             return folder
         except Exception as e:  # network errors, missing repos, offline mode: try the cache, then report
@@ -268,9 +270,15 @@ def load_model(
     `kind` takes a part out of a bigger checkpoint (a captioner from a pretrain file); `image_size` resizes the
     position embeddings; `config` (a BlipConfig or an HF config.json) overrides the checkpoint's own or, for an
     original `.pth` that has none, replaces what is inferred from tensor shapes (which assumes 64-wide heads)."""
+    if isinstance(config, Blip2Config) or kind in ("opt", "t5"):  # "retrieval" names a kind of both families
+        return load_blip2(
+            locate(source), source, kind=kind, image_size=image_size, device=device, dtype=dtype, config=config
+        )
     if kind is not None and kind not in KIND_PARTS:
         raise CheckpointError(f"unknown model kind {kind!r}; expected one of {', '.join(KIND_PARTS)}")
     path = locate(source)
+    if is_blip2(path):
+        return load_blip2(path, source, kind=kind, image_size=image_size, device=device, dtype=dtype, config=config)
     weights_path = _weights_file(path) if path.is_dir() else path
     folder: Path | None = path if path.is_dir() else path.parent
     origin = str(weights_path)
@@ -456,6 +464,14 @@ def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor
 def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -> None:
     """`load_state_dict(strict=True, assign=True)` with a one-line error that names the missing, unexpected or
     mis-shaped keys; then the LM head is tied to the word embeddings."""
+    _check_keys(model, state, source, f"a {model.config.kind!r} BLIP model")
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.text_decoder is not None:
+        model.text_decoder.tie_weights()
+
+
+def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """One-line CheckpointError naming the missing, unexpected or mis-shaped keys of `state` for `model`."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -470,12 +486,165 @@ def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 problems.append(f"{title}: {shown}")
+        raise CheckpointError(f"checkpoint {source} does not match {what}: {'; '.join(problems)}")
+
+
+# --- BLIP-2 ----------------------------------------------------------------------------------------------------------
+
+
+def is_blip2(path: Path) -> bool:
+    """Whether `path` (a folder, or a weights file beside a config.json) holds a BLIP-2 checkpoint."""
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") == "blip-2"
+
+
+def read_blip2_config(path: Path, kind: str | None = None) -> Blip2Config:
+    """A BLIP-2 `config.json` as a validated Blip2Config; every problem is one CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if isinstance(data, dict) and data.get("model_type") != "blip-2":
+        raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not a BLIP-2 model ('blip-2')")
+    try:
+        return Blip2Config.from_hf_dict(data, kind=kind).validate()  # type: ignore[arg-type]
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def blip2_inference_config(config: Blip2Config) -> Blip2Config:
+    """`config` without dropout (the Q-Former's hub configs say 0.1, which only matters for training)."""
+    qformer = dataclasses.replace(config.qformer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    vision = dataclasses.replace(config.vision, attention_dropout=0.0, drop_path_rate=0.0)
+    return config.replace(qformer=qformer, vision=vision)
+
+
+def load_blip2(
+    path: Path,
+    source: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: Blip2Config | str | os.PathLike | None = None,
+) -> Loaded:
+    """The BLIP-2 steps of the load path: config (validated) -> read in the target dtype tensor by tensor (query
+    tokens and Q-Former kept float32 in an fp16 model, as transformers keeps them) -> convert -> resize -> build on meta
+    -> fill tied names -> strict load -> re-tie -> device."""
+    if kind is not None and kind not in BLIP2_KIND_TASKS:
         raise CheckpointError(
-            f"checkpoint {source} does not match a {model.config.kind!r} BLIP model: {'; '.join(problems)}"
+            f"{source} is a BLIP-2 checkpoint: kind must be one of {', '.join(BLIP2_KIND_TASKS)}, not {kind!r}"
         )
+    folder = path if path.is_dir() else path.parent
+    weights_path = _weights_file(path) if path.is_dir() else path
+    origin = str(folder / "config.json")
+    if isinstance(config, Blip2Config):
+        config, origin = (config.replace(kind=kind) if kind else config), "config"
+    elif config is not None:
+        given = Path(config).expanduser()
+        config, origin = read_blip2_config(given / "config.json" if given.is_dir() else given, kind), str(given)
+    elif (folder / "config.json").is_file():
+        config = read_blip2_config(folder / "config.json", kind)
+    else:
+        raise CheckpointError(f"{source}: a BLIP-2 checkpoint needs its config.json (none in {folder})")
+    try:
+        config = blip2_inference_config(config).validate()
+        if image_size is not None:
+            config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size)).validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{origin}: {e}") from e
+
+    target = dtype or torch.float32
+
+    def dtype_of(key: str) -> torch.dtype:
+        # transformers keeps the query tokens, the Q-Former and T5's feed-forward `wo` in fp32 for fp16 only
+        # (`_keep_in_fp32_modules`); bf16 casts everything.
+        return torch.float32 if target == torch.float16 and keeps_fp32(key) else target
+
+    state = _read_blip2_weights(weights_path, dtype_of)
+    try:
+        state = convert.convert_hf_blip2(state)
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from e
+    if config.kind == "t5":  # the weights decide whether the head is tied, as in transformers
+        config, state = _resolve_t5(config, state, weights_path)
+    report = LoadReport(str(source), str(weights_path), "hf")
+    if POS_EMBED in state and state[POS_EMBED].shape[1] != config.vision.num_positions:
+        old = state[POS_EMBED].shape[1] - 1
+        state[POS_EMBED] = resize_pos_embed(state[POS_EMBED], config.vision.grid_size)
+        report.resized_position_embedding = (old, config.vision.num_positions - 1)
+    with torch.device("meta"), _skip_random_init():
+        model = Blip2Model(config)
+    groups = convert.tied_groups(model)
+    state = convert.fill_tied(state, groups)
+    state = {k: _cast(v, dtype_of(k)) for k, v in state.items()}
+    _check_keys(model, state, str(weights_path), f"a {config.kind!r} BLIP-2 model ({origin})")
     model.load_state_dict(state, strict=True, assign=True)
-    if model.text_decoder is not None:
-        model.text_decoder.tie_weights()
+    retie(model, groups)
+    model.eval().to(device)
+    return Loaded(model, report, folder)
+
+
+def _resolve_t5(
+    config: Blip2Config, state: dict[str, torch.Tensor], weights_path: Path
+) -> tuple[Blip2Config, dict[str, torch.Tensor]]:
+    from blip.models.blip2.t5 import hf_t5_state_dict
+
+    prefix = "language_model."
+    try:
+        lm_state, text = hf_t5_state_dict(state, config.text, prefix=prefix)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{weights_path}: {str(e).strip(chr(34) + chr(39))}") from e
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in lm_state.items()})
+    return config.replace(text=text), state
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensor.detach()
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def _read_blip2_weights(path: Path, dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+    """safetensors (one file or a sharded index) read tensor by tensor in the target dtype; torch files whole."""
+    if path.name.endswith(".index.json"):
+        state: dict[str, torch.Tensor] = {}
+        for shard in index_shards(path):
+            state.update(_read_blip2_weights(shard, dtype_of))
+        return state
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, dtype_of)
+    contents = read_torch_file(path, mmap=True)
+    try:
+        return convert.unwrap_state_dict(contents)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is a PyTorch file but not a model: {e}; {EXPECTED}") from e
+
+
+def retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Make each tied group one Parameter again (`load_state_dict(assign=True)` assigns each name its own)."""
+    for keep, *others in groups:
+        param = model.get_parameter(keep)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+
+
+def save_blip2(model: Blip2Model, folder: str | os.PathLike) -> None:
+    """Write `config.json` + `model.safetensors` as transformers' `save_pretrained` does (one name per tie)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    state = convert.drop_tied(model.state_dict(), convert.tied_groups(model))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,74 @@ def read_torch_file(path: Path, *, mmap: bool = False) -> Any:
         ) from e
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: Path, dtype_of: Callable[[str], torch.dtype | None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file. With `dtype_of(key)`, each floating tensor is cast to that dtype as it
+    is read from the memory-mapped file (None: kept), so a bf16 load never holds the whole fp32 model in memory."""
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        if dtype_of is None:
+            return load_file(str(path))
+        return _read_safetensors_cast(path, dtype_of)
     except Exception as e:  # SafetensorError, OSError: short, self-contained messages
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); {EXPECTED}") from e
+
+
+# safetensors dtype names -> torch dtypes (the little-endian layout every safetensors file has).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _read_safetensors_cast(path: Path, dtype_of: Callable[[str], torch.dtype | None]) -> dict[str, torch.Tensor]:
+    """Read a safetensors file tensor by tensor with plain reads (8-byte header length, JSON header, then the data),
+    casting each to `dtype_of(key)` as it arrives: the peak is the cast model plus one tensor as stored, never the
+    whole file (a memory map would keep every touched page of the fp32 file resident until it is unmapped)."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= MAX_HEADER:
+            raise ValueError(f"header length {size} is not a safetensors header")
+        header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        base = 8 + size
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda item: _offset(item[1]))
+        scratch = bytearray()  # one buffer, reused, for the tensors that are cast (their stored bytes are transient)
+        for key, info in entries:
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{key}: unsupported dtype {info.get('dtype')!r}")
+            start, end = info["data_offsets"]
+            shape = [int(n) for n in info["shape"]]
+            target = dtype_of(key)
+            cast = target is not None and dtype.is_floating_point and dtype != target
+            if cast and len(scratch) < end - start:
+                scratch = bytearray(end - start)
+            data = memoryview(scratch)[: end - start] if cast else bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(data) != end - start:
+                raise ValueError(f"{key}: the file ends inside its data (truncated)")
+            tensor = torch.frombuffer(data, dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+            out[key] = tensor.reshape(shape).to(target) if cast else tensor.reshape(shape)
+    return out
+
+
+def _offset(info: Any) -> int:
+    return info["data_offsets"][0] if isinstance(info, dict) and "data_offsets" in info else -1
 
 
 def index_shards(index_path: Path) -> list[Path]:

@@ -8,13 +8,23 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class PretrainedInfo:
     hub_id: str
-    kind: str  # caption | vqa | retrieval
-    vision: str  # ViT-B or ViT-L
+    kind: str  # BLIP: caption | vqa | retrieval; BLIP-2: opt | t5 | retrieval
+    vision: str  # ViT-B, ViT-L or ViT-g (BLIP-2's EVA ViT-g/14)
     description: str
+    prompt_template: str | None = None  # BLIP-2 VQA: how answer() formats a question
+    family: str = "blip"  # blip | blip-2
 
 
 def _info(hub_id: str, kind: str, vision: str, description: str) -> PretrainedInfo:
     return PretrainedInfo(hub_id, kind, vision, description)
+
+
+BLIP2_PROMPT_TEMPLATE = "Question: {} Answer:"  # transformers' BLIP-2 docs; LAVIS's zero-shot VQA says "Short answer:"
+
+
+def _blip2(hub_id: str, kind: str, description: str) -> PretrainedInfo:
+    template = BLIP2_PROMPT_TEMPLATE if kind != "retrieval" else None
+    return PretrainedInfo(hub_id, kind, "ViT-g", description, template, "blip-2")
 
 
 PRETRAINED: dict[str, PretrainedInfo] = {
@@ -27,6 +37,17 @@ PRETRAINED: dict[str, PretrainedInfo] = {
     "itm-large-coco": _info("Salesforce/blip-itm-large-coco", "retrieval", "ViT-L", "COCO retrieval / ITM"),
     "itm-base-flickr": _info("Salesforce/blip-itm-base-flickr", "retrieval", "ViT-B", "Flickr30k retrieval / ITM"),
     "itm-large-flickr": _info("Salesforce/blip-itm-large-flickr", "retrieval", "ViT-L", "Flickr30k retrieval / ITM"),
+    # BLIP-2 (EVA ViT-g/14 at 224 px, 32 queries; the -coco fine-tunes at 364 px): Blip2ForConditionalGeneration
+    # with OPT or Flan-T5, and Blip2ForImageTextRetrieval.
+    "blip2-opt-2.7b": _blip2("Salesforce/blip2-opt-2.7b", "opt", "OPT-2.7b, pretrained: captions, zero-shot VQA"),
+    "blip2-opt-6.7b": _blip2("Salesforce/blip2-opt-6.7b", "opt", "OPT-6.7b, pretrained: captions, zero-shot VQA"),
+    "blip2-opt-2.7b-coco": _blip2("Salesforce/blip2-opt-2.7b-coco", "opt", "OPT-2.7b, COCO captioning"),
+    "blip2-opt-6.7b-coco": _blip2("Salesforce/blip2-opt-6.7b-coco", "opt", "OPT-6.7b, COCO captioning"),
+    "blip2-flan-t5-xl": _blip2("Salesforce/blip2-flan-t5-xl", "t5", "Flan-T5-XL, pretrained: captions, VQA"),
+    "blip2-flan-t5-xl-coco": _blip2("Salesforce/blip2-flan-t5-xl-coco", "t5", "Flan-T5-XL, COCO captioning"),
+    "blip2-flan-t5-xxl": _blip2("Salesforce/blip2-flan-t5-xxl", "t5", "Flan-T5-XXL, pretrained: captions, VQA"),
+    "blip2-itm-vit-g": _blip2("Salesforce/blip2-itm-vit-g", "retrieval", "Q-Former ITM / ITC (pretrained)"),
+    "blip2-itm-vit-g-coco": _blip2("Salesforce/blip2-itm-vit-g-coco", "retrieval", "Q-Former ITM / ITC, COCO"),
 }
 # Files a BLIP folder may hold; only these are fetched from the hub.
 HUB_FILES = [
@@ -37,6 +58,11 @@ HUB_FILES = [
     "pytorch_model.bin.index.json",
     "tokenizer.json",
     "vocab.txt",
+    "vocab.json",  # OPT's GPT-2 BPE (BLIP-2)
+    "merges.txt",
+    "spiece.model",  # T5's SentencePiece (BLIP-2 Flan-T5)
+    "added_tokens.json",
+    "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "preprocessor_config.json",
@@ -54,8 +80,27 @@ EXAMPLE_FOR_TASK = {
 }
 
 
+# The same for BLIP-2 checkpoints (Blip2.require).
+_BLIP2_GENERATION = (
+    "a BLIP-2 generation checkpoint (Blip2ForConditionalGeneration, e.g. blip2-opt-2.7b, blip2-flan-t5-xl)"
+)
+EXAMPLE_FOR_TASK_BLIP2 = {
+    "caption": _BLIP2_GENERATION,
+    "vqa": _BLIP2_GENERATION,
+    "itm": "a BLIP-2 retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. blip2-itm-vit-g)",
+    "itc": "a BLIP-2 retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. blip2-itm-vit-g)",
+}
+
+
+def pretrained_info(source: str) -> PretrainedInfo | None:
+    """The registry entry for a short name or hub id, if it is one."""
+    if source in PRETRAINED:
+        return PRETRAINED[source]
+    return next((info for info in PRETRAINED.values() if info.hub_id == source), None)
+
+
 def list_pretrained() -> dict[str, str]:
-    """Short name -> hub id of every published BLIP checkpoint `blip.load` knows by name."""
+    """Short name -> hub id of every published BLIP and BLIP-2 checkpoint `blip.load` knows by name."""
     return {name: info.hub_id for name, info in PRETRAINED.items()}
 
 
