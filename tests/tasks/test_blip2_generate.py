@@ -177,7 +177,8 @@ def test_opt_no_prompt_is_the_empty_prompt(checkpoint):
     assert hf_generate(hf, processor, image, None, max_new_tokens=6) == hf_generate(
         hf, processor, image, "", max_new_tokens=6
     )
-    assert ours.caption(image, max_new_tokens=6)[0].token_ids == ours.caption(image, prompt="", max_new_tokens=6)[0].token_ids
+    empty = ours.caption(image, prompt="", max_new_tokens=6)[0]
+    assert ours.caption(image, max_new_tokens=6)[0].token_ids == empty.token_ids
 
 
 @pytest.mark.parametrize("name", ["opt", "t5-gated"])
@@ -296,7 +297,7 @@ def test_bf16_generation_equals_transformers_in_bf16(checkpoint, name):
     assert exact >= 5
 
 
-# --- conventions and errors --------------------------------------------------------------------------------------------
+# --- conventions and errors -------------------------------------------------------------------------------------------
 
 
 def test_generation_ids_come_from_the_language_model_config(checkpoint, tmp_path):
