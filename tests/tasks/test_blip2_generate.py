@@ -339,3 +339,39 @@ def test_errors_are_clear(checkpoint):
         with pytest.raises(ValueError, match="needs"):
             getattr(ours, method)(*args)
     assert {"caption", "vqa"} <= ours.tasks
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+
+def test_cli_caption_and_vqa_with_blip2_checkpoints(checkpoint, tmp_path, capsys):
+    from blip.cli import main
+
+    folder, ours, _, _ = checkpoint("t5-gated")
+    paths = []
+    for i, image in enumerate(make_images(2, seed=31)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    argv = ["caption", "--model", str(folder), *paths, "--prompt", "a dog", "--num-beams", "2", "--format", "jsonl"]
+    assert main([*argv, "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = ours.caption(paths, prompt="a dog", num_beams=2, max_new_tokens=5)
+    assert [r["caption"] for r in rows] == [c.text for c in expected]
+    assert [r["score"] for r in rows] == pytest.approx([c.score for c in expected], abs=1e-5)
+
+    argv = ["vqa", "-m", str(folder), "--image", paths[0], "--question", "what?", "--question", "where is it?"]
+    assert main([*argv, "--prompt-template", "Q: {} A:", "--format", "jsonl", "--dtype", "bfloat16"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    bf16 = blip.load(folder, dtype="bfloat16")
+    expected = bf16.answer(paths[0], ["what?", "where is it?"], prompt_template="Q: {} A:")
+    assert [r["answer"] for r in rows] == [a.text for a in expected]
+
+    assert main([*argv, "--prompt-template", "no slot"]) == 2
+    assert 'prompt_template: must contain "{}" once' in capsys.readouterr().err
+
+
+def test_blip_vqa_checkpoints_refuse_a_prompt_template(answerer):
+    image = make_images(1, seed=1)[0]
+    with pytest.raises(ValueError, match="^prompt_template: BLIP VQA checkpoints take the question as it is"):
+        answerer.answer(image, "what?", prompt_template="Question: {} Answer:")
+    assert len(answerer.answer(image, "what?", max_new_tokens=3)) == 1

@@ -191,7 +191,7 @@ def answer_questions(
     image_index: list[int],
     *,
     generation: GenerationConfig,
-    prompt_template: str | None = None,
+    prompt_template: str | None,
 ) -> list[Answer]:
     """One answer per question (`image_index[q]`: which of `images` it is about; each image is encoded once).
     `token_ids`: OPT -> the generated ids alone; T5 -> decoder start + generated ids; `text` their decode, stripped."""
