@@ -7,6 +7,7 @@ Only tests import this module; transformers is a dev dependency, never a runtime
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class Blip2Spec:
     lm_vocab: int = 96
     embed_dim: int = 16  # image_text_hidden_size
     untied_head: bool = False  # T5: a separate lm_head (as Flan-T5 has); transformers 5 builds it tied
+    tokenizer: bool = True  # opt/t5: write the LM tokenizer (tests/oracle_tokenizers.py) and a Blip2Processor
     seed: int = 0
     extra: dict = field(default_factory=dict)  # {"vision": {...}, "qformer": {...}, "text": {...}} overrides
 
@@ -85,7 +87,7 @@ def text_config(spec: Blip2Spec) -> dict:
     return config
 
 
-def hf_config(spec: Blip2Spec, vocab_size: int | None = None):
+def hf_config(spec: Blip2Spec, vocab_size: int | None = None, image_token_index: int | None = None):
     from transformers import Blip2Config
 
     vision = dict(
@@ -119,7 +121,7 @@ def hf_config(spec: Blip2Spec, vocab_size: int | None = None):
     if spec.kind != "retrieval":
         kwargs["text_config"] = text_config(spec)
         if spec.image_token:
-            kwargs["image_token_index"] = spec.lm_vocab - 1
+            kwargs["image_token_index"] = spec.lm_vocab - 1 if image_token_index is None else image_token_index
     elif spec.image_token:
         kwargs["image_token_index"] = vocab_size  # the <image> token the processor adds after the BERT vocabulary
     return Blip2Config(**kwargs)
@@ -133,7 +135,7 @@ def build_blip2_checkpoint(folder: Path, spec: Blip2Spec, *, max_shard_size: str
 
     folder.mkdir(parents=True, exist_ok=True)
     image_processor = BlipImageProcessor(size={"height": spec.image_size, "width": spec.image_size})
-    vocab_size = None
+    vocab_size = image_token_index = None
     if spec.kind == "retrieval":
         vocab = write_vocab(folder, spec.qformer_vocab_extra)
         vocab_size = len(vocab)
@@ -141,9 +143,23 @@ def build_blip2_checkpoint(folder: Path, spec: Blip2Spec, *, max_shard_size: str
         queries = spec.num_query_tokens if spec.image_token else None  # the processor prepends <image> tokens
         processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
         processor.save_pretrained(folder)
+    elif spec.tokenizer:  # the LM's tokenizer (with <image> when the config has image_token_index) + processor
+        from transformers import AutoTokenizer
+
+        from oracle_tokenizers import write_opt_tokenizer, write_t5_tokenizer
+
+        write = write_t5_tokenizer if spec.kind == "t5" else write_opt_tokenizer
+        info = write(folder, with_image_token=spec.image_token)
+        spec = dataclasses.replace(spec, lm_vocab=max(spec.lm_vocab, info["vocab_size"]))
+        image_token_index = info["image_token_id"]
+        queries = spec.num_query_tokens if spec.image_token else None
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries).save_pretrained(
+            folder
+        )
     else:
         image_processor.save_pretrained(folder)
-    config = hf_config(spec, vocab_size)
+    config = hf_config(spec, vocab_size, image_token_index)
     torch.manual_seed(spec.seed)
     model = getattr(transformers, HF_CLASSES[spec.kind])(config).eval()
     randomize(model, spec)

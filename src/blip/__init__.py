@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Answer": "blip.tasks.common",
     "Blip": "blip.api",
+    "Blip2": "blip.api",
+    "Blip2Config": "blip.blip2_config",
     "BlipConfig": "blip.config",
     "Caption": "blip.tasks.common",
     "TextConfig": "blip.config",
@@ -29,6 +31,8 @@ _EXPORTS = {
 __all__ = [
     "Answer",
     "Blip",
+    "Blip2",
+    "Blip2Config",
     "BlipConfig",
     "Caption",
     "TextConfig",
@@ -41,7 +45,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from blip.api import Blip, create_model, load
+    from blip.api import Blip, Blip2, create_model, load
+    from blip.blip2_config import Blip2Config
     from blip.config import BlipConfig, TextConfig, VisionConfig, get_preset
     from blip.tasks.common import Answer, Caption
     from blip.weights.registry import list_pretrained

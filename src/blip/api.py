@@ -20,7 +20,7 @@ from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
 from blip.tasks.common import Answer, ImageInput, as_list, chunks, model_input, pair_up, unique_images
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
-from blip.tokenizer import BlipTokenizer
+from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
 from blip.transforms import ImageTransform
 from blip.weights.errors import CheckpointError
 from blip.weights.load import Loaded, LoadReport, inference_copy, load_model, load_tokenizer, save_blip2, save_model
@@ -190,9 +190,11 @@ class Blip2(Blip):
         report: LoadReport | None = None,
         batch_size: int = 16,
         prompt_template: str = BLIP2_PROMPT_TEMPLATE,
+        folder: Path | None = None,
     ):
         super().__init__(model, tokenizer, transform, source=source, report=report, batch_size=batch_size)
         self.prompt_template = prompt_template
+        self.folder = folder  # the checkpoint folder (generation_config.json etc. for the generation work)
 
     @property
     def config(self) -> Blip2Config:
@@ -285,7 +287,10 @@ class Blip2(Blip):
         self.require("itc")
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
-        feats = [self.model.image_features(e[None]).float().cpu() for e in self._image_embeds(decoded)]
+        feats = []
+        for chunk in chunks(len(decoded), self.batch_size):
+            pixels = model_input(self.transform([decoded[i] for i in chunk]), self.model.vision_model)
+            feats.append(self.model.image_features(self.model.encode_image(pixels)).float().cpu())
         return torch.cat(feats)[torch.tensor(index)]
 
     @torch.inference_mode()
@@ -334,7 +339,10 @@ def _load_blip2(loaded: Loaded, source: str | os.PathLike, tokenizer: Any, batch
     if model.config.kind == "retrieval":
         text_tokenizer = load_blip2_qformer_tokenizer(where, source, model.config.qformer.vocab_size)
     else:
-        text_tokenizer = load_lm_tokenizer(where)
+        # Loaded by hub name, transformers 5 keeps tokenizer.json's own pipeline for the Salesforce BLIP-2 repos
+        # (tokenization_auto's MODEL_IDS_TO_TOKENIZERS_BACKEND); from a local folder it rebuilds the class's.
+        by_name = tokenizer is None and pretrained_info(str(source)) is not None
+        text_tokenizer = load_lm_tokenizer(where, source, "file" if by_name else "class")
     transform = _blip2_transform(folder, model.config.vision.image_size)
     info = pretrained_info(str(source))
     template = info.prompt_template if info and info.prompt_template else BLIP2_PROMPT_TEMPLATE
@@ -346,6 +354,7 @@ def _load_blip2(loaded: Loaded, source: str | os.PathLike, tokenizer: Any, batch
         report=loaded.report,
         batch_size=batch_size,
         prompt_template=template,
+        folder=folder,
     )
 
 
@@ -371,14 +380,17 @@ def load_blip2_qformer_tokenizer(folder: Path | None, source: str | os.PathLike,
     return result
 
 
-def load_lm_tokenizer(folder: Path | None) -> Any:
-    """The language model's tokenizer (GPT-2 BPE for OPT, SentencePiece-derived for T5), or None until the
-    tokenizer work provides the loader."""
+def load_lm_tokenizer(folder: Path | None, source: str | os.PathLike, pipeline: str = "class") -> LmTokenizer:
+    """The language model's tokenizer (GPT-2 BPE for OPT, SentencePiece-derived tokenizer.json for T5)."""
+    if folder is None:
+        raise CheckpointError(f"{source} ships no tokenizer: pass tokenizer=<folder> (--tokenizer)")
     try:
-        from blip.tokenizer import load_text_tokenizer  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return load_text_tokenizer(folder) if folder is not None else None
+        result = load_text_tokenizer(folder, pipeline=pipeline)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}; pass tokenizer=<folder> (--tokenizer) holding its files") from e
+    if not isinstance(result, LmTokenizer):
+        raise CheckpointError(f"{folder} holds a BERT WordPiece tokenizer, not the language model's (GPT-2 BPE / T5)")
+    return result
 
 
 def _blip2_transform(folder: Path | None, image_size: int) -> ImageTransform:

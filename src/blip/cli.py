@@ -397,7 +397,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from blip.weights.registry import PRETRAINED
 
     for name, info in PRETRAINED.items():
-        print(f"{name:20s} {info.hub_id:42s} {info.kind:10s} {info.vision}  {info.description}")
+        print(f"{name:21s} {info.hub_id:42s} {info.kind:10s} {info.vision}  {info.description}")
     return EXIT_OK
 
 

@@ -309,3 +309,35 @@ def test_fp16_generation_checkpoint_has_transformers_dtypes(make, kind):
         got = model.language_inputs(model.query_output(model.encode_image(x)))
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+# --- API ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_generation_checkpoint_api(make, kind):
+    from blip.tokenizer import LmTokenizer
+
+    pytest.importorskip(f"blip.models.blip2.{kind}")
+    ours = blip.load(make(Blip2Spec(kind=kind)))
+    assert isinstance(ours, blip.Blip) and ours.tasks == {"caption", "vqa"}
+    assert isinstance(ours.tokenizer, LmTokenizer) and ours.prompt_template == "Question: {} Answer:"
+    assert ours.transform.image_size == 28
+    with pytest.raises(ValueError, match="blip2-itm-vit-g"):
+        ours.match(make_images(1)[0], "a dog")
+    with pytest.raises(ValueError, match="blip2-itm-vit-g"):
+        ours.similarity(make_images(1)[0], "a dog")
+
+
+def test_missing_tokenizer_files_are_one_line_errors(make, tmp_path):
+    folder = _copy(make(Blip2Spec(kind="opt")), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="tokenizer") as info:
+        blip.load(folder)
+    assert "\n" not in str(info.value)
+    retrieval = _copy(make(RETRIEVAL), tmp_path / "r")
+    (retrieval / "tokenizer.json").unlink()
+    (retrieval / "vocab.txt").unlink()
+    with pytest.raises(CheckpointError, match="ships no tokenizer"):
+        blip.load(retrieval)

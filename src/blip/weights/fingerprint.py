@@ -29,6 +29,11 @@ MODEL_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "preprocessor_config.json",
+    "processor_config.json",  # transformers 5 processors keep the image settings here
+    "vocab.json",  # BLIP-2 OPT: GPT-2 BPE
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
 )
 CACHE_FILE = "fingerprints.json"
 CACHE_ENTRIES = 4096  # the newest are kept
