@@ -239,6 +239,10 @@ def _generating(options: Any) -> bool:
     return options.answers is None
 
 
+def _templated(options: Any) -> bool:  # None (the checkpoint's template) leaves older job fingerprints as they were
+    return options.answers is None and options.prompt_template is not None
+
+
 def _ranking(options: Any) -> bool:
     return options.answers is not None
 
@@ -414,7 +418,7 @@ class VqaOptions(TaskOptionsBase):
         "str",
         nullable=True,
         max_length=500,
-        relevant=_generating,
+        relevant=_templated,
     )
 
     def check(self) -> None:
