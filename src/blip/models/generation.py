@@ -145,9 +145,8 @@ class CausalLmStepper:
 
     def __init__(self, lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, prefix_ids: list[list[int]]):
         if embeds.shape[:2] != mask.shape or len(prefix_ids) != embeds.shape[0]:
-            raise ValueError(
-                f"prefix embeddings {tuple(embeds.shape)}, mask {tuple(mask.shape)}, {len(prefix_ids)} ids"
-            )
+            shapes = f"embeddings {tuple(embeds.shape)}, mask {tuple(mask.shape)}, {len(prefix_ids)} id lists"
+            raise ValueError(f"prefixes do not match ({shapes}): one row per source")
         self.lm, self.embeds, self.prefix_ids = lm, embeds, [list(ids) for ids in prefix_ids]
         self.mask = mask
         self.cache: KVCache | None = None
