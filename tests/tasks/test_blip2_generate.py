@@ -2,7 +2,7 @@
 ids (each image, prompt or question run alone in transformers; batched and mixed here) and scores within 1e-4:
 OPT and T5 language models in several tiny shapes, greedy and beam search, no prompt / a prompt / a VQA-formatted
 question, prompts of different lengths in one batch, several returned sequences, min length, repetition and length
-penalties; seeded sampling; bf16; the output conventions (DESIGN §3b) and the errors."""
+penalties; seeded sampling; bf16; the output conventions (docs/generation.md, BLIP-2) and the errors."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def checkpoint(tmp_path_factory):
 
 def hf_generate(hf, processor, image, text: str | None, **gen) -> list[tuple[list[int], float]]:
     """transformers on one image (and text): per returned sequence, (its ids without the image placeholders and the
-    batch padding, its score as DESIGN §3 defines it)."""
+    batch padding, its score as docs/generation.md defines it)."""
     kind = "t5" if hf.config.text_config.model_type == "t5" else "opt"
     inputs = processor(images=image, text=text, return_tensors="pt")
     if text is None:

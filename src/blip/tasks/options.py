@@ -222,9 +222,9 @@ def _plain(value: Any) -> Any:
 
 
 def _is_blip2(blip: Blip) -> bool:
-    from blip.api import Blip2
+    from blip.blip2_config import Blip2Config
 
-    return isinstance(blip, Blip2)
+    return isinstance(blip.config, Blip2Config)
 
 
 def _positions(blip: Blip) -> int:
