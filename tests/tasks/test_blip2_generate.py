@@ -375,3 +375,21 @@ def test_blip_vqa_checkpoints_refuse_a_prompt_template(answerer):
     with pytest.raises(ValueError, match="^prompt_template: BLIP VQA checkpoints take the question as it is"):
         answerer.answer(image, "what?", prompt_template="Question: {} Answer:")
     assert len(answerer.answer(image, "what?", max_new_tokens=3)) == 1
+
+
+@pytest.mark.parametrize("name", ["opt-wide", "t5-relu"])
+def test_batch_size_and_composition_do_not_change_results(checkpoint, name):
+    _, ours, _, _ = checkpoint(name)
+    images = make_images(3, seed=41)
+    pairs = [(images[i % 3], q) for i, q in enumerate(QUESTIONS + ["what colour is the big star at the top left?"])]
+    whole = ours.answer([i for i, _ in pairs], [q for _, q in pairs], num_beams=2, max_new_tokens=6)
+    captions = ours.caption(images, prompt="a photo of", num_beams=3, num_captions=2, max_new_tokens=6)
+    ours.batch_size = 2
+    try:
+        chunked = ours.answer([i for i, _ in pairs], [q for _, q in pairs], num_beams=2, max_new_tokens=6)
+        alone = [ours.caption(image, prompt="a photo of", num_beams=3, num_captions=2, max_new_tokens=6)[0]
+                 for image in images]  # fmt: skip
+    finally:
+        ours.batch_size = 16
+    assert [a.token_ids for a in chunked] == [a.token_ids for a in whole]
+    assert [[c.token_ids for c in r] for r in alone] == [[c.token_ids for c in r] for r in captions]
