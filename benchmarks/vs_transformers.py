@@ -203,13 +203,16 @@ def gpu_rows(caption_dir: Path, device: str, batches: list[int], dtypes: list[st
 
 @torch.inference_mode()
 def _captions_from_pixels(ours, pixels: torch.Tensor) -> list[list[int]]:
-    from blip.models.generation import generate
+    from blip.models.generation import TextDecoderStepper, generate
     from blip.tasks.options import CaptionOptions
 
     decoder, text = ours.model.text_decoder, ours.config.text
     cross = decoder.bert.cross_kv(ours.model.encode_image(pixels))
     gen = CaptionOptions(max_new_tokens=20, min_new_tokens=20).generation()
-    return [s[0].token_ids for s in generate(decoder, cross, [text.bos_token_id], gen, eos_id=text.sep_token_id)]
+    return [
+        s[0].token_ids
+        for s in generate(TextDecoderStepper(decoder, cross, [text.bos_token_id]), gen, eos_id=text.sep_token_id)
+    ]
 
 
 @torch.inference_mode()

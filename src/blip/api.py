@@ -14,6 +14,7 @@ from blip.config import BlipConfig
 from blip.devices import resolve_device
 from blip.models.blip import BlipModel
 from blip.models.blip2.blip2 import Blip2Model
+from blip.tasks import blip2 as blip2_task
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
@@ -214,15 +215,49 @@ class Blip2(Blip):
                 f"{task!r}: that needs {EXAMPLE_FOR_TASK_BLIP2[task]}"
             )
 
-    # --- generation (the generation work fills these in) -----------------------------------------------------------
+    # --- generation ------------------------------------------------------------------------------------------------
 
-    def caption(self, images: ImageInput | list[ImageInput], *args: Any, **kwargs: Any) -> list[Any]:
+    @takes_options(CaptionOptions)
+    def caption(self, images: ImageInput | list[ImageInput], *, options: CaptionOptions) -> list[Any]:
+        """Captions, one per image (a list of `num_captions` per image when `num_captions > 1`), optionally
+        continuing `prompt`. `token_ids`: OPT -> BOS, prompt, generated ids; T5 -> decoder start, generated ids (what
+        transformers' generate returns for that image alone, without the image placeholders). With `seed`, each
+        image samples from its own generator: its captions do not depend on the other images of the call."""
         self.require("caption")
-        raise NotImplementedError("b2-gen: BLIP-2 captioning is not written yet")
+        options.check_model(self)
+        image_list, _ = as_list(images)
+        decoded, index = unique_images(image_list)
+        generators = self._generators(options, len(decoded))
+        per_image = blip2_task.caption_images(
+            self, decoded, prompt=options.prompt, generation=options.generation(), generators=generators
+        )
+        results = [per_image[i] for i in index]
+        return [r[0] for r in results] if options.num_captions == 1 else results
 
-    def answer(self, images: ImageInput | list[ImageInput], questions: str | list[str], *args: Any, **kwargs: Any):
+    @takes_options(VqaOptions)
+    def answer(
+        self, images: ImageInput | list[ImageInput], questions: str | list[str], *, options: VqaOptions
+    ) -> list[Answer]:
+        """One answer per question, each put in `prompt_template` (None: the checkpoint's, "Question: {} Answer:").
+        One image with several questions encodes the image and runs the Q-Former once. `token_ids`: OPT -> the
+        generated ids; T5 -> decoder start + generated ids; `text`: the answer alone."""
         self.require("vqa")
-        raise NotImplementedError("b2-gen: BLIP-2 question answering is not written yet")
+        options.check_model(self)
+        image_list, question_list = pair_up(images, questions, "question")
+        decoded, index = unique_images(image_list)
+        return blip2_task.answer_questions(
+            self,
+            decoded,
+            question_list,
+            index,
+            generation=options.generation(),
+            prompt_template=options.prompt_template,
+        )
+
+    def _generators(self, options: CaptionOptions, count: int) -> list[torch.Generator] | None:
+        if not options.do_sample or options.seed is None:
+            return None
+        return [torch.Generator(device=self.device).manual_seed(options.seed) for _ in range(count)]
 
     # --- retrieval -------------------------------------------------------------------------------------------------
 

@@ -125,6 +125,7 @@ HOMONYMS = {
     "tasks/retrieval.py:search_texts(top_k)",  # results per query
     "tasks/retrieval.py:search_images(top_k)",
     "serve/schemas.py:RetrieveRequest.top_k",  # /v1/retrieve: results per query
+    "api.py:__init__(prompt_template)",  # a BLIP-2 checkpoint's own template (the option's None means "use it")
 }
 
 

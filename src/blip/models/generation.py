@@ -1,12 +1,22 @@
-"""Text generation for the BLIP decoder: greedy, beam search and nucleus/top-k sampling.
+"""Text generation: greedy, beam search and nucleus/top-k sampling, one decoding loop for every model family.
 
-Every decode starts from the same prefix (`[DEC]` plus an optional prompt) for `E` sources (images, or questions
-for VQA) whose cross-attention keys/values were projected once (`CrossKV`). Rows are grouped per source
-(`num_beams` or `num_return_sequences` rows each), so no image state is ever copied per row or per step, and a
-source leaves the batch as soon as its result is final.
+The loop (`generate`) knows nothing about the model. It drives a `Stepper`: the decoding state of `E` sources
+(images, or questions, or image + prompt pairs), each with its own prefix, whose rows are grouped per source
+(`num_beams` or `num_return_sequences` rows each). Three steppers serve the three families:
+
+- `TextDecoderStepper`: BLIP's text decoder, `[DEC]` + prompt ids shared by all sources, cross-attending to each
+  source's keys/values projected once (`CrossKV`);
+- `CausalLmStepper`: a decoder-only LM (BLIP-2's OPT) continuing a per-source prefix of input embeddings (query
+  embeddings + prompt tokens), left-padded to the longest with an attention mask;
+- `EncoderDecoderStepper`: an encoder-decoder LM (BLIP-2's T5) whose decoder starts from its start token and
+  cross-attends to each source's encoder states, projected once.
+
+Each source's prefix runs once (not once per beam or sample), then its cache rows are copied to its rows; no encoder
+state is ever copied per row or per step, and a source leaves the batch as soon as its result is final.
 
 The decoding rules (logits processing order, beam bookkeeping, length normalisation, stopping) follow what
-transformers' `generate` does, so the same checkpoint gives the same token ids; see docs/generation.md.
+transformers' `generate` does for that source alone, so the same checkpoint gives the same token ids; lengths count
+new tokens, so sources with prefixes of different lengths decode together; see docs/generation.md.
 """
 
 from __future__ import annotations
@@ -14,12 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from blip.models.bert import CrossKV, KVCache, TextDecoder
 
 NEG_INF_SCORE = -1.0e9  # transformers' "impossible" beam score
+PAD_ID = 0  # what a finished row is fed (its later logits are never read)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,20 +69,175 @@ class GenerationConfig:
 
 @dataclass
 class Sequence:
-    token_ids: list[int]  # prefix + generated tokens (+ [SEP] when finished), unpadded
+    token_ids: list[int]  # the source's prefix ids + generated tokens (+ EOS when finished), unpadded
     score: float
 
 
+class Stepper(Protocol):
+    """A model's decoding state for `E` sources. Rows are grouped per source: after `start(r, ...)` there are `E * r`
+    rows, rows `[s * r, (s + 1) * r)` belonging to source `s`."""
+
+    prefix_ids: list[list[int]]  # per source: the ids its rows start from (in the output and the repetition penalty)
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        """Run each source's prefix once; next-token logits `[E, V]`. The state then holds `rows_per_source` copies of
+        each source, with room for `max_new_tokens` more tokens."""
+        ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (`[R]`); next-token logits `[R, V]`."""
+        ...
+
+    def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
+        """Continue with rows `rows` (indices into the current rows, grouped per source: beam reordering, finished
+        sources leaving); `sources`: the sources those rows belong to, in order (None: the same sources as now)."""
+        ...
+
+
+# --- the steppers -----------------------------------------------------------------------------------------------------
+
+
+class TextDecoderStepper:
+    """BLIP's text decoder from the same `prefix_ids` (`[DEC]` + prompt) for every source of `cross`."""
+
+    def __init__(self, decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int]):
+        if cross.index is not None:
+            raise ValueError("generation needs grouped cross-attention states (no row index)")
+        self.decoder, self.cross = decoder, cross
+        self.prefix_ids = [list(prefix_ids)] * cross.keys[0].shape[0]
+        self.cache: KVCache | None = None
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        num_sources, prefix = len(self.prefix_ids), self.prefix_ids[0]
+        self.cache = KVCache(len(self.decoder.bert.layers), len(prefix) + max_new_tokens)
+        ids = torch.tensor(prefix, dtype=torch.long, device=self.cross.keys[0].device).expand(num_sources, -1)
+        logits = self.decoder(ids, cross=self.cross, cache=self.cache, last_only=True)
+        _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens[:, None], cross=self.cross, cache=self.cache, last_only=True)
+
+    def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
+        self.cache.select(rows)
+        if sources is not None:
+            self.cross = self.cross.select(sources)
+
+
+class CausalLm(Protocol):
+    """What `CausalLmStepper` needs of a decoder-only LM (BLIP-2's `OptForCausalLM`)."""
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def new_cache(self, capacity: int) -> KVCache: ...
+
+    def __call__(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, cache: KVCache, last_only: bool
+    ) -> torch.Tensor: ...
+
+
+class CausalLmStepper:
+    """A decoder-only LM continuing each source's prefix of input embeddings.
+
+    `embeds [E, P, D]` and `mask [E, P]` (1 = real, 0 = left padding) hold the prefixes, left-padded to the longest;
+    `prefix_ids[s]` are source `s`'s own prefix ids (what transformers' `input_ids` holds when that source is
+    generated alone: never padding). Positions come from the mask, so padding changes no result."""
+
+    def __init__(self, lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, prefix_ids: list[list[int]]):
+        if embeds.shape[:2] != mask.shape or len(prefix_ids) != embeds.shape[0]:
+            shapes = f"embeddings {tuple(embeds.shape)}, mask {tuple(mask.shape)}, {len(prefix_ids)} id lists"
+            raise ValueError(f"prefixes do not match ({shapes}): one row per source")
+        self.lm, self.embeds, self.prefix_ids = lm, embeds, [list(ids) for ids in prefix_ids]
+        self.mask = mask
+        self.cache: KVCache | None = None
+        self.length = 0  # positions filled (prefix + tokens so far)
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        num_sources, prefix_len = self.mask.shape
+        self.mask = torch.cat([self.mask, self.mask.new_ones(num_sources, max_new_tokens)], dim=1)
+        self.cache = self.lm.new_cache(prefix_len + max_new_tokens)
+        logits = _last(self.lm(self.embeds, self.mask[:, :prefix_len], cache=self.cache, last_only=True))
+        self.embeds, self.length = None, prefix_len  # the prefix lives in the cache now
+        _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
+        self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.length += 1
+        embeds = self.lm.embed_tokens(tokens[:, None])
+        return _last(self.lm(embeds, self.mask[:, : self.length], cache=self.cache, last_only=True))
+
+    def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
+        self.cache.select(rows)
+        self.mask = self.mask.index_select(0, rows)
+
+
+class EncoderDecoderLm(Protocol):
+    """What `EncoderDecoderStepper` needs of an encoder-decoder LM (BLIP-2's `T5ForConditionalGeneration`)."""
+
+    def new_cache(self, capacity: int) -> KVCache: ...
+
+    def decode(self, decoder_input_ids: torch.Tensor, cross: Any, cache: KVCache, last_only: bool) -> torch.Tensor: ...
+
+
+class EncoderDecoderStepper:
+    """An encoder-decoder LM's decoder from `start_id`, cross-attending to each source's encoder states (`cross`:
+    projected once per source, per-layer `keys` `[E, ...]` and a `select(sources)`, like BLIP's `CrossKV`)."""
+
+    def __init__(self, lm: EncoderDecoderLm, cross: Any, start_id: int, num_sources: int):
+        self.lm, self.cross, self.start_id = lm, cross, start_id
+        self.prefix_ids = [[start_id] for _ in range(num_sources)]
+        self.cache: KVCache | None = None
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        num_sources = len(self.prefix_ids)
+        self.cache = self.lm.new_cache(1 + max_new_tokens)
+        ids = torch.full((num_sources, 1), self.start_id, dtype=torch.long, device=self.cross.keys[0].device)
+        logits = _last(self.lm.decode(ids, self.cross, self.cache, last_only=True))
+        _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _last(self.lm.decode(tokens[:, None], self.cross, self.cache, last_only=True))
+
+    def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
+        self.cache.select(rows)
+        if sources is not None:
+            self.cross = self.cross.select(sources)
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` next-token logits from a model's `[B, 1, V]` last-position output (or `[B, V]` as it is)."""
+    return logits[:, -1] if logits.dim() == 3 else logits
+
+
+def _expand_cache(cache: KVCache, num_sources: int, rows_per_source: int, device: torch.device) -> None:
+    """Each source's cache row copied to its `rows_per_source` rows."""
+    if rows_per_source > 1:
+        cache.select(torch.arange(num_sources, device=device).repeat_interleave(rows_per_source))
+
+
+# --- logits processing ------------------------------------------------------------------------------------------------
+
+
+def _seen_tokens(prefix_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """`[E, V]` bool: the ids in each source's prefix (transformers' repetition penalty reads the row's `input_ids`;
+    a set of ids gives the same scores as its gather/scatter)."""
+    seen = torch.zeros(len(prefix_ids), vocab, dtype=torch.bool)
+    for source, ids in enumerate(prefix_ids):
+        seen[source, [i for i in ids if 0 <= i < vocab]] = True
+    return seen.to(device)
+
+
 def _process_logits(
-    scores: torch.Tensor, sequences: torch.Tensor, new_len: int, cfg: GenerationConfig, eos_id: int
+    scores: torch.Tensor, seen: torch.Tensor | None, new_len: int, cfg: GenerationConfig, eos: torch.Tensor
 ) -> torch.Tensor:
-    """Repetition penalty, then min-length, as transformers orders them. Modifies `scores` in place."""
-    if cfg.repetition_penalty != 1.0:
-        seen = scores.gather(1, sequences)
-        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
-        scores.scatter_(1, sequences, seen)
+    """Repetition penalty (on the ids each row has seen), then min-length, as transformers orders them."""
+    if seen is not None:
+        penalised = torch.where(scores < 0, scores * cfg.repetition_penalty, scores / cfg.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
     if new_len < cfg.min_new_tokens:
-        scores[:, eos_id] = -math.inf
+        scores = scores.index_fill(1, eos, -math.inf)
     return scores
 
 
@@ -91,63 +258,64 @@ def _warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+# --- the loop ---------------------------------------------------------------------------------------------------------
+
+
 @torch.inference_mode()
 def generate(
-    decoder: TextDecoder,
-    cross: CrossKV,
-    prefix_ids: list[int],
+    stepper: Stepper,
     cfg: GenerationConfig,
     *,
-    eos_id: int,
+    eos_id: int | SequenceOf[int],
     generators: SequenceOf[torch.Generator] | None = None,
 ) -> list[list[Sequence]]:
-    """Decode for each of the `E` sources in `cross`; returns `num_return_sequences` sequences per source.
+    """Decode each of the stepper's sources; returns `num_return_sequences` sequences per source, each its prefix
+    ids followed by the generated tokens (ending with an EOS id when finished).
 
-    `generators` (sampling only): one random generator per source, used for that source's rows alone, so what a
-    source samples depends on its generator and not on the other sources in the batch (`cfg.seed` is then unused)."""
+    `eos_id`: one id or several (any of them ends a sequence). `generators` (sampling only): one random generator
+    per source, used for that source's rows alone, so what a source samples depends on its generator and not on the
+    other sources in the batch (`cfg.seed` is then unused)."""
     cfg.validate()
-    if cross.index is not None:
-        raise ValueError("generation needs grouped cross-attention states (no row index)")
-    if generators is not None and len(generators) != cross.keys[0].shape[0]:
-        raise ValueError(f"{len(generators)} generators for {cross.keys[0].shape[0]} sources")
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    if not eos_ids:
+        raise ValueError("generation needs at least one end-of-sequence id")
+    num_sources = len(stepper.prefix_ids)
+    if generators is not None and len(generators) != num_sources:
+        raise ValueError(f"{len(generators)} generators for {num_sources} sources")
     if cfg.num_beams > 1:
-        return _beam_search(decoder, cross, prefix_ids, cfg, eos_id)
-    return _sample_or_greedy(decoder, cross, prefix_ids, cfg, eos_id, generators)
-
-
-def _prefix(prefix_ids: list[int], rows: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(prefix_ids, dtype=torch.long, device=device).expand(rows, -1)
+        return _beam_search(stepper, cfg, eos_ids)
+    return _sample_or_greedy(stepper, cfg, eos_ids, generators)
 
 
 def _sample_or_greedy(
-    decoder: TextDecoder,
-    cross: CrossKV,
-    prefix_ids: list[int],
+    stepper: Stepper,
     cfg: GenerationConfig,
-    eos_id: int,
-    generators: SequenceOf[torch.Generator] | None = None,
+    eos_ids: list[int],
+    generators: SequenceOf[torch.Generator] | None,
 ) -> list[list[Sequence]]:
-    num_sources, per_source = cross.keys[0].shape[0], cfg.num_return_sequences
-    device = cross.keys[0].device
-    prefix_len, total = len(prefix_ids), len(prefix_ids) + cfg.max_new_tokens
+    prefixes, per_source, steps = stepper.prefix_ids, cfg.num_return_sequences, cfg.max_new_tokens
+    num_sources = len(prefixes)
+    logits = stepper.start(per_source, steps).float().repeat_interleave(per_source, dim=0)
+    device, vocab = logits.device, logits.shape[-1]
+    eos = torch.tensor(eos_ids, device=device)
     generator = None
-    if cfg.do_sample and cfg.seed is not None:
+    if cfg.do_sample and cfg.seed is not None and generators is None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     rows = num_sources * per_source
-    sequences = torch.zeros(rows, total, dtype=torch.long, device=device)
-    sequences[:, :prefix_len] = _prefix(prefix_ids, rows, device)
+    generated = torch.zeros(rows, steps, dtype=torch.long, device=device)
     scores = torch.zeros(rows, dtype=torch.float32, device=device)
-    lengths = torch.full((rows,), total, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), steps, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(num_sources, device=device)  # sources still in the batch
-    cache = KVCache(len(decoder.bert.layers), total)
+    rows_idx = torch.arange(rows, device=device)  # their rows
+    within = torch.arange(per_source, device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = _seen_tokens(prefixes, vocab, device).repeat_interleave(per_source, dim=0)
 
-    step_ids = sequences[:, :prefix_len]
-    for cur_len in range(prefix_len, total):
-        rows_idx = (active[:, None] * per_source + torch.arange(per_source, device=device)).reshape(-1)
-        logits = decoder(step_ids, cross=cross, cache=cache, last_only=True).float()
-        logits = _process_logits(logits, sequences[rows_idx, :cur_len], cur_len - prefix_len, cfg, eos_id)
+    for n in range(steps):  # n: tokens generated so far
+        logits = _process_logits(logits, seen, n, cfg, eos)
         if cfg.do_sample:
             logits = _warp(logits, cfg)
             probs = logits.softmax(-1)
@@ -163,84 +331,85 @@ def _sample_or_greedy(
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
 
         was_finished = finished[rows_idx]
-        tokens = torch.where(was_finished, torch.zeros_like(tokens), tokens)
-        sequences[rows_idx, cur_len] = tokens
+        tokens = torch.where(was_finished, torch.full_like(tokens, PAD_ID), tokens)
+        generated[rows_idx, n] = tokens
         scores[rows_idx] += torch.where(was_finished, torch.zeros_like(logprobs), logprobs)
-        just_done = (~was_finished) & (tokens == eos_id)
-        lengths[rows_idx[just_done]] = cur_len + 1
+        just_done = (~was_finished) & torch.isin(tokens, eos)
+        lengths[rows_idx[just_done]] = n + 1
         finished[rows_idx] = was_finished | just_done
+        if n + 1 == steps:
+            break
 
-        # Sources whose rows are all finished leave the batch with their cache rows and cross-attention states.
+        # Sources whose rows are all finished leave the batch with their cache rows and encoder states.
         source_done = finished[rows_idx].view(-1, per_source).all(dim=1)
         if bool(source_done.all()):
             break
         if bool(source_done.any()):
             keep = (~source_done).nonzero().squeeze(1)
-            keep_rows = (keep[:, None] * per_source + torch.arange(per_source, device=device)).reshape(-1)
-            cache.select(keep_rows)
-            cross = cross.select(keep)
-            active = active[keep]
-            tokens = tokens[keep_rows]
-        step_ids = tokens[:, None]
+            keep_rows = (keep[:, None] * per_source + within).reshape(-1)
+            stepper.select(keep_rows, keep)
+            active, rows_idx, tokens = active[keep], rows_idx[keep_rows], tokens[keep_rows]
+            seen = None if seen is None else seen[keep_rows]
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        logits = stepper.step(tokens).float()
 
     out: list[list[Sequence]] = []
-    seqs, lens, scs = sequences.tolist(), lengths.tolist(), scores.tolist()
+    gens, lens, scs = generated.tolist(), lengths.tolist(), scores.tolist()
     for source in range(num_sources):
         out.append(
-            [Sequence(seqs[r][: lens[r]], scs[r]) for r in range(source * per_source, (source + 1) * per_source)]
+            [
+                Sequence(prefixes[source] + gens[r][: lens[r]], scs[r])
+                for r in range(source * per_source, (source + 1) * per_source)
+            ]
         )
     return out
 
 
-def _beam_search(
-    decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], cfg: GenerationConfig, eos_id: int
-) -> list[list[Sequence]]:
-    num_sources, k = cross.keys[0].shape[0], cfg.num_beams
-    device = cross.keys[0].device
-    prefix_len, total = len(prefix_ids), len(prefix_ids) + cfg.max_new_tokens
-    candidates = 2 * k  # transformers keeps (1 + number of EOS ids) * num_beams candidates, at least 2 * num_beams
+def _beam_search(stepper: Stepper, cfg: GenerationConfig, eos_ids: list[int]) -> list[list[Sequence]]:
+    prefixes, k, steps = stepper.prefix_ids, cfg.num_beams, cfg.max_new_tokens
+    num_sources = len(prefixes)
+    # transformers keeps max(2, 1 + number of EOS ids) * num_beams candidates per step
+    candidates = max(2, 1 + len(eos_ids)) * k
+    logprobs = stepper.start(k, steps).float().log_softmax(-1).repeat_interleave(k, dim=0)
+    device, vocab = logprobs.device, logprobs.shape[-1]
+    eos = torch.tensor(eos_ids, device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = _seen_tokens(prefixes, vocab, device).repeat_interleave(k, dim=0)
 
-    # Running beams of the sources still in the batch.
-    running = torch.zeros(num_sources, k, total, dtype=torch.long, device=device)
-    running[:, :, :prefix_len] = torch.tensor(prefix_ids, device=device)
+    # Running beams of the sources still in the batch (generated tokens only; the prefix is the source's).
+    running = torch.zeros(num_sources, k, steps, dtype=torch.long, device=device)
     running_scores = torch.zeros(num_sources, k, device=device)
     running_scores[:, 1:] = NEG_INF_SCORE
-    # Finished hypotheses, kept for all sources (indexed by source id).
-    best = torch.zeros(num_sources, k, total, dtype=torch.long, device=device)
+    # Finished hypotheses, kept for all sources (indexed by source id); lengths count generated tokens.
+    best = torch.zeros(num_sources, k, steps, dtype=torch.long, device=device)
     best_scores = torch.full((num_sources, k), NEG_INF_SCORE, device=device)
     best_lengths = torch.zeros(num_sources, k, dtype=torch.long, device=device)
     best_finished = torch.zeros(num_sources, k, dtype=torch.bool, device=device)
 
     active = torch.arange(num_sources, device=device)
-    cache = KVCache(len(decoder.bert.layers), total)
     top_k_mask = torch.arange(candidates, device=device) < k
-    step_ids = running[:, :, :prefix_len].reshape(-1, prefix_len)
 
-    for cur_len in range(prefix_len, total):
-        n = active.shape[0]
-        logits = decoder(step_ids, cross=cross, cache=cache, last_only=True).float()
-        logprobs = logits.log_softmax(-1)
-        logprobs = _process_logits(
-            logprobs, running[:, :, :cur_len].reshape(n * k, cur_len), cur_len - prefix_len, cfg, eos_id
-        )
-        vocab = logprobs.shape[-1]
-        totals = (logprobs.view(n, k, vocab) + running_scores[:, :, None]).view(n, k * vocab)
-        cand_scores, cand_index = torch.topk(totals, candidates, dim=1)  # (n, 2k), sorted
+    for n in range(steps):  # n: tokens generated so far
+        m = active.shape[0]
+        logprobs = _process_logits(logprobs, seen, n, cfg, eos)
+        totals = (logprobs.view(m, k, vocab) + running_scores[:, :, None]).view(m, k * vocab)
+        cand_scores, cand_index = torch.topk(totals, candidates, dim=1)  # (m, candidates), sorted
         cand_beam, cand_token = cand_index // vocab, cand_index % vocab
-        cand_seqs = running.gather(1, cand_beam[:, :, None].expand(-1, -1, total)).clone()
-        cand_seqs[:, :, cur_len] = cand_token
-        hits = (cand_token == eos_id) | (cur_len + 1 >= total)
+        cand_seqs = running.gather(1, cand_beam[:, :, None].expand(-1, -1, steps)).clone()
+        cand_seqs[:, :, n] = cand_token
+        hits = torch.isin(cand_token, eos) | (n + 1 >= steps)
 
         # Continue with the best k candidates that did not finish.
         cont_scores = cand_scores + hits.float() * NEG_INF_SCORE
         keep = torch.topk(cont_scores, k, dim=1).indices
-        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, total))
+        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, steps))
         running_scores = cont_scores.gather(1, keep)
         source_beam = cand_beam.gather(1, keep)
 
         # Merge finished candidates (only those ranked within the top k) into each source's best hypotheses.
-        gen_len = cur_len + 1 - prefix_len
-        norm_scores = cand_scores / (gen_len**cfg.length_penalty)
+        norm_scores = cand_scores / ((n + 1) ** cfg.length_penalty)
         just_finished = hits & top_k_mask[None, :]
         prev_scores, prev_seqs = best_scores[active], best[active]
         prev_lengths, prev_finished = best_lengths[active], best_finished[active]
@@ -248,38 +417,45 @@ def _beam_search(
         merged_scores = torch.cat([prev_scores, norm_scores], dim=1)
         pick = torch.topk(merged_scores, k, dim=1).indices
         merged_seqs = torch.cat([prev_seqs, cand_seqs], dim=1)
-        merged_lengths = torch.cat([prev_lengths, torch.full_like(cand_token, cur_len + 1)], dim=1)
+        merged_lengths = torch.cat([prev_lengths, torch.full_like(cand_token, n + 1)], dim=1)
         merged_finished = torch.cat([prev_finished, just_finished], dim=1)
-        best[active] = merged_seqs.gather(1, pick[:, :, None].expand(-1, -1, total))
+        best[active] = merged_seqs.gather(1, pick[:, :, None].expand(-1, -1, steps))
         best_scores[active] = merged_scores.gather(1, pick)
         best_lengths[active] = merged_lengths.gather(1, pick)
         best_finished[active] = merged_finished.gather(1, pick)
 
         # A source is final once all k slots are finished and its best running beam cannot beat the worst of them
         # (transformers' early_stopping=False heuristic), or at the length limit.
-        if cur_len + 1 >= total:
+        if n + 1 >= steps:
             break
         slots_full = best_finished[active].all(dim=1)
-        best_possible = running_scores[:, 0] / ((cur_len + 1 - prefix_len) ** cfg.length_penalty)
+        best_possible = running_scores[:, 0] / ((n + 1) ** cfg.length_penalty)
         worst_kept = best_scores[active].min(dim=1).values
         improvable = ~slots_full | (best_possible > worst_kept)
         if not bool(improvable.any()):
             break
 
-        beam_rows = torch.arange(n, device=device)[:, None] * k + source_beam  # (n, k) cache rows to continue
+        beam_rows = torch.arange(m, device=device)[:, None] * k + source_beam  # (m, k) rows to continue
+        sources = None
         if not bool(improvable.all()):
-            keep_sources = improvable.nonzero().squeeze(1)
-            beam_rows = beam_rows[keep_sources]
-            cross = cross.select(keep_sources)
-            active = active[keep_sources]
-            running, running_scores = running[keep_sources], running_scores[keep_sources]
-        cache.select(beam_rows.reshape(-1))
-        step_ids = running[:, :, cur_len].reshape(-1, 1)
+            sources = improvable.nonzero().squeeze(1)
+            beam_rows = beam_rows[sources]
+            active, running, running_scores = active[sources], running[sources], running_scores[sources]
+        beam_rows = beam_rows.reshape(-1)
+        stepper.select(beam_rows, sources)
+        tokens = running[:, :, n].reshape(-1)
+        if seen is not None:
+            seen = seen[beam_rows]
+            seen.scatter_(1, tokens[:, None], True)
+        logprobs = stepper.step(tokens).float().log_softmax(-1)
 
     out: list[list[Sequence]] = []
     seqs, lens, scs = best.tolist(), best_lengths.tolist(), best_scores.tolist()
     for source in range(num_sources):
         out.append(
-            [Sequence(seqs[source][j][: lens[source][j]], scs[source][j]) for j in range(cfg.num_return_sequences)]
+            [
+                Sequence(prefixes[source] + seqs[source][j][: lens[source][j]], scs[source][j])
+                for j in range(cfg.num_return_sequences)
+            ]
         )
     return out

@@ -221,6 +221,12 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _is_blip2(blip: Blip) -> bool:
+    from blip.blip2_config import Blip2Config
+
+    return isinstance(blip.config, Blip2Config)
+
+
 def _positions(blip: Blip) -> int:
     return int(blip.config.text.max_position_embeddings)
 
@@ -231,6 +237,10 @@ def _sampling(options: Any) -> bool:
 
 def _generating(options: Any) -> bool:
     return options.answers is None
+
+
+def _templated(options: Any) -> bool:  # None (the checkpoint's template) leaves older job fingerprints as they were
+    return options.answers is None and options.prompt_template is not None
 
 
 def _ranking(options: Any) -> bool:
@@ -345,6 +355,11 @@ class CaptionOptions(TaskOptionsBase):
         )
 
     def check_model(self, blip: Blip) -> None:
+        if _is_blip2(blip):
+            from blip.tasks.blip2 import check_caption_lengths
+
+            check_caption_lengths(blip, self.prompt, self.max_new_tokens)
+            return
         from blip.tasks.caption import prompt_prefix
 
         prefix, positions = len(prompt_prefix(blip, self.prompt)), _positions(blip)
@@ -396,12 +411,23 @@ class VqaOptions(TaskOptionsBase):
     min_new_tokens: int = option(
         0, "fewest tokens to generate", "int", minimum=0, maximum=MAX_NEW_TOKENS, relevant=_generating
     )
+    prompt_template: str | None = option(
+        None,
+        'BLIP-2: the prompt a question is put in, "{}" where the question goes (none: the checkpoint\'s, '
+        '"Question: {} Answer:")',
+        "str",
+        nullable=True,
+        max_length=500,
+        relevant=_templated,
+    )
 
     def check(self) -> None:
         if self.min_new_tokens > self.max_new_tokens:
             raise OptionError(
                 "min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
             )
+        if self.prompt_template is not None and self.prompt_template.count("{}") != 1:
+            raise OptionError("prompt_template", 'must contain "{}" once, where the question goes')
 
     def generation(self) -> GenerationConfig:
         return CaptionOptions(
@@ -409,6 +435,17 @@ class VqaOptions(TaskOptionsBase):
         ).generation()
 
     def check_model(self, blip: Blip) -> None:
+        if _is_blip2(blip):
+            from blip.tasks.blip2 import check_vqa_lengths
+
+            if self.answers is not None:
+                raise OptionError("answers", "ranking given answers is for BLIP VQA checkpoints; BLIP-2 generates")
+            check_vqa_lengths(blip, self.prompt_template, self.max_new_tokens)
+            return
+        if self.prompt_template is not None:
+            raise OptionError(
+                "prompt_template", "BLIP VQA checkpoints take the question as it is; prompt templates are for BLIP-2"
+            )
         positions = _positions(blip)
         if self.answers is None:
             if 1 + self.max_new_tokens > positions:

@@ -350,6 +350,10 @@ class T5ForConditionalGeneration(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.shared(input_ids)  # (B, T, D)
 
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty decoder self-attention cache for `capacity` positions."""
+        return KVCache(self.config.decoder_layers, capacity)
+
     def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder states `[S, L, D]` of source embeddings `[S, L, D]`; `attention_mask` `[S, L]`, 1 = token."""
         length = inputs_embeds.shape[1]
