@@ -44,8 +44,9 @@ MAX_QUERY_TOKENS = 4096
 
 @dataclass(frozen=True)
 class Blip2VisionConfig(VisionConfig):
-    """EVA ViT-g/14 as BLIP-2 uses it (39 of its 40 layers). Same modules as BLIP's ViT except the attention's
-    q/v biases, stored as two vectors (`q_bias`, `v_bias`; the k bias is zero) instead of one qkv bias."""
+    """EVA ViT-g/14 as BLIP-2 uses it (39 of its 40 layers): BLIP's ViT modules with LayerNorm eps 1e-6 and the
+    attention bias of transformers 5: one fused `qkv.bias` (older files: `q_bias` and `v_bias`, fused with a zero
+    k bias by `blip.weights.convert`); `qkv_bias` false means no bias at all."""
 
     hidden_size: int = 1408
     intermediate_size: int = 6144

@@ -341,3 +341,26 @@ def test_missing_tokenizer_files_are_one_line_errors(make, tmp_path):
     (retrieval / "vocab.txt").unlink()
     with pytest.raises(CheckpointError, match="ships no tokenizer"):
         blip.load(retrieval)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [2], "data_offsets": [0, 10**12]},  # far past the end of the file
+        {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},  # reversed
+        {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},  # shape does not fit the bytes
+        {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},
+    ],
+)
+def test_a_crafted_safetensors_header_is_refused_before_any_allocation(tmp_path, entry):
+    """The dtype-casting reader checks every entry's offsets and shape against the file before reserving memory."""
+    import struct
+
+    from blip.weights.read import read_safetensors
+
+    header = json.dumps({"w": entry}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError) as err:
+        read_safetensors(path, dtype_of=lambda key: torch.bfloat16)
+    assert "\n" not in str(err.value) and "w:" in str(err.value)

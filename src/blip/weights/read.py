@@ -7,6 +7,8 @@ pickle they advise `weights_only=False`, which would run code from the file.
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -61,7 +63,7 @@ def read_safetensors(
     path: Path, dtype_of: Callable[[str], torch.dtype | None] | None = None
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file. With `dtype_of(key)`, each floating tensor is cast to that dtype as it
-    is read from the memory-mapped file (None: kept), so a bf16 load never holds the whole fp32 model in memory."""
+    is read (None: kept), so a bf16 load never holds the whole fp32 model in memory."""
     from safetensors.torch import load_file
 
     try:
@@ -102,14 +104,20 @@ def _read_safetensors_cast(path: Path, dtype_of: Callable[[str], torch.dtype | N
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         base = 8 + size
+        file_size = os.fstat(f.fileno()).st_size
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda item: _offset(item[1]))
         scratch = bytearray()  # one buffer, reused, for the tensors that are cast (their stored bytes are transient)
         for key, info in entries:
             dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
                 raise ValueError(f"{key}: unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
+            start, end = (int(n) for n in info["data_offsets"])
             shape = [int(n) for n in info["shape"]]
+            # Checked before any allocation: a crafted header must not make us reserve memory the file cannot fill.
+            if not 0 <= start <= end <= file_size - base or any(n < 0 for n in shape):
+                raise ValueError(f"{key}: data offsets {start}..{end} lie outside the file")
+            if math.prod(shape) * dtype.itemsize != end - start:
+                raise ValueError(f"{key}: shape {shape} does not fit its {end - start} bytes")
             target = dtype_of(key)
             cast = target is not None and dtype.is_floating_point and dtype != target
             if cast and len(scratch) < end - start:
