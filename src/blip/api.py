@@ -15,10 +15,11 @@ from blip.devices import resolve_device
 from blip.models.blip import BlipModel
 from blip.models.blip2.blip2 import Blip2Model
 from blip.tasks import blip2 as blip2_task
+from blip.tasks import blip2_itm
 from blip.tasks import caption as caption_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
-from blip.tasks.common import Answer, ImageInput, as_list, chunks, model_input, pair_up, unique_images
+from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
 from blip.transforms import ImageTransform
@@ -139,7 +140,7 @@ class Blip:
 
     def similarity(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> torch.Tensor:
         """ITC cosine similarity `[n_images, n_texts]`."""
-        return self.embed_images(images) @ self.embed_texts(texts).T
+        return itm_task.similarity(self.embed_images(images), self.embed_texts(texts))
 
     def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """L2-normalised image features `[n, embed_dim]`."""
@@ -261,61 +262,31 @@ class Blip2(Blip):
 
     # --- retrieval -------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
         """ITM probability that each (image, text) pair matches; each distinct image is encoded once."""
         self.require("itm")
         image_list, text_list = pair_up(images, texts, "text")
         decoded, index = unique_images(image_list)
-        embeds = self._image_embeds(decoded)  # (n_images, N, Dv)
-        out: list[float] = []
-        for chunk in chunks(len(text_list), self.batch_size):
-            rows = list(chunk)
-            ids, mask = self._tokenize([text_list[r] for r in rows])
-            image = embeds[torch.tensor([index[r] for r in rows], device=embeds.device)]
-            logits = self.model.itm_logits(image, ids, mask)
-            out += logits.float().softmax(-1)[:, 1].tolist()
-        return out
+        return blip2_itm.match_probabilities(self, decoded, text_list, index)
 
     def similarity(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> torch.Tensor:
         """ITC similarity `[n_images, n_texts]`: per pair, the largest cosine over the image's query features."""
-        return torch.einsum("iqe,te->iqt", self.embed_images(images), self.embed_texts(texts)).amax(dim=1)
+        return blip2_itm.similarity(self.embed_images(images), self.embed_texts(texts))
 
-    @torch.inference_mode()
     def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """L2-normalised query features `[n, Q, E]` (float32, CPU): one per query token."""
         self.require("itc")
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
-        feats = []
-        for chunk in chunks(len(decoded), self.batch_size):
-            pixels = model_input(self.transform([decoded[i] for i in chunk]), self.model.vision_model)
-            feats.append(self.model.image_features(self.model.encode_image(pixels)).float().cpu())
-        return torch.cat(feats)[torch.tensor(index)]
+        return blip2_itm.image_embeddings(self, decoded)[torch.tensor(index)]
 
-    @torch.inference_mode()
     def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
         """L2-normalised text features `[n, E]` (float32, CPU): the Q-Former's [CLS] output, projected."""
         self.require("itc")
         text_list, _ = as_list(texts)
         if not text_list or not all(isinstance(t, str) for t in text_list):
             raise ValueError("texts must be a string or a non-empty list of strings")
-        feats = []
-        for chunk in chunks(len(text_list), self.batch_size):
-            ids, mask = self._tokenize([text_list[r] for r in chunk])
-            feats.append(self.model.text_features(ids, mask).float().cpu())
-        return torch.cat(feats)
-
-    def _image_embeds(self, decoded: list[Any]) -> torch.Tensor:
-        parts = []
-        for chunk in chunks(len(decoded), self.batch_size):
-            pixels = model_input(self.transform([decoded[i] for i in chunk]), self.model.vision_model)
-            parts.append(self.model.encode_image(pixels))
-        return torch.cat(parts)
-
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenizer(texts, max_length=self.config.qformer.max_position_embeddings)
-        return ids.to(self.device), mask.to(self.device)
+        return blip2_itm.text_embeddings(self, text_list)
 
     # --- persistence -----------------------------------------------------------------------------------------------
 

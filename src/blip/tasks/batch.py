@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip.tasks import blip2 as blip2_generate
+from blip.tasks import blip2_itm, itm
 from blip.tasks.caption import caption_images
-from blip.tasks.itm import image_embeddings, match_probabilities, text_embeddings
-from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.vqa import answer_questions
 
 if TYPE_CHECKING:
@@ -111,24 +112,32 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return _vqa(blip, options if options is not None else VqaOptions(), works)
     if task == "match":
         images, texts, image_index = _pairs(works)
-        return _split(match_probabilities(blip, images, texts, image_index), [len(w.texts) for w in works])
+        probs = _itm(blip).match_probabilities(blip, images, texts, image_index)
+        return _split(probs, [len(w.texts) for w in works])
     if task == "similarity":
         return _similarity(blip, works)
     if task == "embed":
         images, index = merge_images([w.images for w in works])
-        feats = image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
+        feats = _itm(blip).image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
         return [feats[positions] for positions in index]
     if task == "retrieve":
         return _retrieve(blip, options, works)
     raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
 
 
+def _itm(blip: Blip) -> Any:
+    """The matching / embedding functions of the model's family: `blip.tasks.itm` (BLIP) or `blip2_itm` (BLIP-2),
+    the same names and signatures (BLIP-2 image embeddings are `[n, Q, E]`, one per query token)."""
+    return blip2_itm if is_blip2(blip) else itm
+
+
 def _caption(blip: Blip, options: CaptionOptions, works: Sequence[CaptionWork]) -> list[list[list[Any]]]:
+    captions = blip2_generate.caption_images if is_blip2(blip) else caption_images
     generation = options.generation()
     seeded = [w.seeds is not None for w in works]
     if not any(seeded):
         images, index = merge_images([w.images for w in works])
-        per_image = caption_images(blip, images, prompt=options.prompt, generation=generation)
+        per_image = captions(blip, images, prompt=options.prompt, generation=generation)
         return [[per_image[i] for i in positions] for positions in index]
     if not all(seeded):
         raise ValueError("a batch of seeded caption works has works without seeds")
@@ -140,7 +149,7 @@ def _caption(blip: Blip, options: CaptionOptions, works: Sequence[CaptionWork]) 
             raise ValueError(f"{len(work.seeds)} seeds for {len(work.images)} images")
         images += [item.image for item in work.images]
         generators += [torch.Generator(device=blip.device).manual_seed(seed) for seed in work.seeds]
-    per_image = caption_images(blip, images, prompt=options.prompt, generation=generation, generators=generators)
+    per_image = captions(blip, images, prompt=options.prompt, generation=generation, generators=generators)
     return _split(per_image, [len(w.images) for w in works])
 
 
@@ -163,20 +172,26 @@ def _split(values: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
 def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[list[Any]]:
     images, questions, image_index = _pairs(works)
     generation = options.generation()
-    results = answer_questions(blip, images, questions, image_index, generation=generation, answers=options.answers)
+    if is_blip2(blip):
+        results = blip2_generate.answer_questions(
+            blip, images, questions, image_index, generation=generation, prompt_template=options.prompt_template
+        )
+    else:
+        results = answer_questions(blip, images, questions, image_index, generation=generation, answers=options.answers)
     return _split(results, [len(w.texts) for w in works])
 
 
 def _similarity(blip: Blip, works: Sequence[SimilarityWork]) -> list[list[list[float]]]:
     images, index = merge_images([w.images for w in works])
     slots = {text: i for i, text in enumerate(dict.fromkeys(t for w in works for t in w.texts))}
-    image_feats = image_embeddings(blip, images)
-    text_feats = text_embeddings(blip, list(slots))
+    family = _itm(blip)
+    image_feats = family.image_embeddings(blip, images)
+    text_feats = family.text_embeddings(blip, list(slots))
     out = []
     for work, positions in zip(works, index):
         rows_i = image_feats[positions]
         rows_t = text_feats[[slots[t] for t in work.texts]]
-        out.append((rows_i @ rows_t.T).tolist())
+        out.append(family.similarity(rows_i, rows_t).tolist())
     return out
 
 

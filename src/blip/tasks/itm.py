@@ -76,3 +76,8 @@ def _length_buckets(order: list[int], lengths: list[int], token_budget: int = 25
             buckets.append([])
         buckets[-1].append(row)
     return buckets
+
+
+def similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """`[n_images, E]` x `[n_texts, E]` -> ITC cosine `[n_images, n_texts]` (the features are L2-normalised)."""
+    return image_feats @ text_feats.T

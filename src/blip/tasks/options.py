@@ -221,7 +221,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _is_blip2(blip: Blip) -> bool:
+def is_blip2(blip: Blip) -> bool:
+    """Whether `blip` holds a BLIP-2 model (its config is a `Blip2Config`)."""
     from blip.blip2_config import Blip2Config
 
     return isinstance(blip.config, Blip2Config)
@@ -355,7 +356,7 @@ class CaptionOptions(TaskOptionsBase):
         )
 
     def check_model(self, blip: Blip) -> None:
-        if _is_blip2(blip):
+        if is_blip2(blip):
             from blip.tasks.blip2 import check_caption_lengths
 
             check_caption_lengths(blip, self.prompt, self.max_new_tokens)
@@ -435,7 +436,7 @@ class VqaOptions(TaskOptionsBase):
         ).generation()
 
     def check_model(self, blip: Blip) -> None:
-        if _is_blip2(blip):
+        if is_blip2(blip):
             from blip.tasks.blip2 import check_vqa_lengths
 
             if self.answers is not None:
