@@ -277,7 +277,9 @@ class MatchResponse(BaseModel):
 
 class SimilarityResponse(BaseModel):
     model: str
-    scores: list[list[float]] = Field(description="ITC cosine similarity [image][text]")
+    scores: list[list[float]] = Field(
+        description="ITC cosine similarity [image][text] (BLIP-2: the largest over the image's query-token features)"
+    )
 
 
 MAX_TOP_K = 1000  # the schema's bound on top_k; the server's own limit (--max-top-k) may be lower
@@ -333,9 +335,13 @@ class IndexesResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    kind: str
-    tasks: list[str]
+    family: Literal["blip", "blip2"] = Field(description="BLIP or BLIP-2")
+    kind: str = Field(description="the checkpoint's kind: BLIP caption, vqa or retrieval; BLIP-2 opt, t5 or retrieval")
+    tasks: list[str] = Field(description="caption, vqa, itm (/v1/match), itc (/v1/similarity)")
     source: str
+    prompt_template: str | None = Field(
+        None, description='BLIP-2 OPT and T5: the prompt a question is put in ("{}": the question); else null'
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -25,7 +25,7 @@ from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
 from blip.serve.settings import ServeSettings
 from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
 from blip.tasks.common import Answer, Caption
-from blip.tasks.options import CaptionOptions, OptionError, VqaOptions
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
 from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
 
 if TYPE_CHECKING:
@@ -258,6 +258,22 @@ class Service:
             self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(options.answers)])
         return self.checked(options, blip)
 
+    def check_question_lengths(self, blip: Blip, options: VqaOptions, questions: list[tuple[str, str]]) -> None:
+        """BLIP-2 OPT: each question in its prompt template, after the query tokens, must leave room for
+        max_new_tokens in the language model's positions (a 422 naming the question, before any work)."""
+        if not is_blip2(blip) or options.answers is not None:
+            return
+        from blip.tasks.blip2 import check_caption_lengths, question_prompt
+
+        for field, question in questions:
+            try:  # the question's prompt is an OPT prefix as a caption prompt is: the same check
+                check_caption_lengths(
+                    blip, question_prompt(options.prompt_template, question, blip), options.max_new_tokens
+                )
+            except OptionError as e:
+                reason = e.reason.replace("the prompt (", "the question in its prompt (", 1)
+                raise self.invalid(field, reason) from e
+
     @classmethod
     def checked(cls, options: Any, blip: Blip) -> Any:
         """`options` if `blip` can run them (e.g. its vocabulary holds the prompt); else a 422 naming the field."""
@@ -341,8 +357,10 @@ class Service:
         sources: list[ImageSource],
         questions: list[str],
         image_of: list[int],
+        fields: list[str],
     ) -> list[Answer]:
-        """Answers for questions[q] about sources[image_of[q]]."""
+        """Answers for questions[q] about sources[image_of[q]]; `fields[q]` names question q in the request."""
+        self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
         return await self.run("vqa", name, options, sources, lambda items: PairWork(items, questions, image_of))
 
     async def match(self, name: str, sources: list[ImageSource], texts: list[str], image_of: list[int]) -> list[float]:

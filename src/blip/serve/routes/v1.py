@@ -5,7 +5,7 @@ fields arrive: both go through one function per task here."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Form
 from pydantic import BaseModel
@@ -39,8 +39,11 @@ from blip.serve.schemas import (
     to_options,
 )
 from blip.serve.service import Service
-from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.retrieval import RetrieveOptions
+
+if TYPE_CHECKING:
+    from blip.api import Blip
 
 router = api_router("blip", dependencies=AUTH)
 
@@ -50,11 +53,21 @@ router = api_router("blip", dependencies=AUTH)
 
 @router.get("/v1/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
 async def list_models(svc: ServiceDep) -> ModelsResponse:
-    infos = [
-        ModelInfo(name=n, kind=str(m.config.kind), tasks=sorted(m.tasks), source=m.source)
-        for n, m in (svc.models.items() if svc.loaded else [])
-    ]
-    return ModelsResponse(models=infos)
+    """The loaded models: family (BLIP or BLIP-2), kind, tasks and, for BLIP-2 OPT and T5, the VQA prompt template."""
+    return ModelsResponse(models=[_model_info(n, m) for n, m in (svc.models.items() if svc.loaded else [])])
+
+
+def _model_info(name: str, blip: Blip) -> ModelInfo:
+    family = "blip2" if is_blip2(blip) else "blip"
+    template = getattr(blip, "prompt_template", None) if "vqa" in blip.tasks and family == "blip2" else None
+    return ModelInfo(
+        name=name,
+        family=family,
+        kind=str(blip.config.kind),
+        tasks=sorted(blip.tasks),
+        source=blip.source,
+        prompt_template=template,
+    )
 
 
 @router.get("/v1/indexes", response_model=IndexesResponse, responses={401: ERRORS[401]})
