@@ -12,12 +12,11 @@ import httpx
 import pytest
 import test_bad_inputs as battery
 import test_web_page as web
-from serve_helpers import LiveServer, RecordingTransport, b64, png_bytes, wait_until
+import torch
+from serve_helpers import LiveServer, ServeProcess, b64, png_bytes, wait_until
 
 import blip
-from blip.fetch import FetchLimits, SafeFetcher
 from blip.serve import ServeSettings, create_app
-from oracle_blip2 import Blip2Spec, build_blip2_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -33,29 +32,13 @@ def ref(image) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def blip2_models(tmp_path_factory) -> dict[str, blip.Blip]:
-    """Tiny BLIP-2 checkpoints of each kind (random weights), loaded by `blip.load`."""
-    made = {}
-    for name, kind, seed in (("opt", "opt", 51), ("t5", "t5", 52), ("itm", "retrieval", 53)):
-        folder = build_blip2_checkpoint(tmp_path_factory.mktemp(f"serve_{kind}"), Blip2Spec(kind=kind, seed=seed))
-        made[name] = blip.load(folder)
-    return made
+def mixed(mixed_models) -> dict[str, blip.Blip]:
+    return mixed_models
 
 
 @pytest.fixture(scope="module")
-def mixed(blip2_models, tiny_models) -> dict[str, blip.Blip]:
-    """BLIP-2 models first (a request naming no model gets a BLIP-2 one), then the BLIP ones."""
-    return {**blip2_models, **tiny_models}
-
-
-@pytest.fixture(scope="module")
-def server(mixed):
-    """Production settings; the fetcher records every connection it attempts (there should be none)."""
-    recorder = RecordingTransport()
-    fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
-    with LiveServer(create_app(mixed, ServeSettings(max_wait_ms=20.0), fetcher=fetcher)) as live:
-        live.recorder = recorder
-        yield live
+def server(blip2_server):
+    return blip2_server
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +104,22 @@ def test_v1_match_and_similarity_equal_the_python_api(client, blip2_models, imag
     files = [("images", ("a.png", png_bytes(images[1]), "image/png"))]
     r = client.post("/v1/similarity/upload", files=files, data={"texts": texts, "model": "itm"})
     assert r.json()["scores"][0] == pytest.approx(m.similarity(images[1], texts)[0].tolist(), abs=1e-4)
+
+
+def test_v1_embed_gives_one_feature_per_query_token_for_blip2(client, mixed, images):
+    """`embed_images`: BLIP-2 `[n, Q, E]`, BLIP `[n, E]`; the response's `shape` says which."""
+    for name in ("itm", "retrieval"):
+        expected = mixed[name].embed_images(images[:2])
+        r = client.post("/v1/embed", json={"images": [ref(images[0]), ref(images[1])], "model": name})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == name and body["shape"] == list(expected.shape)
+        torch.testing.assert_close(torch.tensor(body["embeddings"]), expected, atol=1e-5, rtol=1e-5)
+    q, e = mixed["itm"].config.num_query_tokens, mixed["itm"].config.image_text_hidden_size
+    files = [("images", ("a.png", png_bytes(images[3]), "image/png"))]
+    r = client.post("/v1/embed/upload", files=files)  # no model: the first able, BLIP-2's
+    assert r.json()["model"] == "itm" and r.json()["shape"] == [1, q, e]
+    battery.check_error(client.post("/v1/embed", json={"images": [ref(images[0])], "model": "opt"}), 422, "model")
 
 
 @pytest.mark.parametrize("path", ["/", "/predict"])
@@ -344,3 +343,26 @@ def test_page_picks_blip2_models(browser, server, mixed, images, tmp_path):
     assert [f"{p:.3f}" in row for p, row in zip(expected_match, rows[1:])] == [True, True]
     page.close()
     assert problems == [], problems
+
+
+# --- the command line -------------------------------------------------------------------------------------------------
+
+
+def test_blip_serve_with_a_blip2_model(blip2_models, tiny_models, images, tmp_path):
+    """`blip serve --model vqa2=<BLIP-2 folder> --dtype ...` as the issue runs it (bfloat16 here: this is a CPU), with
+    a BLIP model beside it: six questions about one image in the model card's schema, answered as the Python API
+    answers them in that dtype."""
+    folder = blip2_models["opt"].source
+    six = ["what is it?", "how many?", "where?", "what colour?", "is it round?", "why?"]
+    expected = [a.text for a in blip.load(folder, dtype="bfloat16").answer(images[0], six)]
+    args = ["--model", f"vqa2={folder}", "--model", f"cap={tiny_models['captioner'].source}", "--dtype", "bfloat16"]
+    server = ServeProcess([*args, "--device", "cpu"], tmp_path / "serve.log").wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as c:
+            r = c.post("/predict", json={"inputs": {"texts": [six], "images": [ref(images[0])]}})
+            assert r.status_code == 200, r.text
+            assert r.json() == {"captions": [{"image_results": expected}]}
+            kinds = {m["name"]: (m["family"], m["kind"]) for m in c.get("/v1/models").json()["models"]}
+            assert kinds == {"vqa2": ("blip2", "opt"), "cap": ("blip", "caption")}
+    finally:
+        assert server.stop() == 0, server.log()

@@ -268,6 +268,30 @@ class TextsForm(_Lenient):
     model: ModelName = None
 
 
+class EmbedRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra=_examples({"images": [{"b64": EXAMPLE_PNG}]}))
+    images: list[ImageRef] = Field(min_length=1)
+    model: ModelName = None
+
+
+class ModelForm(_Lenient):
+    """Multipart form fields of /v1/embed/upload."""
+
+    model: ModelName = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    shape: list[int] = Field(
+        description="of `embeddings`: [images, dim] for BLIP; [images, queries, dim] for BLIP-2, which has one "
+        "feature per query token"
+    )
+    embeddings: list[list[float]] | list[list[list[float]]] = Field(
+        description="L2-normalised ITC image features, one per image, in order: BLIP [dim]; BLIP-2 [queries][dim] "
+        "(its image-text similarity is the largest cosine over the queries)"
+    )
+
+
 class MatchResponse(BaseModel):
     model: str
     scores: list[float] = Field(

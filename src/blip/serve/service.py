@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 from fastapi.security import HTTPAuthorizationCredentials
 
 from blip.fetch import FetchLimits, SafeFetcher, SyncFetcher
@@ -23,7 +24,7 @@ from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
 from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
 from blip.serve.settings import ServeSettings
-from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
+from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
 from blip.tasks.common import Answer, Caption
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
 from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
@@ -33,12 +34,13 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc"}  # route task -> model head
+HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc", "embed": "itc"}  # task -> head
 WHAT = {
     "caption": "caption images",
     "vqa": "answer questions",
     "match": "match images with texts",
     "similarity": "compare images with texts",
+    "embed": "embed images",
 }
 
 
@@ -368,6 +370,11 @@ class Service:
 
     async def similarity(self, name: str, sources: list[ImageSource], texts: list[str]) -> list[list[float]]:
         return await self.run("similarity", name, None, sources, lambda items: SimilarityWork(items, texts))
+
+    async def embed(self, name: str, sources: list[ImageSource]) -> np.ndarray:
+        """ITC image features, `[n, dim]` (BLIP) or `[n, queries, dim]` (BLIP-2), float32."""
+        self.check_count(len(sources), self.settings.max_images, "images", "images")
+        return await self.run("embed", name, None, sources, lambda items: EmbedWork(items))
 
     async def retrieve(
         self, served: ServedIndex, options: RetrieveOptions, text: str | None, image: ImageSource | None

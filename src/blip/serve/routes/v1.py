@@ -1,4 +1,4 @@
-"""Our own API, with scores and the task options of `blip.tasks.options`: `POST /v1/caption|vqa|match|similarity`
+"""Our own API, with scores and the task options of `blip.tasks.options`: `POST /v1/caption|vqa|match|similarity|embed`
 (JSON, images by URL or base64) and each `.../upload` (multipart files), `POST /v1/retrieve` (search a collection
 index), `GET /v1/models` and `GET /v1/indexes`. A JSON route and its upload differ only in how the images and the
 fields arrive: both go through one function per task here."""
@@ -21,9 +21,12 @@ from blip.serve.schemas import (
     CaptionRequest,
     CaptionResponse,
     CaptionResult,
+    EmbedRequest,
+    EmbedResponse,
     IndexesResponse,
     IndexOut,
     MatchResponse,
+    ModelForm,
     ModelInfo,
     ModelsResponse,
     PairRequest,
@@ -198,6 +201,24 @@ async def similarity(body: PairRequest, svc: ServiceDep) -> SimilarityResponse:
 @router.post("/v1/similarity/upload", response_model=SimilarityResponse, responses=ERRORS)
 async def similarity_upload(form: Annotated[TextsForm, Form()], images: Uploads, svc: ServiceDep) -> SimilarityResponse:
     return await _similarity(svc, form.model, await read_uploads(svc, images), list(form.texts))
+
+
+async def _embed(svc: Service, model: str | None, sources: list[ImageSource]) -> EmbedResponse:
+    name, _ = svc.resolve(model, "embed")
+    features = await svc.embed(name, sources)
+    return EmbedResponse(model=name, shape=list(features.shape), embeddings=features.tolist())
+
+
+@router.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS)
+async def embed(body: EmbedRequest, svc: ServiceDep) -> EmbedResponse:
+    """ITC image features (what `Blip.embed_images` returns): `[dim]` per image for BLIP, `[queries][dim]` for
+    BLIP-2."""
+    return await _embed(svc, body.model, from_refs(body.images))
+
+
+@router.post("/v1/embed/upload", response_model=EmbedResponse, responses=ERRORS)
+async def embed_upload(form: Annotated[ModelForm, Form()], images: Uploads, svc: ServiceDep) -> EmbedResponse:
+    return await _embed(svc, form.model, await read_uploads(svc, images))
 
 
 # --- collection search ------------------------------------------------------------------------------------------------
