@@ -361,11 +361,13 @@ class ModelInfo(BaseModel):
     name: str
     family: Literal["blip", "blip2"] = Field(description="BLIP or BLIP-2")
     kind: str = Field(description="the checkpoint's kind: BLIP caption, vqa or retrieval; BLIP-2 opt, t5 or retrieval")
-    tasks: list[str] = Field(description="caption, vqa, itm (/v1/match), itc (/v1/similarity)")
+    tasks: list[str] = Field(description="caption, vqa, itm (/v1/match), itc (/v1/similarity, /v1/embed)")
     source: str
-    prompt_template: str | None = Field(
-        None, description='BLIP-2 OPT and T5: the prompt a question is put in ("{}": the question); else null'
-    )
+    # (no default: always given; `blip.tasks.options` is the one place that gives an option's name a default)
+    prompt_template: Annotated[
+        str | None,
+        Field(description='BLIP-2 OPT and T5: the prompt a question is put in ("{}": the question); else null'),
+    ]
 
 
 class ModelsResponse(BaseModel):
