@@ -98,12 +98,6 @@ def check_index_folder(name: str, spec: IndexSpec) -> None:
         )
 
 
-def itc_width(blip: Blip) -> int:
-    """The width of a model's ITC features: BLIP's `embed_dim`, BLIP-2's `image_text_hidden_size`."""
-    config = blip.config
-    return int(getattr(config, "embed_dim", None) or config.image_text_hidden_size)
-
-
 def _fingerprint(blip: Blip, tokenizer: str | None) -> str | None:
     from blip.weights.fingerprint import model_fingerprint
 
@@ -155,9 +149,11 @@ def open_index(name: str, spec: IndexSpec, models: dict[str, Blip], fetch: Fetch
             )
         model = matching[0]
     blip = models[model]
-    dim, width = int(meta.get("dim", 0)), itc_width(blip)
-    if dim != width:
-        raise IndexSetupError(f"{where}: {dim}-dimensional vectors, but model {model!r} embeds in {width}")
+    dim = int(meta.get("dim", 0))
+    if dim != blip.config.embed_dim:
+        raise IndexSetupError(
+            f"{where}: {dim}-dimensional vectors, but model {model!r} embeds in {blip.config.embed_dim}"
+        )
     if len(collection.rows) != int(meta.get("count", -1)):
         raise IndexSetupError(f"{where}: {len(collection.rows)} rows but index.json says {meta.get('count')}")
     return ServedIndex(name, model, collection, spec.path)
