@@ -48,6 +48,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 class Blip:
     """A loaded BLIP checkpoint. Every method takes images as PIL images, paths or raw bytes (one or a list)."""
 
+    _itm = itm_task  # the matching / embedding functions of this model family (BLIP-2: `blip.tasks.blip2_itm`)
+
     def __init__(
         self,
         model: BlipModel,
@@ -132,30 +134,30 @@ class Blip:
         )
 
     def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
-        """ITM probability that each (image, text) pair matches."""
+        """ITM probability that each (image, text) pair matches; each distinct image is encoded once."""
         self.require("itm")
         image_list, text_list = pair_up(images, texts, "text")
         decoded, index = unique_images(image_list)
-        return itm_task.match_probabilities(self, decoded, text_list, index)
+        return self._itm.match_probabilities(self, decoded, text_list, index)
 
     def similarity(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> torch.Tensor:
-        """ITC cosine similarity `[n_images, n_texts]`."""
-        return itm_task.similarity(self.embed_images(images), self.embed_texts(texts))
+        """ITC cosine similarity `[n_images, n_texts]` (BLIP-2: per pair, the largest over the query features)."""
+        return self._itm.similarity(self.embed_images(images), self.embed_texts(texts))
 
     def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """L2-normalised image features `[n, embed_dim]`."""
+        """L2-normalised image features `[n, embed_dim]` (BLIP-2: `[n, Q, E]`, one per query token); float32, CPU."""
         self.require("itc")
         image_list, _ = as_list(images)
         decoded, index = unique_images(image_list)
-        return itm_task.image_embeddings(self, decoded)[torch.tensor(index)]
+        return self._itm.image_embeddings(self, decoded)[torch.tensor(index)]
 
     def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
-        """L2-normalised text features `[n, embed_dim]`."""
+        """L2-normalised text features `[n, embed_dim]`; float32, CPU."""
         self.require("itc")
         text_list, _ = as_list(texts)
         if not text_list or not all(isinstance(t, str) for t in text_list):
             raise ValueError("texts must be a string or a non-empty list of strings")
-        return itm_task.text_embeddings(self, text_list)
+        return self._itm.text_embeddings(self, text_list)
 
     # --- persistence -------------------------------------------------------------------------------------------
 
@@ -172,7 +174,7 @@ class Blip:
 class Blip2(Blip):
     """A loaded BLIP-2 checkpoint: the same methods as `Blip` (what `tasks` says this checkpoint can do).
 
-    - generation kinds ("opt", "t5"; Blip2ForConditionalGeneration): `caption`, `answer` (the generation work);
+    - generation kinds ("opt", "t5"; Blip2ForConditionalGeneration): `caption`, `answer`;
       `tokenizer` is the language model's, `prompt_template` formats VQA questions ("Question: {} Answer:").
     - retrieval ("retrieval"; Blip2ForImageTextRetrieval): `match` = softmax P(match) of the ITM head averaged over
       the query outputs; `embed_images` = `[n, Q, E]` (one L2-normalised feature per query token);
@@ -180,6 +182,8 @@ class Blip2(Blip):
       text feature, `[n_images, n_texts]`, as transformers' `use_image_text_matching_head=False` forms it.
       `tokenizer` is the Q-Former's BERT WordPiece; texts are cut at the Q-Former's positions (512), not at BLIP's 35.
     """
+
+    _itm = blip2_itm
 
     def __init__(
         self,
@@ -259,34 +263,6 @@ class Blip2(Blip):
         if not options.do_sample or options.seed is None:
             return None
         return [torch.Generator(device=self.device).manual_seed(options.seed) for _ in range(count)]
-
-    # --- retrieval -------------------------------------------------------------------------------------------------
-
-    def match(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> list[float]:
-        """ITM probability that each (image, text) pair matches; each distinct image is encoded once."""
-        self.require("itm")
-        image_list, text_list = pair_up(images, texts, "text")
-        decoded, index = unique_images(image_list)
-        return blip2_itm.match_probabilities(self, decoded, text_list, index)
-
-    def similarity(self, images: ImageInput | list[ImageInput], texts: str | list[str]) -> torch.Tensor:
-        """ITC similarity `[n_images, n_texts]`: per pair, the largest cosine over the image's query features."""
-        return blip2_itm.similarity(self.embed_images(images), self.embed_texts(texts))
-
-    def embed_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """L2-normalised query features `[n, Q, E]` (float32, CPU): one per query token."""
-        self.require("itc")
-        image_list, _ = as_list(images)
-        decoded, index = unique_images(image_list)
-        return blip2_itm.image_embeddings(self, decoded)[torch.tensor(index)]
-
-    def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
-        """L2-normalised text features `[n, E]` (float32, CPU): the Q-Former's [CLS] output, projected."""
-        self.require("itc")
-        text_list, _ = as_list(texts)
-        if not text_list or not all(isinstance(t, str) for t in text_list):
-            raise ValueError("texts must be a string or a non-empty list of strings")
-        return blip2_itm.text_embeddings(self, text_list)
 
     # --- persistence -----------------------------------------------------------------------------------------------
 

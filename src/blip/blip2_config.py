@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from blip.config import (
-    MAX_IMAGE_SIZE,
     MAX_INTERMEDIATE,
     MAX_LAYERS,
-    MAX_PATCHES,
     MAX_TEXT_POSITIONS,
     MAX_VOCAB,
     MAX_WIDTH,
@@ -26,6 +24,7 @@ from blip.config import (
     _check_int,
     _check_token,
     _dataclass_from,
+    validate_vision,
 )
 
 Blip2Kind = Literal["opt", "t5", "retrieval"]  # Blip2ForConditionalGeneration with OPT / T5, Blip2ForImageTextRetrieval
@@ -236,7 +235,7 @@ class Blip2Config:
         _check_float("qformer_config.attention_probs_dropout_prob", q.attention_probs_dropout_prob, below_one=True)
         _check_int("qformer_config.cross_attention_frequency", q.cross_attention_frequency, 1, MAX_LAYERS)
         _check_int("qformer_config.encoder_hidden_size", q.encoder_hidden_size, 1, MAX_WIDTH)
-        _check_vocab_id("qformer_config.pad_token_id", q.pad_token_id, q.vocab_size, "qformer_config.vocab_size")
+        _check_token("qformer_config.pad_token_id", q.pad_token_id, q.vocab_size, "qformer_config.vocab_size")
         if q.encoder_hidden_size != self.vision.hidden_size:
             raise ConfigError(
                 f"qformer_config.encoder_hidden_size = {q.encoder_hidden_size} differs from vision_config.hidden_size "
@@ -497,30 +496,7 @@ class T5Config:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def _check_vocab_id(name: str, value: Any, vocab_size: int, vocab_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} = {value!r}: must be an integer")
-    if not 0 <= value < vocab_size:
-        raise ConfigError(f"{name} = {value} is outside the vocabulary ({vocab_name} = {vocab_size})")
-
-
 def _validate_vision(v: Blip2VisionConfig) -> None:
-    _check_int("vision_config.hidden_size", v.hidden_size, 1, MAX_WIDTH)
-    _check_int("vision_config.intermediate_size", v.intermediate_size, 1, MAX_INTERMEDIATE)
-    _check_int("vision_config.num_hidden_layers", v.num_hidden_layers, 1, MAX_LAYERS)
-    _check_heads("vision_config", v.num_attention_heads, v.hidden_size)
-    _check_int("vision_config.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
-    _check_int("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE)
-    if v.image_size % v.patch_size:
-        raise ConfigError(
-            f"vision_config.patch_size = {v.patch_size} does not divide vision_config.image_size = {v.image_size}"
-        )
-    if v.grid_size**2 > MAX_PATCHES:
-        raise ConfigError(
-            f"vision_config.image_size = {v.image_size} with patch_size {v.patch_size} makes {v.grid_size**2} "
-            f"patches; at most {MAX_PATCHES} are supported"
-        )
-    _check_float("vision_config.layer_norm_eps", v.layer_norm_eps, positive=True)
-    _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
+    validate_vision(v)
     if not isinstance(v.qkv_bias, bool):
         raise ConfigError(f"vision_config.qkv_bias = {v.qkv_bias!r}: must be true or false")

@@ -114,25 +114,8 @@ class BlipConfig:
         dividing their width, patches dividing the image, special token ids inside the vocabulary); return self.
 
         Cheap and allocation-free: loaders run it before building anything from a config they were given."""
-        v, t = self.vision, self.text
-        _check_int("vision_config.hidden_size", v.hidden_size, 1, MAX_WIDTH)
-        _check_int("vision_config.intermediate_size", v.intermediate_size, 1, MAX_INTERMEDIATE)
-        _check_int("vision_config.num_hidden_layers", v.num_hidden_layers, 1, MAX_LAYERS)
-        _check_heads("vision_config", v.num_attention_heads, v.hidden_size)
-        _check_int("vision_config.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
-        _check_int("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE)
-        if v.image_size % v.patch_size:
-            raise ConfigError(
-                f"vision_config.patch_size = {v.patch_size} does not divide vision_config.image_size = {v.image_size}"
-            )
-        if v.grid_size**2 > MAX_PATCHES:
-            raise ConfigError(
-                f"vision_config.image_size = {v.image_size} with patch_size {v.patch_size} makes {v.grid_size**2} "
-                f"patches; at most {MAX_PATCHES} are supported"
-            )
-        _check_float("vision_config.layer_norm_eps", v.layer_norm_eps, positive=True)
-        _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
-        _check_float("vision_config.drop_path_rate", v.drop_path_rate, below_one=True)
+        t = self.text
+        validate_vision(self.vision)
 
         _check_int("text_config.vocab_size", t.vocab_size, 1, MAX_VOCAB)
         _check_int("text_config.hidden_size", t.hidden_size, 1, MAX_WIDTH)
@@ -201,6 +184,28 @@ class BlipConfig:
         }
 
 
+def validate_vision(v: VisionConfig) -> None:
+    """Raise `ConfigError` naming the first `vision_config` field out of range (BLIP's and BLIP-2's ViT)."""
+    _check_int("vision_config.hidden_size", v.hidden_size, 1, MAX_WIDTH)
+    _check_int("vision_config.intermediate_size", v.intermediate_size, 1, MAX_INTERMEDIATE)
+    _check_int("vision_config.num_hidden_layers", v.num_hidden_layers, 1, MAX_LAYERS)
+    _check_heads("vision_config", v.num_attention_heads, v.hidden_size)
+    _check_int("vision_config.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
+    _check_int("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE)
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"vision_config.patch_size = {v.patch_size} does not divide vision_config.image_size = {v.image_size}"
+        )
+    if v.grid_size**2 > MAX_PATCHES:
+        raise ConfigError(
+            f"vision_config.image_size = {v.image_size} with patch_size {v.patch_size} makes {v.grid_size**2} "
+            f"patches; at most {MAX_PATCHES} are supported"
+        )
+    _check_float("vision_config.layer_norm_eps", v.layer_norm_eps, positive=True)
+    _check_float("vision_config.attention_dropout", v.attention_dropout, below_one=True)
+    _check_float("vision_config.drop_path_rate", v.drop_path_rate, below_one=True)
+
+
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} = {value!r}: must be an integer")
@@ -223,11 +228,11 @@ def _check_float(name: str, value: Any, *, positive: bool = False, below_one: bo
         raise ConfigError(f"{name} = {value}: must be in [0, 1)")
 
 
-def _check_token(name: str, value: Any, vocab_size: int) -> None:
+def _check_token(name: str, value: Any, vocab_size: int, vocab_name: str = "text_config.vocab_size") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} = {value!r}: must be an integer")
     if not 0 <= value < vocab_size:
-        raise ConfigError(f"{name} = {value} is outside the vocabulary (text_config.vocab_size = {vocab_size})")
+        raise ConfigError(f"{name} = {value} is outside the vocabulary ({vocab_name} = {vocab_size})")
 
 
 def kind_from_architectures(architectures: list[str]) -> ModelKind | None:

@@ -47,7 +47,45 @@ CLEANUP_RULES = (
 )
 
 
-class BlipTokenizer:
+class _Decoding:
+    """Decoding shared by both tokenizers (over `self._tokenizer`, a `tokenizers.Tokenizer`): ids outside the
+    vocabulary dropped, special tokens skipped on request, then transformers' whole-string cleanup where it applies."""
+
+    _tokenizer: Tokenizer
+    vocab_size: int
+
+    def _applies_cleanup(self) -> bool:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; ids outside the vocabulary are dropped, special tokens too when `skip_special_tokens`."""
+        return self._cleaned(self._tokenizer.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens))
+
+    def batch_decode(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+    ) -> list[str]:
+        rows = [self._known_ids(ids) for ids in batch]
+        return [self._cleaned(t) for t in self._tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
+
+    def _known_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+
+    def _cleaned(self, text: str) -> str:
+        if self._applies_cleanup():
+            for before, after in CLEANUP_RULES:
+                text = text.replace(before, after)
+        return text
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        return [self._tokenizer.id_to_token(int(i)) for i in ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+
+class BlipTokenizer(_Decoding):
     """`tokenizer(texts)` -> (input_ids, attention_mask); `decode(ids)` -> text. Ids past the vocabulary ([DEC]=30522,
     [ENC]=30523 for bert-base-uncased) are never produced by encoding and are dropped by decoding."""
 
@@ -187,34 +225,8 @@ class BlipTokenizer:
             raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
         return ids[: max_length - 1] + [ids[-1]]
 
-    # ---- decoding ----
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; ids outside the vocabulary are dropped, special tokens too when `skip_special_tokens`."""
-        text = self._tokenizer.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens)
-        return self._clean_up(text)
-
-    def batch_decode(
-        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
-    ) -> list[str]:
-        rows = [self._known_ids(ids) for ids in batch]
-        return [self._clean_up(t) for t in self._tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
-
-    def _known_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
-
-    def _clean_up(self, text: str) -> str:
-        if self.clean_up_tokenization_spaces:
-            for before, after in CLEANUP_RULES:
-                text = text.replace(before, after)
-        return text
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
-        return [self._tokenizer.id_to_token(int(i)) for i in ids]
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tokenizer.token_to_id(token)
+    def _applies_cleanup(self) -> bool:
+        return self.clean_up_tokenization_spaces
 
     # ---- saving ----
     def save_pretrained(self, folder: str | Path) -> None:
@@ -266,7 +278,7 @@ LM_DEFAULTS = {
 METASPACE = "▁"
 
 
-class LmTokenizer:
+class LmTokenizer(_Decoding):
     """A BLIP-2 language model's tokenizer: OPT's GPT-2 byte-level BPE ("bpe") or T5's Unigram ("t5").
 
     Built the way transformers 5 builds `GPT2Tokenizer` / `T5Tokenizer` from a folder, so ids and texts are the same:
@@ -428,33 +440,8 @@ class LmTokenizer:
             attention_mask[i, start : start + len(row)] = 1
         return input_ids, attention_mask
 
-    # ---- decoding ----
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; ids outside the vocabulary are dropped, special tokens too when `skip_special_tokens`."""
-        return self._cleaned(self._tokenizer.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens))
-
-    def batch_decode(
-        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
-    ) -> list[str]:
-        rows = [self._known_ids(ids) for ids in batch]
-        return [self._cleaned(t) for t in self._tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
-
-    def _known_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
-
-    def _cleaned(self, text: str) -> str:
-        if self._clean_up:
-            for before, after in CLEANUP_RULES:
-                text = text.replace(before, after)
-        return text
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
-        return [self._tokenizer.id_to_token(int(i)) for i in ids]
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tokenizer.token_to_id(token)
+    def _applies_cleanup(self) -> bool:
+        return self._clean_up
 
     # ---- saving ----
     def save_pretrained(self, folder: str | Path) -> None:
