@@ -220,3 +220,16 @@ def test_image_queries_and_the_other_family_are_refused(collection, retrieval_mo
     other = blip.load(build_blip2_checkpoint(tmp_path / "q2", Blip2Spec(kind="retrieval", num_query_tokens=2)))
     with pytest.raises(SearchIndexError, match=r"4 x 16 features per image, but the model .* embeds 2 x 16"):
         search_texts(other, load_collection_index(out), ["a dog"])
+
+    # the server refuses the mismatched model at start-up, naming the index (not per query)
+    from blip.serve import ServeSettings, create_app
+    from blip.serve.indexes import IndexSetupError, IndexSpec
+
+    with pytest.raises(IndexSetupError, match=r"--index x=.*model 'other'.*not the checkpoint that embedded"):
+        create_app({"other": other}, ServeSettings(), indexes={"x": IndexSpec(str(out), model="other")})
+    try:  # an index that records no checkpoint: the feature shape speaks
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
+        with pytest.raises(IndexSetupError, match=r"--index x=.*model 'other'.*embeds 2 x 16"):
+            create_app({"other": other}, ServeSettings(), indexes={"x": IndexSpec(str(out), model="other")})
+    finally:
+        meta_path.write_text(json.dumps(meta))
