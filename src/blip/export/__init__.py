@@ -14,10 +14,19 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 FORMATS = ("onnx",)
+DTYPES = ("float32", "float16")
 
 
 class ExportError(ValueError):
     """A request the exporter cannot carry out (unsupported format, part, dtype or model), in one line."""
+
+
+def check_request(format: str, dtype: str) -> None:
+    """ExportError for a format or dtype the exporter does not write (checked before any model is loaded)."""
+    if format not in FORMATS:
+        raise ExportError(f"unsupported export format {format!r}: use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
 def export(
@@ -29,8 +38,7 @@ def export(
     parts: list[str] | tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Export `model` to `out` in `format` (only "onnx"); returns the manifest written as `out/manifest.json`."""
-    if format not in FORMATS:
-        raise ExportError(f"unsupported export format {format!r}: use one of {', '.join(FORMATS)}")
+    check_request(format, dtype)
     from blip.export.onnx import export_onnx
 
     return export_onnx(model, out, dtype=dtype, parts=parts)

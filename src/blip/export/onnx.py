@@ -56,7 +56,7 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("vision", "text", "itm", "cross_kv", "decoder"),
 }
 ALL_PARTS = ("vision", "text", "itm", "question", "cross_kv", "decoder")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INSTALL_HINT = "pip install 'blip-vl[onnx]'"
 
 
@@ -323,7 +323,7 @@ def export_onnx(
     if isinstance(blip, Blip2):
         raise ExportError("ONNX export supports BLIP checkpoints; BLIP-2 export is not implemented")
     if dtype not in DTYPES:
-        raise ExportError(f"unsupported export dtype {dtype!r}: use float32 or float16")
+        raise ExportError(f"unsupported export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     onnx = require_onnx()
     kind = blip.config.kind
     chosen = resolve_parts(kind, parts)
