@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blip.export import ExportError, export
@@ -210,3 +211,23 @@ def test_cli_export(hf_checkpoints, tmp_path, capsys):
         assert main(["export", "--model", str(folder), "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("blip export: error:") and message in err and "\n" not in err
+
+
+def test_pretrain_checkpoint_exports_every_part(tmp_path, images):
+    """A pretrain model (all heads; what the shapes world trains) gets all five parts, and the runner's captions and
+    ITM scores equal the PyTorch model's."""
+    import blip
+    from blip.config import get_preset
+    from blip.data.vocab import config_for, shapes_tokenizer
+
+    tokenizer = shapes_tokenizer()
+    m = blip.create_model(config_for(tokenizer, get_preset("blip_test")), tokenizer, seed=3)
+    for p in m.model.parameters():  # create_model's init is nearly flat: spread it so ids and scores differ
+        p.data.add_(torch.randn_like(p) * 0.05)
+    manifest = export(m, tmp_path / "onnx")
+    assert list(manifest["parts"]) == ["vision", "text", "itm", "cross_kv", "decoder"]
+    runner = OnnxBlip(tmp_path / "onnx")
+    _same(runner.caption(images, num_beams=2, max_new_tokens=8), m.caption(images, num_beams=2, max_new_tokens=8))
+    texts = ["a red circle", "two blue squares on the left"]
+    np.testing.assert_allclose(runner.match(images[0], texts), m.match(images[0], texts), atol=1e-5)
+    np.testing.assert_allclose(runner.similarity(images, texts), m.similarity(images, texts), atol=1e-5)

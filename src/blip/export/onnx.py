@@ -398,7 +398,7 @@ def export_onnx(
             "vocab_size": blip.tokenizer.vocab_size,
             "clean_up_tokenization_spaces": blip.tokenizer.clean_up_tokenization_spaces,
         },
-        "config": cfg.to_hf_dict(),
+        "config": dataclasses.asdict(cfg),  # BlipConfig (vision, text, kind, embed_dim)
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
