@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fp16", action="store_true", help="also time an fp16 export on ONNX Runtime's CPU provider")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="caption batch sizes (default: 1 8)")
     parser.add_argument("--out", default="runs/bench/onnx_vs_torch.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +69,7 @@ def main() -> None:
         f"{transformers.__version__}; export took " + ", ".join(f"{d} {s:.1f}s" for d, s in exports.items()),
         flush=True,
     )
-    images8 = make_images(8, seed=1)
+    images8 = make_images(max(args.batches), seed=1)
     gen = dict(max_new_tokens=20, min_new_tokens=20)
 
     def hf_caption(images):
@@ -76,7 +77,7 @@ def main() -> None:
             return hf.generate(**processor(images=images, return_tensors="pt"), num_beams=1, **gen)
 
     results = {}
-    for batch in (1, 8):
+    for batch in args.batches:
         images = images8[:batch]
         reference = [c.token_ids for c in ours.caption(images, **gen)]
         theirs = [seq[seq != 0].tolist() for seq in hf_caption(images)]
