@@ -119,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot be read off its shapes (attention heads other than 64 wide)",
     )
 
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint for ONNX Runtime (serve it without PyTorch: blip.export.onnx_runtime)",
+        description="Write the graphs a runtime needs for the checkpoint's kind (vision encoder; ITC text encoder; "
+        "image-grounded encoder + ITM head or VQA question encoder; cross-attention K/V and a decoder step with an "
+        "explicit KV cache), a manifest.json and the tokenizer. Example: blip export --model DIR --out onnx/",
+    )
+    p.add_argument("--model", "-m", required=True, help="hub id, short name, local HF folder or .pth")
+    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--format", default="onnx", help="export format (default and only one: onnx)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or float16")
+    p.add_argument(
+        "--parts", nargs="+", help="only these parts (default: all the checkpoint's; e.g. vision cross_kv decoder)"
+    )
+
     sub.add_parser("list", help="list the published checkpoints blip knows by name")
 
     p = sub.add_parser("data", help="generate datasets (the synthetic shapes world)")
@@ -393,6 +409,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import blip
+    from blip.export import ExportError, check_request, export
+    from blip.weights.load import CheckpointError
+
+    try:
+        check_request(args.format, args.dtype)  # before loading anything
+        model = blip.load(args.model, tokenizer=args.tokenizer)
+        with status(f"blip export: writing {args.out} ..."):
+            manifest = export(model, args.out, format=args.format, dtype=args.dtype, parts=args.parts)
+    except (ExportError, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    parts = ", ".join(manifest["parts"])
+    print(f"wrote {args.out}: {parts} ({manifest['dtype']}) of a {manifest['kind']!r} model, manifest.json, tokenizer/")
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from blip.weights.registry import PRETRAINED
 
@@ -425,6 +458,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "match": cmd_match,
     "similarity": cmd_similarity,
     "convert": cmd_convert,
+    "export": cmd_export,
     "list": cmd_list,
     "data": cmd_data,
     "demo": cmd_demo,

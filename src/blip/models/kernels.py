@@ -12,20 +12,35 @@ forward product and the input gradient on oneDNN, the weight gradient (a product
 slower at in our measurements) on `torch.mm`. The demo model's training steps run 1.15-1.3x faster that way on the
 2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast and anything the
 checks below reject use `F.linear`.
-`BLIP_CPU_MATMUL=aten` turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it on non-x86 CPUs too.
+`BLIP_CPU_MATMUL=aten` turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it on non-x86 CPUs too; inside
+`aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN op has no ONNX form).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_aten_only = False  # set by `aten_linears()`
+
+
+@contextlib.contextmanager
+def aten_linears() -> Iterator[None]:
+    """Within the block, `linear` and `Linear` compute with `F.linear` only (e.g. while tracing for ONNX export)."""
+    global _aten_only
+    saved, _aten_only = _aten_only, True
+    try:
+        yield
+    finally:
+        _aten_only = saved
 
 
 @functools.cache
@@ -62,7 +77,8 @@ def _onednn_linear(
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        x.device.type == "cpu"
+        not _aten_only
+        and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
