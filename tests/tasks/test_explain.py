@@ -169,3 +169,28 @@ def test_overlay_and_written_files(matcher, image, tmp_path):
             assert png.mode == "RGB"
         assert name == "sheet.png" or f'src="{name}"' in html
     assert "playing" in html and f"{got.score:.4f}" in html
+
+
+def test_cli_writes_the_maps_and_the_page(retrieval_dir, caption_dir, image, tmp_path, capsys):
+    import json
+
+    from blip.cli import main
+
+    path = tmp_path / "a.png"
+    image.save(path)
+    out = tmp_path / "maps"
+    argv = ["explain", "--model", str(retrieval_dir), "--image", str(path), "--text", "two dogs", "--out", str(out)]
+    assert main([*argv, "--layer", "0", "--format", "jsonl"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["words"] == ["two", "dogs"] and row["layer"] == 0 and 0 < row["score"] < 1
+    html = (out / "index.html").read_text()
+    for name in ("text.png", "word00_two.png", "word01_dogs.png"):
+        assert f'src="{name}"' in html
+        with Image.open(out / name) as png:
+            assert png.size == (384, 171)  # the image's own aspect, longest side 384
+    assert main([*argv, "--layer", "2"]) == 2
+    assert "layer 2 is out of range" in capsys.readouterr().err
+    argv[2] = str(caption_dir)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no head for 'itm'" in err
