@@ -194,3 +194,13 @@ def test_cli_writes_the_maps_and_the_page(retrieval_dir, caption_dir, image, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no head for 'itm'" in err
+
+
+def test_blip2_refuses_with_the_reason(tmp_path, image):
+    from oracle_blip2 import Blip2Spec, build_blip2_checkpoint
+
+    model = blip.load(build_blip2_checkpoint(tmp_path / "b2", Blip2Spec(kind="retrieval", seed=13)))
+    assert "itm" in model.tasks
+    with pytest.raises(ValueError, match="only the Q-Former's query tokens attend to the image") as info:
+        model.explain(image, "a dog")
+    assert "\n" not in str(info.value)
