@@ -273,11 +273,7 @@ class Blip2(Blip):
 
     def explain(self, image: ImageInput, text: str, layer: int | None = None) -> Explanation:
         """Not for BLIP-2: its text never attends to the image (see the error)."""
-        raise ValueError(
-            "explain (ITM Grad-CAM) needs BLIP's image-grounded text encoder, whose words cross-attend to the image "
-            "patches; in BLIP-2 only the Q-Former's query tokens attend to the image and the text reaches it through "
-            "them, so there is no per-word map: use a BLIP retrieval checkpoint (e.g. Salesforce/blip-itm-base-coco)"
-        )
+        raise ValueError(explain_task.BLIP2_REFUSAL)
 
     def _generators(self, options: CaptionOptions, count: int) -> list[torch.Generator] | None:
         if not options.do_sample or options.seed is None:

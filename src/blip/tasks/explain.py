@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 
+BLIP2_REFUSAL = (
+    "explain (ITM Grad-CAM) needs BLIP's image-grounded text encoder, whose words cross-attend to the image patches; "
+    "in BLIP-2 only the Q-Former's query tokens attend to the image and the text reaches it through them, so there is "
+    "no per-word map: use a BLIP retrieval checkpoint (e.g. Salesforce/blip-itm-base-coco)"
+)
+
+
 @dataclass
 class Explanation:
     """Grad-CAM maps of one (image, text) pair; every map is `[g, g]` over the model's patch grid, float32 >= 0."""
@@ -102,11 +109,10 @@ def words_of(text: str, offsets: list[tuple[int, int]]) -> tuple[list[str], list
     return [word for word, _ in kept], [g for _, g in kept]
 
 
-def explain_pair(blip: Blip, image: Image.Image, text: str, layer: int | None = None) -> Explanation:
-    """Grad-CAM maps of the ITM match logit for `image` and `text` (see the module docstring)."""
-    model = blip.model
-    encoder = model.text_encoder
-    depth = len(encoder.layers)
+def check_request(blip: Blip, text: str, layer: int | None = None) -> tuple[list[int], list[tuple[int, int]], int]:
+    """What `explain_pair` checks before any work (one-line ValueErrors): the text (not empty, at most
+    `MAX_TEXT_TOKENS` tokens) and the layer. Returns (ids, their character offsets, the layer)."""
+    depth = len(blip.model.text_encoder.layers)
     layer = default_layer(depth) if layer is None else check_layer(layer, depth)
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty")
@@ -118,6 +124,20 @@ def explain_pair(blip: Blip, image: Image.Image, text: str, layer: int | None = 
         )
     if len(ids) < 3:
         raise ValueError(f"text {text!r} has no word pieces to explain")
+    return ids, offsets, layer
+
+
+def explain_pair(blip: Blip, image: Image.Image, text: str, layer: int | None = None) -> Explanation:
+    """Grad-CAM maps of the ITM match logit for `image` and `text` (see the module docstring)."""
+    ids, offsets, layer = check_request(blip, text, layer)
+    with torch.inference_mode(False):  # a caller's inference mode would leave nothing to differentiate
+        return _explain(blip, image, text, ids, offsets, layer)
+
+
+def _explain(
+    blip: Blip, image: Image.Image, text: str, ids: list[int], offsets: list[tuple[int, int]], layer: int
+) -> Explanation:
+    model = blip.model
     device = next(model.parameters()).device
     with torch.no_grad():
         image_embeds = model.encode_image(model_input(blip.transform([image]), model))  # (1, N, Dv)

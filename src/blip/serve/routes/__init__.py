@@ -2,6 +2,7 @@
 
 - `ops`    `GET /` (web page / liveness), `/healthz`, `/readyz`, `/metrics`
 - `v1`     `POST /v1/caption|vqa|match|similarity` (+ `/upload`), `/v1/retrieve`; `GET /v1/models`, `/v1/indexes`
+- `explain` `POST /v1/explain` (ITM Grad-CAM maps as PNGs)
 - `azure`  `POST /score` (Azure ML online endpoint)
 - `card`   `POST /`, `POST /predict` (the model card's schema)
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from blip.serve.routes import azure, card, ops, v1
+from blip.serve.routes import azure, card, explain, ops, v1
 from blip.serve.routes.shared import require_auth
 
-ROUTERS = (ops.router, v1.router, azure.router, card.router)
+ROUTERS = (ops.router, v1.router, explain.router, azure.router, card.router)
 TOKEN_IN_BODY_PATHS = card.PATHS
 
 
