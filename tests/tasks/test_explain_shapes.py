@@ -54,30 +54,34 @@ def _disc(grid: int, centre: tuple[float, float]) -> np.ndarray:
 
 
 def localisation(model: blip.Blip, world, layer: int | None = None) -> dict[str, float]:
-    """Over the test images with two or more shapes, explain the first reference caption; for each word naming a shape
-    of the scene, the map's mass in a disc around each shape. `hit_rate`: how often the named shape's disc holds more
-    than every other shape's; `share`: the named shape's part of the mass on all shapes; `chance`: 1 / shapes."""
+    """Explain the first reference caption of every test image; for each word naming a shape of the scene (its kind):
+    - `contrast`: the map's mean over the named shape's disc / its mean over the background (outside every shape's
+      disc); > 1 = the word's map is denser on its shape than elsewhere (averaged in log space, reported as a ratio);
+    - `hit_rate` (images with 2+ shapes): how often the named shape's disc holds more mass than every other shape's;
+      `chance`: the mean of 1 / shapes over those words."""
     rows = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
-    hits, shares, chance = [], [], []
+    hits, chance, contrasts = [], [], []
     for row in rows:
         scene = Scene.from_dict(row["scene"])
-        if len(scene.shapes) < 2:
-            continue
         image = Image.open(world / row["image"]).convert("RGB")
         got = model.explain(image, row["captions"][0], layer=layer)
+        discs = {s: _disc(got.grid, s.center()) for s in scene.shapes}
+        background = ~np.logical_or.reduce(list(discs.values()))
         for word, heat in zip(got.words, got.word_maps):
             kind = re.sub(r"[^a-z]", "", word.lower())
             shape = scene.find(kind=kind) if kind in KINDS else None
             if shape is None or heat.sum() <= 0:
                 continue
-            mass = {s: float(heat[_disc(got.grid, s.center())].sum()) for s in scene.shapes}
-            hits.append(all(mass[shape] > mass[s] for s in scene.shapes if s != shape))
-            shares.append(mass[shape] / max(sum(mass.values()), 1e-12))
-            chance.append(1 / len(scene.shapes))
+            contrasts.append(np.log((heat[discs[shape]].mean() + 1e-12) / (heat[background].mean() + 1e-12)))
+            if len(scene.shapes) > 1:
+                mass = {s: float(heat[d].sum()) for s, d in discs.items()}
+                hits.append(all(mass[shape] > mass[s] for s in scene.shapes if s != shape))
+                chance.append(1 / len(scene.shapes))
     return {
-        "words": len(hits),
+        "words": len(contrasts),
+        "contrast": float(np.exp(np.mean(contrasts))),
+        "denser_on_shape": float(np.mean(np.array(contrasts) > 0)),
         "hit_rate": float(np.mean(hits)),
-        "share": float(np.mean(shares)),
         "chance": float(np.mean(chance)),
     }
 
