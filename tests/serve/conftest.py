@@ -47,6 +47,38 @@ def tiny_models(hf_checkpoints) -> dict[str, blip.Blip]:
 
 
 @pytest.fixture(scope="session")
+def blip2_models(tmp_path_factory) -> dict[str, blip.Blip]:
+    """Tiny BLIP-2 checkpoints of each kind (random weights, built with transformers), loaded by `blip.load`."""
+    pytest.importorskip("transformers")
+    from oracle_blip2 import Blip2Spec, build_blip2_checkpoint
+
+    made = {}
+    for name, kind, seed in (("opt", "opt", 51), ("t5", "t5", 52), ("itm", "retrieval", 53)):
+        folder = build_blip2_checkpoint(tmp_path_factory.mktemp(f"serve_{kind}"), Blip2Spec(kind=kind, seed=seed))
+        made[name] = blip.load(folder)
+    return made
+
+
+@pytest.fixture(scope="session")
+def mixed_models(blip2_models, tiny_models) -> dict[str, blip.Blip]:
+    """BLIP-2 models first (a request naming no model gets a BLIP-2 one), then the BLIP ones."""
+    return {**blip2_models, **tiny_models}
+
+
+@pytest.fixture(scope="session")
+def blip2_server(mixed_models, collection_dir) -> Iterator[LiveServer]:
+    """Like `retrieval_server`, with `mixed_models`: BLIP-2 and BLIP models in one server (the index goes with
+    BLIP's retrieval model, which embedded it)."""
+    recorder = RecordingTransport()
+    fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
+    settings = ServeSettings(max_wait_ms=20.0)
+    app = create_app(mixed_models, settings, fetcher=fetcher, indexes={"shapes": collection_dir})
+    with LiveServer(app) as live:
+        live.recorder = recorder
+        yield live
+
+
+@pytest.fixture(scope="session")
 def server(tiny_models) -> Iterator[LiveServer]:
     """All three tiny models, production settings: loopback URLs are refused like any private address.
     `server.recorder` lists every connection its fetcher attempted (there should be none)."""

@@ -30,10 +30,12 @@ def operation_labels() -> list[str]:
     return [f"{method.upper()} {path}" for path, methods in spec["paths"].items() for method in methods]
 
 
-@pytest.fixture(scope="module")
-def api_schema(retrieval_server):
-    """The tiny models and a collection index, so /v1/retrieve's examples reach the model too."""
-    return schemathesis.openapi.from_url(f"{retrieval_server.url}/openapi.json")
+@pytest.fixture(scope="module", params=["blip", "blip2"])
+def api_schema(request):
+    """blip: the tiny models and a collection index, so /v1/retrieve's examples reach the model too; blip2: the tiny
+    BLIP-2 models first (requests naming no model reach them), BLIP's after."""
+    live = request.getfixturevalue("retrieval_server" if request.param == "blip" else "blip2_server")
+    return schemathesis.openapi.from_url(f"{live.url}/openapi.json")
 
 
 @pytest.mark.schemathesis

@@ -7,7 +7,7 @@ and the routes (`blip.serve.routes`, a module per API):
 
 - `POST /score`                 Azure ML online-endpoint schema (captioning or VQA, `routes.azure`)
 - `POST /`, `POST /predict`     the model card's schema: several questions per image, or captions (`routes.card`)
-- `POST /v1/caption|vqa|match|similarity` (JSON) and `.../upload` (multipart): our API, with scores and options
+- `POST /v1/caption|vqa|match|similarity|embed` (JSON) and `.../upload` (multipart): our API, with scores and options
 - `POST /v1/retrieve`           search a collection index (`blip serve --index NAME=DIR[@MODEL]`), see below
 - `GET /v1/models`, `GET /v1/indexes` (`routes.v1`); `GET /healthz`, `/readyz`, `/metrics`, `/` (web page /
   liveness, `routes.ops`)

@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServeSettings()
     p = argparse.ArgumentParser(
         prog="blip serve",
-        description="Serve BLIP models over HTTP: Azure ML /score, the model card's POST / and /predict, "
-        "/v1/caption|vqa|match|similarity|retrieve, /healthz, /readyz, /metrics and a web page at /.",
+        description="Serve BLIP and BLIP-2 models over HTTP: Azure ML /score, the model card's POST / and /predict, "
+        "/v1/caption|vqa|match|similarity|embed|retrieve, /healthz, /readyz, /metrics and a web page at /.",
     )
     p.add_argument(
         "--model",

@@ -268,6 +268,30 @@ class TextsForm(_Lenient):
     model: ModelName = None
 
 
+class EmbedRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra=_examples({"images": [{"b64": EXAMPLE_PNG}]}))
+    images: list[ImageRef] = Field(min_length=1)
+    model: ModelName = None
+
+
+class ModelForm(_Lenient):
+    """Multipart form fields of /v1/embed/upload."""
+
+    model: ModelName = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    shape: list[int] = Field(
+        description="of `embeddings`: [images, dim] for BLIP; [images, queries, dim] for BLIP-2, which has one "
+        "feature per query token"
+    )
+    embeddings: list[list[float]] | list[list[list[float]]] = Field(
+        description="L2-normalised ITC image features, one per image, in order: BLIP [dim]; BLIP-2 [queries][dim] "
+        "(its image-text similarity is the largest cosine over the queries)"
+    )
+
+
 class MatchResponse(BaseModel):
     model: str
     scores: list[float] = Field(
@@ -277,7 +301,9 @@ class MatchResponse(BaseModel):
 
 class SimilarityResponse(BaseModel):
     model: str
-    scores: list[list[float]] = Field(description="ITC cosine similarity [image][text]")
+    scores: list[list[float]] = Field(
+        description="ITC cosine similarity [image][text] (BLIP-2: the largest over the image's query-token features)"
+    )
 
 
 MAX_TOP_K = 1000  # the schema's bound on top_k; the server's own limit (--max-top-k) may be lower
@@ -333,9 +359,15 @@ class IndexesResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    kind: str
-    tasks: list[str]
+    family: Literal["blip", "blip2"] = Field(description="BLIP or BLIP-2")
+    kind: str = Field(description="the checkpoint's kind: BLIP caption, vqa or retrieval; BLIP-2 opt, t5 or retrieval")
+    tasks: list[str] = Field(description="caption, vqa, itm (/v1/match), itc (/v1/similarity, /v1/embed)")
     source: str
+    # (no default: always given; `blip.tasks.options` is the one place that gives an option's name a default)
+    prompt_template: Annotated[
+        str | None,
+        Field(description='BLIP-2 OPT and T5: the prompt a question is put in ("{}": the question); else null'),
+    ]
 
 
 class ModelsResponse(BaseModel):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 from fastapi.security import HTTPAuthorizationCredentials
 
 from blip.fetch import FetchLimits, SafeFetcher, SyncFetcher
@@ -23,9 +24,9 @@ from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
 from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
 from blip.serve.settings import ServeSettings
-from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
+from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, SimilarityWork, dispatch, rows
 from blip.tasks.common import Answer, Caption
-from blip.tasks.options import CaptionOptions, OptionError, VqaOptions
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
 from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
 
 if TYPE_CHECKING:
@@ -33,12 +34,13 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc"}  # route task -> model head
+HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc", "embed": "itc"}  # task -> head
 WHAT = {
     "caption": "caption images",
     "vqa": "answer questions",
     "match": "match images with texts",
     "similarity": "compare images with texts",
+    "embed": "embed images",
 }
 
 
@@ -258,6 +260,22 @@ class Service:
             self.check_texts([(f"answers[{i}]", a) for i, a in enumerate(options.answers)])
         return self.checked(options, blip)
 
+    def check_question_lengths(self, blip: Blip, options: VqaOptions, questions: list[tuple[str, str]]) -> None:
+        """BLIP-2 OPT: each question in its prompt template, after the query tokens, must leave room for
+        max_new_tokens in the language model's positions (a 422 naming the question, before any work)."""
+        if not is_blip2(blip) or options.answers is not None:
+            return
+        from blip.tasks.blip2 import check_caption_lengths, question_prompt
+
+        for field, question in questions:
+            try:  # the question's prompt is an OPT prefix as a caption prompt is: the same check
+                check_caption_lengths(
+                    blip, question_prompt(options.prompt_template, question, blip), options.max_new_tokens
+                )
+            except OptionError as e:
+                reason = e.reason.replace("the prompt (", "the question in its prompt (", 1)
+                raise self.invalid(field, reason) from e
+
     @classmethod
     def checked(cls, options: Any, blip: Blip) -> Any:
         """`options` if `blip` can run them (e.g. its vocabulary holds the prompt); else a 422 naming the field."""
@@ -341,8 +359,10 @@ class Service:
         sources: list[ImageSource],
         questions: list[str],
         image_of: list[int],
+        fields: list[str],
     ) -> list[Answer]:
-        """Answers for questions[q] about sources[image_of[q]]."""
+        """Answers for questions[q] about sources[image_of[q]]; `fields[q]` names question q in the request."""
+        self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
         return await self.run("vqa", name, options, sources, lambda items: PairWork(items, questions, image_of))
 
     async def match(self, name: str, sources: list[ImageSource], texts: list[str], image_of: list[int]) -> list[float]:
@@ -350,6 +370,11 @@ class Service:
 
     async def similarity(self, name: str, sources: list[ImageSource], texts: list[str]) -> list[list[float]]:
         return await self.run("similarity", name, None, sources, lambda items: SimilarityWork(items, texts))
+
+    async def embed(self, name: str, sources: list[ImageSource]) -> np.ndarray:
+        """ITC image features, `[n, dim]` (BLIP) or `[n, queries, dim]` (BLIP-2), float32."""
+        self.check_count(len(sources), self.settings.max_images, "images", "images")
+        return await self.run("embed", name, None, sources, lambda items: EmbedWork(items))
 
     async def retrieve(
         self, served: ServedIndex, options: RetrieveOptions, text: str | None, image: ImageSource | None

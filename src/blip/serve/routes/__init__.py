@@ -1,7 +1,7 @@
 """The server's routes, one module per API over the one `Service` (`app.state.service`):
 
 - `ops`    `GET /` (web page / liveness), `/healthz`, `/readyz`, `/metrics`
-- `v1`     `POST /v1/caption|vqa|match|similarity` (+ `/upload`), `/v1/retrieve`; `GET /v1/models`, `/v1/indexes`
+- `v1`     `POST /v1/caption|vqa|match|similarity|embed` (+ `/upload`), `/v1/retrieve`; `GET /v1/models`, `/v1/indexes`
 - `azure`  `POST /score` (Azure ML online endpoint)
 - `card`   `POST /`, `POST /predict` (the model card's schema)
 - `explain` `POST /v1/explain` (ITM Grad-CAM maps as PNGs)

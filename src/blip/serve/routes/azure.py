@@ -3,10 +3,11 @@
 
 The model, in order: the `model` query parameter; the `azureml-model-deployment` header (which Azure ML sends) when
 it names a loaded model; else by the columns: `["image"]` goes to the first captioning model, `["image", "text"]` to
-the first VQA model (or, with none loaded, to the first captioning model). A captioning model takes `text` as the
-caption's prompt (conditional captioning: "a picture of" -> "a picture of a dog ..."; an empty text captions without
-one); a VQA model takes it as the question and needs the text column. Row errors name the row:
-`input_data.data[3][1]`."""
+the first VQA model (or, with none loaded, to the first captioning model). A model that answers questions takes
+`text` as the question (a BLIP VQA model needs the text column; a BLIP-2 OPT or T5 model, which also captions,
+captions `["image"]` rows and answers `["image", "text"]` rows in its prompt template). A caption-only model takes
+`text` as the caption's prompt (conditional captioning: "a picture of" -> "a picture of a dog ..."; an empty text
+captions without one). Row errors name the row: `input_data.data[3][1]`."""
 
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ router = api_router("Azure ML")
 async def score(
     body: AzureRequest, svc: ServiceDep, model: ModelQuery = None, deployment: Deployment = None
 ) -> list[AzureResult]:
-    """Captions (`["image"]`, or `["image", "text"]` with a captioning model: text is the prompt) or answers
-    (`["image", "text"]` with a VQA model). The model: `?model=`, else the `azureml-model-deployment` header when
-    it names a loaded model, else the first that fits the columns (VQA for a text column, when one is loaded)."""
+    """Captions (`["image"]`, or `["image", "text"]` with a caption-only model: text is the prompt) or answers
+    (`["image", "text"]` with a model that answers questions, BLIP-2's included). The model: `?model=`, else the
+    `azureml-model-deployment` header when it names a loaded model, else the first that fits the columns (VQA for a
+    text column, when one is loaded)."""
     data = body.input_data
     _check_rows(svc, data)
     with_text = data.columns == ["image", "text"]
@@ -83,7 +85,7 @@ def _target(svc: Service, model: str | None, deployment: str | None, with_text: 
         tasks = loaded[name].tasks
         if "caption" not in tasks and "vqa" in tasks and not with_text:
             raise svc.invalid("input_data.columns", f'model {name!r} answers questions: send columns ["image", "text"]')
-        task = "caption" if "caption" in tasks else "vqa"
+        task = "vqa" if "vqa" in tasks and (with_text or "caption" not in tasks) else "caption"
     elif name is None and with_text and any("vqa" in m.tasks for m in loaded.values()):
         task = "vqa"
     else:
@@ -137,5 +139,6 @@ async def _answers(
         if not question.strip():
             raise svc.invalid(f"input_data.data[{i}][1]", "the question is empty")
     options = svc.vqa_options(VqaOptions(), blip)
-    answers = await svc.answer(name, options, sources, texts, list(range(len(texts))))
+    fields = [f"input_data.data[{i}][1]" for i in range(len(texts))]
+    answers = await svc.answer(name, options, sources, texts, list(range(len(texts))), fields)
     return [AzureResult(text=a.text) for a in answers]

@@ -65,7 +65,9 @@ async def answer_groups(
     model_field, images_field, questions_field = fields
     name, blip = svc.resolve(model, "vqa", field=model_field)
     questions, image_of = svc.check_questions(len(sources), groups, images_field, questions_field)
-    answers = await svc.answer(name, svc.vqa_options(svc.options(options), blip), sources, questions, image_of)
+    fields = [f"{questions_field}[{i}][{j}]" for i, group in enumerate(groups) for j in range(len(group))]
+    vqa_options = svc.vqa_options(svc.options(options), blip)
+    answers = await svc.answer(name, vqa_options, sources, questions, image_of, fields)
     per_image: list[list[tuple[str, Answer]]] = [[] for _ in sources]
     for image, question, answer in zip(image_of, questions, answers):
         per_image[image].append((question, answer))

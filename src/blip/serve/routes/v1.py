@@ -1,11 +1,11 @@
-"""Our own API, with scores and the task options of `blip.tasks.options`: `POST /v1/caption|vqa|match|similarity`
+"""Our own API, with scores and the task options of `blip.tasks.options`: `POST /v1/caption|vqa|match|similarity|embed`
 (JSON, images by URL or base64) and each `.../upload` (multipart files), `POST /v1/retrieve` (search a collection
 index), `GET /v1/models` and `GET /v1/indexes`. A JSON route and its upload differ only in how the images and the
 fields arrive: both go through one function per task here."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Form
 from pydantic import BaseModel
@@ -21,9 +21,12 @@ from blip.serve.schemas import (
     CaptionRequest,
     CaptionResponse,
     CaptionResult,
+    EmbedRequest,
+    EmbedResponse,
     IndexesResponse,
     IndexOut,
     MatchResponse,
+    ModelForm,
     ModelInfo,
     ModelsResponse,
     PairRequest,
@@ -39,8 +42,11 @@ from blip.serve.schemas import (
     to_options,
 )
 from blip.serve.service import Service
-from blip.tasks.options import CaptionOptions, VqaOptions
+from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.retrieval import RetrieveOptions
+
+if TYPE_CHECKING:
+    from blip.api import Blip
 
 router = api_router("blip", dependencies=AUTH)
 
@@ -50,11 +56,21 @@ router = api_router("blip", dependencies=AUTH)
 
 @router.get("/v1/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
 async def list_models(svc: ServiceDep) -> ModelsResponse:
-    infos = [
-        ModelInfo(name=n, kind=str(m.config.kind), tasks=sorted(m.tasks), source=m.source)
-        for n, m in (svc.models.items() if svc.loaded else [])
-    ]
-    return ModelsResponse(models=infos)
+    """The loaded models: family (BLIP or BLIP-2), kind, tasks and, for BLIP-2 OPT and T5, the VQA prompt template."""
+    return ModelsResponse(models=[_model_info(n, m) for n, m in (svc.models.items() if svc.loaded else [])])
+
+
+def _model_info(name: str, blip: Blip) -> ModelInfo:
+    family = "blip2" if is_blip2(blip) else "blip"
+    template = getattr(blip, "prompt_template", None) if "vqa" in blip.tasks and family == "blip2" else None
+    return ModelInfo(
+        name=name,
+        family=family,
+        kind=str(blip.config.kind),
+        tasks=sorted(blip.tasks),
+        source=blip.source,
+        prompt_template=template,
+    )
 
 
 @router.get("/v1/indexes", response_model=IndexesResponse, responses={401: ERRORS[401]})
@@ -185,6 +201,24 @@ async def similarity(body: PairRequest, svc: ServiceDep) -> SimilarityResponse:
 @router.post("/v1/similarity/upload", response_model=SimilarityResponse, responses=ERRORS)
 async def similarity_upload(form: Annotated[TextsForm, Form()], images: Uploads, svc: ServiceDep) -> SimilarityResponse:
     return await _similarity(svc, form.model, await read_uploads(svc, images), list(form.texts))
+
+
+async def _embed(svc: Service, model: str | None, sources: list[ImageSource]) -> EmbedResponse:
+    name, _ = svc.resolve(model, "embed")
+    features = await svc.embed(name, sources)
+    return EmbedResponse(model=name, shape=list(features.shape), embeddings=features.tolist())
+
+
+@router.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS)
+async def embed(body: EmbedRequest, svc: ServiceDep) -> EmbedResponse:
+    """ITC image features (what `Blip.embed_images` returns): `[dim]` per image for BLIP, `[queries][dim]` for
+    BLIP-2."""
+    return await _embed(svc, body.model, from_refs(body.images))
+
+
+@router.post("/v1/embed/upload", response_model=EmbedResponse, responses=ERRORS)
+async def embed_upload(form: Annotated[ModelForm, Form()], images: Uploads, svc: ServiceDep) -> EmbedResponse:
+    return await _embed(svc, form.model, await read_uploads(svc, images))
 
 
 # --- collection search ------------------------------------------------------------------------------------------------
