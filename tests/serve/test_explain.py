@@ -45,3 +45,16 @@ def test_explain_errors_name_the_field(client, tiny_models, images):
         assert r.status_code == 422, (extra, r.text)
         error = r.json()["error"]
         assert field in (error.get("field") or error["message"]) and message in error["message"], (extra, error)
+
+
+def test_a_mixed_server_explains_with_blip_and_refuses_blip2(blip2_server, tiny_models, images):
+    import httpx
+
+    with httpx.Client(base_url=blip2_server.url, timeout=30, trust_env=False) as client:
+        r = client.post("/v1/explain", json={"image": ref(images[0]), "text": "a dog"})  # BLIP-2 "itm" is first
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "retrieval"
+        r = client.post("/v1/explain", json={"image": ref(images[0]), "text": "a dog", "model": "itm"})
+        assert r.status_code == 422
+        error = r.json()["error"]
+        assert error["field"] == "model" and "only the Q-Former's query tokens attend to the image" in error["message"]
