@@ -209,6 +209,11 @@ class Blip2Config:
         return BLIP2_KIND_TASKS[self.kind]
 
     @property
+    def embed_dim(self) -> int:
+        """The ITC feature width, as `BlipConfig.embed_dim` names it (each of the Q query features has this width)."""
+        return self.image_text_hidden_size
+
+    @property
     def lm_width(self) -> int:
         """The language model's input width (what `language_projection` maps the query outputs to)."""
         return self.text.d_model if isinstance(self.text, T5Config) else self.text.hidden_size

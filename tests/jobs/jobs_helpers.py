@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +83,34 @@ def one_line(err: str) -> str:
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every file (bytes) and folder (None) under `root`."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def progress(out: Path) -> int:
+    """Batches journaled plus shards committed so far (0 before the first batch is done)."""
+    journals = sum(p.read_bytes().count(b"\n") - 1 for p in (out / "_work").glob("*.journal")) if out.exists() else 0
+    receipts = len(list((out / "_receipts").glob("*.json"))) if (out / "_receipts").exists() else 0
+    return max(journals, 0) + receipts
+
+
+def kill_until_done(command: list[str], out: Path, *, seed: int, tries: int = 5, rc: int = 1) -> int:
+    """Run `command` (a job writing to `out`) `tries` times, each killed with SIGKILL at a random moment after it
+    has done some work of its own, then once to the end, which must exit with `rc`. Returns how many runs died by
+    the kill (a run may finish first: then no further runs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(tries):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start = progress(out)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and progress(out) == start and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait until this run has done some work of its own
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is not None:
+            return kills
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == rc, done.stderr
+    return kills

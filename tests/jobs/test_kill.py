@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
-from jobs_helpers import read_errors, read_rows
+from jobs_helpers import kill_until_done, read_errors, read_rows
 
 from blip.jobs.cli import batch_main
 from oracle import make_images
 
 N_IMAGES = 300
-
-
-def _progress(out: Path) -> int:
-    """Batches journaled plus shards committed so far (0 before the first batch is done)."""
-    journals = sum(p.read_bytes().count(b"\n") - 1 for p in (out / "_work").glob("*.journal")) if out.exists() else 0
-    receipts = len(list((out / "_receipts").glob("*.json"))) if (out / "_receipts").exists() else 0
-    return max(journals, 0) + receipts
 
 
 def test_kill_9_and_resume_equals_uninterrupted_run(caption_model, tmp_path):
@@ -47,25 +34,7 @@ def test_kill_9_and_resume_equals_uninterrupted_run(caption_model, tmp_path):
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "blip.jobs", "batch", *args, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    rng = random.Random(1234)
-    kills, finished = 0, False
-    for _ in range(5):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        start = _progress(out)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and _progress(out) == start and time.monotonic() < deadline:
-            time.sleep(0.02)  # wait until this run has done some work of its own
-        time.sleep(rng.uniform(0.0, 0.5))
-        if proc.poll() is not None:
-            finished = True
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += proc.returncode == -signal.SIGKILL
-    if not finished:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 1, proc.stderr  # 1: some rows failed (the two bad images)
+    kills = kill_until_done(command, out, seed=1234)  # the last run exits 1: some rows failed (the two bad images)
     assert kills >= 3, "the job finished too quickly to be killed mid-way"
 
     assert read_rows(out) == read_rows(reference)  # same rows, same order, same scores: no loss, no duplicates

@@ -231,7 +231,7 @@ def test_indexes_that_cannot_be_served_stop_the_start(tiny_models, collection_di
     assert app.state.service.indexes["x"].model == "retrieval"
 
     shutil.rmtree(unrecorded)
-    refused({"x": _edited_copy(collection_dir, tmp_path, dim=7)}, "7-dimensional vectors")
+    refused({"x": _edited_copy(collection_dir, tmp_path, dim=7)}, "1 x 7 features per image", "embeds 1 x")
 
 
 def test_index_flags(hf_checkpoints, collection_dir, tmp_path, capsys):

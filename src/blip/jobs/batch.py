@@ -166,7 +166,8 @@ class BatchKind(JobKind):
                     out.root, cfg.index_type
                 )
             if index_meta is not None:
-                extra["index"] = {k: index_meta[k] for k in ("kind", "backend", "dim", "count", "params")}
+                keys = ("family", "kind", "backend", "dim", "count", "vectors_per_image", "params")
+                extra["index"] = {k: index_meta[k] for k in keys if k in index_meta}
                 summary = out.write_summaries(len(job.shards), job.total_rows, extra)
         return BatchResult(out.root, summary, run.resumed, run.engine, index=index_meta)
 

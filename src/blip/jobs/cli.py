@@ -141,7 +141,8 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
         "embed",
         help="ITC image embeddings and a search index",
         description="L2-normalised ITC embeddings of every image (.npy or .safetensors shards, row i of the vectors "
-        "= line i of the rows), then a search index for `blip retrieve`.",
+        "= line i of the rows; [rows, dim], or [rows, Q, dim] for BLIP-2: one feature per query token), then a "
+        "search index for `blip retrieve`.",
     )
     _common(p)
     p.add_argument("--embed-format", choices=EMBED_FORMATS, default="npy", help="vector shards (default: npy)")
@@ -265,7 +266,12 @@ def build_retrieve_parser(prog: str = "blip retrieve") -> argparse.ArgumentParse
     p.add_argument("--index", required=True, help="the `blip batch embed` output folder (or its index/ folder)")
     p.add_argument("--model", "-m", help="the checkpoint that made the embeddings (default: the one recorded)")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
-    p.add_argument("--image", action="append", default=[], help="an image query (repeatable): similar images by ITC")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="an image query (repeatable): similar images by ITC (BLIP indexes only)",
+    )
     p.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
     p.add_argument("--no-rerank", action="store_true", help="text queries: ITC order only, no ITM re-ranking")
     p.add_argument("--nprobe", type=int, help="ivf: cells searched per query")
@@ -302,6 +308,8 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
         return fatal(prog, str(e))
     try:
         collection = load_collection_index(args.index, nprobe=args.nprobe, ef_search=args.ef_search, fetch=fetch_url)
+        if args.image:
+            collection.check_image_queries()  # before any model loads
         model_source = args.model or collection.meta.get("model_source")
         if not model_source:
             raise SearchIndexError("the index does not record its model: pass --model")
@@ -336,7 +344,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
     info = collection.index.info
     print(
         f"{prog}: {len(results)} queries in {elapsed * 1000:.1f} ms ({info.backend}/{info.kind} index, "
-        f"{info.count} images)",
+        f"{len(collection.rows)} images)",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -2,6 +2,9 @@
 (faiss when installed, else numpy) over the collection's L2-normalised ITC embeddings. Reading an index and searching
 it (ITC top-k, ITM re-rank) is `blip.tasks.retrieval`, where the server and `blip retrieve` find it; the on-disk
 layout is described there.
+
+A BLIP-2 collection (shards of ``[rows, Q, dim]``) is indexed as all rows * Q vectors, image i's query features at
+vectors i * Q .. i * Q + Q - 1; ``auto`` picks the kind by that vector count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from blip.jobs.writer import MANIFEST
 from blip.tasks.retrieval import (
     INDEX,
     INDEX_FORMAT,
+    INDEX_FORMAT_BLIP2,
     FaissIndex,
     IndexInfo,
     NumpyFlatIndex,
@@ -147,7 +151,8 @@ def _read_vectors(path: Path) -> np.ndarray:
 
 
 def collect_embeddings(out: Path) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
-    """Every embedding of a finished `blip batch embed` folder, in collection order, with its row."""
+    """Every embedding of a finished `blip batch embed` folder, in collection order, with its row: [rows, dim]
+    (BLIP) or [rows, Q, dim] (BLIP-2)."""
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     if manifest.get("job", {}).get("task") != "embed":
         raise SearchIndexError(f"{out} is not the output of `blip batch embed`")
@@ -162,8 +167,9 @@ def collect_embeddings(out: Path) -> tuple[np.ndarray, list[dict[str, Any]], dic
             raise SearchIndexError(f"{out}/{name}: {len(shard_rows)} rows but {len(shard_vectors)} vectors")
         rows += shard_rows
         vectors.append(shard_vectors)
-    dim = int(manifest.get("embed_dim") or (vectors[0].shape[1] if vectors else 0))
-    matrix = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+    if len({v.shape[1:] for v in vectors}) > 1:
+        raise SearchIndexError(f"{out}: the shards hold embeddings of different shapes")
+    matrix = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
     return matrix, rows, manifest
 
 
@@ -174,10 +180,16 @@ def build_collection_index(
     out = Path(out)
     vectors, rows, manifest = collect_embeddings(out)
     started = time.perf_counter()
-    index = build_index(vectors, kind, backend, **params)
+    blip2 = vectors.ndim == 3  # [rows, Q, dim]: one feature per query token
+    index = build_index(vectors.reshape(-1, vectors.shape[-1]) if blip2 else vectors, kind, backend, **params)
+    per_image = vectors.shape[1] if blip2 else 1
     meta = {
-        "format": INDEX_FORMAT,
+        "format": INDEX_FORMAT_BLIP2 if blip2 else INDEX_FORMAT,
+        "family": "blip2" if blip2 else "blip",
         **asdict(index.info),
+        "count": len(rows),  # images (rows.jsonl lines); the search index holds count * vectors_per_image vectors
+        "vectors_per_image": per_image,
+        "vectors": index.info.count,
         "job": manifest["fingerprint"],
         "model": manifest["job"].get("model"),
         "model_source": manifest.get("model_source"),

@@ -5,7 +5,8 @@ Layout of ``--out``::
     _manifest.json              the job (task, options, model and input fingerprints) and what is finished
     errors.jsonl                every failed row: {"image": ..., "error": "<reason>"} (merged from the receipts)
     part-000000.jsonl           the shard's good rows in input order (or .parquet with --format parquet)
-    part-000000.npy             embed: float32 [rows, dim] (or .safetensors), row i = line i of part-000000.jsonl
+    part-000000.npy             embed: float32 [rows, dim] (or .safetensors), row i = line i of part-000000.jsonl;
+                                BLIP-2: [rows, Q, dim], one L2-normalised feature per query token
     index/                      embed: the search index (see blip.jobs.index)
     _receipts/part-000000.json  written last, atomically: the shard is finished (rows, errors, files)
     _work/part-000000.journal   a shard in progress: one line per finished batch, appended as it goes
@@ -136,7 +137,7 @@ class BatchRecord:
 
     start: int
     items: list[dict[str, Any]]  # per row, in order: {"ok": row} or {"error": error row}
-    embeddings: np.ndarray | None = None  # [number of ok items, dim] float32 (embed only)
+    embeddings: np.ndarray | None = None  # [number of ok items, dim] or BLIP-2 [.., Q, dim] float32 (embed only)
 
     def to_line(self) -> bytes:
         obj: dict[str, Any] = {"start": self.start, "items": self.items}
@@ -473,8 +474,7 @@ class OutputDir:
         name = f"{self.file_prefix}-{shard:06d}"
         files = [self._write_rows(name, ok_rows)]
         if self.embed_format is not None:
-            dim = next((e.shape[1] for e in embeddings if e.ndim == 2), 0)
-            matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+            matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
             if len(matrix) != len(ok_rows):
                 raise RuntimeError(f"shard {shard}: {len(matrix)} embeddings for {len(ok_rows)} rows")
             files.append(self._write_embeddings(name, matrix))

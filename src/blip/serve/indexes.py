@@ -148,12 +148,10 @@ def open_index(name: str, spec: IndexSpec, models: dict[str, Blip], fetch: Fetch
                 f"models ({served}): serve that checkpoint with --model"
             )
         model = matching[0]
-    blip = models[model]
-    dim = int(meta.get("dim", 0))
-    if dim != blip.config.embed_dim:
-        raise IndexSetupError(
-            f"{where}: {dim}-dimensional vectors, but model {model!r} embeds in {blip.config.embed_dim}"
-        )
+    try:  # the model's family and feature shape (BLIP-2: Q features per image) must be the index's
+        collection.check_model(models[model])
+    except SearchIndexError as e:
+        raise IndexSetupError(f"{where}: model {model!r}: {e}") from e
     if len(collection.rows) != int(meta.get("count", -1)):
         raise IndexSetupError(f"{where}: {len(collection.rows)} rows but index.json says {meta.get('count')}")
     return ServedIndex(name, model, collection, spec.path)

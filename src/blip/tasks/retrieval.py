@@ -8,11 +8,21 @@ inner product is cosine similarity (ITC).
 
 On disk (``<out>/index/``)::
 
-    index.json     kind, backend, dim, count, parameters, the model and job that made the vectors
-    vectors.npy    float32 [count, dim]: every vector in collection order (flat search, exact re-scoring)
-    rows.jsonl     one line per vector: {"image": id, "source": where the image is, "text"?: ...}
+    index.json     format, family ("blip" or "blip2"), kind, backend, dim, count (images), vectors_per_image,
+                   vectors, parameters, the model and job that made the vectors
+    vectors.npy    float32 [count, dim] (BLIP) or [count, Q, dim] (BLIP-2): every image's features in collection order
+    rows.jsonl     one line per image: {"image": id, "source": where the image is, "text"?: ...}
     faiss.index    faiss backends: the index itself
     ivf.npz        numpy ivf: centroids and the inverted lists
+
+BLIP-2 (``blip2-itm-vit-g``, ``"family": "blip2"``, format ``blip-index/2``): an image has Q features, one per query
+token, and its ITC score for a text is the largest cosine over them (`blip.tasks.blip2_itm.similarity`). The search
+index holds all count * Q vectors, vector ``v`` belonging to image ``v // Q``; a text query takes the top k * Q
+vectors and keeps each image's best, in order. Exact for a flat index: each image outside the true top k scores at
+most the k-th image's score with all its Q vectors, and the top k images have at most k * Q vectors above it. An IVF or
+HNSW index gives each image the best of its vectors the approximate search finds (as approximate as for BLIP). Image
+queries are refused: BLIP-2 scores an image only against a text (its Q features against a text's one); it defines
+no image-image similarity.
 """
 
 from __future__ import annotations
@@ -39,7 +49,9 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 INDEX = "index"  # the index folder inside a `blip batch embed` output folder
-INDEX_FORMAT = "blip-index/1"
+INDEX_FORMAT = "blip-index/1"  # BLIP: one vector per image
+INDEX_FORMAT_BLIP2 = "blip-index/2"  # BLIP-2: Q vectors per image (vectors.npy is [count, Q, dim])
+FAMILIES = {"blip": "BLIP", "blip2": "BLIP-2"}
 _QUERY_BLOCK = 1024
 
 ImageReader = Callable[[str, str], Image.Image]  # (row id, source) -> RGB image
@@ -170,18 +182,84 @@ def read_source_image(row_id: str, source: str, fetch: Fetch | None = None) -> I
     return load_image(source, name=row_id)
 
 
+def best_per_owner(scores: np.ndarray, ids: np.ndarray, per_owner: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vector hits (scores, ids [q, m], best first) -> each owner's best hit, the k best owners first (ties: the
+    smaller owner); vector ``v`` belongs to owner ``v // per_owner``. -inf / -1 where fewer than k owners were hit."""
+    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    for r, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+        best: dict[int, float] = {}
+        for score, vector in zip(row_scores.tolist(), row_ids.tolist()):
+            if vector >= 0:
+                owner = vector // per_owner
+                if owner not in best or score > best[owner]:
+                    best[owner] = score
+        ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+        for c, (owner, score) in enumerate(ranked):
+            out_scores[r, c], out_ids[r, c] = score, owner
+    return out_scores, out_ids
+
+
 @dataclass
 class CollectionIndex:
     folder: Path
-    index: VectorIndex
-    vectors: np.ndarray
+    index: VectorIndex  # over every vector: count of them (BLIP) or count * Q (BLIP-2; vector v is image v // Q)
+    vectors: np.ndarray  # [count, dim] (BLIP) or [count, Q, dim] (BLIP-2), as in vectors.npy
     rows: list[dict[str, Any]]
     meta: dict[str, Any]
     fetch: Fetch | None = None  # how http(s) rows are read for re-ranking (None: they are not)
 
+    @property
+    def family(self) -> str:
+        """ "blip" or "blip2": the model family whose features the index holds."""
+        return str(self.meta.get("family", "blip"))
+
+    @property
+    def per_image(self) -> int:
+        """Vectors per image: 1 (BLIP) or Q (BLIP-2, one per query token)."""
+        return int(self.meta.get("vectors_per_image", 1))
+
     def read_image(self, i: int) -> Image.Image:
         row = self.rows[i]
         return read_source_image(row["image"], row.get("source", ""), self.fetch)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k], rows [q, k]) of the k best images per query, best first: an image's score is its
+        vector's inner product (BLIP), or the largest over its Q vectors (BLIP-2)."""
+        if self.family != "blip2":
+            return self.index.search(queries, k)
+        scores, ids = self.index.search(queries, k * self.per_image)
+        return best_per_owner(scores, ids, self.per_image, k)
+
+    def check_image_queries(self) -> None:
+        """`SearchIndexError` for a BLIP-2 index: BLIP-2 defines no image-image similarity."""
+        if self.family == "blip2":
+            raise SearchIndexError(
+                "image queries are not supported for BLIP-2 indexes: BLIP-2 scores an image only against a text (its "
+                "query features against the text's), with no image-image similarity; search with a text"
+            )
+
+    def check_model(self, blip: Blip) -> None:
+        """`SearchIndexError` (one line) unless `blip` embeds into this index's space: its family and shapes."""
+        from blip.tasks.options import is_blip2
+
+        family = "blip2" if is_blip2(blip) else "blip"
+        by = self.meta.get("model_source") or "an unrecorded checkpoint"
+        if family != self.family:
+            raise SearchIndexError(
+                f"{self.folder}: the index holds {FAMILIES.get(self.family, self.family)} features (embedded by {by}) "
+                f"but the model ({blip.source or 'given'}) is {FAMILIES[family]}: search it with a "
+                f"{FAMILIES.get(self.family, self.family)} retrieval model, the one that embedded it"
+            )
+        if family == "blip2":
+            shape = (blip.config.num_query_tokens, blip.config.image_text_hidden_size)
+        else:
+            shape = (1, blip.config.embed_dim)
+        if shape != (self.per_image, int(self.meta.get("dim", 0))):
+            raise SearchIndexError(
+                f"{self.folder}: {self.per_image} x {self.meta.get('dim')} features per image, but the model "
+                f"({blip.source or 'given'}) embeds {shape[0]} x {shape[1]}: search it with the model that embedded it"
+            )
 
 
 def load_collection_index(
@@ -196,9 +274,13 @@ def load_collection_index(
     if not meta_path.exists():
         raise SearchIndexError(f"{path}: no index here (expected {INDEX}/index.json from `blip batch embed`)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format", INDEX_FORMAT) not in (INDEX_FORMAT, INDEX_FORMAT_BLIP2):
+        raise SearchIndexError(f"{path}: index format {meta.get('format')!r} is not one this version reads")
     vectors = np.load(folder / "vectors.npy", mmap_mode="r")
     rows = read_jsonl(folder / "rows.jsonl")
-    info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], meta["count"], meta.get("params", {}))
+    flat = np.asarray(vectors).reshape(-1, vectors.shape[-1]) if vectors.ndim == 3 else np.asarray(vectors)
+    count = meta.get("vectors", meta["count"])
+    info = IndexInfo(meta["kind"], meta["backend"], meta["dim"], count, meta.get("params", {}))
     index: VectorIndex
     if meta["backend"] == "faiss":
         faiss = import_faiss()
@@ -211,14 +293,14 @@ def load_collection_index(
     elif meta["kind"] == "ivf":
         ivf = np.load(folder / "ivf.npz")
         index = NumpyIVFIndex(
-            np.asarray(vectors),
+            flat,
             ivf["centroids"],
             ivf["order"],
             ivf["offsets"],
             nprobe or info.params.get("nprobe", 1),
         )
     else:
-        index = NumpyFlatIndex(np.asarray(vectors))
+        index = NumpyFlatIndex(flat)
     return CollectionIndex(folder, index, vectors, rows, meta, fetch)
 
 
@@ -260,11 +342,12 @@ class RetrieveWork:
 def search_texts(
     blip: Blip, collection: CollectionIndex, texts: Sequence[str], *, top_k: int = 10, rerank: bool = True
 ) -> list[list[Hit]]:
-    """For each text: the `top_k` images by ITC (cosine), re-ranked by the ITM match probability when `rerank`."""
-    from blip.tasks.itm import match_probabilities, text_embeddings
-
-    queries = text_embeddings(blip, list(texts)).numpy()
-    scores, ids = collection.index.search(queries, top_k)
+    """For each text: the `top_k` images by ITC (cosine; BLIP-2: the largest over the image's query features),
+    re-ranked by the ITM match probability when `rerank`."""
+    collection.check_model(blip)
+    family = _itm(blip)
+    queries = family.text_embeddings(blip, list(texts)).numpy()
+    scores, ids = collection.search(queries, top_k)
     per_text = [[_hit(collection, int(i), float(s)) for s, i in zip(rs, ri) if i >= 0] for rs, ri in zip(scores, ids)]
     # A row that several texts re-rank is read (decoded, maybe fetched) once, and kept only until its last use.
     uses = Counter(hit.row for hits in per_text for hit in hits) if rerank else Counter()
@@ -286,7 +369,7 @@ def search_texts(
                     continue
                 images.append(image)
                 keep.append(hit)
-            probs = match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
+            probs = family.match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
             for hit, p in zip(keep, probs):
                 hit.itm = p
             hits = sorted(keep, key=lambda h: (-(h.itm or 0.0), -h.itc))
@@ -294,6 +377,14 @@ def search_texts(
             hit.rank = rank
         results.append(hits)
     return results
+
+
+def _itm(blip: Blip) -> Any:
+    """The ITM / ITC functions of the model's family: `blip.tasks.itm` or `blip.tasks.blip2_itm`."""
+    from blip.tasks import blip2_itm, itm
+    from blip.tasks.options import is_blip2
+
+    return blip2_itm if is_blip2(blip) else itm
 
 
 def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
@@ -306,13 +397,16 @@ def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
 def search_images(
     blip: Blip, collection: CollectionIndex, images: Sequence[Any], *, top_k: int = 10
 ) -> list[list[Hit]]:
-    """For each query image: the `top_k` most similar images of the collection by ITC image-image cosine."""
+    """For each query image: the `top_k` most similar images of the collection by ITC image-image cosine (BLIP
+    indexes; BLIP-2 defines no image-image similarity, so its indexes refuse image queries)."""
     from blip.tasks.common import unique_images
     from blip.tasks.itm import image_embeddings
 
+    collection.check_model(blip)
+    collection.check_image_queries()
     decoded, index = unique_images(list(images))
     queries = image_embeddings(blip, decoded).numpy()[index]
-    scores, ids = collection.index.search(queries, top_k)
+    scores, ids = collection.search(queries, top_k)
     out = []
     for row_scores, row_ids in zip(scores, ids):
         hits = [_hit(collection, int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
