@@ -62,6 +62,7 @@ def test_verbose_is_accepted_after_every_command():
         "vqa": ["--model", "m", "--image", "a.png", "--question", "q"],
         "match": ["--model", "m", "--image", "a.png", "--text", "t"],
         "similarity": ["--model", "m", "--image", "a.png", "--text", "t"],
+        "explain": ["--model", "m", "--image", "a.png", "--text", "t", "--out", "maps"],
         "convert": ["src", "out"],
         "export": ["--model", "m", "--out", "dir"],
         "list": [],

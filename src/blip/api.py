@@ -17,9 +17,11 @@ from blip.models.blip2.blip2 import Blip2Model
 from blip.tasks import blip2 as blip2_task
 from blip.tasks import blip2_itm
 from blip.tasks import caption as caption_task
+from blip.tasks import explain as explain_task
 from blip.tasks import itm as itm_task
 from blip.tasks import vqa as vqa_task
 from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
+from blip.tasks.explain import Explanation
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
 from blip.transforms import ImageTransform
@@ -159,6 +161,16 @@ class Blip:
             raise ValueError("texts must be a string or a non-empty list of strings")
         return self._itm.text_embeddings(self, text_list)
 
+    def explain(self, image: ImageInput, text: str, layer: int | None = None) -> Explanation:
+        """Grad-CAM of image-text matching: per word of `text`, a map `[g, g]` over the image's patch grid of where
+        the ITM head's match logit leans, read at cross-attention `layer` (0-based; default: the middle one, LAVIS's
+        6 of 12). `word_maps.sum(0) == text_map`. The method and its conventions: `blip.tasks.explain`."""
+        self.require("itm")
+        if isinstance(image, list | tuple) or not isinstance(text, str):
+            raise ValueError("explain takes one image and one text (a string)")
+        decoded, _ = unique_images([image])
+        return explain_task.explain_pair(self, decoded[0], text, layer)
+
     # --- persistence -------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
@@ -258,6 +270,10 @@ class Blip2(Blip):
             generation=options.generation(),
             prompt_template=options.prompt_template,
         )
+
+    def explain(self, image: ImageInput, text: str, layer: int | None = None) -> Explanation:
+        """Not for BLIP-2: its text never attends to the image (see the error)."""
+        raise ValueError(explain_task.BLIP2_REFUSAL)
 
     def _generators(self, options: CaptionOptions, count: int) -> list[torch.Generator] | None:
         if not options.do_sample or options.seed is None:

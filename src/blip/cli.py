@@ -25,7 +25,7 @@ STATUS_AFTER_S = 1.0  # a step still running after this long gets a status line 
 # cores busy, a spinning thread holds a core that the thread it waits for needs: a base-model caption took 6.5-13 s
 # instead of 2-2.7 s that way (2 threads, 2-core AMD EPYC, a busy machine). On a quiet machine spinning is ~25%
 # faster, so long-running commands (serve, batch, train, demo) keep OpenMP's default. The user's setting wins.
-PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity"})
+PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity", "explain"})
 
 _logger = logging.getLogger("blip.cli")
 
@@ -98,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--text", action="append", required=True, help="text (repeatable)")
+
+    p = sub.add_parser(
+        "explain",
+        help="Grad-CAM heat maps of image-text matching: where the ITM head looks, per word (PNGs + HTML)",
+        description="Write, for one image and one text, the image with a Grad-CAM heat overlay for each word and for "
+        "the whole text (the ITM match logit's gradient times the text's attention on the image patches), a sheet of "
+        "all of them and an index.html showing them. Needs a retrieval (ITM) checkpoint. Example: blip explain "
+        '--model Salesforce/blip-itm-base-coco --image a.jpg --text "a dog on a beach" --out maps/',
+    )
+    _common(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--text", required=True, help="the text to explain")
+    p.add_argument("--out", required=True, help="folder to write the PNGs and index.html into")
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="cross-attention layer of the image-grounded encoder, 0-based (default: the middle one, 6 of 12)",
+    )
 
     p = sub.add_parser(
         "convert",
@@ -380,6 +398,34 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return _report_errors(args, errors)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    if not args.text.strip():
+        raise CliError("--text is empty")
+    model = _load(args)
+    images, errors = _decode_all([args.image])
+    if args.image in images:
+        from blip.tasks.explain import write_explanation
+
+        image = images[args.image]
+        try:
+            with status("blip explain: computing the maps ..."):
+                result = model.explain(image, args.text, layer=args.layer)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        page = write_explanation(image, result, args.out)
+        row = {
+            "image": args.image,
+            "text": args.text,
+            "score": result.score,
+            "layer": result.layer,
+            "words": result.words,
+            "html": str(page),
+        }
+        summary = f"{args.image}\t{args.text}\t{result.score:.4f}\t{_plural(len(result.words), 'word')} -> {page}"
+        _emit(args, row, summary)
+    return _report_errors(args, errors)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import blip
     from blip.weights.load import CheckpointError
@@ -457,6 +503,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "vqa": cmd_vqa,
     "match": cmd_match,
     "similarity": cmd_similarity,
+    "explain": cmd_explain,
     "convert": cmd_convert,
     "export": cmd_export,
     "list": cmd_list,

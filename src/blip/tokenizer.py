@@ -205,6 +205,12 @@ class BlipTokenizer(_Decoding):
         """`[CLS] ... [SEP]` ids; with `max_length`, at most that many ids, still ending in [SEP]."""
         return self._truncate(self._tokenizer.encode(text).ids, max_length)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`[CLS] ... [SEP]` ids (not truncated) and each one's `(start, end)` character span in `text` ((0, 0) for
+        [CLS] and [SEP])."""
+        encoding = self._tokenizer.encode(text)
+        return list(encoding.ids), [(int(a), int(b)) for a, b in encoding.offsets]
+
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch encode, right-padded with [PAD] to the longest row: (input_ids, attention_mask), both int64 [B, L]."""
         if isinstance(texts, str):

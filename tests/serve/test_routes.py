@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from blip.serve import ServeSettings, create_app, routes  # noqa: E402
 from blip.serve import app as app_module  # noqa: E402
 
-MODULE_OF_TAG = {"service": "ops", "blip": "v1", "Azure ML": "azure", "model card": "card"}
+MODULE_OF_TAG = {"service": "ops", "blip": "v1", "explain": "explain", "Azure ML": "azure", "model card": "card"}
 
 
 def test_each_api_is_served_by_its_route_module():

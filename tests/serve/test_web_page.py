@@ -1,5 +1,6 @@
 """The web page at GET / in headless Chromium (Playwright driving Debian's /usr/bin/chromium): choose an image, see
-its caption, ask a question, see the answer, score texts; a screenshot is kept as a test artifact."""
+its caption, ask a question, see the answer, score texts and explain one (Grad-CAM maps); a screenshot is kept as a
+test artifact."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def test_page_captions_answers_and_scores(browser, tiny_models, images, tmp_path
         expect(page.locator("#scores tr")).to_have_count(3, timeout=TIMEOUT_MS)
         rows = page.locator("#scores tr").all_inner_texts()
         assert "two dogs on the beach" in rows[2]
+
+        page.locator("#scores tr").nth(2).locator("button").click()  # explain: a map for the text and each word
+        expect(page.locator("#explain-maps figure")).to_have_count(6, timeout=TIMEOUT_MS)
+        expect(page.locator("#explain-title")).to_contain_text("P(match)")
+        labels = page.locator("#explain-maps figcaption").all_inner_texts()
+        assert labels == ["whole text", "two", "dogs", "on", "the", "beach"]
+        loaded = "(img) => img.complete && img.naturalWidth > 0"
+        assert all(img.evaluate(loaded) for img in page.locator("#explain-maps img").all())
 
         shot = tmp_path / "web_page.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -23,17 +23,28 @@ from blip.models.kernels import Linear, linear
 
 
 @dataclass
+class AttentionProbe:
+    """Asks one cross-attention layer to form its probabilities explicitly (not fused) and keep them, `[B, H, T, N]`,
+    in `probs`: a tensor that requires grad, so the gradient of a score with respect to it can be taken (Grad-CAM)."""
+
+    layer: int
+    probs: torch.Tensor | None = None
+
+
+@dataclass
 class CrossKV:
     """Per-layer cross-attention keys/values of `E` encoder sequences, each `[E, H, N, d]`.
 
     Rows of the text batch map onto them either by grouping (row r reads sequence r // (B / E)) or, when `index`
     is set, by an explicit row -> sequence index. `mask` is a boolean `[E, 1, 1, N]` (True = attend) or None.
+    `probe`: the one layer whose attention probabilities are kept (see `AttentionProbe`); None on every normal path.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    probe: AttentionProbe | None = None
 
     def select(self, index: torch.Tensor) -> CrossKV:
         """Keep encoder sequences `index` (used when finished images leave the batch)."""
@@ -113,6 +124,26 @@ def _attend_grouped(q: torch.Tensor, cross: CrossKV, layer: int, dropout: float)
     return y.view(-1, heads, groups, length, dim).transpose(1, 2).reshape(batch, heads, length, dim)
 
 
+def _attend_probed(q: torch.Tensor, cross: CrossKV, layer: int, dropout: float) -> torch.Tensor:
+    """Cross-attention with the probabilities formed explicitly and kept in `cross.probe.probs` `[B, H, T, N]`.
+
+    When nothing upstream requires grad (inference), the probabilities become a leaf that does: the gradient of a
+    later score with respect to them is all Grad-CAM needs, and no parameter gradient is formed."""
+    k, v, mask = cross.keys[layer], cross.values[layer], cross.mask
+    rows = cross.index
+    if rows is None:
+        rows = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // k.shape[0])
+    k, v = k.index_select(0, rows), v.index_select(0, rows)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, T, N)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.index_select(0, rows), float("-inf"))
+    probs = scores.softmax(-1)
+    if not probs.requires_grad:
+        probs.requires_grad_()
+    cross.probe.probs = probs
+    return torch.matmul(F.dropout(probs, dropout, training=dropout > 0).to(v.dtype), v)
+
+
 class AttentionProjections(nn.Module):
     def __init__(self, hidden: int, kv_width: int):
         super().__init__()
@@ -178,7 +209,11 @@ class TextAttention(nn.Module):
 
     def forward_cross(self, x: torch.Tensor, cross: CrossKV, layer: int) -> torch.Tensor:
         q = _split_heads(self.self.query(x), self.num_heads)
-        y = _attend_grouped(q, cross, layer, self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if cross.probe is not None and cross.probe.layer == layer:
+            y = _attend_probed(q, cross, layer, dropout)
+        else:
+            y = _attend_grouped(q, cross, layer, dropout)
         batch, _, length, _ = y.shape
         return self.output(y.transpose(1, 2).reshape(batch, length, -1), x)
 

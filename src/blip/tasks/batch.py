@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from blip.api import Blip
     from blip.tasks.retrieval import RetrieveOptions, RetrieveWork
 
-TASKS = ("caption", "vqa", "match", "similarity", "embed", "retrieve")
+TASKS = ("caption", "vqa", "match", "similarity", "embed", "retrieve", "explain")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ class SimilarityWork:
 @dataclass
 class EmbedWork:
     images: list[ImageItem] = field(default_factory=list)
+
+
+@dataclass
+class ExplainWork:
+    """ITM Grad-CAM of one (image, text) pair; the layer is the batch's options (None: the model's default)."""
+
+    image: ImageItem
+    text: str
 
 
 def rows(work: Any) -> int:
@@ -103,7 +111,8 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
     - match (`PairWork`): P(match) per text
     - similarity (`SimilarityWork`): ITC cosine [image][text]
     - embed (`EmbedWork`): float32 ITC image features [n_images, dim] (numpy)
-    - retrieve (`blip.tasks.retrieval.RetrieveOptions`, `RetrieveWork`): the hits of each query"""
+    - retrieve (`blip.tasks.retrieval.RetrieveOptions`, `RetrieveWork`): the hits of each query
+    - explain (layer or None, `ExplainWork`): an `Explanation` per pair (one backward pass each)"""
     if not works:
         return []
     if task == "caption":
@@ -122,6 +131,8 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return [feats[positions] for positions in index]
     if task == "retrieve":
         return _retrieve(blip, options, works)
+    if task == "explain":
+        return [blip.explain(w.image.image, w.text, layer=options) for w in works]
     raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
 
 

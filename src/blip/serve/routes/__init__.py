@@ -4,6 +4,7 @@
 - `v1`     `POST /v1/caption|vqa|match|similarity|embed` (+ `/upload`), `/v1/retrieve`; `GET /v1/models`, `/v1/indexes`
 - `azure`  `POST /score` (Azure ML online endpoint)
 - `card`   `POST /`, `POST /predict` (the model card's schema)
+- `explain` `POST /v1/explain` (ITM Grad-CAM maps as PNGs)
 
 `shared` holds what they share (the service dependency, auth, uploads, answering groups of questions); the checks
 and the model calls are the service's. `ROUTERS` is in the order of the API docs (/docs groups by tag, in order of
@@ -14,10 +15,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from blip.serve.routes import azure, card, ops, v1
+from blip.serve.routes import azure, card, explain, ops, v1
 from blip.serve.routes.shared import require_auth
 
-ROUTERS = (ops.router, v1.router, azure.router, card.router)
+ROUTERS = (ops.router, v1.router, azure.router, card.router, explain.router)
 TOKEN_IN_BODY_PATHS = card.PATHS
 
 
