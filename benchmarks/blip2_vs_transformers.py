@@ -164,7 +164,7 @@ def build_checkpoint(folder: Path, spec, dtype: torch.dtype = torch.bfloat16, sh
             (folder / path.name).write_bytes(path.read_bytes())
     image_token = json.loads((side / "config.json").read_text())["image_token_index"]
     config = hf_config(spec, image_token_index=image_token)
-    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
         model = transformers.Blip2ForConditionalGeneration(config)
     # one name per tensor: tied weights are saved once, as transformers saves them
