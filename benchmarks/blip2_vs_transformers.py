@@ -27,6 +27,12 @@ Rows (CPU, bf16):
 - a batch-1 decode step of the language model against the time to read its weights once at the machine's measured
   read bandwidth; target within 1.5x;
 - peak RSS (VmHWM, a fresh process) of loading and captioning one image against the bf16 weights + 1.5 GiB.
+
+`--threads`: on a machine whose cores other work shares, 2 threads of a 2-core machine spend most of their time at
+OpenMP barriers waiting for a descheduled thread (measured at load average 8: the 4-layer Q-Former of `--layers 4`
+took 0.87 s with 2 threads, 0.017 s with 1; a real-depth decode step 3.7 s); `--threads 1` then measures the
+libraries, not the scheduler.
+
 GPU rows (when CUDA is present; float16): caption greedy batch 64 (target >= 2x) and six questions per image (target
 >= 4x), both libraries loading the folder themselves. The test suite runs the row functions on a tiny checkpoint on
 the CPU (tests/benchmarks/test_blip2_bench.py), asserting the outputs-equal checks, not speed.
