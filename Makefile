@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup chromium test test-all demo lint format bench clean
+.PHONY: setup chromium test test-all demo lint format bench bench-blip2 bench-gpu clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,19 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format src tests benchmarks configs
 
+# BLIP-2 rows: blip2-opt-2.7b shapes in bf16, built once under runs/bench/ (7.7 GB); BENCH_BLIP2_ARGS=--layers 4 for
+# the reduced-depth variant with the real widths.
 bench: setup
 	$(PY) benchmarks/vs_transformers.py
+	$(PY) benchmarks/blip2_vs_transformers.py $(BENCH_BLIP2_ARGS)
+
+bench-blip2: setup
+	$(PY) benchmarks/blip2_vs_transformers.py $(BENCH_BLIP2_ARGS)
+
+# The GPU rows alone (fp16, real shapes; needs CUDA).
+bench-gpu: setup
+	$(PY) benchmarks/vs_transformers.py --only gpu
+	$(PY) benchmarks/blip2_vs_transformers.py --only gpu $(BENCH_BLIP2_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -61,7 +61,7 @@ def _sources(ours, prompt_lengths: list[int], seed: int):
     return out
 
 
-def _ours(ours, sources, eos=EOS, **settings) -> list:
+def _ours(ours, sources, eos=EOS, groups=None, **settings) -> list:
     longest = max(len(ids) for ids, _ in sources)
     embeds = torch.zeros(len(sources), longest, sources[0][1].shape[1])
     mask = torch.zeros(len(sources), longest, dtype=torch.long)
@@ -74,7 +74,7 @@ def _ours(ours, sources, eos=EOS, **settings) -> list:
         repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,
     )  # fmt: skip
     cfg.update(settings)
-    stepper = CausalLmStepper(ours, embeds, mask, [ids for ids, _ in sources])
+    stepper = CausalLmStepper(ours, embeds, mask, [ids for ids, _ in sources], groups=groups)
     return generate(stepper, GenerationConfig(**cfg), eos_id=eos)
 
 
@@ -174,3 +174,95 @@ def test_sampling_is_per_source_and_seeded(lms):
     assert together == sample(sources, [1, 2, 3])
     assert sample(sources[1:2], [2]) == together[1:2]  # independent of the other sources in the batch
     assert len({tuple(t) for t in together[0]}) > 1  # the rows of a source draw different samples
+
+
+def _shared_sources(ours, seed: int):
+    """Sources in groups that share their query vectors, BOS and the start of their prompt (as the questions of one
+    image share "Question:"), with own suffixes of different lengths; one group has a single source, and one source
+    is another's whole prefix plus nothing (so the shared part must stop one id short of it)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = ours.config.hidden_size
+    plan = [  # group: (shared prompt ids, own suffix lengths)
+        (0, [5, 6, 7], [3, 0, 1, 4]),
+        (1, [8], [2, 5]),
+        (2, [9, 10], [1]),
+    ]
+    sources, groups = [], []
+    for group, common, suffixes in plan:
+        queries = torch.randn(QUERIES, width, generator=gen)
+        for n in suffixes:
+            ids = [IMAGE] * QUERIES + [BOS] + common + torch.randint(3, VOCAB - 1, (n,), generator=gen).tolist()
+            with torch.no_grad():
+                embeds = ours.embed_tokens(torch.tensor([ids]))[0].clone()
+            embeds[:QUERIES] = queries
+            sources.append((ids, embeds))
+            groups.append(group)
+    order = [3, 0, 5, 1, 6, 2, 4]  # groups interleaved in the batch
+    return [sources[i] for i in order], [groups[i] for i in order]
+
+
+@pytest.mark.parametrize("name", ["greedy", "greedy-penalties", "beam-several"])
+def test_shared_prefixes_give_each_sources_result_alone(lms, name):
+    """Sources grouped by shared prefix (the questions of one image): the shared part runs once per group, and every
+    source still gets transformers' result for that source alone."""
+    hf, ours = lms
+    settings = SETTINGS[name]
+    sources, groups = _shared_sources(ours, seed=len(name))
+    mine = _ours(ours, sources, groups=groups, **settings)
+    assert [[s.token_ids for s in seqs] for seqs in mine] == [
+        [s.token_ids for s in seqs] for seqs in _ours(ours, sources, **settings)
+    ]
+    for (ids, embeds), sequences in zip(sources, mine):
+        theirs = _theirs(hf, ids, embeds, **{"max_new_tokens": 8, **settings})
+        assert [s.token_ids for s in sequences] == [t for t, _ in theirs], name
+        for s, (_, score) in zip(sequences, theirs):
+            assert s.score == pytest.approx(score, abs=1e-4)
+
+
+def test_shared_prefix_runs_once_per_group(lms):
+    """The LM sees each group's shared part once: positions run = shared parts + padded suffixes, not the sources'
+    whole prefixes."""
+    _, ours = lms
+    sources, groups = _shared_sources(ours, seed=1)
+    seen = []
+
+    class Counting:
+        def __init__(self, lm):
+            self.lm = lm
+
+        def embed_tokens(self, ids):
+            return self.lm.embed_tokens(ids)
+
+        def new_cache(self, capacity):
+            return self.lm.new_cache(capacity)
+
+        def prefill(self, embeds, mask, *, cache):
+            seen.append(("shared", tuple(embeds.shape[:2]), int(mask.sum())))
+            return self.lm.prefill(embeds, mask, cache=cache)
+
+        def __call__(self, embeds, mask, *, cache, last_only):
+            seen.append(("own", tuple(embeds.shape[:2]), int(mask[:, -embeds.shape[1] :].sum())))
+            return self.lm(embeds, mask, cache=cache, last_only=last_only)
+
+    longest = max(len(ids) for ids, _ in sources)
+    embeds = torch.zeros(len(sources), longest, sources[0][1].shape[1])
+    mask = torch.zeros(len(sources), longest, dtype=torch.long)
+    for i, (ids, e) in enumerate(sources):
+        embeds[i, longest - len(ids) :], mask[i, longest - len(ids) :] = e, 1
+    cfg = GenerationConfig(
+        max_new_tokens=1, min_new_tokens=1, num_beams=1, do_sample=False, top_p=1.0, top_k=0, temperature=1.0,
+        repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,
+    )  # fmt: skip
+    generate(CausalLmStepper(Counting(ours), embeds, mask, [i for i, _ in sources], groups=groups), cfg, eos_id=EOS)
+    # group 0: 4 queries + BOS + 3 common ids, but one source has no suffix: 7 shared, its last id its own;
+    # group 1: 4 + 1 + 1 = 6 shared; group 2 (one source): all but its last id (4 + 1 + 2 + 1 - 1 = 7)
+    assert seen[0] == ("shared", (3, 7), 7 + 6 + 7)
+    own = {0: [4, 1, 2, 5], 1: [2, 5], 2: [1]}  # per group: each source's ids after the shared part
+    assert seen[1] == ("own", (7, 5), sum(sum(v) for v in own.values()))
+    assert len(seen) == 2  # one token asked: no step after the start
+
+
+def test_groups_must_match_the_sources(lms):
+    _, ours = lms
+    with pytest.raises(ValueError, match="2 groups for 3 sources"):
+        CausalLmStepper(ours, torch.zeros(3, 4, 32), torch.ones(3, 4), [[1]] * 3, groups=[0, 0])

@@ -393,3 +393,46 @@ def test_batch_size_and_composition_do_not_change_results(checkpoint, name):
         ours.batch_size = 16
     assert [a.token_ids for a in chunked] == [a.token_ids for a in whole]
     assert [[c.token_ids for c in r] for r in alone] == [[c.token_ids for c in r] for r in captions]
+
+
+@pytest.mark.parametrize("name", ["opt-wide", "t5-gated"])
+def test_questions_about_one_image_share_the_language_model_work(checkpoint, monkeypatch, name):
+    """OPT: the image's query outputs, BOS and the template's common start run once for all its questions (one
+    row in the shared pass); T5: each distinct (image, prompt) runs the encoder once (a repeated question does not).
+    Every answer still equals transformers' for that question alone."""
+    _, ours, hf, processor = checkpoint(name)
+    lm = ours.model.language_model
+    rows: dict[str, list] = {"prefill": [], "encode": []}
+    if name.startswith("opt"):
+        prefill = lm.prefill
+
+        def counted_prefill(embeds, mask, *, cache):
+            rows["prefill"].append((embeds.shape[0], int(mask.sum())))
+            return prefill(embeds, mask, cache=cache)
+
+        monkeypatch.setattr(lm, "prefill", counted_prefill)
+    else:
+        encode = lm.encode
+
+        def counted_encode(embeds, mask):
+            rows["encode"].append(embeds.shape[0])
+            return encode(embeds, mask)
+
+        monkeypatch.setattr(lm, "encode", counted_encode)
+    images = make_images(2, seed=9)
+    questions = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0], QUESTIONS[2], QUESTIONS[3]]
+    about = [images[0], images[0], images[0], images[0], images[1]]
+    answers = ours.answer(about, questions, max_new_tokens=5)
+    if name.startswith("opt"):
+        template = processor.tokenizer("Question:").input_ids  # BOS + the template's start, shared by every question
+        queries = ours.config.num_query_tokens
+        # image 0: its queries + BOS + "Question:" (at least); image 1 alone: all but its last prompt id
+        ((groups, shared),) = rows["prefill"]
+        assert groups == 2 and shared >= 2 * (queries + len(template))
+    else:
+        assert rows["encode"] == [4]  # 5 questions, one a repeat about the same image
+    for image, question, answer in zip(about, questions, answers):
+        prompt = f"Question: {question} Answer:"
+        (expected,) = hf_generate(hf, processor, image, prompt, max_new_tokens=5)
+        skip = 0 if name.startswith("t5") else len(processor.tokenizer(prompt).input_ids)
+        check([answer], [expected], processor.tokenizer, strip=skip)

@@ -139,28 +139,113 @@ class CausalLm(Protocol):
 class CausalLmStepper:
     """A decoder-only LM continuing each source's prefix of input embeddings.
 
-    `embeds [E, P, D]` and `mask [E, P]` (1 = real, 0 = left padding) hold the prefixes, left-padded to the longest;
-    `prefix_ids[s]` are source `s`'s own prefix ids (what transformers' `input_ids` holds when that source is
-    generated alone: never padding). Positions come from the mask, so padding changes no result."""
+    `embeds [E, P, D]` and `mask [E, P]` (1 = real, 0 = padding) hold the prefixes, padded to the longest (left
+    padding, as the callers lay them out); `prefix_ids[s]` are source `s`'s own prefix ids (what transformers'
+    `input_ids` holds when that source is generated alone: never padding). Positions come from the mask, so padding
+    changes no result.
 
-    def __init__(self, lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, prefix_ids: list[list[int]]):
+    `groups[s]` (optional): sources with the same group share the start of their prefix embeddings (the same image's
+    query outputs, BOS, and whatever prompt ids they have in common): that shared part runs once per group, its keys
+    and values are copied by index to the group's sources, and only each source's own suffix runs per source. A row
+    is then laid out [shared part | padding | own suffix]; positions and the attention mask skip the padding, so
+    every row's result is the one it has alone. The shared part is the longest common prefix of the group's
+    `prefix_ids`, minus at least one id, so every source has a last position of its own to predict from."""
+
+    def __init__(
+        self,
+        lm: CausalLm,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        prefix_ids: list[list[int]],
+        groups: SequenceOf[int] | None = None,
+    ):
         if embeds.shape[:2] != mask.shape or len(prefix_ids) != embeds.shape[0]:
             shapes = f"embeddings {tuple(embeds.shape)}, mask {tuple(mask.shape)}, {len(prefix_ids)} id lists"
             raise ValueError(f"prefixes do not match ({shapes}): one row per source")
+        if groups is not None and len(groups) != len(prefix_ids):
+            raise ValueError(f"{len(groups)} groups for {len(prefix_ids)} sources")
         self.lm, self.embeds, self.prefix_ids = lm, embeds, [list(ids) for ids in prefix_ids]
         self.mask = mask
+        self.groups = None if groups is None else list(groups)
         self.cache: KVCache | None = None
         self.length = 0  # positions filled (prefix + tokens so far)
 
     def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        shared = self._shared_lengths()
+        if shared is None:
+            logits = self._start_whole(max_new_tokens)
+        else:
+            logits = self._start_shared(shared, max_new_tokens)
+        self.embeds = None  # the prefix lives in the cache now
+        _expand_cache(self.cache, len(self.prefix_ids), rows_per_source, logits.device)
+        self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
+        return logits
+
+    def _start_whole(self, max_new_tokens: int) -> torch.Tensor:
+        """Every source's whole prefix in one left-padded pass."""
         num_sources, prefix_len = self.mask.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(num_sources, max_new_tokens)], dim=1)
         self.cache = self.lm.new_cache(prefix_len + max_new_tokens)
         logits = _last(self.lm(self.embeds, self.mask[:, :prefix_len], cache=self.cache, last_only=True))
-        self.embeds, self.length = None, prefix_len  # the prefix lives in the cache now
-        _expand_cache(self.cache, num_sources, rows_per_source, logits.device)
-        self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
+        self.length = prefix_len
         return logits
+
+    def _shared_lengths(self) -> dict[int, int] | None:
+        """Per group: how many leading prefix positions its sources share; None when no group has two sources
+        (nothing would be saved)."""
+        if self.groups is None or len(set(self.groups)) == len(self.groups):
+            return None
+        members: dict[int, list[int]] = {}
+        for source, group in enumerate(self.groups):
+            members.setdefault(group, []).append(source)
+        shared = {}
+        for group, sources in members.items():
+            ids = [self.prefix_ids[s] for s in sources]
+            common = min(len(row) for row in ids) - 1  # every source keeps at least its last id
+            for n in range(common):
+                if any(row[n] != ids[0][n] for row in ids[1:]):
+                    common = n
+                    break
+            shared[group] = max(common, 0)
+        return shared if max(shared.values()) > 0 else None
+
+    def _start_shared(self, shared: dict[int, int], max_new_tokens: int) -> torch.Tensor:
+        """The groups' shared parts in one pass, their keys/values copied to the sources, then the sources'
+        suffixes in a second pass on top."""
+        num_sources, device = len(self.prefix_ids), self.embeds.device
+        order = sorted(shared)  # group ids -> rows of the shared pass
+        row_of = {group: i for i, group in enumerate(order)}
+        first = {}
+        for source, group in enumerate(self.groups):
+            first.setdefault(group, source)
+        real = [self.mask[s].nonzero().squeeze(1) for s in range(num_sources)]  # each source's real positions
+        width = self.embeds.shape[2]
+        head_len = max(shared.values())
+        head = self.embeds.new_zeros(len(order), head_len, width)
+        head_mask = self.mask.new_zeros(len(order), head_len)
+        for i, group in enumerate(order):  # left padding
+            n = shared[group]
+            if n:
+                head[i, head_len - n :] = self.embeds[first[group], real[first[group]][:n]]
+                head_mask[i, head_len - n :] = 1
+        tails = [real[s][shared[self.groups[s]] :] for s in range(num_sources)]
+        tail_len = max(len(t) for t in tails)
+        tail = self.embeds.new_zeros(num_sources, tail_len, width)
+        tail_mask = self.mask.new_zeros(num_sources, tail_len)
+        for s, positions in enumerate(tails):
+            tail[s, tail_len - len(positions) :] = self.embeds[s, positions]
+            tail_mask[s, tail_len - len(positions) :] = 1
+
+        head_cache = self.lm.new_cache(head_len)
+        _prefill(self.lm, head, head_mask, head_cache)
+        rows = torch.tensor([row_of[g] for g in self.groups], device=device)
+        self.cache = self.lm.new_cache(head_len + tail_len + max_new_tokens)
+        _cache_from(self.cache, head_cache, rows)
+        self.mask = torch.cat(
+            [head_mask.index_select(0, rows), tail_mask, self.mask.new_ones(num_sources, max_new_tokens)], dim=1
+        )
+        self.length = head_len + tail_len
+        return _last(self.lm(tail, self.mask[:, : self.length], cache=self.cache, last_only=True))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.length += 1
@@ -170,6 +255,27 @@ class CausalLmStepper:
     def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
         self.cache.select(rows)
         self.mask = self.mask.index_select(0, rows)
+
+
+def _prefill(lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> None:
+    """Run `embeds` into `cache` for their keys/values alone (no logits when the LM can skip them)."""
+    prefill = getattr(lm, "prefill", None)
+    if prefill is not None:
+        prefill(embeds, mask, cache=cache)
+    else:
+        lm(embeds, mask, cache=cache, last_only=True)
+
+
+def _cache_from(cache: KVCache, source: KVCache, rows: torch.Tensor) -> None:
+    """Fill the empty `cache` with `source`'s filled positions, row `i` taken from `source` row `rows[i]`."""
+    for layer, (k, v) in enumerate(zip(source.keys, source.values)):
+        if k is None:
+            continue
+        shape = (rows.shape[0], k.shape[1], max(cache.capacity, source.length), k.shape[3])
+        cache.keys[layer], cache.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        cache.keys[layer][:, :, : source.length] = k[:, :, : source.length].index_select(0, rows)
+        cache.values[layer][:, :, : source.length] = v[:, :, : source.length].index_select(0, rows)
+    cache.length = source.length
 
 
 class EncoderDecoderLm(Protocol):

@@ -114,9 +114,14 @@ def generate_from(
     prompts: Sequence[list[int]],
     generation: GenerationConfig,
     generators: Sequence[torch.Generator] | None = None,
+    images: Sequence[int] | None = None,
 ) -> list[list[Generated]]:
     """Decode each source: soft prefix `queries[s]` `[Q, D]` then the LM ids `prompts[s]`. Returned sequences hold
-    (OPT) the source's input ids (placeholders, BOS, prompt) + generated ids, or (T5) decoder start + generated ids."""
+    (OPT) the source's input ids (placeholders, BOS, prompt) + generated ids, or (T5) decoder start + generated ids.
+
+    `images[s]` (optional): which image source `s` is about; sources about the same image (so with the same
+    `queries` row) share work: for OPT the keys/values of their common prefix (query outputs, BOS, the template's
+    common start) are computed once; for T5 sources with the same image and prompt run the encoder once."""
     lm, text = blip.model.language_model, blip.config.text
     num_sources, num_queries = queries.shape[0], queries.shape[1]
     device = queries.device
@@ -135,20 +140,31 @@ def generate_from(
         starts = (longest - torch.tensor([len(row) for row in prefix_ids])).tolist()
         for s, start in enumerate(starts):  # the placeholders' embeddings replaced by the query outputs
             embeds[s, start : start + num_queries] = queries[s].to(embeds.dtype)
-        stepper = CausalLmStepper(lm, embeds, mask, prefix_ids)
+        stepper = CausalLmStepper(lm, embeds, mask, prefix_ids, groups=images)
     else:
-        longest = max(len(ids) for ids in prompts)
+        # Sources with the same image and prompt read the same encoder states: encode each distinct pair once.
+        keys = [(s if images is None else images[s], tuple(ids)) for s, ids in enumerate(prompts)]
+        distinct = list(dict.fromkeys(keys))
+        first = {key: s for s, key in reversed(list(enumerate(keys)))}
+        unique = [first[key] for key in distinct]
+        longest = max(len(prompts[s]) for s in unique)
         pad = text.pad_token_id if text.pad_token_id is not None else 0
-        ids = torch.full((num_sources, longest), pad, dtype=torch.long)
-        mask = torch.ones(num_sources, num_queries + longest, dtype=torch.long)
-        for s, row in enumerate(prompts):  # right padding
-            ids[s, : len(row)] = torch.tensor(row)
-            mask[s, num_queries + len(row) :] = 0
+        ids = torch.full((len(unique), longest), pad, dtype=torch.long)
+        mask = torch.ones(len(unique), num_queries + longest, dtype=torch.long)
+        for i, s in enumerate(unique):  # right padding
+            row = prompts[s]
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, num_queries + len(row) :] = 0
         ids, mask = ids.to(device), mask.to(device)
         prompt_embeds = lm.embed_tokens(ids)
-        embeds = torch.cat([queries.to(prompt_embeds.dtype), prompt_embeds], dim=1)  # (S, Q + L, D)
-        states = lm.encode(embeds, mask)
-        stepper = EncoderDecoderStepper(lm, lm.cross_kv(states, mask), text.decoder_start_token_id, num_sources)
+        pick = torch.tensor(unique, device=device)
+        embeds = torch.cat([queries.index_select(0, pick).to(prompt_embeds.dtype), prompt_embeds], dim=1)
+        states = lm.encode(embeds, mask)  # (U, Q + L, D)
+        cross = lm.cross_kv(states, mask)
+        if len(unique) < num_sources:
+            position = {key: i for i, key in enumerate(distinct)}
+            cross = cross.select(torch.tensor([position[key] for key in keys], device=device))
+        stepper = EncoderDecoderStepper(lm, cross, text.decoder_start_token_id, num_sources)
     return generate(stepper, generation, eos_id=text.eos_token_id, generators=generators)
 
 
@@ -203,7 +219,10 @@ def answer_questions(
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         index = torch.tensor([image_index[r] for r in rows], device=queries.device)
-        sources = generate_from(blip, queries.index_select(0, index), [prompts[r] for r in rows], generation)
+        images_of = [image_index[r] for r in rows]
+        sources = generate_from(
+            blip, queries.index_select(0, index), [prompts[r] for r in rows], generation, images=images_of
+        )
         for r, (seq,) in zip(rows, sources):
             skip = blip.config.num_query_tokens + len(prompts[r]) if blip.config.kind == "opt" else 0
             answer_ids = seq.token_ids[skip:]

@@ -227,6 +227,11 @@ class OptForCausalLM(nn.Module):
         """An empty cache for `capacity` positions (cached + new, padding included)."""
         return KVCache(self.config.num_hidden_layers, capacity)
 
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, cache: KVCache) -> None:
+        """Run the new positions into `cache` for their keys/values alone (no logits: a shared prefix whose next-token
+        prediction nobody reads). Arguments as in `forward`."""
+        self.model.decoder(inputs_embeds, attention_mask, cache, last_only=True)
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
