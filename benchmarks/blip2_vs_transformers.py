@@ -6,8 +6,9 @@
 The checkpoint has blip2-opt-2.7b's shapes (EVA ViT-g: width 1408, 39 layers, 16 heads, 224 px, patch 14; Q-Former
 768 wide, 12 layers, 32 queries; OPT-2.7b: width 2560, 32 layers, 32 heads, ffn 10240, vocabulary 50272) and random
 weights, written directly in bfloat16 (never a float32 copy of the whole model: one tensor at a time, shard by
-shard) under `runs/bench/` the first time and reused after. Its tokenizer is the test suite's small BPE one (the
-generated ids past its vocabulary decode to nothing; only token ids are compared).
+shard) under `runs/bench/` the first time and reused after. Its tokenizer is a small byte-level BPE trained on the
+benchmark's prompts (each word one token, so a question takes about as many tokens as with GPT-2's; the generated ids
+past its vocabulary decode to nothing; only token ids are compared).
 
 `--layers N` is the reduced-depth variant: the real widths with N layers in each of the three towers (ViT, Q-Former
 capped at 12, OPT) -- for machines where the full model is too slow or too big to run twice; the printout and the
@@ -155,6 +156,7 @@ def build_checkpoint(folder: Path, spec, dtype: torch.dtype = torch.bfloat16, sh
     from safetensors.torch import save_file
 
     from oracle_blip2 import build_blip2_checkpoint, hf_config
+    from oracle_tokenizers import CORPUS, write_opt_tokenizer
 
     if (folder / "COMPLETE").exists():
         return folder
@@ -165,10 +167,13 @@ def build_checkpoint(folder: Path, spec, dtype: torch.dtype = torch.bfloat16, sh
     )  # fmt: skip
     side = folder / "tokenizer-source"
     build_blip2_checkpoint(side, tiny)
+    # A BPE trained on the benchmark's own texts with room for whole words: prompts then take about as many tokens as
+    # GPT-2's tokenizer gives them (one per word and punctuation mark), not the 2x of the suite's 360-token one.
+    facts = write_opt_tokenizer(side, vocab_size=2000, corpus=[TEMPLATE.format(q) for q in QUESTIONS] * 20 + CORPUS)
     for path in side.iterdir():
         if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
             (folder / path.name).write_bytes(path.read_bytes())
-    image_token = json.loads((side / "config.json").read_text())["image_token_index"]
+    image_token = facts["image_token_id"]
     config = hf_config(spec, image_token_index=image_token)
     config.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
@@ -370,7 +375,7 @@ def main() -> None:
     depth = "real depth" if args.layers is None else f"{args.layers} layers per tower (real widths)"
     name = "blip2-opt-2.7b" + ("" if args.layers is None else f"-L{args.layers}")
     start = time.perf_counter()
-    folder = build_checkpoint(Path(args.cache) / f"{name}-bf16", spec_for(args.layers))
+    folder = build_checkpoint(Path(args.cache) / f"{name}-bf16-words", spec_for(args.layers))
     print(f"checkpoint {folder} ({depth}) ready in {time.perf_counter() - start:.0f}s", flush=True)
     machine = dict(
         bandwidth_gbs=memory_bandwidth() / 1e9,
@@ -404,7 +409,10 @@ def main() -> None:
         print(f"both loaded (one copy of the weights) in {time.perf_counter() - start:.0f}s", flush=True)
         image = make_image()
         if want("six_questions"):
+            lengths = [len(ours.tokenizer.encode(TEMPLATE.format(q))) for q in QUESTIONS]
+            print(f"question prompts take {lengths} tokens (BOS included)", flush=True)
             row = six_questions(ours, hf, processor, image, new_tokens=args.new_tokens_vqa, repeats=args.repeats)
+            row["prompt_tokens"] = lengths
             show("six_questions", f"6 questions, 1 image, {args.new_tokens_vqa} tokens, bf16", row, 4.0)
         if want("caption_b4"):
             from oracle import make_images

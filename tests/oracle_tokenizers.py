@@ -36,9 +36,14 @@ OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
 def write_opt_tokenizer(
-    folder: Path, with_image_token: bool = True, vocab_size: int = 360, hub_config: bool = False
+    folder: Path,
+    with_image_token: bool = True,
+    vocab_size: int = 360,
+    hub_config: bool = False,
+    corpus: list[str] | None = None,
 ) -> dict:
-    """Write an OPT-style tokenizer folder; returns the facts a checkpoint builder needs.
+    """Write an OPT-style tokenizer folder; returns the facts a checkpoint builder needs. `corpus` (default: this
+    module's small one) is what the BPE is trained on: with a vocabulary large enough, each of its words is one token.
 
     `hub_config`: tokenizer_config.json and special_tokens_map.json as the Salesforce/blip2-opt-* repos have them
     (saved by transformers 4: `add_bos_token`, `added_tokens_decoder` with `<image>`) instead of transformers 5's."""
@@ -56,7 +61,7 @@ def write_opt_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS, trainer)
+    backend.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     model = json.loads(backend.to_str())["model"]
     tokenizer = GPT2Tokenizer(
         vocab=model["vocab"],
