@@ -174,6 +174,7 @@ def build_checkpoint(folder: Path, spec, dtype: torch.dtype = torch.bfloat16, sh
         if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
             (folder / path.name).write_bytes(path.read_bytes())
     image_token = facts["image_token_id"]
+    spec = dataclasses.replace(spec, lm_vocab=max(spec.lm_vocab, facts["vocab_size"]))  # tiny smoke-test specs
     config = hf_config(spec, image_token_index=image_token)
     config.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
