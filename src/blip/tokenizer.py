@@ -161,22 +161,8 @@ class BlipTokenizer(_Decoding):
 
         Only the known names are read (tokenizer.json or vocab.txt, plus tokenizer_config.json); any other name is
         refused, so a checkpoint can never choose where anything is written or read."""
-        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise ValueError(f"{source}: the tokenizer entry must map file names to text")
-        unknown = sorted(set(files) - set(TOKENIZER_FILES))
-        if unknown:
-            shown = ", ".join(repr(n[:80]) for n in unknown[:3])
-            raise ValueError(
-                f"{source}: unexpected tokenizer file name(s) {shown}; expected only {', '.join(TOKENIZER_FILES)}"
-            )
-        config: dict = {}
-        if CONFIG_FILE in files:
-            try:
-                config = json.loads(files[CONFIG_FILE])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}: {CONFIG_FILE} is not valid JSON ({e})") from e
-            if not isinstance(config, dict):
-                raise ValueError(f"{source}: {CONFIG_FILE} does not hold a JSON object")
+        _check_files(files, TOKENIZER_FILES, source)
+        config = _parse_json(files[CONFIG_FILE], CONFIG_FILE, source) if CONFIG_FILE in files else {}
 
         def make(unk: str) -> Tokenizer:
             if TOKENIZER_FILE in files:
@@ -366,14 +352,7 @@ class LmTokenizer(_Decoding):
     def from_files(cls, files: dict[str, str], source: str = "checkpoint", pipeline: str = "class") -> LmTokenizer:
         """Build from file texts held in memory (e.g. a training checkpoint's `tokenizer` entry); only the names in
         LM_TOKENIZER_FILES are accepted."""
-        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise ValueError(f"{source}: the tokenizer entry must map file names to text")
-        unknown = sorted(set(files) - set(LM_TOKENIZER_FILES))
-        if unknown:
-            shown = ", ".join(repr(n[:80]) for n in unknown[:3])
-            raise ValueError(
-                f"{source}: unexpected tokenizer file name(s) {shown}; expected only {', '.join(LM_TOKENIZER_FILES)}"
-            )
+        _check_files(files, LM_TOKENIZER_FILES, source)
         parsed = {name: _parse_json(text, name, source) for name, text in files.items() if name.endswith(".json")}
         config = parsed.get(CONFIG_FILE, {})
         tokenizer_json = parsed.get(TOKENIZER_FILE)
@@ -480,6 +459,16 @@ class LmTokenizer(_Decoding):
 
     def __repr__(self) -> str:
         return f"LmTokenizer(family={self.family!r}, vocab_size={self.vocab_size})"
+
+
+def _check_files(files: dict[str, str], allowed: Sequence[str], source: str) -> None:
+    """A checkpoint's in-memory tokenizer entry: file names (only those in `allowed`) mapped to their text."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{source}: the tokenizer entry must map file names to text")
+    unknown = sorted(set(files) - set(allowed))
+    if unknown:
+        shown = ", ".join(repr(n[:80]) for n in unknown[:3])
+        raise ValueError(f"{source}: unexpected tokenizer file name(s) {shown}; expected only {', '.join(allowed)}")
 
 
 def _parse_json(text: str, name: str, source: str) -> dict:
