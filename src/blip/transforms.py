@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
+from blip.tokenizer import _read_json
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Images over 64 megapixels (e.g. 8000x8000) are refused before their pixel data is decoded: a decoded RGB image of
@@ -225,7 +227,7 @@ class ImageTransform:
             return cls._from_config(nested, path)
         if not path.is_file():
             return cls()
-        return cls._from_config(_read_config(path), path)
+        return cls._from_config(_read_json(path), path)
 
     @classmethod
     def _from_config(cls, config: dict, path: Path) -> ImageTransform:
@@ -276,22 +278,12 @@ class ImageTransform:
         (folder / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return config
-
-
 def _nested_image_processor(path: Path) -> dict | None:
     """processor_config.json's "image_processor" settings, or None (no file, or the older flat file holding only
     e.g. num_query_tokens)."""
     if not path.is_file():
         return None
-    nested = _read_config(path).get("image_processor")
+    nested = _read_json(path).get("image_processor")
     if nested is not None and not isinstance(nested, dict):
         raise ValueError(f"{path}: image_processor is not a JSON object")
     return nested
