@@ -24,7 +24,7 @@ from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_image
 from blip.tasks.explain import Explanation
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
-from blip.transforms import ImageTransform
+from blip.transforms import PREPROCESSOR_FILE, ImageTransform
 from blip.weights.errors import CheckpointError
 from blip.weights.load import Loaded, LoadReport, inference_copy, load_model, load_tokenizer, save_blip2, save_model
 from blip.weights.registry import BLIP2_PROMPT_TEMPLATE, EXAMPLE_FOR_TASK, EXAMPLE_FOR_TASK_BLIP2, pretrained_info
@@ -299,15 +299,15 @@ def _load_blip2(loaded: Loaded, source: str | os.PathLike, tokenizer: Any, batch
     """The tokenizer, preprocessing and prompt template of a loaded BLIP-2 model."""
     model, folder = loaded.model, loaded.folder
     where = Path(tokenizer).expanduser() if tokenizer is not None else folder
+    info = pretrained_info(str(source))
     if model.config.kind == "retrieval":
         text_tokenizer = load_blip2_qformer_tokenizer(where, source, model.config.qformer.vocab_size)
     else:
         # Loaded by hub name, transformers 5 keeps tokenizer.json's own pipeline for the Salesforce BLIP-2 repos
         # (tokenization_auto's MODEL_IDS_TO_TOKENIZERS_BACKEND); from a local folder it rebuilds the class's.
-        by_name = tokenizer is None and pretrained_info(str(source)) is not None
+        by_name = tokenizer is None and info is not None
         text_tokenizer = load_lm_tokenizer(where, source, "file" if by_name else "class")
-    transform = _blip2_transform(folder, model.config.vision.image_size)
-    info = pretrained_info(str(source))
+    transform = _transform_for(folder, model.config.vision.image_size)
     template = info.prompt_template if info and info.prompt_template else BLIP2_PROMPT_TEMPLATE
     return Blip2(
         model,
@@ -356,9 +356,9 @@ def load_lm_tokenizer(folder: Path | None, source: str | os.PathLike, pipeline: 
     return result
 
 
-def _blip2_transform(folder: Path | None, image_size: int) -> ImageTransform:
-    """BLIP-2 preprocessing from the folder (processor_config.json's `image_processor` entry, else
-    preprocessor_config.json), at the model's image size."""
+def _transform_for(folder: Path | None, image_size: int) -> ImageTransform:
+    """Preprocessing from the folder (processor_config.json's `image_processor` entry, else
+    preprocessor_config.json; defaults without either or without a folder), at the model's image size."""
     transform = ImageTransform.from_pretrained(folder) if folder is not None else None
     if transform is None or transform.image_size != image_size:
         base = transform or ImageTransform()
@@ -394,12 +394,9 @@ def load(
     blip_tokenizer = load_tokenizer(loaded, tokenizer, source)
     model = loaded.model
     folder = loaded.folder
-    transform = None
-    if folder is not None and (folder / "preprocessor_config.json").exists():
-        transform = ImageTransform.from_pretrained(folder)
-    if transform is None or transform.image_size != model.config.vision.image_size:
-        base = transform or ImageTransform()
-        transform = ImageTransform(image_size=model.config.vision.image_size, mean=base.mean, std=base.std)
+    # a BLIP folder's settings are read only when it holds preprocessor_config.json (defaults otherwise)
+    has_preprocessor = folder is not None and (folder / PREPROCESSOR_FILE).exists()
+    transform = _transform_for(folder if has_preprocessor else None, model.config.vision.image_size)
     return Blip(model, blip_tokenizer, transform, source=str(source), report=loaded.report, batch_size=batch_size)
 
 
