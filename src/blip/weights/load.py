@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -223,15 +224,23 @@ def read_config(folder: Path, kind: str | None = None) -> BlipConfig | None:
     return read_config_file(path, kind)
 
 
+_C = TypeVar("_C", BlipConfig, Blip2Config)
+
+
 def read_config_file(path: Path, kind: str | None = None) -> BlipConfig:
+    return _read_hf_config(path, kind, BlipConfig, (None, "blip"), "a BLIP model")
+
+
+def _read_hf_config(path: Path, kind: str | None, cls: type[_C], model_types: tuple[str | None, ...], what: str) -> _C:
+    """`path` (an HF config.json) as a validated `cls`; every problem is one CheckpointError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-    if isinstance(data, dict) and data.get("model_type") not in (None, "blip"):
-        raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not a BLIP model")
+    if isinstance(data, dict) and data.get("model_type") not in model_types:
+        raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not {what}")
     try:
-        return BlipConfig.from_hf_dict(data, kind=kind).validate()  # type: ignore[arg-type]
+        return cls.from_hf_dict(data, kind=kind).validate()  # type: ignore[arg-type]
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
 
@@ -504,16 +513,7 @@ def is_blip2(path: Path) -> bool:
 
 def read_blip2_config(path: Path, kind: str | None = None) -> Blip2Config:
     """A BLIP-2 `config.json` as a validated Blip2Config; every problem is one CheckpointError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if isinstance(data, dict) and data.get("model_type") != "blip-2":
-        raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not a BLIP-2 model ('blip-2')")
-    try:
-        return Blip2Config.from_hf_dict(data, kind=kind).validate()  # type: ignore[arg-type]
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    return _read_hf_config(path, kind, Blip2Config, ("blip-2",), "a BLIP-2 model ('blip-2')")
 
 
 def blip2_inference_config(config: Blip2Config) -> Blip2Config:
