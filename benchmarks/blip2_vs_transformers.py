@@ -58,6 +58,8 @@ for extra in (ROOT / "tests", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
+from vs_transformers import memory_bandwidth, timed  # noqa: E402
+
 import blip  # noqa: E402
 from blip.models.kernels import onednn_linear_available  # noqa: E402
 
@@ -80,35 +82,6 @@ REAL = dict(
 
 
 # --- timing helpers ---------------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
-    """Median seconds of `repeats` calls of `fn` (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def memory_bandwidth() -> float:
-    """Read bandwidth in bytes/s: summing 512 MiB of float32, the faster of 1 and all threads."""
-    x = torch.randn(128 * 1024 * 1024)
-    threads, rates = torch.get_num_threads(), []
-    for n in sorted({1, threads}):
-        torch.set_num_threads(n)
-        x.sum()
-        rates.append(x.numel() * 4 / timed(lambda: x.sum(), 5))
-    torch.set_num_threads(threads)
-    return max(rates)
 
 
 def load_average() -> str:

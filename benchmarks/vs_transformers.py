@@ -51,11 +51,16 @@ TEXTS = [
 ]
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median seconds of `repeats` calls of `fn` (after the caller's warm-up); on CUDA, synchronized around each."""
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -98,10 +103,10 @@ def vit_gemm_rate() -> float:
 
 
 def memory_bandwidth() -> float:
-    """Read bandwidth: summing 512 MiB, the faster of 1 and 2 threads (one core can saturate memory here)."""
-    x = torch.randn(128 * 1024 * 1024 // 4 * 4)
-    threads = torch.get_num_threads()
-    rates = []
+    """Read bandwidth in bytes/s: summing 512 MiB of float32, the faster of 1 and all threads (one core can saturate
+    memory here)."""
+    x = torch.randn(128 * 1024 * 1024)
+    threads, rates = torch.get_num_threads(), []
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         x.sum()
@@ -153,13 +158,8 @@ def gpu_rows(caption_dir: Path, device: str, batches: list[int], dtypes: list[st
     dev = torch.device(device)
 
     def timed_sync(fn) -> float:
-        def run() -> None:
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        run()
-        return timed(run, repeats)
+        fn()  # warm-up
+        return timed(fn, repeats, dev)
 
     size = 8192 if dev.type == "cuda" else 1024
     a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
