@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 FORMATS = ("onnx",)
+# shared by the exporter (blip.export.onnx) and the torch-free runner (blip.export.onnx_runtime)
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "blip-onnx"
+INSTALL_HINT = "pip install 'blip-vl[onnx]'"
 DTYPES = ("float32", "float16")
 
 

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip.export import ExportError
+from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, check_request
 from blip.models.bert import CrossKV
 from blip.models.kernels import aten_linears
+from blip.tasks.common import MAX_TEXT_TOKENS  # questions and ITM/ITC texts are cut there
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -44,11 +45,8 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization as one op; scaled_dot_product_attention exports from 14
-MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-MANIFEST_FORMAT = "blip-onnx"
 MANIFEST_VERSION = 1
-MAX_TEXT_TOKENS = 35  # blip.tasks.common.MAX_TEXT_TOKENS: questions and ITM/ITC texts are cut there
 KIND_PARTS: dict[str, tuple[str, ...]] = {
     "caption": ("vision", "cross_kv", "decoder"),
     "vqa": ("vision", "question", "cross_kv", "decoder"),
@@ -56,8 +54,7 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("vision", "text", "itm", "cross_kv", "decoder"),
 }
 ALL_PARTS = ("vision", "text", "itm", "question", "cross_kv", "decoder")
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-INSTALL_HINT = "pip install 'blip-vl[onnx]'"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def require_onnx() -> Any:
@@ -322,12 +319,11 @@ def export_onnx(
 
     if isinstance(blip, Blip2):
         raise ExportError("ONNX export supports BLIP checkpoints; BLIP-2 export is not implemented")
-    if dtype not in DTYPES:
-        raise ExportError(f"unsupported export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_request("onnx", dtype)
     onnx = require_onnx()
     kind = blip.config.kind
     chosen = resolve_parts(kind, parts)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = _TORCH_DTYPES[dtype]
     model = blip.model
     if next(model.parameters()).dtype != torch_dtype or next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).to(device="cpu", dtype=torch_dtype)
@@ -373,7 +369,7 @@ def export_onnx(
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "kind": kind,
-        "dtype": "float16" if torch_dtype == torch.float16 else "float32",
+        "dtype": dtype,
         "opset": OPSET,
         "parts": manifest_parts,
         "image": {

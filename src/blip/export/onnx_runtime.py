@@ -28,12 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from blip.export import ExportError
+from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, takes_options
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "blip-onnx"
-INSTALL_HINT = "pip install 'blip-vl[onnx]'"
 NEG_INF_SCORE = np.float32(-1.0e9)  # blip.models.generation.NEG_INF_SCORE
 PAD_ID = 0  # what a finished row is fed
 # blip.tokenizer.CLEANUP_RULES (transformers' clean_up_tokenization), applied when the tokenizer config turns it on
