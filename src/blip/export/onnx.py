@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, check_request
+from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, check_request, kv_names
 from blip.models.bert import CrossKV
 from blip.models.kernels import aten_linears
 from blip.tasks.common import MAX_TEXT_TOKENS  # questions and ITM/ITC texts are cut there
@@ -194,10 +194,6 @@ class _Graph:
     axes: dict[str, dict[int, str]]
 
 
-def _kv_names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
 def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
     """The traced module, example inputs, names and dynamic axes of each part. The examples group 2 text rows per
     image (so the grouped cross-attention is what gets traced) and give the decoder a non-empty past."""
@@ -241,7 +237,7 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
             layers = len(model.text_decoder.bert.layers)
             width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size
             states = torch.randn(1, 4, width).to(dtype)
-            names = _kv_names("cross", layers)
+            names = kv_names("cross", layers)
             axes = {"encoder_states": {0: "sources", 1: "tokens"}, **{n: {0: "sources", 2: "tokens"} for n in names}}
             graphs[part] = _Graph(_CrossKV(model), (states,), ["encoder_states"], names, axes)
         elif part == "decoder":
@@ -254,8 +250,8 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
             cross_flat = [t for pair in zip(cross.keys, cross.values) for t in pair]
             past_flat = [torch.randn(rows, heads, past, head_dim).to(dtype) for _ in range(2 * layers)]
             cross_mask = torch.ones(1, 4, dtype=torch.long)
-            past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
-            cross_names = _kv_names("cross", layers)
+            past_names, present_names = kv_names("past", layers), kv_names("present", layers)
+            cross_names = kv_names("cross", layers)
             axes = {"input_ids": {0: "batch", 1: "seq"}, "cross_mask": {0: "sources", 1: "tokens"}}
             axes.update({n: {0: "batch", 2: "past"} for n in past_names})
             axes.update({n: {0: "sources", 2: "tokens"} for n in cross_names})
