@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +56,7 @@ for extra in (ROOT / "tests", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
+import vs_transformers  # noqa: E402
 from vs_transformers import memory_bandwidth, timed  # noqa: E402
 
 import blip  # noqa: E402
@@ -305,23 +304,8 @@ def decode_step(ours, image, *, steps: int, repeats: int) -> float:
 
 def peak_rss_child(folder: Path, dtype: str = "bfloat16", threads: int = 2) -> dict:
     """VmHWM of a fresh process that loads the folder and captions one image (20 new tokens)."""
-    code = f"""
-import json, torch, blip
-def hwm():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-torch.set_num_threads({threads})
-after_import = hwm()
-m = blip.load({str(folder)!r}, dtype={dtype!r})
-after_load = hwm()
-from oracle import make_images
-m.caption(make_images(1, seed=3)[0], max_new_tokens=20, min_new_tokens=20)
-peak = hwm()
-params = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.model.parameters()}}.values()) / 2**20
-print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=peak, param_mib=params)))
-"""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}:{ROOT / 'src'}")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    caption = dict(max_new_tokens=20, min_new_tokens=20)
+    return vs_transformers.peak_rss_child(folder, dtype=dtype, threads=threads, seed=3, caption=caption)
 
 
 # --- main -------------------------------------------------------------------------------------------------------------

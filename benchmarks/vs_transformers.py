@@ -129,18 +129,22 @@ def vit_flops(cfg) -> float:
     return layers * per_layer + patch
 
 
-def peak_rss_child(folder: Path) -> dict:
+def peak_rss_child(
+    folder: Path, *, dtype: str | None = None, threads: int = 2, seed: int = 0, caption: dict | None = None
+) -> dict:
+    """VmHWM of a fresh process that loads the folder (in `dtype`) and captions one image (`caption`'s options,
+    default 20 new tokens at most)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
     code = f"""
 import json, torch, blip
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-torch.set_num_threads(2)
+torch.set_num_threads({threads})
 after_import = hwm()
-m = blip.load({str(folder)!r})
+m = blip.load({str(folder)!r}, dtype={dtype!r})
 after_load = hwm()
 from oracle import make_images
-m.caption(make_images(1)[0], max_new_tokens=20)
+m.caption(make_images(1, seed={seed})[0], **{caption or dict(max_new_tokens=20)!r})
 peak = hwm()
 params = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.model.parameters()}}.values()) / 2**20
 print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=peak, param_mib=params)))
