@@ -202,6 +202,7 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
     size = cfg.vision.image_size
     text = cfg.text
     rows, seq, past = 2, 3, 2
+    width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size  # what the decoder cross-attends to
     ids = torch.randint(5, min(text.vocab_size, 100), (rows, seq))
     mask = torch.ones(rows, seq, dtype=torch.long)
     mask[1, -1] = 0
@@ -235,7 +236,6 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
             )
         elif part == "cross_kv":
             layers = len(model.text_decoder.bert.layers)
-            width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size
             states = torch.randn(1, 4, width).to(dtype)
             names = kv_names("cross", layers)
             axes = {"encoder_states": {0: "sources", 1: "tokens"}, **{n: {0: "sources", 2: "tokens"} for n in names}}
@@ -244,7 +244,6 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
             decoder = model.text_decoder
             layers, heads = len(decoder.bert.layers), text.num_attention_heads
             head_dim = text.hidden_size // heads
-            width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size
             with torch.no_grad():
                 cross = decoder.bert.cross_kv(torch.randn(1, 4, width).to(dtype))
             cross_flat = [t for pair in zip(cross.keys, cross.values) for t in pair]
