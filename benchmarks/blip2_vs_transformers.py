@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 for extra in (ROOT / "tests", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
+
+import vs_transformers  # noqa: E402
+from vs_transformers import memory_bandwidth, timed  # noqa: E402
 
 import blip  # noqa: E402
 from blip.models.kernels import onednn_linear_available  # noqa: E402
@@ -80,35 +81,6 @@ REAL = dict(
 
 
 # --- timing helpers ---------------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
-    """Median seconds of `repeats` calls of `fn` (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def memory_bandwidth() -> float:
-    """Read bandwidth in bytes/s: summing 512 MiB of float32, the faster of 1 and all threads."""
-    x = torch.randn(128 * 1024 * 1024)
-    threads, rates = torch.get_num_threads(), []
-    for n in sorted({1, threads}):
-        torch.set_num_threads(n)
-        x.sum()
-        rates.append(x.numel() * 4 / timed(lambda: x.sum(), 5))
-    torch.set_num_threads(threads)
-    return max(rates)
 
 
 def load_average() -> str:
@@ -332,23 +304,8 @@ def decode_step(ours, image, *, steps: int, repeats: int) -> float:
 
 def peak_rss_child(folder: Path, dtype: str = "bfloat16", threads: int = 2) -> dict:
     """VmHWM of a fresh process that loads the folder and captions one image (20 new tokens)."""
-    code = f"""
-import json, torch, blip
-def hwm():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-torch.set_num_threads({threads})
-after_import = hwm()
-m = blip.load({str(folder)!r}, dtype={dtype!r})
-after_load = hwm()
-from oracle import make_images
-m.caption(make_images(1, seed=3)[0], max_new_tokens=20, min_new_tokens=20)
-peak = hwm()
-params = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.model.parameters()}}.values()) / 2**20
-print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=peak, param_mib=params)))
-"""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}:{ROOT / 'src'}")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    caption = dict(max_new_tokens=20, min_new_tokens=20)
+    return vs_transformers.peak_rss_child(folder, dtype=dtype, threads=threads, seed=3, caption=caption)
 
 
 # --- main -------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from vs_transformers import timed as median_seconds  # noqa: E402
+
 import blip  # noqa: E402
 from blip.export import export  # noqa: E402
 from blip.export.onnx_runtime import OnnxBlip  # noqa: E402
@@ -38,12 +39,7 @@ from oracle import base_spec, build_hf_checkpoint, make_images  # noqa: E402
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -51,11 +51,16 @@ TEXTS = [
 ]
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median seconds of `repeats` calls of `fn` (after the caller's warm-up); on CUDA, synchronized around each."""
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -98,10 +103,10 @@ def vit_gemm_rate() -> float:
 
 
 def memory_bandwidth() -> float:
-    """Read bandwidth: summing 512 MiB, the faster of 1 and 2 threads (one core can saturate memory here)."""
-    x = torch.randn(128 * 1024 * 1024 // 4 * 4)
-    threads = torch.get_num_threads()
-    rates = []
+    """Read bandwidth in bytes/s: summing 512 MiB of float32, the faster of 1 and all threads (one core can saturate
+    memory here)."""
+    x = torch.randn(128 * 1024 * 1024)
+    threads, rates = torch.get_num_threads(), []
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         x.sum()
@@ -124,18 +129,22 @@ def vit_flops(cfg) -> float:
     return layers * per_layer + patch
 
 
-def peak_rss_child(folder: Path) -> dict:
+def peak_rss_child(
+    folder: Path, *, dtype: str | None = None, threads: int = 2, seed: int = 0, caption: dict | None = None
+) -> dict:
+    """VmHWM of a fresh process that loads the folder (in `dtype`) and captions one image (`caption`'s options,
+    default 20 new tokens at most)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
     code = f"""
 import json, torch, blip
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-torch.set_num_threads(2)
+torch.set_num_threads({threads})
 after_import = hwm()
-m = blip.load({str(folder)!r})
+m = blip.load({str(folder)!r}, dtype={dtype!r})
 after_load = hwm()
 from oracle import make_images
-m.caption(make_images(1)[0], max_new_tokens=20)
+m.caption(make_images(1, seed={seed})[0], **{caption or dict(max_new_tokens=20)!r})
 peak = hwm()
 params = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.model.parameters()}}.values()) / 2**20
 print(json.dumps(dict(import_mib=after_import, loaded_mib=after_load, peak_mib=peak, param_mib=params)))
@@ -153,13 +162,8 @@ def gpu_rows(caption_dir: Path, device: str, batches: list[int], dtypes: list[st
     dev = torch.device(device)
 
     def timed_sync(fn) -> float:
-        def run() -> None:
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        run()
-        return timed(run, repeats)
+        fn()  # warm-up
+        return timed(fn, repeats, dev)
 
     size = 8192 if dev.type == "cuda" else 1024
     a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)

@@ -34,9 +34,7 @@ class CliError(Exception):
     """A fatal, user-facing error: printed as one line, exit code 2."""
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    from blip.devices import add_device_flag
-
+def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         "-m",
@@ -44,6 +42,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="hub id (Salesforce/blip-...), short name (see `blip list`), local HF folder or .pth",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    from blip.devices import add_device_flag
+
+    _model_flags(parser)
     add_device_flag(parser)
     parser.add_argument(
         "--dtype",
@@ -144,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "image-grounded encoder + ITM head or VQA question encoder; cross-attention K/V and a decoder step with an "
         "explicit KV cache), a manifest.json and the tokenizer. Example: blip export --model DIR --out onnx/",
     )
-    p.add_argument("--model", "-m", required=True, help="hub id, short name, local HF folder or .pth")
-    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
+    _model_flags(p)
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--format", default="onnx", help="export format (default and only one: onnx)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float16")

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from blip.api import Blip
 
 FORMATS = ("onnx",)
+# shared by the exporter (blip.export.onnx) and the torch-free runner (blip.export.onnx_runtime)
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "blip-onnx"
+INSTALL_HINT = "pip install 'blip-vl[onnx]'"
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """The graphs' per-layer K/V input/output names (`past`, `present`, `cross`): key_0, value_0, key_1, ..."""
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
 DTYPES = ("float32", "float16")
 
 

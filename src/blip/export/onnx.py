@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip.export import ExportError
+from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, check_request, kv_names
 from blip.models.bert import CrossKV
 from blip.models.kernels import aten_linears
+from blip.tasks.common import MAX_TEXT_TOKENS  # questions and ITM/ITC texts are cut there
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -44,11 +45,8 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization as one op; scaled_dot_product_attention exports from 14
-MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-MANIFEST_FORMAT = "blip-onnx"
 MANIFEST_VERSION = 1
-MAX_TEXT_TOKENS = 35  # blip.tasks.common.MAX_TEXT_TOKENS: questions and ITM/ITC texts are cut there
 KIND_PARTS: dict[str, tuple[str, ...]] = {
     "caption": ("vision", "cross_kv", "decoder"),
     "vqa": ("vision", "question", "cross_kv", "decoder"),
@@ -56,8 +54,7 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("vision", "text", "itm", "cross_kv", "decoder"),
 }
 ALL_PARTS = ("vision", "text", "itm", "question", "cross_kv", "decoder")
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-INSTALL_HINT = "pip install 'blip-vl[onnx]'"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def require_onnx() -> Any:
@@ -197,10 +194,6 @@ class _Graph:
     axes: dict[str, dict[int, str]]
 
 
-def _kv_names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
 def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
     """The traced module, example inputs, names and dynamic axes of each part. The examples group 2 text rows per
     image (so the grouped cross-attention is what gets traced) and give the decoder a non-empty past."""
@@ -209,6 +202,7 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
     size = cfg.vision.image_size
     text = cfg.text
     rows, seq, past = 2, 3, 2
+    width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size  # what the decoder cross-attends to
     ids = torch.randint(5, min(text.vocab_size, 100), (rows, seq))
     mask = torch.ones(rows, seq, dtype=torch.long)
     mask[1, -1] = 0
@@ -242,23 +236,21 @@ def _graphs(model: BlipModel, parts: tuple[str, ...]) -> dict[str, _Graph]:
             )
         elif part == "cross_kv":
             layers = len(model.text_decoder.bert.layers)
-            width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size
             states = torch.randn(1, 4, width).to(dtype)
-            names = _kv_names("cross", layers)
+            names = kv_names("cross", layers)
             axes = {"encoder_states": {0: "sources", 1: "tokens"}, **{n: {0: "sources", 2: "tokens"} for n in names}}
             graphs[part] = _Graph(_CrossKV(model), (states,), ["encoder_states"], names, axes)
         elif part == "decoder":
             decoder = model.text_decoder
             layers, heads = len(decoder.bert.layers), text.num_attention_heads
             head_dim = text.hidden_size // heads
-            width = text.hidden_size if cfg.kind == "vqa" else cfg.vision.hidden_size
             with torch.no_grad():
                 cross = decoder.bert.cross_kv(torch.randn(1, 4, width).to(dtype))
             cross_flat = [t for pair in zip(cross.keys, cross.values) for t in pair]
             past_flat = [torch.randn(rows, heads, past, head_dim).to(dtype) for _ in range(2 * layers)]
             cross_mask = torch.ones(1, 4, dtype=torch.long)
-            past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
-            cross_names = _kv_names("cross", layers)
+            past_names, present_names = kv_names("past", layers), kv_names("present", layers)
+            cross_names = kv_names("cross", layers)
             axes = {"input_ids": {0: "batch", 1: "seq"}, "cross_mask": {0: "sources", 1: "tokens"}}
             axes.update({n: {0: "batch", 2: "past"} for n in past_names})
             axes.update({n: {0: "sources", 2: "tokens"} for n in cross_names})
@@ -322,12 +314,11 @@ def export_onnx(
 
     if isinstance(blip, Blip2):
         raise ExportError("ONNX export supports BLIP checkpoints; BLIP-2 export is not implemented")
-    if dtype not in DTYPES:
-        raise ExportError(f"unsupported export dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_request("onnx", dtype)
     onnx = require_onnx()
     kind = blip.config.kind
     chosen = resolve_parts(kind, parts)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = _TORCH_DTYPES[dtype]
     model = blip.model
     if next(model.parameters()).dtype != torch_dtype or next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).to(device="cpu", dtype=torch_dtype)
@@ -373,7 +364,7 @@ def export_onnx(
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "kind": kind,
-        "dtype": "float16" if torch_dtype == torch.float16 else "float32",
+        "dtype": dtype,
         "opset": OPSET,
         "parts": manifest_parts,
         "image": {

@@ -28,12 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from blip.export import ExportError
+from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, kv_names
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, takes_options
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "blip-onnx"
-INSTALL_HINT = "pip install 'blip-vl[onnx]'"
 NEG_INF_SCORE = np.float32(-1.0e9)  # blip.models.generation.NEG_INF_SCORE
 PAD_ID = 0  # what a finished row is fed
 # blip.tokenizer.CLEANUP_RULES (transformers' clean_up_tokenization), applied when the tokenizer config turns it on
@@ -384,8 +381,7 @@ class OnnxBlip:
         self.text = text
         self.num_heads, self.head_dim = int(text["num_heads"]), int(text["head_dim"])
         layers = int(text["num_layers"])
-        self.past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-        self.cross_names = [f"cross_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+        self.past_names, self.cross_names = kv_names("past", layers), kv_names("cross", layers)
         image = manifest["image"]
         self.image_size, self.mean, self.std = int(image["size"]), image["mean"], image["std"]
         self.tokenizer = WordPiece(self.folder / manifest["tokenizer"]["folder"], manifest["tokenizer"])
@@ -423,6 +419,10 @@ class OnnxBlip:
         if not items:
             raise ValueError("no images given")
         return [load_image(i) for i in items]
+
+    def _texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask `[B, L]` of texts, cut at the model's text length, right-padded."""
+        return self.tokenizer.batch(texts, int(self.text["max_text_tokens"]), int(self.text["pad_token_id"]))
 
     def _cross(self, states: np.ndarray) -> list[np.ndarray]:
         return self.session("cross_kv").run(None, {"encoder_states": states})
@@ -492,8 +492,7 @@ class OnnxBlip:
         for i, q in enumerate(question_list):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {i} is empty or not a string")
-        text = self.text
-        bos, pad, limit = int(text["bos_token_id"]), int(text["pad_token_id"]), int(text["max_text_tokens"])
+        bos = int(self.text["bos_token_id"])
         results: list[Generated] = []
         for start in range(0, len(question_list), self.batch_size):
             rows = range(start, min(start + self.batch_size, len(question_list)))
@@ -502,7 +501,7 @@ class OnnxBlip:
             if len(used) > 1:  # one image row per question; the questions of a single image share its one row
                 local = {img: i for i, img in enumerate(used)}
                 image_embeds = image_embeds[[local[owners[r]] for r in rows]]
-            ids, mask = self.tokenizer.batch([question_list[r] for r in rows], limit, pad)
+            ids, mask = self._texts([question_list[r] for r in rows])
             states = self.session("question").run(
                 None, {"image_embeds": image_embeds, "input_ids": ids, "attention_mask": mask}
             )[0]
@@ -522,14 +521,11 @@ class OnnxBlip:
             text_list = text_list * len(decoded)
         elif len(decoded) != len(text_list):
             raise ValueError(f"{len(decoded)} images but {len(text_list)} texts: give one image or equal lists")
-        text = self.text
         out: list[float] = []
         for start in range(0, len(text_list), self.batch_size):
             stop = min(start + self.batch_size, len(text_list))
             image_embeds = self.encode_images(decoded[start:stop])[0]
-            ids, mask = self.tokenizer.batch(
-                text_list[start:stop], int(text["max_text_tokens"]), int(text["pad_token_id"])
-            )
+            ids, mask = self._texts(text_list[start:stop])
             logits = self.session("itm").run(
                 None, {"image_embeds": image_embeds, "input_ids": ids, "attention_mask": mask}
             )[0]
@@ -552,12 +548,9 @@ class OnnxBlip:
     def embed_texts(self, texts: str | list[str]) -> np.ndarray:
         """L2-normalised ITC text features `[n, embed_dim]` (float32)."""
         text_list, _ = _as_list(texts)
-        text = self.text
         feats = []
         for start in range(0, len(text_list), self.batch_size):
-            ids, mask = self.tokenizer.batch(
-                text_list[start : start + self.batch_size], int(text["max_text_tokens"]), int(text["pad_token_id"])
-            )
+            ids, mask = self._texts(text_list[start : start + self.batch_size])
             feats.append(self.session("text").run(None, {"input_ids": ids, "attention_mask": mask})[0])
         return np.concatenate(feats).astype(np.float32)
 
