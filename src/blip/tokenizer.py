@@ -20,6 +20,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram, WordPiece
 
+from blip.text_cleanup import CLEANUP_RULES, clean_up_tokenization  # noqa: F401 (CLEANUP_RULES: a public name here too)
+
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 CONFIG_FILE = "tokenizer_config.json"
@@ -32,19 +34,6 @@ SPECIAL_ROLES = {
     "cls_token": "[CLS]",
     "mask_token": "[MASK]",
 }
-# transformers' `clean_up_tokenization`: applied to the decoded string when clean_up_tokenization_spaces is on.
-CLEANUP_RULES = (
-    (" .", "."),
-    (" ?", "?"),
-    (" !", "!"),
-    (" ,", ","),
-    (" ' ", "'"),
-    (" n't", "n't"),
-    (" 'm", "'m"),
-    (" 's", "'s"),
-    (" 've", "'ve"),
-    (" 're", "'re"),
-)
 
 
 class _Decoding:
@@ -73,10 +62,7 @@ class _Decoding:
         return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
 
     def _cleaned(self, text: str) -> str:
-        if self._applies_cleanup():
-            for before, after in CLEANUP_RULES:
-                text = text.replace(before, after)
-        return text
+        return clean_up_tokenization(text) if self._applies_cleanup() else text
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         return [self._tokenizer.id_to_token(int(i)) for i in ids]

@@ -30,22 +30,10 @@ from PIL import Image, ImageOps
 
 from blip.export import INSTALL_HINT, MANIFEST, MANIFEST_FORMAT, ExportError, kv_names
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, takes_options
+from blip.text_cleanup import CLEANUP_RULES, clean_up_tokenization  # noqa: F401 (CLEANUP_RULES: a public name here too)
 
 NEG_INF_SCORE = np.float32(-1.0e9)  # blip.models.generation.NEG_INF_SCORE
 PAD_ID = 0  # what a finished row is fed
-# blip.tokenizer.CLEANUP_RULES (transformers' clean_up_tokenization), applied when the tokenizer config turns it on
-CLEANUP_RULES = (
-    (" .", "."),
-    (" ?", "?"),
-    (" !", "!"),
-    (" ,", ","),
-    (" ' ", "'"),
-    (" n't", "n't"),
-    (" 'm", "'m"),
-    (" 's", "'s"),
-    (" 've", "'ve"),
-    (" 're", "'re"),
-)
 
 ImageInput = Image.Image | str | os.PathLike | bytes
 
@@ -133,10 +121,7 @@ class WordPiece:
 
     def decode(self, ids: Sequence[int]) -> str:
         text = self._tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
-        if self.cleanup:
-            for before, after in CLEANUP_RULES:
-                text = text.replace(before, after)
-        return text
+        return clean_up_tokenization(text) if self.cleanup else text
 
 
 # --- the decoding loop (blip.models.generation in numpy) -----------------------------------------------------------
