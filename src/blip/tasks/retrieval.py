@@ -345,7 +345,7 @@ def search_texts(
     """For each text: the `top_k` images by ITC (cosine; BLIP-2: the largest over the image's query features),
     re-ranked by the ITM match probability when `rerank`."""
     collection.check_model(blip)
-    family = _itm(blip)
+    family = blip._itm  # `blip.tasks.itm` or `blip.tasks.blip2_itm`
     queries = family.text_embeddings(blip, list(texts)).numpy()
     scores, ids = collection.search(queries, top_k)
     per_text = [[_hit(collection, int(i), float(s)) for s, i in zip(rs, ri) if i >= 0] for rs, ri in zip(scores, ids)]
@@ -377,14 +377,6 @@ def search_texts(
             hit.rank = rank
         results.append(hits)
     return results
-
-
-def _itm(blip: Blip) -> Any:
-    """The ITM / ITC functions of the model's family: `blip.tasks.itm` or `blip.tasks.blip2_itm`."""
-    from blip.tasks import blip2_itm, itm
-    from blip.tasks.options import is_blip2
-
-    return blip2_itm if is_blip2(blip) else itm
 
 
 def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
