@@ -10,8 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from blip.jobs import BatchConfig, run_batch
 from oracle import TinySpec, make_images
 
 CAPTION = TinySpec(kind="caption", seed=81)
@@ -67,6 +69,31 @@ def assert_same_rows(rows: list[dict], reference: list[dict], rel: float = 1e-5)
                 assert value == pytest.approx(ref[key], rel=rel, abs=1e-6), (key, row, ref)
             else:
                 assert value == ref[key], (key, row, ref)
+
+
+def run_embed(model: Path, folder: Path, out: Path, embed_format: str):
+    """An embed job over `folder` (batches of 4, shards of 5, no progress bar); returns its `BatchResult`."""
+    cfg = BatchConfig(
+        task="embed",
+        model=str(model),
+        input=str(folder),
+        out=str(out),
+        batch_size=4,
+        shard_size=5,
+        embed_format=embed_format,
+        progress=False,
+    )
+    return run_batch(cfg)
+
+
+def read_vectors(out: Path, embed_format: str) -> list[np.ndarray]:
+    """The embedding shards of an embed job, in order ("npy" or "safetensors")."""
+    shards = sorted(out.glob(f"part-*.{embed_format}"))
+    if embed_format == "npy":
+        return [np.load(path) for path in shards]
+    from safetensors.numpy import load_file
+
+    return [load_file(str(path))["embeddings"] for path in shards]
 
 
 def read_errors(out: Path) -> list[dict]:
