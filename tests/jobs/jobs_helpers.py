@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from blip.jobs import BatchConfig, run_batch
+from blip.jobs.cli import batch_main
 from oracle import TinySpec, make_images
 
 CAPTION = TinySpec(kind="caption", seed=81)
@@ -141,3 +143,29 @@ def kill_until_done(command: list[str], out: Path, *, seed: int, tries: int = 5,
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == rc, done.stderr
     return kills
+
+
+def batch_main_one_thread(argv: list[str]) -> int:
+    """`batch_main(argv)` on one torch thread, as the killed runs (OMP_NUM_THREADS=1): the scores' last bits follow
+    the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return batch_main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    """A resumed job's folder equals an uninterrupted run's: the same rows (order, scores), errors, files, shard bytes
+    and manifest shards, and no temporary or journal file left."""
+    assert read_rows(out) == read_rows(reference)  # same rows, same order, same scores: no loss, no duplicates
+    assert read_errors(out) == read_errors(reference)
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files
+    for name in ref_files:
+        if name.startswith("part-"):
+            assert (out / name).read_bytes() == (reference / name).read_bytes()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["shards"] == json.loads((reference / "_manifest.json").read_text())["shards"]
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.journal"))
