@@ -85,6 +85,14 @@ def check_vqa_lengths(blip: Blip2, template: str | None, max_new_tokens: int) ->
         _check_length(blip, len(prompt_ids(blip, empty)), max_new_tokens, "prompt_template", "the prompt template")
 
 
+def check_question_length(blip: Blip2, template: str | None, question: str, max_new_tokens: int, field: str) -> None:
+    """OptionError naming `field` when the question in its prompt template and the new tokens do not fit the OPT
+    positions (T5 has no such limit)."""
+    if _positions(blip) is not None:
+        ids = prompt_ids(blip, question_prompt(template, question, blip))
+        _check_length(blip, len(ids), max_new_tokens, field, "the question in its prompt")
+
+
 # --- images to soft prefixes ------------------------------------------------------------------------------------------
 
 
