@@ -26,7 +26,8 @@ from PIL import Image
 
 from blip.models.generation import CausalLmStepper, EncoderDecoderStepper, GenerationConfig, generate
 from blip.models.generation import Sequence as Generated
-from blip.tasks.common import Answer, Caption, chunks, model_input
+from blip.tasks.blip2_itm import encode_images
+from blip.tasks.common import Answer, Caption, chunks
 from blip.tasks.options import OptionError
 
 if TYPE_CHECKING:
@@ -99,11 +100,8 @@ def check_question_length(blip: Blip2, template: str | None, question: str, max_
 @torch.inference_mode()
 def image_queries(blip: Blip2, images: list[Image.Image]) -> torch.Tensor:
     """The language model's soft prefix of each image, `[n, Q, D_lm]` in the LM's dtype (ViT + Q-Former once)."""
-    model, parts = blip.model, []
-    for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), model.vision_model)
-        parts.append(model.language_inputs(model.query_output(model.encode_image(pixels))))
-    return torch.cat(parts)
+    model = blip.model
+    return encode_images(blip, images, lambda embeds: model.language_inputs(model.query_output(embeds)))
 
 
 def _image_token_id(blip: Blip2) -> int:
