@@ -241,7 +241,7 @@ class CollectionIndex:
 
     def check_model(self, blip: Blip) -> None:
         """`SearchIndexError` (one line) unless `blip` embeds into this index's space: its family and shapes."""
-        from blip.tasks.options import is_blip2
+        from blip.tasks.options import embedding_shape, is_blip2
 
         family = "blip2" if is_blip2(blip) else "blip"
         by = self.meta.get("model_source") or "an unrecorded checkpoint"
@@ -251,10 +251,8 @@ class CollectionIndex:
                 f"but the model ({blip.source or 'given'}) is {FAMILIES[family]}: search it with a "
                 f"{FAMILIES.get(self.family, self.family)} retrieval model, the one that embedded it"
             )
-        if family == "blip2":
-            shape = (blip.config.num_query_tokens, blip.config.image_text_hidden_size)
-        else:
-            shape = (1, blip.config.embed_dim)
+        features = embedding_shape(blip)  # (E,) or BLIP-2 (Q, E)
+        shape = (features[0] if len(features) == 2 else 1, features[-1])
         if shape != (self.per_image, int(self.meta.get("dim", 0))):
             raise SearchIndexError(
                 f"{self.folder}: {self.per_image} x {self.meta.get('dim')} features per image, but the model "
