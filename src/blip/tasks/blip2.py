@@ -224,8 +224,8 @@ def answer_questions(
     results: list[Answer] = []
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
-        index = torch.tensor([image_index[r] for r in rows], device=queries.device)
         images_of = [image_index[r] for r in rows]
+        index = torch.tensor(images_of, device=queries.device)
         sources = generate_from(
             blip, queries.index_select(0, index), [prompts[r] for r in rows], generation, images=images_of
         )
