@@ -10,8 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from blip.jobs import BatchConfig, run_batch
+from blip.jobs.cli import batch_main
 from oracle import TinySpec, make_images
 
 CAPTION = TinySpec(kind="caption", seed=81)
@@ -69,6 +73,31 @@ def assert_same_rows(rows: list[dict], reference: list[dict], rel: float = 1e-5)
                 assert value == ref[key], (key, row, ref)
 
 
+def run_embed(model: Path, folder: Path, out: Path, embed_format: str):
+    """An embed job over `folder` (batches of 4, shards of 5, no progress bar); returns its `BatchResult`."""
+    cfg = BatchConfig(
+        task="embed",
+        model=str(model),
+        input=str(folder),
+        out=str(out),
+        batch_size=4,
+        shard_size=5,
+        embed_format=embed_format,
+        progress=False,
+    )
+    return run_batch(cfg)
+
+
+def read_vectors(out: Path, embed_format: str) -> list[np.ndarray]:
+    """The embedding shards of an embed job, in order ("npy" or "safetensors")."""
+    shards = sorted(out.glob(f"part-*.{embed_format}"))
+    if embed_format == "npy":
+        return [np.load(path) for path in shards]
+    from safetensors.numpy import load_file
+
+    return [load_file(str(path))["embeddings"] for path in shards]
+
+
 def read_errors(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines() if line.strip()]
 
@@ -114,3 +143,29 @@ def kill_until_done(command: list[str], out: Path, *, seed: int, tries: int = 5,
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == rc, done.stderr
     return kills
+
+
+def batch_main_one_thread(argv: list[str]) -> int:
+    """`batch_main(argv)` on one torch thread, as the killed runs (OMP_NUM_THREADS=1): the scores' last bits follow
+    the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return batch_main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    """A resumed job's folder equals an uninterrupted run's: the same rows (order, scores), errors, files, shard bytes
+    and manifest shards, and no temporary or journal file left."""
+    assert read_rows(out) == read_rows(reference)  # same rows, same order, same scores: no loss, no duplicates
+    assert read_errors(out) == read_errors(reference)
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files
+    for name in ref_files:
+        if name.startswith("part-"):
+            assert (out / name).read_bytes() == (reference / name).read_bytes()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["shards"] == json.loads((reference / "_manifest.json").read_text())["shards"]
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.journal"))

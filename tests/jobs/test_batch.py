@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from jobs_helpers import read_errors, read_rows
+from jobs_helpers import read_errors, read_rows, read_vectors, run_embed
 
 import blip
 from blip.jobs import BatchConfig, InputOptions, TaskOptions, run_batch
@@ -158,27 +158,10 @@ def test_match_csv_and_parquet_equal_jsonl(retrieval_model, image_folder, tmp_pa
 def test_embed_shards_equal_api(retrieval_model, image_folder, tmp_path, embed_format):
     folder, good, bad = image_folder
     out = tmp_path / "out"
-    cfg = BatchConfig(
-        task="embed",
-        model=str(retrieval_model),
-        input=str(folder),
-        out=str(out),
-        batch_size=4,
-        shard_size=5,
-        embed_format=embed_format,
-        progress=False,
-    )
-    result = run_batch(cfg)
+    result = run_embed(retrieval_model, folder, out, embed_format)
     assert result.summary.rows_ok == len(good) and result.summary.rows_failed == len(bad)
     rows = read_rows(out)
-    vectors = []
-    for path in sorted(out.glob(f"part-*.{embed_format}")):
-        if embed_format == "npy":
-            vectors.append(np.load(path))
-        else:
-            from safetensors.numpy import load_file
-
-            vectors.append(load_file(str(path))["embeddings"])
+    vectors = read_vectors(out, embed_format)
     matrix = np.concatenate(vectors)
     assert [r["image"] for r in rows] == good and matrix.shape[0] == len(good)
     expected = blip.load(retrieval_model).embed_images([str(folder / g) for g in good]).numpy()

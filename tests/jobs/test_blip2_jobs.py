@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from jobs_helpers import read_errors, read_rows
+from jobs_helpers import read_errors, read_rows, read_vectors, run_embed
 
 import blip
 from blip.jobs import BatchConfig, InputOptions, TaskOptions, run_batch
@@ -129,25 +129,9 @@ def test_embed_rows_are_the_query_features_of_the_api(checkpoints, models, image
     folder, good, bad = image_folder
     model, paths = models["retrieval"], [str(folder / g) for g in good]
     out = tmp_path / "embed"
-    cfg = BatchConfig(
-        task="embed",
-        model=str(checkpoints["retrieval"]),
-        input=str(folder),
-        out=str(out),
-        batch_size=4,
-        shard_size=5,
-        embed_format=embed_format,
-        progress=False,
-    )
-    result = run_batch(cfg)
+    result = run_embed(checkpoints["retrieval"], folder, out, embed_format)
     assert result.summary.rows_ok == len(good) and result.summary.rows_failed == len(bad)
-    shards = sorted(out.glob(f"part-*.{embed_format}"))
-    if embed_format == "npy":
-        vectors = [np.load(path) for path in shards]
-    else:
-        from safetensors.numpy import load_file
-
-        vectors = [load_file(str(path))["embeddings"] for path in shards]
+    vectors = read_vectors(out, embed_format)
     q, e = model.config.num_query_tokens, model.config.image_text_hidden_size
     assert all(v.ndim == 3 and v.shape[1:] == (q, e) and v.dtype == np.float32 for v in vectors)  # [rows, Q, E]
     matrix = np.concatenate(vectors)

@@ -19,7 +19,7 @@ from blip.jobs.prefetch import Decoded, Prefetcher, decode_key
 from blip.jobs.sources import Row, read_image
 from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
 from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, dispatch, row_seed
-from blip.tasks.options import OPTIONS, OptionError, TaskOptionsBase, is_blip2
+from blip.tasks.options import OPTIONS, OptionError, TaskOptionsBase, embedding_shape
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -75,13 +75,6 @@ def check_model_task(blip: Blip, task: str) -> None:
     need = MODEL_TASK[task]
     if need not in blip.tasks:
         blip.require(need)  # raises the API's own message naming the checkpoint kind that has the head
-
-
-def embedding_shape(blip: Blip) -> tuple[int, ...]:
-    """The ITC features of one image: `(E,)` for BLIP, `(Q, E)` for BLIP-2 (one per query token)."""
-    if is_blip2(blip):
-        return (blip.config.num_query_tokens, blip.config.image_text_hidden_size)
-    return (blip.config.embed_dim,)
 
 
 class RowRunner:

@@ -265,16 +265,13 @@ class Service:
         max_new_tokens in the language model's positions (a 422 naming the question, before any work)."""
         if not is_blip2(blip) or options.answers is not None:
             return
-        from blip.tasks.blip2 import check_caption_lengths, question_prompt
+        from blip.tasks.blip2 import check_question_length
 
         for field, question in questions:
-            try:  # the question's prompt is an OPT prefix as a caption prompt is: the same check
-                check_caption_lengths(
-                    blip, question_prompt(options.prompt_template, question, blip), options.max_new_tokens
-                )
+            try:
+                check_question_length(blip, options.prompt_template, question, options.max_new_tokens, field)
             except OptionError as e:
-                reason = e.reason.replace("the prompt (", "the question in its prompt (", 1)
-                raise self.invalid(field, reason) from e
+                raise self.invalid(field, e.reason) from e
 
     @classmethod
     def checked(cls, options: Any, blip: Blip) -> Any:

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from blip.tasks import blip2 as blip2_generate
-from blip.tasks import blip2_itm, itm
 from blip.tasks.caption import caption_images
 from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.vqa import answer_questions
@@ -121,25 +120,19 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return _vqa(blip, options if options is not None else VqaOptions(), works)
     if task == "match":
         images, texts, image_index = _pairs(works)
-        probs = _itm(blip).match_probabilities(blip, images, texts, image_index)
+        probs = blip._itm.match_probabilities(blip, images, texts, image_index)
         return _split(probs, [len(w.texts) for w in works])
     if task == "similarity":
         return _similarity(blip, works)
     if task == "embed":
         images, index = merge_images([w.images for w in works])
-        feats = _itm(blip).image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
+        feats = blip._itm.image_embeddings(blip, images).numpy().astype(np.float32, copy=False)
         return [feats[positions] for positions in index]
     if task == "retrieve":
         return _retrieve(blip, options, works)
     if task == "explain":
         return [blip.explain(w.image.image, w.text, layer=options) for w in works]
     raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-
-
-def _itm(blip: Blip) -> Any:
-    """The matching / embedding functions of the model's family: `blip.tasks.itm` (BLIP) or `blip2_itm` (BLIP-2),
-    the same names and signatures (BLIP-2 image embeddings are `[n, Q, E]`, one per query token)."""
-    return blip2_itm if is_blip2(blip) else itm
 
 
 def _caption(blip: Blip, options: CaptionOptions, works: Sequence[CaptionWork]) -> list[list[list[Any]]]:
@@ -195,7 +188,7 @@ def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[lis
 def _similarity(blip: Blip, works: Sequence[SimilarityWork]) -> list[list[list[float]]]:
     images, index = merge_images([w.images for w in works])
     slots = {text: i for i, text in enumerate(dict.fromkeys(t for w in works for t in w.texts))}
-    family = _itm(blip)
+    family = blip._itm
     image_feats = family.image_embeddings(blip, images)
     text_feats = family.text_embeddings(blip, list(slots))
     out = []

@@ -26,7 +26,8 @@ from PIL import Image
 
 from blip.models.generation import CausalLmStepper, EncoderDecoderStepper, GenerationConfig, generate
 from blip.models.generation import Sequence as Generated
-from blip.tasks.common import Answer, Caption, chunks, model_input
+from blip.tasks.blip2_itm import encode_images
+from blip.tasks.common import Answer, Caption, chunks
 from blip.tasks.options import OptionError
 
 if TYPE_CHECKING:
@@ -85,17 +86,22 @@ def check_vqa_lengths(blip: Blip2, template: str | None, max_new_tokens: int) ->
         _check_length(blip, len(prompt_ids(blip, empty)), max_new_tokens, "prompt_template", "the prompt template")
 
 
+def check_question_length(blip: Blip2, template: str | None, question: str, max_new_tokens: int, field: str) -> None:
+    """OptionError naming `field` when the question in its prompt template and the new tokens do not fit the OPT
+    positions (T5 has no such limit)."""
+    if _positions(blip) is not None:
+        ids = prompt_ids(blip, question_prompt(template, question, blip))
+        _check_length(blip, len(ids), max_new_tokens, field, "the question in its prompt")
+
+
 # --- images to soft prefixes ------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
 def image_queries(blip: Blip2, images: list[Image.Image]) -> torch.Tensor:
     """The language model's soft prefix of each image, `[n, Q, D_lm]` in the LM's dtype (ViT + Q-Former once)."""
-    model, parts = blip.model, []
-    for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), model.vision_model)
-        parts.append(model.language_inputs(model.query_output(model.encode_image(pixels))))
-    return torch.cat(parts)
+    model = blip.model
+    return encode_images(blip, images, lambda embeds: model.language_inputs(model.query_output(embeds)))
 
 
 def _image_token_id(blip: Blip2) -> int:
@@ -218,8 +224,8 @@ def answer_questions(
     results: list[Answer] = []
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
-        index = torch.tensor([image_index[r] for r in rows], device=queries.device)
         images_of = [image_index[r] for r in rows]
+        index = torch.tensor(images_of, device=queries.device)
         sources = generate_from(
             blip, queries.index_select(0, index), [prompts[r] for r in rows], generation, images=images_of
         )

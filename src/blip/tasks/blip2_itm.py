@@ -8,6 +8,7 @@ P(match) is the softmax of the ITM logits averaged over the query outputs. Texts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,12 +20,16 @@ if TYPE_CHECKING:
     from blip.api import Blip2
 
 
-def _image_embeds(blip: Blip2, images: list[Image.Image]) -> torch.Tensor:
-    """Image tokens `[n, N, Dv]`, each image through the ViT once."""
+def encode_images(
+    blip: Blip2, images: list[Image.Image], head: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The image tokens `[n, N, Dv]` of each image (or `head` of them), the images through the ViT in chunks of the
+    batch size, each once."""
     parts = []
     for chunk in chunks(len(images), blip.batch_size):
         pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model.vision_model)
-        parts.append(blip.model.encode_image(pixels))
+        embeds = blip.model.encode_image(pixels)
+        parts.append(head(embeds) if head is not None else embeds)
     return torch.cat(parts)
 
 
@@ -38,7 +43,7 @@ def match_probabilities(
     blip: Blip2, images: list[Image.Image], texts: list[str], image_index: list[int]
 ) -> list[float]:
     """P(match) for each (images[image_index[t]], texts[t]) pair; each distinct image is encoded once."""
-    embeds = _image_embeds(blip, images)  # (n_images, N, Dv)
+    embeds = encode_images(blip, images)  # (n_images, N, Dv)
     out: list[float] = []
     for chunk in chunks(len(texts), blip.batch_size):
         rows = list(chunk)
@@ -51,11 +56,7 @@ def match_probabilities(
 @torch.inference_mode()
 def image_embeddings(blip: Blip2, images: list[Image.Image]) -> torch.Tensor:
     """L2-normalised query features `[n, Q, E]` (float32, on CPU): one per query token."""
-    feats = []
-    for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model.vision_model)
-        feats.append(blip.model.image_features(blip.model.encode_image(pixels)).float().cpu())
-    return torch.cat(feats)
+    return encode_images(blip, images, lambda embeds: blip.model.image_features(embeds).float().cpu())
 
 
 @torch.inference_mode()

@@ -186,9 +186,7 @@ def jet(x: np.ndarray) -> np.ndarray:
 def overlay(image: Image.Image, heat: np.ndarray, size: int = OVERLAY_SIZE, strength: float = 0.75) -> Image.Image:
     """`image` (longest side `size`) with `heat` `[g, g]` over it: scaled to its own maximum, upsampled bicubically
     to the image, jet-coloured, blended with weight `strength * heat ** 0.7` (LAVIS's `getAttMap` uses the 0.7 too)."""
-    rgb = image.convert("RGB")
-    scale = size / max(rgb.size)
-    rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BICUBIC)
+    rgb = _fit(image, size)
     heat = np.asarray(heat, dtype=np.float32)
     peak = float(heat.max()) if heat.size else 0.0
     unit = heat / peak if peak > 0 else np.zeros_like(heat)
@@ -237,6 +235,7 @@ def contact_sheet(image: Image.Image, explanation: Explanation, tile: int = 192,
 
 
 def _fit(image: Image.Image, size: int) -> Image.Image:
+    """`image` as RGB, resized (bicubic) to longest side `size`."""
     rgb = image.convert("RGB")
     scale = size / max(rgb.size)
     return rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BICUBIC)

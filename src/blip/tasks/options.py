@@ -228,6 +228,13 @@ def is_blip2(blip: Blip) -> bool:
     return isinstance(blip.config, Blip2Config)
 
 
+def embedding_shape(blip: Blip) -> tuple[int, ...]:
+    """The ITC features of one image: `(E,)` for BLIP, `(Q, E)` for BLIP-2 (one per query token)."""
+    if is_blip2(blip):
+        return (blip.config.num_query_tokens, blip.config.image_text_hidden_size)
+    return (blip.config.embed_dim,)
+
+
 def _positions(blip: Blip) -> int:
     return int(blip.config.text.max_position_embeddings)
 

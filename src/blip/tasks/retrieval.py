@@ -241,7 +241,7 @@ class CollectionIndex:
 
     def check_model(self, blip: Blip) -> None:
         """`SearchIndexError` (one line) unless `blip` embeds into this index's space: its family and shapes."""
-        from blip.tasks.options import is_blip2
+        from blip.tasks.options import embedding_shape, is_blip2
 
         family = "blip2" if is_blip2(blip) else "blip"
         by = self.meta.get("model_source") or "an unrecorded checkpoint"
@@ -251,10 +251,8 @@ class CollectionIndex:
                 f"but the model ({blip.source or 'given'}) is {FAMILIES[family]}: search it with a "
                 f"{FAMILIES.get(self.family, self.family)} retrieval model, the one that embedded it"
             )
-        if family == "blip2":
-            shape = (blip.config.num_query_tokens, blip.config.image_text_hidden_size)
-        else:
-            shape = (1, blip.config.embed_dim)
+        features = embedding_shape(blip)  # (E,) or BLIP-2 (Q, E)
+        shape = (features[0] if len(features) == 2 else 1, features[-1])
         if shape != (self.per_image, int(self.meta.get("dim", 0))):
             raise SearchIndexError(
                 f"{self.folder}: {self.per_image} x {self.meta.get('dim')} features per image, but the model "
@@ -345,7 +343,7 @@ def search_texts(
     """For each text: the `top_k` images by ITC (cosine; BLIP-2: the largest over the image's query features),
     re-ranked by the ITM match probability when `rerank`."""
     collection.check_model(blip)
-    family = _itm(blip)
+    family = blip._itm  # `blip.tasks.itm` or `blip.tasks.blip2_itm`
     queries = family.text_embeddings(blip, list(texts)).numpy()
     scores, ids = collection.search(queries, top_k)
     per_text = [[_hit(collection, int(i), float(s)) for s, i in zip(rs, ri) if i >= 0] for rs, ri in zip(scores, ids)]
@@ -377,14 +375,6 @@ def search_texts(
             hit.rank = rank
         results.append(hits)
     return results
-
-
-def _itm(blip: Blip) -> Any:
-    """The ITM / ITC functions of the model's family: `blip.tasks.itm` or `blip.tasks.blip2_itm`."""
-    from blip.tasks import blip2_itm, itm
-    from blip.tasks.options import is_blip2
-
-    return blip2_itm if is_blip2(blip) else itm
 
 
 def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
