@@ -268,14 +268,11 @@ def _prefill(lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCa
 
 def _cache_from(cache: KVCache, source: KVCache, rows: torch.Tensor) -> None:
     """Fill the empty `cache` with `source`'s filled positions, row `i` taken from `source` row `rows[i]`."""
+    filled = source.length
     for layer, (k, v) in enumerate(zip(source.keys, source.values)):
-        if k is None:
-            continue
-        shape = (rows.shape[0], k.shape[1], max(cache.capacity, source.length), k.shape[3])
-        cache.keys[layer], cache.values[layer] = k.new_empty(shape), v.new_empty(shape)
-        cache.keys[layer][:, :, : source.length] = k[:, :, : source.length].index_select(0, rows)
-        cache.values[layer][:, :, : source.length] = v[:, :, : source.length].index_select(0, rows)
-    cache.length = source.length
+        if k is not None:
+            cache.append(layer, k[:, :, :filled].index_select(0, rows), v[:, :, :filled].index_select(0, rows))
+    cache.advance(filled)
 
 
 class EncoderDecoderLm(Protocol):
