@@ -61,14 +61,21 @@ def _sources(ours, prompt_lengths: list[int], seed: int):
     return out
 
 
-def _ours(ours, sources, eos=EOS, groups=None, **settings) -> list:
+def _left_padded(sources, garbage: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sources' prefix embeddings left-padded to the longest, and their mask (1 = real); `garbage`: random values
+    in the padded positions instead of zeros."""
     longest = max(len(ids) for ids, _ in sources)
     embeds = torch.zeros(len(sources), longest, sources[0][1].shape[1])
     mask = torch.zeros(len(sources), longest, dtype=torch.long)
-    for i, (ids, e) in enumerate(sources):  # left padding, garbage in the padded positions
-        embeds[i] = torch.randn(longest, e.shape[1]) * 7
-        embeds[i, longest - len(ids) :] = e
-        mask[i, longest - len(ids) :] = 1
+    for i, (ids, e) in enumerate(sources):
+        if garbage:
+            embeds[i] = torch.randn(longest, e.shape[1]) * 7
+        embeds[i, longest - len(ids) :], mask[i, longest - len(ids) :] = e, 1
+    return embeds, mask
+
+
+def _ours(ours, sources, eos=EOS, groups=None, **settings) -> list:
+    embeds, mask = _left_padded(sources, garbage=True)
     cfg = dict(
         max_new_tokens=8, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0, temperature=1.0,
         repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,
@@ -157,11 +164,7 @@ def test_sampling_is_per_source_and_seeded(lms):
     sources = _sources(ours, [1, 3, 0], seed=8)
 
     def sample(srcs, seeds):
-        longest = max(len(ids) for ids, _ in srcs)
-        embeds = torch.zeros(len(srcs), longest, srcs[0][1].shape[1])
-        mask = torch.zeros(len(srcs), longest, dtype=torch.long)
-        for i, (ids, e) in enumerate(srcs):
-            embeds[i, longest - len(ids) :], mask[i, longest - len(ids) :] = e, 1
+        embeds, mask = _left_padded(srcs)
         cfg = GenerationConfig(
             max_new_tokens=6, min_new_tokens=0, num_beams=1, do_sample=True, top_p=0.9, top_k=0, temperature=1.5,
             repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=3, seed=None,
@@ -244,11 +247,7 @@ def test_shared_prefix_runs_once_per_group(lms):
             seen.append(("own", tuple(embeds.shape[:2]), int(mask[:, -embeds.shape[1] :].sum())))
             return self.lm(embeds, mask, cache=cache, last_only=last_only)
 
-    longest = max(len(ids) for ids, _ in sources)
-    embeds = torch.zeros(len(sources), longest, sources[0][1].shape[1])
-    mask = torch.zeros(len(sources), longest, dtype=torch.long)
-    for i, (ids, e) in enumerate(sources):
-        embeds[i, longest - len(ids) :], mask[i, longest - len(ids) :] = e, 1
+    embeds, mask = _left_padded(sources)
     cfg = GenerationConfig(
         max_new_tokens=1, min_new_tokens=1, num_beams=1, do_sample=False, top_p=1.0, top_k=0, temperature=1.0,
         repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,

@@ -101,4 +101,4 @@ class BlipModel(nn.Module):
         return module
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return sum(p.numel() for p in self.parameters())  # tied weights count once: parameters() skips repeats

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -268,14 +268,11 @@ def _prefill(lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCa
 
 def _cache_from(cache: KVCache, source: KVCache, rows: torch.Tensor) -> None:
     """Fill the empty `cache` with `source`'s filled positions, row `i` taken from `source` row `rows[i]`."""
+    filled = source.length
     for layer, (k, v) in enumerate(zip(source.keys, source.values)):
-        if k is None:
-            continue
-        shape = (rows.shape[0], k.shape[1], max(cache.capacity, source.length), k.shape[3])
-        cache.keys[layer], cache.values[layer] = k.new_empty(shape), v.new_empty(shape)
-        cache.keys[layer][:, :, : source.length] = k[:, :, : source.length].index_select(0, rows)
-        cache.values[layer][:, :, : source.length] = v[:, :, : source.length].index_select(0, rows)
-    cache.length = source.length
+        if k is not None:
+            cache.append(layer, k[:, :, :filled].index_select(0, rows), v[:, :, :filled].index_select(0, rows))
+    cache.advance(filled)
 
 
 class EncoderDecoderLm(Protocol):
@@ -283,14 +280,16 @@ class EncoderDecoderLm(Protocol):
 
     def new_cache(self, capacity: int) -> KVCache: ...
 
-    def decode(self, decoder_input_ids: torch.Tensor, cross: Any, cache: KVCache, last_only: bool) -> torch.Tensor: ...
+    def decode(
+        self, decoder_input_ids: torch.Tensor, cross: CrossKV, cache: KVCache, last_only: bool
+    ) -> torch.Tensor: ...
 
 
 class EncoderDecoderStepper:
     """An encoder-decoder LM's decoder from `start_id`, cross-attending to each source's encoder states (`cross`:
-    projected once per source, per-layer `keys` `[E, ...]` and a `select(sources)`, like BLIP's `CrossKV`)."""
+    projected once per source, grouped over the rows)."""
 
-    def __init__(self, lm: EncoderDecoderLm, cross: Any, start_id: int, num_sources: int):
+    def __init__(self, lm: EncoderDecoderLm, cross: CrossKV, start_id: int, num_sources: int):
         self.lm, self.cross, self.start_id = lm, cross, start_id
         self.prefix_ids = [[start_id] for _ in range(num_sources)]
         self.cache: KVCache | None = None

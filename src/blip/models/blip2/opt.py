@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip.blip2_config import OptConfig
-from blip.models.bert import KVCache
+from blip.models.bert import KVCache, _split_heads
 from blip.models.kernels import Linear
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (fairseq kept rows 0-1 for padding)
@@ -40,11 +40,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
     "linear": lambda x: x,
 }
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, length, dim = x.shape
-    return x.view(batch, length, num_heads, dim // num_heads).transpose(1, 2)  # (B, H, T, d)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

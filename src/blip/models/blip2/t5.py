@@ -20,14 +20,13 @@ every sub-layer (transformers' fp16 guard).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blip.blip2_config import T5Config
-from blip.models.bert import KVCache
+from blip.models.bert import CrossKV, KVCache, _split_heads
 from blip.models.kernels import Linear
 
 
@@ -88,38 +87,9 @@ def _additive(allowed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, bias, torch.finfo(bias.dtype).min)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, width = x.shape
-    return x.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, H, T, d)
-
-
 def _merge_heads(y: torch.Tensor) -> torch.Tensor:
     batch, heads, length, dim = y.shape
     return y.transpose(1, 2).reshape(batch, length, heads * dim)  # (B, T, H*d)
-
-
-@dataclass
-class T5CrossKV:
-    """Every decoder layer's cross-attention keys/values for `S` sources, each `[S, H, L, d_kv]`, projected once.
-
-    Decoder rows are grouped per source: with `R = S * k` rows, row r reads source r // k. `mask` is a boolean
-    `[S, 1, 1, L]` (True = attend) or None when no source has padding.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    mask: torch.Tensor | None = None
-
-    @property
-    def num_sources(self) -> int:
-        return self.keys[0].shape[0]
-
-    def select(self, index: torch.Tensor) -> T5CrossKV:
-        """Keep sources `index` (finished sources leaving the batch)."""
-        mask = None if self.mask is None else self.mask.index_select(0, index)
-        return T5CrossKV(
-            [k.index_select(0, index) for k in self.keys], [v.index_select(0, index) for v in self.values], mask
-        )
 
 
 def _attend_grouped(
@@ -185,7 +155,7 @@ class T5Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, scale=1.0)
         return self.o(_merge_heads(y))
 
-    def forward_cross(self, x: torch.Tensor, cross: T5CrossKV, layer: int) -> torch.Tensor:
+    def forward_cross(self, x: torch.Tensor, cross: CrossKV, layer: int) -> torch.Tensor:
         q = _split_heads(self.q(x), self.num_heads)
         dropout = self.dropout if self.training else 0.0
         y = _attend_grouped(q, cross.keys[layer], cross.values[layer], cross.mask, dropout)
@@ -210,7 +180,7 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: torch.Tensor, cross: T5CrossKV, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross: CrossKV, layer: int) -> torch.Tensor:
         return x + self.dropout(self.EncDecAttention.forward_cross(self.layer_norm(x), cross, layer))
 
 
@@ -270,7 +240,7 @@ class T5Block(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor,
-        cross: T5CrossKV | None = None,
+        cross: CrossKV | None = None,
         cache: KVCache | None = None,
         index: int = 0,
     ) -> torch.Tensor:
@@ -309,7 +279,7 @@ class T5Stack(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor,
-        cross: T5CrossKV | None = None,
+        cross: CrossKV | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = self.dropout(x)
@@ -362,7 +332,7 @@ class T5ForConditionalGeneration(nn.Module):
             mask = _additive(attention_mask[:, None, None, :].bool(), mask)  # (S, H, L, L)
         return self.encoder(inputs_embeds, mask)
 
-    def cross_kv(self, states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> T5CrossKV:
+    def cross_kv(self, states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CrossKV:
         """Project encoder states `[S, L, D]` to every decoder layer's cross-attention keys/values once."""
         keys, values = [], []
         for block in self.decoder.block:
@@ -372,12 +342,12 @@ class T5ForConditionalGeneration(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].bool()  # (S, 1, 1, L)
-        return T5CrossKV(keys, values, mask)
+        return CrossKV(keys, values, mask)
 
     def decode(
         self,
         decoder_input_ids: torch.Tensor,
-        cross: T5CrossKV,
+        cross: CrossKV,
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
