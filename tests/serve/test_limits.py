@@ -77,6 +77,25 @@ def test_pixel_budget_is_first_come_first_served():
     assert asyncio.run(scenario()) == ["big", "small"]
 
 
+def test_a_waiter_cancelled_while_the_budget_is_released_leaves_cleanly():
+    """Cancelled, then dropped by the release's wake-up before its task runs: the task ends cancelled (not with a
+    ValueError from removing an entry that is gone) and the budget stays consistent."""
+
+    async def scenario() -> None:
+        budget = PixelBudget(10)
+        await budget.acquire(10)
+        task = asyncio.create_task(budget.acquire(5))
+        await asyncio.sleep(0)  # the task now waits
+        task.cancel()  # its future is cancelled at once, its except-branch runs later
+        budget.release(10)  # the wake-up drops the cancelled entry first
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.used == 0 and budget.waiting == 0
+        await budget.acquire(10)
+
+    asyncio.run(scenario())
+
+
 def test_unknown_methods_are_one_label():
     metrics = ServerMetrics()
     for method in ("GET", "POST", "X" * 5000, "BREW", "get"):

@@ -134,7 +134,8 @@ class PixelBudget:
             if waiter.done() and not waiter.cancelled():  # granted just as the caller gave up: give it back
                 self.release(pixels)
             else:
-                self._waiters.remove(entry)
+                if entry in self._waiters:  # `_wake` may have dropped it already, cancelled, while releasing
+                    self._waiters.remove(entry)
                 self._wake()
             raise
 
