@@ -8,6 +8,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,7 @@ class Service:
         indexes: dict[str, IndexSpec] | None = None,
     ):
         self.settings = settings
+        self.started_at = int(time.time())  # Unix seconds (the OpenAI model list's `created`)
         self.models: dict[str, Blip] = dict(models or {})
         self.loader = loader
         self.on_load_error = on_load_error
