@@ -59,7 +59,8 @@ def test_json_forms_with_parameters(guarded, tiny_models, images):
     body["parameters"]["generation_parameters"] = {"num_beams": 3, "length_penalty": 0.5}
     r = httpx.post(f"{guarded.url}/hf/captioner", json=body, headers=headers, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.json() == [{"generated_text": m.caption(images[2], num_beams=3, max_new_tokens=6, length_penalty=0.5)[0].text}]
+    expected = m.caption(images[2], num_beams=3, max_new_tokens=6, length_penalty=0.5)[0].text
+    assert r.json() == [{"generated_text": expected}]
     # the nested VQA form of the Inference API's documentation; a data: URL as the image
     nested = {"inputs": {"image": f"data:image/png;base64,{b64(png_bytes(images[3]))}", "question": QUESTION}}
     r = httpx.post(f"{guarded.url}/hf/vqa", json=nested, headers=headers, timeout=30)
@@ -92,9 +93,11 @@ def test_bad_image_too_long_question_and_wrong_token(guarded, images):
     wrong = client_for(guarded, "/hf/captioner", token="not-the-token")
     error = raises_with("missing or wrong bearer token", lambda: wrong.image_to_text(png_bytes(images[0])))
     assert error.response.status_code == 401
-    error = raises_with("no model named 'nope'", lambda: client_for(guarded, "/hf/nope").image_to_text(png_bytes(images[0])))
+    unknown = client_for(guarded, "/hf/nope")
+    error = raises_with("no model named 'nope'", lambda: unknown.image_to_text(png_bytes(images[0])))
     assert error.response.status_code == 404
-    error = raises_with("cannot answer questions", lambda: client.visual_question_answering(png_bytes(images[0]), QUESTION))
+    ask = lambda: client.visual_question_answering(png_bytes(images[0]), QUESTION)  # noqa: E731
+    error = raises_with("cannot answer questions", ask)
     assert error.response.status_code == 400
 
 

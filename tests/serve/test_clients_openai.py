@@ -102,7 +102,8 @@ def test_n_and_seed(client, tiny_models, images):
     other = chat(client, "captioner", data_url(images[0]), temperature=1.0, n=3, seed=8)
     assert [c.message.content for c in other.choices] != texts or len(set(texts)) == 1
     beams = chat(client, "captioner", data_url(images[0]), n=2)  # no sampling: the 2 best beams
-    assert [c.message.content for c in beams.choices] == [c.text for c in m.caption(images[0], num_beams=2, num_captions=2)[0]]
+    expected = m.caption(images[0], num_beams=2, num_captions=2)[0]
+    assert [c.message.content for c in beams.choices] == [c.text for c in expected]
 
 
 def test_errors_are_the_clients_own(client, guarded, images):
