@@ -49,7 +49,14 @@ def test_vqa_equals_the_python_api(guarded, tiny_models, images):
         assert [a.answer for a in answers] == [expected.text]
         assert 0.0 < answers[0].score <= 1.0
     top = client_for(guarded, "/hf/vqa").visual_question_answering(png_bytes(images[1]), QUESTION, top_k=3)
-    assert [a.answer for a in top] == [expected.text]  # generated: one answer per question (README)
+    assert len(top) == 3  # the 3 best beams of beam search of width 3, best first
+    assert top[0].answer == tiny_models["vqa"].answer(images[1], QUESTION, num_beams=3)[0].text
+    assert [a.score for a in top] == sorted((a.score for a in top), reverse=True)
+    too_many = client_for(guarded, "/hf/vqa")
+    raises_with(
+        "parameters.top_k: 9 is over this server's limit of 8",
+        lambda: too_many.visual_question_answering(png_bytes(images[1]), QUESTION, top_k=9),
+    )
 
 
 def test_json_forms_with_parameters(guarded, tiny_models, images):

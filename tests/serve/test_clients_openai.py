@@ -76,6 +76,14 @@ def test_answers_equal_the_python_api(client, tiny_models, images):
     assert done.usage.completion_tokens == len(expected.token_ids) - 1  # [DEC] + answer
 
 
+def test_n_answers_are_the_best_beams(client, tiny_models, images):
+    m = tiny_models["vqa"]
+    done = chat(client, "vqa", data_url(images[0]), QUESTION, n=3)
+    texts = [c.message.content for c in done.choices]
+    assert len(texts) == 3 and texts[0] == m.answer(images[0], QUESTION, num_beams=3)[0].text
+    assert done.usage.completion_tokens >= 3
+
+
 def test_streaming_gives_the_same_text(client, images):
     for model, text in (("captioner", PROMPT), ("vqa", QUESTION)):
         whole = chat(client, model, data_url(images[3]), text).choices[0].message.content
@@ -118,8 +126,11 @@ def test_errors_are_the_clients_own(client, guarded, images):
         chat(client, "captioner", data_url(images[0]), max_tokens=1000)
     assert "max_tokens: 1000 is over this server's limit of 64" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
-        chat(client, "vqa", data_url(images[0]), QUESTION, n=2)
-    assert "n: a question gets one answer" in caught.value.message
+        chat(client, "vqa", data_url(images[0]), QUESTION, temperature=0.7)
+    assert "temperature: questions are answered greedily" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, "vqa", data_url(images[0]), QUESTION, n=9)
+    assert "n: 9 is over this server's limit of 8" in caught.value.message
     with pytest.raises(openai.NotFoundError) as caught:
         chat(client, "nope", data_url(images[0]))
     assert "no model named 'nope'" in caught.value.message and caught.value.code == "model_not_found"
@@ -174,3 +185,20 @@ def test_raw_http_shapes(guarded, images):
         "param": "messages",
         "code": "invalid_request",
     }
+
+
+def test_blip2_puts_the_question_in_its_template(blip2_server, blip2_models, images):
+    """A BLIP-2 model answers the text in its prompt template and captions without one; n > 1: the best beams."""
+    client = openai.OpenAI(base_url=f"{blip2_server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    for name in ("opt", "t5"):
+        m = blip2_models[name]
+        done = chat(client, name, data_url(images[0]), QUESTION, max_tokens=6)
+        expected = m.answer(images[0], QUESTION, max_new_tokens=6)[0]
+        assert done.choices[0].message.content == expected.text
+        generated = len(expected.token_ids) - (0 if name == "opt" else 1)  # T5: the decoder start is not generated
+        assert done.usage.completion_tokens == generated
+        caption = chat(client, name, data_url(images[1]))
+        assert caption.choices[0].message.content == m.caption(images[1])[0].text
+    beams = chat(client, "opt", data_url(images[2]), QUESTION, n=2)
+    assert beams.choices[0].message.content == blip2_models["opt"].answer(images[2], QUESTION, num_beams=2)[0].text
+    assert len(beams.choices) == 2

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from blip.tasks.options import CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
+from blip.tasks.options import MAX_BEAMS, CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
 
 
 def _not_blank(value: str) -> str:
@@ -396,21 +396,33 @@ class StatusResponse(BaseModel):
 # --- Hugging Face Inference (POST /hf, /hf/{model}) -------------------------------------------------------------------
 
 
-class HfGenerationParameters(_Strict):
-    """The Hugging Face image-to-text `generation_parameters` this server runs (names as in `CaptionOptions`); an
-    unknown one is refused, naming it."""
-
-    do_sample: bool | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    num_beams: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    length_penalty: float | None = None
-    seed: int | None = None
-    use_cache: bool | None = Field(None, description="accepted and ignored (the decoder always caches)")
+HF_GENERATION_PARAMETERS = (  # the Hugging Face generation parameters this server runs: `CaptionOptions` of those names
+    "do_sample",
+    "max_new_tokens",
+    "min_new_tokens",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "length_penalty",
+    "seed",
+)
+HfGenerationParameters = create_model(  # type: ignore[call-overload]
+    "HfGenerationParameters",
+    __base__=_Strict,
+    __doc__="The Hugging Face image-to-text `generation_parameters` this server runs (`CaptionOptions`; left out: "
+    "its default); an unknown one is refused, naming it.",
+    __module__=__name__,
+    use_cache=(bool | None, Field(None, description="accepted and ignored (the decoder always caches)")),
+    **{
+        name: (
+            CaptionOptions.specs()[name].annotation | None,
+            Field(None, description=CaptionOptions.specs()[name].help),
+        )
+        for name in HF_GENERATION_PARAMETERS
+    },
+)
 
 
 class HfCaptionParameters(_Strict):
@@ -434,7 +446,9 @@ class HfVqaInputs(_Lenient):
 
 
 class HfVqaParameters(_Lenient):
-    top_k: int | None = Field(None, ge=1, le=100, description="answers wanted at most (see the README: one now)")
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_BEAMS, description="answers wanted: k > 1 gives the k best beams of beam search of width k"
+    )
 
 
 class HfVqaRequest(_Lenient):

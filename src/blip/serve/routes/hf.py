@@ -9,8 +9,10 @@ task) and `POST /hf/{model}` (a loaded model by name). huggingface_hub posts eve
   -> `[{"answer": ..., "score": ...}]`
 
 An image is base64, an http(s) URL (through the safe fetcher) or a `data:image/...;base64,` URL. `top_k` asks for at
-most that many answers: answers are generated (greedy, as `Blip.answer` by default), one per question, so the list
-holds one; `score` is its probability under the model, exp(sequence log-probability). Errors come as the Inference
+most that many answers: without it (or 1) the answer is generated greedily, as `Blip.answer` does by default; with
+`top_k` = k > 1, by beam search of width k, the k best beams, best first. `score` is exp of the answer's generation
+score: its sequence log-probability (greedy: the probability of the answer), or its beam score (the log-probability
+over the length, as beam search ranks them). Errors come as the Inference
 API words them, `{"error": <message>, "error_type": <code>}` (huggingface_hub raises `HfHubHTTPError` with the
 message), a bad input with 400 and an unknown model with 404."""
 
@@ -135,13 +137,15 @@ async def _infer(request: Request, svc: Service, model: str | None) -> list[HfGe
     if isinstance(body.get("inputs"), dict):
         nested = _validated(HfVqaRequest, body)
         source = from_string_or_data_url(nested.inputs.image, "inputs.image")
-        return await _answer(svc, model, source, nested.inputs.question, "inputs.question")
+        top_k = nested.parameters.top_k if nested.parameters is not None else None
+        return await _answer(svc, model, source, nested.inputs.question, "inputs.question", top_k)
     if "question" in body:
         flat = _validated(HfVqaFlatRequest, body)
         image, field = (flat.image, "image") if flat.image is not None else (flat.inputs, "inputs")
         if not image:
             raise svc.invalid("image", "give the image (base64 or a URL) in 'image' or 'inputs'")
-        return await _answer(svc, model, from_string_or_data_url(image, field), flat.question, "question")
+        top_k = flat.parameters.top_k if flat.parameters is not None else None
+        return await _answer(svc, model, from_string_or_data_url(image, field), flat.question, "question", top_k)
     caption = _validated(HfImageToTextRequest, body)
     return await _caption(svc, model, from_string_or_data_url(caption.inputs, "inputs"), caption.parameters)
 
@@ -200,9 +204,19 @@ def probability(log_probability: float) -> float:
     return min(math.exp(log_probability), 1.0) if math.isfinite(log_probability) else 0.0
 
 
-async def _answer(svc: Service, model: str | None, source: ImageSource, question: str, field: str) -> list[HfAnswer]:
+async def _answer(
+    svc: Service, model: str | None, source: ImageSource, question: str, field: str, top_k: int | None
+) -> list[HfAnswer]:
+    """The answer (greedy, as `Blip.answer`'s default), or the `top_k` best beams of beam search of width top_k."""
     name, blip = svc.resolve(model, "vqa")
     svc.check_texts([(field, question)])
-    options = svc.vqa_options(VqaOptions(), blip)
-    (answer,) = await svc.answer(name, options, [source], [question], [0], [field])
-    return [HfAnswer(answer=answer.text, score=probability(answer.score))]
+    if top_k is None or top_k == 1:
+        options = svc.vqa_options(VqaOptions(), blip)
+        answers = await svc.answer(name, options, [source], [question], [0], [field])
+    else:
+        try:
+            options = svc.vqa_options(svc.options(lambda: VqaOptions(num_beams=top_k)), blip)
+        except ApiError as e:  # over the server's beam limit
+            raise svc.invalid("parameters.top_k", e.message.removeprefix(f"{e.field}: ")) from e
+        (answers,) = await svc.top_answers(name, options, top_k, [source], [question], [0], [field])
+    return [HfAnswer(answer=a.text, score=probability(a.score)) for a in answers]

@@ -13,9 +13,9 @@ URL fetched by the safe fetcher) and optionally `text` parts (joined by spaces).
 Options: `max_tokens` (or `max_completion_tokens`) is max_new_tokens (default: the task's, as in the Python API);
 `temperature` above 0, or `top_p`, samples (`temperature` default then 1, `top_p` 1, as OpenAI's; without them
 decoding is greedy, as `Blip.caption`'s default); `n` choices are `n` samples when sampling, else the `n` best beams
-(beam search of width `n`); `seed` makes sampling repeatable. Questions are answered greedily, one answer: sampling
-and `n` > 1 are refused for them. `usage` counts the text's tokens as the model reads them (the image is not
-counted) and the tokens generated, end token included.
+(beam search of width `n`); `seed` makes sampling repeatable. Questions are answered greedily (sampling is refused
+for them), `n` > 1 again the `n` best beams. `usage` counts the text's tokens as the model reads them (the image is
+not counted) and the tokens generated over all choices, end tokens included.
 
 `stream: true` answers server-sent `chat.completion.chunk` events, then `data: [DONE]`. The text is generated whole
 (the micro-batcher runs whole generations), then sent a word per event: the streamed text equals the non-streamed
@@ -103,8 +103,12 @@ async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
         limit = options.max_new_tokens
     else:
         options = _vqa_options(svc, body, blip, max_new_tokens)
-        answers = await _renaming(svc.answer(name, options, [source], [text], [0], [text_field]), text_field)
-        token_ids, texts, limit = [answers[0].token_ids], [answers[0].text], options.max_new_tokens
+        if body.n == 1:
+            answers = await _renaming(svc.answer(name, options, [source], [text], [0], [text_field]), text_field)
+        else:
+            top = svc.top_answers(name, options, body.n, [source], [text], [0], [text_field])
+            (answers,) = await _renaming(top, text_field)
+        token_ids, texts, limit = [a.token_ids for a in answers], [a.text for a in answers], options.max_new_tokens
     prompt_tokens = _prompt_tokens(blip, task, text, options)
     generated = [_generated(blip, task, ids, prompt_tokens) for ids in token_ids]
     choices = [
@@ -221,7 +225,8 @@ def _caption_options(
     if sampling:
         temperature = body.temperature if body.temperature is not None else 1.0
         top_p = body.top_p if body.top_p is not None else 1.0
-        values.update(do_sample=True, temperature=temperature, top_p=top_p, num_captions=body.n, seed=body.seed)
+        values.update({"do_sample": True, "temperature": temperature, "top_p": top_p, "seed": body.seed})
+        values["num_captions"] = body.n
     elif body.n > 1:
         values.update(num_beams=body.n, num_captions=body.n)  # the n best beams
     return _options(lambda: CaptionOptions(**values), text_field)
@@ -231,9 +236,9 @@ def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: in
     if (body.temperature or 0) > 0 or (body.temperature is None and body.top_p is not None):
         field = "temperature" if body.temperature is not None else "top_p"
         raise svc.invalid(field, "questions are answered greedily: leave out temperature and top_p (or temperature 0)")
+    values: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if body.n > 1:
-        raise svc.invalid("n", "a question gets one answer: n must be 1")
-    values = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        values["num_beams"] = body.n  # the n best beams
     options = _options(lambda: VqaOptions(**values), "")
     try:
         return svc.vqa_options(options, blip)
