@@ -97,9 +97,10 @@ def test_bad_image_too_long_question_and_wrong_token(guarded, images):
         lambda: vqa.visual_question_answering(png_bytes(images[0]), long_question),
     )
     assert error.response.status_code == 400
-    wrong = client_for(guarded, "/hf/captioner", token="not-the-token")
-    error = raises_with("missing or wrong bearer token", lambda: wrong.image_to_text(png_bytes(images[0])))
-    assert error.response.status_code == 401
+    for path in ("/hf/captioner", "/hf"):  # checked by the route, and by the middleware before the body is read
+        wrong = client_for(guarded, path, token="not-the-token")
+        error = raises_with("missing or wrong bearer token", lambda c=wrong: c.image_to_text(png_bytes(images[0])))
+        assert error.response.status_code == 401
     unknown = client_for(guarded, "/hf/nope")
     error = raises_with("no model named 'nope'", lambda: unknown.image_to_text(png_bytes(images[0])))
     assert error.response.status_code == 404

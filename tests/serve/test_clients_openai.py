@@ -143,6 +143,16 @@ def test_errors_are_the_clients_own(client, guarded, images):
         chat(wrong, "captioner", data_url(images[0]), stream=True)
 
 
+def test_body_limit_answers_in_the_openai_shape(tiny_models, images):
+    """The middleware's own refusals (here: a body over the cap, before it is read) come in OpenAI's shape too."""
+    with LiveServer(create_app(tiny_models, ServeSettings(max_body_bytes=2000))) as live:
+        small = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(small, "captioner", data_url(Image.new("RGB", (64, 64), "blue")) + "A" * 4000)
+    assert caught.value.status_code == 413 and caught.value.code == "body_too_large"
+    assert "over the limit of 2000" in caught.value.message and caught.value.type == "invalid_request_error"
+
+
 def test_pixel_limit_holds(client):
     buffer = io.BytesIO()
     Image.new("RGB", (100, 100), "red").save(buffer, "PNG")  # 10000 pixels, over 64 * 64
