@@ -65,15 +65,31 @@ def answer_questions(
         states, mask = encode_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
-        cross = _answer_cross(blip, states, mask)
-        if ranked is None:
-            bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-            stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
-            for (seq,) in generate(stepper, generation, eos_id=eos):
-                results.append(Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids))
-        else:
-            results.extend(_rank(blip, cross, answers, *ranked))
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
     return results
+
+
+@torch.inference_mode()
+def answers_from_states(
+    blip: Blip,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    generation: GenerationConfig,
+    answers: Sequence[str] | None,
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Answer]:
+    """An answer per row of the grounded question states `[Q, L, D]` (mask `[Q, L]`): generated, or the best of
+    `answers` (`ranked`: those answers from `_answer_ids`, when the caller tokenized them once already)."""
+    cross = _answer_cross(blip, states, mask)
+    if answers is None:
+        bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+        stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
+        return [
+            Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids)
+            for (seq,) in generate(stepper, generation, eos_id=eos)
+        ]
+    return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
 
 
 def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
