@@ -102,7 +102,7 @@ def test_video_manifest_and_media_flags(retrieval_model, video_folder, tmp_path,
     lines = [{"id": f"v{i}", "video": str(folder / g), "caption": f"clip {i}"} for i, g in enumerate(good[:3])]
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "m"
-    argv = ["embed", "-m", str(retrieval_model), "-i", str(manifest), "-o", str(out), "--image-column", "video"]
+    argv = ["embed", "-m", str(retrieval_model), "-i", str(manifest), "-o", str(out)]
     assert batch_main([*argv, "--frames", "3", "--no-progress"]) == 0  # every path is a video: a video job
     collection = load_collection_index(out)
     assert [r["image"] for r in collection.rows] == ["v0", "v1", "v2"] and collection.meta["num_frames"] == 3
