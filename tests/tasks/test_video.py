@@ -184,3 +184,14 @@ def test_video_api_refuses_bad_calls(retriever, answerer, tmp_path):
         answerer.embed_videos(path)
     with pytest.raises(ValueError, match="max_new_tokens"):
         answerer.answer_video(path, "what?", max_new_tokens=0)
+
+
+def test_blip2_refuses_video(tmp_path):
+    pytest.importorskip("transformers")
+    from oracle_blip2 import Blip2Spec, build_blip2_checkpoint
+
+    model = blip.load(build_blip2_checkpoint(tmp_path / "b2", Blip2Spec(kind="retrieval", seed=5)))
+    path = write_index_clip(tmp_path / "count.mp4", 5)
+    for call in (lambda: model.embed_videos(path), lambda: model.match_video(path, "a square")):
+        with pytest.raises(ValueError, match="video tasks .* are for BLIP checkpoints"):
+            call()
