@@ -3,7 +3,7 @@
 A video is read with PyAV (FFmpeg), the optional ``[video]`` extra, imported only when a video is opened. `read_frames`
 returns N frames sampled uniformly, as 8-bit RGB PIL images that then take exactly the image path's preprocessing
 (`blip.transforms.ImageTransform`: bicubic resize to the model's square, /255, mean/std). There is no temporal
-modelling: the tasks run the ViT on each frame (FACTS §13).
+modelling: the tasks run the ViT on each frame (docs/preprocessing.md#video).
 
 Frame sampling (`sample_indices`): the video's T frames (in presentation order) are cut into N equal segments and the
 frame at each segment's midpoint is taken: frame ``floor((2k + 1) * T / (2N))`` for k = 0..N-1. Deterministic, evenly

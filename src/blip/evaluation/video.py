@@ -1,4 +1,4 @@
-"""Zero-shot text-to-video retrieval (FACTS §13, the paper's Table 10 protocol on any clip manifest): each clip's
+"""Zero-shot text-to-video retrieval (the paper's Table 10 protocol, docs/preprocessing.md#video, on any clip manifest): each clip's
 ITC feature is the normalised mean of its sampled frames' features (`Blip.embed_videos`), each caption queries every
 clip; the top `k_test` clips of each caption are re-scored with ``ITM logit + ITC similarity`` over the clip's
 concatenated frame tokens, everything else -100 (as the original's evaluation re-scores images).

@@ -1,4 +1,4 @@
-"""Zero-shot video (FACTS §13): an image model over sampled frames, with no temporal modelling.
+"""Zero-shot video (docs/preprocessing.md#video): an image model over sampled frames, with no temporal modelling.
 
 - ITC: a video's feature is ``normalise(mean over its frames of vision_proj(frame [CLS]))`` (the per-frame projections
   are averaged before the one L2 normalisation, as the original evaluation does);
