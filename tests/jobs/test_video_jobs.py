@@ -118,3 +118,35 @@ def test_video_manifest_and_media_flags(retrieval_model, video_folder, tmp_path,
     caption = ["caption", "-m", str(retrieval_model), "-i", str(folder), "-o", str(tmp_path / "c"), "--media", "video"]
     with pytest.raises(SystemExit):  # only embed has --media
         batch_main(caption)
+
+
+def test_interrupted_video_job_resumes_to_the_same_output(retrieval_model, video_folder, tmp_path, monkeypatch):
+    """Stopped in the middle (Ctrl-C after two batches: a shard committed, another journaled in part), the same
+    command finishes the job; the folder then equals an uninterrupted run's, row for row and byte for byte."""
+    from jobs_helpers import assert_same_output
+
+    from blip.jobs.video import VideoRowRunner
+
+    folder, good, bad = video_folder
+    args = ["embed", "-m", str(retrieval_model), "-i", str(folder), "--batch-size", "2", "--shard-size", "4"]
+    args += ["--workers", "1", "--no-progress"]
+    reference = tmp_path / "reference"
+    assert batch_main([*args, "-o", str(reference)]) == 1
+
+    calls = {"n": 0}
+    infer = VideoRowRunner._infer
+
+    def stop_after_two(self, rows, decoded):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return infer(self, rows, decoded)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(VideoRowRunner, "_infer", stop_after_two)
+    assert batch_main([*args, "-o", str(out)]) == 130
+    assert list(out.glob("_work/*.journal")) or list(out.glob("part-*"))  # something was kept
+    monkeypatch.setattr(VideoRowRunner, "_infer", infer)
+    assert batch_main([*args, "-o", str(out)]) == 1
+    assert_same_output(out, reference)
+    assert [r["image"] for r in read_rows(out)] == good

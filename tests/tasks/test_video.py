@@ -1,7 +1,7 @@
-"""Zero-shot video through the Python API (docs/preprocessing.md#video): frames sampled at segment midpoints, exactly and repeatably;
-the video embedding is the normalised mean of the frames' projected [CLS] (computed here through the image path); ITM
-and VQA over the concatenated frame tokens equal the image tasks for a one-frame video; broken files fail in one
-line."""
+"""Zero-shot video through the Python API (docs/preprocessing.md#video): frames sampled at segment midpoints,
+exactly and repeatably; the video embedding is the normalised mean of the frames' projected [CLS] (computed here
+through the image path); ITM and VQA over the concatenated frame tokens equal the image tasks for a one-frame video;
+broken files fail in one line."""
 
 from __future__ import annotations
 

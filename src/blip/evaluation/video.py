@@ -1,7 +1,7 @@
-"""Zero-shot text-to-video retrieval (the paper's Table 10 protocol, docs/preprocessing.md#video, on any clip manifest): each clip's
-ITC feature is the normalised mean of its sampled frames' features (`Blip.embed_videos`), each caption queries every
-clip; the top `k_test` clips of each caption are re-scored with ``ITM logit + ITC similarity`` over the clip's
-concatenated frame tokens, everything else -100 (as the original's evaluation re-scores images).
+"""Zero-shot text-to-video retrieval (the paper's Table 10 protocol, docs/preprocessing.md#video) on any clip
+manifest: each clip's ITC feature is the normalised mean of its sampled frames' features (`Blip.embed_videos`), and
+each caption queries every clip; the top `k_test` clips of each caption are re-scored with ``ITM logit + ITC
+similarity`` over the clip's concatenated frame tokens, everything else -100 (as the original re-scores images).
 
 Ranks: the position of the caption's clip in a stable descending sort (ties to the smaller index); a caption shared
 by several clips counts as found at the best of their ranks. Chance R@K is K / clips (a random order).
