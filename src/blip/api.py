@@ -47,29 +47,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-MAX_VIDEO_FRAMES = 256  # frames per video in one call: each adds 1 + P tokens to the cross-attention memory
-
-
-def _video_label(video: Any, i: int, n: int) -> str:
-    """A video's name in error messages: its path, else its position."""
-    if isinstance(video, str | os.PathLike):
-        return str(video)
-    return f"video {i}" if n > 1 else "video"
-
-
-def _texts(texts: Any, what: str) -> list[str]:
-    """A string or a non-empty list of non-empty strings, as a list."""
-    items = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list | tuple) else None
-    if not items:
-        raise ValueError(f"{what}s must be a string or a non-empty list of strings")
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")
-        if not text.strip():
-            raise ValueError(f"{what} {i} is empty")
-    return items
-
-
 class Blip:
     """A loaded BLIP checkpoint. Every method takes images as PIL images, paths or raw bytes (one or a list)."""
 
@@ -196,43 +173,38 @@ class Blip:
 
     # --- video (zero-shot: frames through the image model; `blip.tasks.video`, decoding in `blip.video`) ---------
 
-    def _require_video(self, task: str) -> None:
+    def _video_frames(self, task: str, video: Any, num_frames: int, name: str) -> list[Any]:
+        """Refuse BLIP-2 and a model without the head for `task`, then decode and sample `video`'s frames."""
         from blip.tasks.options import is_blip2
-        from blip.tasks.video import BLIP2_REFUSAL
+        from blip.tasks.video import BLIP2_REFUSAL, check_num_frames
+        from blip.video import read_frames
 
         if is_blip2(self):
             raise ValueError(BLIP2_REFUSAL)
         self.require(task)
-
-    def _video_frames(self, video: Any, num_frames: int, name: str) -> list[Any]:
-        from blip.video import read_frames
-
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_VIDEO_FRAMES:
-            raise ValueError(f"num_frames must be an integer between 1 and {MAX_VIDEO_FRAMES}, got {num_frames!r}")
+        check_num_frames(num_frames)
         return read_frames(video, num_frames, size=self.transform.image_size, name=name)
 
     def embed_videos(self, videos: Any, num_frames: int = 8) -> torch.Tensor:
         """L2-normalised ITC video features `[n, embed_dim]` (float32, CPU): the normalised mean over `num_frames`
         uniformly sampled frames of each frame's projected `[CLS]`. `videos`: a path or the bytes of a video file
         (or a list of such; a video may also be given as its frames, a list of PIL images, inside that list)."""
-        from blip.tasks.video import video_embeddings
+        from blip.tasks.video import video_embeddings, video_label
 
-        self._require_video("itc")
         items = list(videos) if isinstance(videos, list | tuple) else [videos]
         if not items:
             raise ValueError("no videos given")
-        frames = [self._video_frames(v, num_frames, _video_label(v, i, len(items))) for i, v in enumerate(items)]
-        return video_embeddings(self, frames)
+        names = [video_label(v, i, len(items)) for i, v in enumerate(items)]
+        return video_embeddings(self, [self._video_frames("itc", v, num_frames, n) for v, n in zip(items, names)])
 
     def match_video(self, video: Any, texts: str | list[str], num_frames: int = 8) -> list[float]:
         """ITM P(match) of one video with each text: the text cross-attends to all `num_frames` frames' tokens
         concatenated (`[1, N * (1 + P), D]`). `video`: a path, the bytes of a video file, or its frames."""
-        from blip.tasks.video import match_videos
+        from blip.tasks.video import match_videos, text_list, video_label
 
-        self._require_video("itm")
-        frames = self._video_frames(video, num_frames, _video_label(video, 0, 1))
-        text_list = _texts(texts, "text")
-        return match_videos(self, [frames], text_list, [0] * len(text_list))
+        frames = self._video_frames("itm", video, num_frames, video_label(video, 0, 1))
+        items = text_list(texts, "text")
+        return match_videos(self, [frames], items, [0] * len(items))
 
     @takes_options(VqaOptions)
     def answer_video(
@@ -240,15 +212,12 @@ class Blip:
     ) -> list[Answer]:
         """One answer per question about one video, from all `num_frames` frames' tokens concatenated (zero-shot
         videoQA). Options as `answer`'s (`blip.tasks.options.VqaOptions`: generate, or rank `answers`)."""
-        from blip.tasks.video import answer_video_questions
+        from blip.tasks.video import answer_video_questions, text_list, video_label
 
-        self._require_video("vqa")
+        frames = self._video_frames("vqa", video, num_frames, video_label(video, 0, 1))
         options.check_model(self)
-        frames = self._video_frames(video, num_frames, _video_label(video, 0, 1))
-        question_list = _texts(questions, "question")
-        return answer_video_questions(
-            self, frames, question_list, generation=options.generation(), answers=options.answers
-        )
+        items = text_list(questions, "question")
+        return answer_video_questions(self, frames, items, generation=options.generation(), answers=options.answers)
 
     # --- persistence -------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Videos arrive here decoded: a list of RGB frames each (`blip.video.read_frames`)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,34 @@ BLIP2_REFUSAL = (
     "video tasks (embed_videos, match_video, answer_video, video indexes) are for BLIP checkpoints: BLIP-2 has no "
     "defined way to pool its per-frame query features; use a BLIP retrieval or VQA checkpoint"
 )
+
+
+MAX_VIDEO_FRAMES = 256  # frames per video in one call: each adds 1 + P tokens to the cross-attention memory
+
+
+def check_num_frames(num_frames: object) -> None:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_VIDEO_FRAMES:
+        raise ValueError(f"num_frames must be an integer between 1 and {MAX_VIDEO_FRAMES}, got {num_frames!r}")
+
+
+def video_label(video: object, i: int, n: int) -> str:
+    """A video's name in error messages: its path, else its position."""
+    if isinstance(video, str | os.PathLike):
+        return str(video)
+    return f"video {i}" if n > 1 else "video"
+
+
+def text_list(texts: object, what: str) -> list[str]:
+    """A string or a non-empty list of non-empty strings, as a list."""
+    items = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list | tuple) else None
+    if not items:
+        raise ValueError(f"{what}s must be a string or a non-empty list of strings")
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")
+        if not text.strip():
+            raise ValueError(f"{what} {i} is empty")
+    return items
 
 
 def frame_tokens(blip: Blip, frames: Frames) -> torch.Tensor:
