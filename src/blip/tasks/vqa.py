@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,40 @@ def answer_questions(
     answers: Sequence[str] | None,
 ) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
+    results: list[Answer] = []
+    ranked = None if answers is None else _answer_ids(blip, answers)  # tokenized once, not per chunk
+    for chunk in chunks(len(questions), blip.batch_size):
+        rows = list(chunk)
+        used = sorted({image_index[r] for r in rows})
+        local = {img: i for i, img in enumerate(used)}
+        states, mask = encode_questions(
+            blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
+        )
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
+    return results
+
+
+@torch.inference_mode()
+def answers_from_states(
+    blip: Blip,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    generation: GenerationConfig,
+    answers: Sequence[str] | None,
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Answer]:
+    """An answer per row of the grounded question states `[Q, L, D]` (mask `[Q, L]`): generated, or the best of
+    `answers` (`ranked`: those answers from `_answer_ids`, when the caller tokenized them once already)."""
+    cross = _answer_cross(blip, states, mask)
     if answers is None:
-        return [best for best, *_ in answer_candidates(blip, images, questions, image_index, generation=generation)]
-    ranked = _answer_ids(blip, answers)  # tokenized once, not per chunk
-    return _per_chunk(blip, images, questions, image_index, lambda cross: _rank(blip, cross, answers, *ranked))
+        bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+        stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
+        return [
+            Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids)
+            for (seq,) in generate(stepper, generation, eos_id=eos)
+        ]
+    return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
 
 
 @torch.inference_mode()
@@ -74,27 +104,7 @@ def answer_candidates(
     """`generation.num_return_sequences` generated answers per question, best first (beam search: the best beams,
     scored as beam search ranks them); the first is `answer_questions`' answer with the same settings."""
     bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-
-    def run(cross: CrossKV) -> list[list[Answer]]:
-        stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
-        return [
-            [Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences]
-            for sequences in generate(stepper, generation, eos_id=eos)
-        ]
-
-    return _per_chunk(blip, images, questions, image_index, run)
-
-
-def _per_chunk(
-    blip: Blip,
-    images: list[Image.Image],
-    questions: list[str],
-    image_index: list[int],
-    run: Callable[[CrossKV], list[Any]],
-) -> list[Any]:
-    """`run`'s results over the questions, a chunk of `blip.batch_size` at a time: `run` gets the chunk's answer
-    decoder cross-attention states (each question grounded in its image) and returns one result per question."""
-    results: list[Any] = []
+    results: list[list[Answer]] = []
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         used = sorted({image_index[r] for r in rows})
@@ -102,7 +112,9 @@ def _per_chunk(
         states, mask = encode_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
-        results.extend(run(_answer_cross(blip, states, mask)))
+        stepper = TextDecoderStepper(blip.model.text_decoder, _answer_cross(blip, states, mask), [bos])
+        for sequences in generate(stepper, generation, eos_id=eos):
+            results.append([Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
     return results
 
 
