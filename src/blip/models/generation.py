@@ -31,6 +31,7 @@ import torch
 from blip.models.bert import CrossKV, KVCache, TextDecoder
 
 NEG_INF_SCORE = -1.0e9  # transformers' "impossible" beam score
+DECODE_MODES = ("auto", "static", "eager")  # which stepper a task builds (blip.models.static_decode); same results
 PAD_ID = 0  # what a finished row is fed (its later logits are never read)
 
 
@@ -50,6 +51,7 @@ class GenerationConfig:
     length_penalty: float  # beam only: score / generated_length ** length_penalty
     num_return_sequences: int
     seed: int | None
+    decode: str  # one of DECODE_MODES: read by the task that builds the stepper, not by the loop
 
     def validate(self) -> None:
         ok = (
@@ -62,6 +64,7 @@ class GenerationConfig:
             and self.top_k >= 0
             and self.temperature > 0
             and self.repetition_penalty > 0
+            and self.decode in DECODE_MODES
         )
         if not ok:
             raise ValueError(f"invalid generation settings (check them with blip.tasks.options first): {self}")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.bert import CrossKV
-from blip.models.generation import GenerationConfig, TextDecoderStepper, generate
+from blip.models.generation import GenerationConfig, generate
+from blip.models.static_decode import text_decoder_stepper
 from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, model_input
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def answer_questions(
         cross = _answer_cross(blip, states, mask)
         if ranked is None:
             bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-            stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
+            stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
             for (seq,) in generate(stepper, generation, eos_id=eos):
                 results.append(Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids))
         else:

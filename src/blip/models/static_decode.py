@@ -1,0 +1,328 @@
+"""Decoding with fixed shapes: BLIP's text decoder stepped over a static KV cache, on CUDA as a replayed CUDA graph.
+
+The eager stepper (`generation.TextDecoderStepper`) launches ~15 small kernels per layer per token from Python, and a
+batch that loses finished sources changes shape; on a GPU the step then costs the same ~5 ms whatever the batch. Here
+every tensor the step touches is allocated once, with a fixed shape, so the step can be captured as one CUDA graph and
+replayed (one launch per token):
+
+- sources are padded to a bucket (1, 2, 4, ..., 128; then multiples of 64): `S` source slots, `R = S * r` row slots
+  for `r` rows per source, slot `s * r + j` always belonging to source slot `s`;
+- the self-attention cache is one `[2 * layers, R, H, L, d]` buffer (`L` = prefix + new tokens), written in place at
+  the step's position (a device tensor, so replays need no new constants) and read over all `L` positions with a
+  mask `position <= step`; the cross-attention keys/values of each source are copied once into `[S, H, N, d]` slots;
+- rows that are finished, or whose source left, keep their slots and are fed `PAD_ID` (their logits are not read):
+  the loop's logical rows are a map onto the slots (`rows`), so a source leaving costs nothing and a beam reorder is
+  one `index_copy_` into the cache.
+
+The decoding loop (`generation.generate`) is the same for both steppers, so greedy, beam and sampling (drawn outside
+the graph, from the loop's generators) give the eager path's token ids, with scores equal to float rounding (the masked
+attention over `L` positions sums in another order). Which path runs is the `decode` option (`blip.tasks.options`):
+"eager", "static" (this stepper; CUDA graphs on CUDA) or "auto" (static on CUDA, eager elsewhere).
+
+Graphs are kept per decoder in a small LRU cache keyed by (row slots, source slots, length, cross length, cross mask,
+dtype, thread); a capture that fails is logged with its reason and that key runs the same static step uncaptured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from blip.models.bert import CrossKV, KVCache, TextDecoder, _split_heads
+from blip.models.generation import DECODE_MODES, PAD_ID, TextDecoderStepper
+
+SOURCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LARGE_BUCKET_STEP = 64  # beyond the last bucket: multiples of this
+GRAPH_CACHE_SIZE = 4  # graphs (and their buffers) kept per decoder
+WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator, lazy inits)
+
+_logger = logging.getLogger("blip.decode")
+
+Replay = Callable[[], torch.Tensor]
+Capture = Callable[[Callable[[], torch.Tensor]], Replay]
+
+
+def source_bucket(sources: int) -> int:
+    """The number of source slots for `sources` sources: the smallest bucket that holds them."""
+    if sources < 1:
+        raise ValueError(f"need at least one source, got {sources}")
+    for bucket in SOURCE_BUCKETS:
+        if sources <= bucket:
+            return bucket
+    return -(-sources // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
+
+
+def uses_static(mode: str, device: torch.device) -> bool:
+    """Whether `mode` ("auto" | "static" | "eager") decodes with the static stepper on `device`."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    return mode == "static" or (mode == "auto" and device.type == "cuda")
+
+
+def text_decoder_stepper(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], mode: str):
+    """The stepper for BLIP's text decoder that `mode` asks for on the decoder's device."""
+    if uses_static(mode, cross.keys[0].device):
+        return StaticTextDecoderStepper(decoder, cross, prefix_ids)
+    return TextDecoderStepper(decoder, cross, prefix_ids)
+
+
+# --- buffers and the step ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepKey:
+    rows: int  # row slots R
+    sources: int  # source slots S
+    length: int  # cache positions L
+    cross_length: int  # encoder positions N
+    cross_masked: bool
+    dtype: torch.dtype
+    device: torch.device
+    thread: int  # buffers are state: threads decoding at once on one model must not share them
+
+
+@dataclass
+class StepBuffers:
+    """Everything the fixed-shape step reads or writes; addresses never change (a captured graph holds them)."""
+
+    kv: torch.Tensor  # [2 * layers, R, H, L, d]: layer i's keys at 2i, values at 2i + 1
+    cross_keys: list[torch.Tensor]  # per layer [S, H, N, d]
+    cross_values: list[torch.Tensor]
+    cross_mask: torch.Tensor | None  # [S, 1, 1, N] bool (True = attend); padded slots attend everywhere
+    tokens: torch.Tensor  # [R] long: each row slot's input token
+    position: torch.Tensor  # [1] long: the position the step writes
+    positions: torch.Tensor  # [L] long: 0 .. L - 1
+
+    @classmethod
+    def allocate(cls, key: StepKey, layers: int, heads: int, head_dim: int) -> StepBuffers:
+        # zeros, not empty: masked positions and padded slots are read (weight 0), and 0 * NaN would be NaN
+        dev, dtype = key.device, key.dtype
+        cross_shape = (key.sources, heads, key.cross_length, head_dim)
+        return cls(
+            kv=torch.zeros(2 * layers, key.rows, heads, key.length, head_dim, dtype=dtype, device=dev),
+            cross_keys=[torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)],
+            cross_values=[torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)],
+            cross_mask=(
+                torch.ones(key.sources, 1, 1, key.cross_length, dtype=torch.bool, device=dev)
+                if key.cross_masked
+                else None
+            ),
+            tokens=torch.full((key.rows,), PAD_ID, dtype=torch.long, device=dev),
+            position=torch.zeros(1, dtype=torch.long, device=dev),
+            positions=torch.arange(key.length, device=dev),
+        )
+
+
+def decoder_step(decoder: TextDecoder, buf: StepBuffers) -> torch.Tensor:
+    """One token for every row slot: reads `buf.tokens` at `buf.position`, writes that position's keys/values into
+    `buf.kv`, returns next-token logits `[R, V]`. Fixed shapes only, no host reads: capturable as a CUDA graph.
+    The same arithmetic as `TextDecoder.forward` over a `KVCache` with one new token, but attention runs over all
+    `L` cached positions with the later ones masked."""
+    bert = decoder.bert
+    emb = bert.embeddings
+    x = emb.word_embeddings(buf.tokens[:, None]) + emb.position_embeddings(buf.position)  # (R, 1, D)
+    x = emb.dropout(emb.LayerNorm(x))
+    visible = (buf.positions <= buf.position).view(1, 1, 1, -1)  # (1, 1, 1, L)
+    cross = CrossKV(buf.cross_keys, buf.cross_values, buf.cross_mask)
+    rows = x.shape[0]
+    for i, layer in enumerate(bert.layers):
+        attention = layer.attention
+        k, v = attention.project_kv(x)  # (R, H, 1, d)
+        q = _split_heads(attention.self.query(x), attention.num_heads)
+        keys, values = buf.kv[2 * i], buf.kv[2 * i + 1]
+        keys.index_copy_(2, buf.position, k)
+        values.index_copy_(2, buf.position, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        x = attention.output(y.transpose(1, 2).reshape(rows, 1, -1), x)
+        x = layer.crossattention.forward_cross(x, cross, i)
+        x = layer.output(layer.intermediate(x), x)
+    return decoder.cls.predictions(x[:, -1])
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------------------------------
+
+
+def capture_cuda_graph(step: Callable[[], torch.Tensor]) -> Replay:
+    """`step` captured as a CUDA graph after warm-up runs on a side stream; the replay returns the graph's output
+    tensor (overwritten by the next replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_RUNS):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA meanwhile
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+@dataclass
+class GraphEntry:
+    buffers: StepBuffers
+    replay: Replay | None = None  # None until captured
+    failed: str | None = None  # why capture failed: this key then runs uncaptured
+
+
+class GraphCache:
+    """Per decoder: the step's buffers and captured graph per `StepKey`, least recently used dropped beyond
+    `capacity`. `capture` makes a replay from a step function (`capture_cuda_graph`; tests pass a fake)."""
+
+    def __init__(self, capacity: int = GRAPH_CACHE_SIZE, capture: Capture = capture_cuda_graph):
+        self.capacity, self.capture = capacity, capture
+        self.entries: OrderedDict[StepKey, GraphEntry] = OrderedDict()
+        self.captures = 0  # successful captures so far
+
+    def entry(self, key: StepKey, allocate: Callable[[], StepBuffers]) -> GraphEntry:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        while len(self.entries) >= self.capacity:
+            self.entries.popitem(last=False)
+        entry = self.entries[key] = GraphEntry(allocate())
+        return entry
+
+    def run(self, key: StepKey, entry: GraphEntry, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One step for `entry`: its graph replayed (captured on first use), or `step` itself if capture failed."""
+        if entry.replay is None and entry.failed is None:
+            try:
+                entry.replay = self.capture(step)
+                self.captures += 1
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step, uncaptured
+                entry.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                _logger.warning("CUDA graph capture failed for %s, decoding uncaptured: %s", key, entry.failed)
+        if entry.replay is not None:
+            return entry.replay()
+        return step()
+
+
+_graph_caches: weakref.WeakKeyDictionary[TextDecoder, GraphCache] = weakref.WeakKeyDictionary()
+
+
+def graph_cache(decoder: TextDecoder) -> GraphCache:
+    """The decoder's own graph cache (dropped with the decoder; entries hold no reference to it)."""
+    cache = _graph_caches.get(decoder)
+    if cache is None:
+        cache = _graph_caches[decoder] = GraphCache()
+    return cache
+
+
+def clear_graph_caches() -> None:
+    """Drop every captured graph and its buffers (frees their device memory)."""
+    _graph_caches.clear()
+
+
+# --- the stepper ------------------------------------------------------------------------------------------------------
+
+
+class StaticTextDecoderStepper:
+    """`generation.TextDecoderStepper` with fixed shapes: same prefix and results, a static cache and slots.
+
+    `graphs`: where captured graphs live; default: the decoder's own cache on CUDA, none (uncaptured) elsewhere. A
+    `GraphCache` given on the CPU is used as on CUDA (tests pass one with a fake capture)."""
+
+    def __init__(self, decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], graphs: GraphCache | None = None):
+        if cross.index is not None:
+            raise ValueError("generation needs grouped cross-attention states (no row index)")
+        if cross.probe is not None:
+            raise ValueError("static decoding keeps no attention probabilities (use the eager stepper)")
+        self.decoder, self.cross = decoder, cross
+        self.prefix_ids = [list(prefix_ids)] * cross.keys[0].shape[0]
+        device = cross.keys[0].device
+        self.graphs = graphs if graphs is not None else (graph_cache(decoder) if device.type == "cuda" else None)
+        self.key: StepKey | None = None
+        self.entry: GraphEntry | None = None
+        self.rows = torch.empty(0, dtype=torch.long)  # logical row -> row slot
+        self.active_sources = 0
+        self.length = 0  # positions filled
+
+    @property
+    def buffers(self) -> StepBuffers:
+        assert self.entry is not None, "start() first"
+        return self.entry.buffers
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        num_sources, prefix = len(self.prefix_ids), self.prefix_ids[0]
+        keys0 = self.cross.keys[0]
+        device, (_, heads, cross_length, head_dim) = keys0.device, keys0.shape
+        slots = source_bucket(num_sources)
+        layers = len(self.decoder.bert.layers)
+        self.key = StepKey(
+            rows=slots * rows_per_source,
+            sources=slots,
+            length=len(prefix) + max_new_tokens,
+            cross_length=cross_length,
+            cross_masked=self.cross.mask is not None,
+            dtype=keys0.dtype,
+            device=device,
+            thread=threading.get_ident(),
+        )
+
+        def allocate() -> StepBuffers:
+            return StepBuffers.allocate(self.key, layers, heads, head_dim)
+
+        self.entry = self.graphs.entry(self.key, allocate) if self.graphs is not None else GraphEntry(allocate())
+        buf = self.entry.buffers
+        for i in range(layers):  # this call's sources into their slots (stale slots beyond are finite, unread)
+            buf.cross_keys[i][:num_sources].copy_(self.cross.keys[i])
+            buf.cross_values[i][:num_sources].copy_(self.cross.values[i])
+        if buf.cross_mask is not None:
+            buf.cross_mask.fill_(True)
+            buf.cross_mask[:num_sources].copy_(self.cross.mask)
+
+        # The prefix runs eagerly once per source (as the eager stepper does), then fills each source's row slots.
+        cache = KVCache(layers, len(prefix))
+        ids = torch.tensor(prefix, dtype=torch.long, device=device).expand(num_sources, -1)
+        logits = self.decoder(ids, cross=self.cross, cache=cache, last_only=True)
+        filled = num_sources * rows_per_source
+        for i in range(layers):
+            buf.kv[2 * i, :filled, :, : len(prefix)] = cache.keys[i].repeat_interleave(rows_per_source, dim=0)
+            buf.kv[2 * i + 1, :filled, :, : len(prefix)] = cache.values[i].repeat_interleave(rows_per_source, dim=0)
+        self.cross = None  # the buffers hold it now
+        self.rows = torch.arange(filled, device=device)
+        self.active_sources = num_sources
+        self.length = len(prefix)
+        return logits
+
+    def _step(self) -> torch.Tensor:
+        return decoder_step(self.decoder, self.buffers)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers
+        buf.tokens.fill_(PAD_ID)
+        buf.tokens.index_copy_(0, self.rows, tokens)
+        buf.position.fill_(self.length)
+        if self.graphs is not None:
+            logits = self.graphs.run(self.key, self.entry, self._step)
+        else:
+            logits = self._step()
+        self.length += 1
+        return logits.index_select(0, self.rows)  # a copy: the graph's output is overwritten by the next replay
+
+    def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
+        """New logical row `i` takes over the slot of the row at its place (the same source, the same rank within
+        it); its cache becomes that of old row `rows[i]`: copied only where they differ (beam reordering)."""
+        per_source = self.rows.shape[0] // self.active_sources
+        if sources is None:
+            place = torch.arange(rows.shape[0], device=rows.device)
+        else:
+            within = torch.arange(per_source, device=rows.device)
+            place = (sources[:, None] * per_source + within).reshape(-1)
+            self.active_sources = sources.shape[0]
+        dest, src = self.rows[place], self.rows[rows]
+        if not torch.equal(dest, src):
+            filled = self.buffers.kv[:, :, :, : self.length]
+            filled.index_copy_(1, dest, filled.index_select(1, src))
+        self.rows = dest
