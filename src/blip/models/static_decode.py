@@ -30,16 +30,19 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from blip.models.bert import CrossKV, KVCache, TextDecoder, _split_heads
-from blip.models.generation import DECODE_MODES, PAD_ID, TextDecoderStepper
+from blip.models.bert import CrossKV, KVCache, TextDecoder
+from blip.models.blip2.opt import POSITION_OFFSET, OptForCausalLM
+from blip.models.generation import DECODE_MODES, PAD_ID, CausalLmStepper, TextDecoderStepper
 
 SOURCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LARGE_BUCKET_STEP = 64  # beyond the last bucket: multiples of this
+LENGTH_STEP = 32  # causal LM caches: length rounded up to this (prompts of nearby lengths share a graph)
 GRAPH_CACHE_SIZE = 4  # graphs (and their buffers) kept per decoder
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator, lazy inits)
 
@@ -73,6 +76,20 @@ def text_decoder_stepper(decoder: TextDecoder, cross: CrossKV, prefix_ids: list[
     return TextDecoderStepper(decoder, cross, prefix_ids)
 
 
+def causal_lm_stepper(
+    lm: OptForCausalLM,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    prefix_ids: list[list[int]],
+    groups: SequenceOf[int] | None,
+    mode: str,
+):
+    """The stepper for BLIP-2's OPT that `mode` asks for on the LM's device (arguments: `CausalLmStepper`'s)."""
+    if uses_static(mode, embeds.device):
+        return StaticCausalLmStepper(lm, embeds, mask, prefix_ids, groups)
+    return CausalLmStepper(lm, embeds, mask, prefix_ids, groups)
+
+
 # --- buffers and the step ---------------------------------------------------------------------------------------------
 
 
@@ -93,57 +110,88 @@ class StepBuffers:
     """Everything the fixed-shape step reads or writes; addresses never change (a captured graph holds them)."""
 
     kv: torch.Tensor  # [2 * layers, R, H, L, d]: layer i's keys at 2i, values at 2i + 1
-    cross_keys: list[torch.Tensor]  # per layer [S, H, N, d]
-    cross_values: list[torch.Tensor]
-    cross_mask: torch.Tensor | None  # [S, 1, 1, N] bool (True = attend); padded slots attend everywhere
     tokens: torch.Tensor  # [R] long: each row slot's input token
-    position: torch.Tensor  # [1] long: the position the step writes
+    position: torch.Tensor  # [1] long: the cache position the step writes
     positions: torch.Tensor  # [L] long: 0 .. L - 1
+    # BLIP's decoder: per layer [S, H, N, d] cross-attention keys/values; mask [S, 1, 1, N] (True = attend) or None
+    cross_keys: list[torch.Tensor] = field(default_factory=list)
+    cross_values: list[torch.Tensor] = field(default_factory=list)
+    cross_mask: torch.Tensor | None = None
+    # A left-padded causal LM (BLIP-2's OPT): which cached positions of each row are real, and the offset from the
+    # cache position to the row's position id (its count of real tokens before it)
+    real: torch.Tensor | None = None  # [R, L] bool
+    row_offset: torch.Tensor | None = None  # [R] long
 
     @classmethod
-    def allocate(cls, key: StepKey, layers: int, heads: int, head_dim: int) -> StepBuffers:
+    def allocate(cls, key: StepKey, layers: int, heads: int, head_dim: int, padded_rows: bool = False) -> StepBuffers:
         # zeros, not empty: masked positions and padded slots are read (weight 0), and 0 * NaN would be NaN
         dev, dtype = key.device, key.dtype
-        cross_shape = (key.sources, heads, key.cross_length, head_dim)
-        return cls(
+        buf = cls(
             kv=torch.zeros(2 * layers, key.rows, heads, key.length, head_dim, dtype=dtype, device=dev),
-            cross_keys=[torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)],
-            cross_values=[torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)],
-            cross_mask=(
-                torch.ones(key.sources, 1, 1, key.cross_length, dtype=torch.bool, device=dev)
-                if key.cross_masked
-                else None
-            ),
             tokens=torch.full((key.rows,), PAD_ID, dtype=torch.long, device=dev),
             position=torch.zeros(1, dtype=torch.long, device=dev),
             positions=torch.arange(key.length, device=dev),
         )
+        if key.cross_length:
+            cross_shape = (key.sources, heads, key.cross_length, head_dim)
+            buf.cross_keys = [torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)]
+            buf.cross_values = [torch.zeros(cross_shape, dtype=dtype, device=dev) for _ in range(layers)]
+            if key.cross_masked:
+                buf.cross_mask = torch.ones(key.sources, 1, 1, key.cross_length, dtype=torch.bool, device=dev)
+        if padded_rows:
+            buf.real = torch.ones(key.rows, key.length, dtype=torch.bool, device=dev)
+            buf.row_offset = torch.zeros(key.rows, dtype=torch.long, device=dev)
+        return buf
+
+
+class StaticKV:
+    """`KVCache.append`'s interface over the static buffer, for the models' own layers: the new position's keys and
+    values written in place at `position` (a device tensor), all `L` positions returned (the caller masks)."""
+
+    def __init__(self, kv: torch.Tensor, position: torch.Tensor):
+        self.kv, self.position = kv, position
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.kv[2 * layer], self.kv[2 * layer + 1]
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
+        return keys, values
 
 
 def decoder_step(decoder: TextDecoder, buf: StepBuffers) -> torch.Tensor:
-    """One token for every row slot: reads `buf.tokens` at `buf.position`, writes that position's keys/values into
-    `buf.kv`, returns next-token logits `[R, V]`. Fixed shapes only, no host reads: capturable as a CUDA graph.
-    The same arithmetic as `TextDecoder.forward` over a `KVCache` with one new token, but attention runs over all
-    `L` cached positions with the later ones masked."""
+    """One token for every row slot of BLIP's text decoder: reads `buf.tokens` at `buf.position`, writes that
+    position's keys/values into `buf.kv`, returns next-token logits `[R, V]`. Fixed shapes only, no host reads:
+    capturable as a CUDA graph. `TextDecoder.forward` over a `KVCache` with one new token, through the same layers,
+    except that attention runs over all `L` cached positions with the later ones masked."""
     bert = decoder.bert
     emb = bert.embeddings
     x = emb.word_embeddings(buf.tokens[:, None]) + emb.position_embeddings(buf.position)  # (R, 1, D)
     x = emb.dropout(emb.LayerNorm(x))
     visible = (buf.positions <= buf.position).view(1, 1, 1, -1)  # (1, 1, 1, L)
     cross = CrossKV(buf.cross_keys, buf.cross_values, buf.cross_mask)
-    rows = x.shape[0]
+    cache = StaticKV(buf.kv, buf.position)
     for i, layer in enumerate(bert.layers):
-        attention = layer.attention
-        k, v = attention.project_kv(x)  # (R, H, 1, d)
-        q = _split_heads(attention.self.query(x), attention.num_heads)
-        keys, values = buf.kv[2 * i], buf.kv[2 * i + 1]
-        keys.index_copy_(2, buf.position, k)
-        values.index_copy_(2, buf.position, v)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-        x = attention.output(y.transpose(1, 2).reshape(rows, 1, -1), x)
-        x = layer.crossattention.forward_cross(x, cross, i)
-        x = layer.output(layer.intermediate(x), x)
+        x = layer(x, visible, True, cross, cache, i)
     return decoder.cls.predictions(x[:, -1])
+
+
+def causal_lm_step(lm: OptForCausalLM, buf: StepBuffers) -> torch.Tensor:
+    """One token for every row slot of BLIP-2's OPT (`OptDecoder.forward` for one new position, fixed shapes):
+    position ids and the attention mask come from `buf.real` / `buf.row_offset` instead of a mask's cumulative sum."""
+    decoder = lm.model.decoder
+    x = decoder.embed_tokens(buf.tokens[:, None]).to(decoder.embed_positions.weight.dtype)  # (R, 1, E)
+    if decoder.project_in is not None:
+        x = decoder.project_in(x)
+    x = x + decoder.embed_positions(buf.row_offset + buf.position + POSITION_OFFSET)[:, None]
+    visible = (buf.real & (buf.positions <= buf.position))[:, None, None, :]  # (R, 1, 1, L)
+    cache = StaticKV(buf.kv, buf.position)
+    for i, layer in enumerate(decoder.layers):
+        x = layer(x, visible, cache, i)
+    if decoder.final_layer_norm is not None:
+        x = decoder.final_layer_norm(x)
+    if decoder.project_out is not None:
+        x = decoder.project_out(x)
+    return lm.lm_head(x[:, -1])
 
 
 # --- CUDA graphs ------------------------------------------------------------------------------------------------------
@@ -227,77 +275,46 @@ def clear_graph_caches() -> None:
 # --- the stepper ------------------------------------------------------------------------------------------------------
 
 
-class StaticTextDecoderStepper:
-    """`generation.TextDecoderStepper` with fixed shapes: same prefix and results, a static cache and slots.
+class _SlotStepper:
+    """What both static steppers share: logical rows mapped onto fixed row slots, the step run as a graph or not.
 
-    `graphs`: where captured graphs live; default: the decoder's own cache on CUDA, none (uncaptured) elsewhere. A
+    `graphs`: where captured graphs live; default: the model's own cache on CUDA, none (uncaptured) elsewhere. A
     `GraphCache` given on the CPU is used as on CUDA (tests pass one with a fake capture)."""
 
-    def __init__(self, decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], graphs: GraphCache | None = None):
-        if cross.index is not None:
-            raise ValueError("generation needs grouped cross-attention states (no row index)")
-        if cross.probe is not None:
-            raise ValueError("static decoding keeps no attention probabilities (use the eager stepper)")
-        self.decoder, self.cross = decoder, cross
-        self.prefix_ids = [list(prefix_ids)] * cross.keys[0].shape[0]
-        device = cross.keys[0].device
-        self.graphs = graphs if graphs is not None else (graph_cache(decoder) if device.type == "cuda" else None)
+    prefix_ids: list[list[int]]
+
+    def __init__(self, model: nn.Module, device: torch.device, graphs: GraphCache | None):
+        self.model = model
+        self.graphs = graphs if graphs is not None else (graph_cache(model) if device.type == "cuda" else None)
         self.key: StepKey | None = None
         self.entry: GraphEntry | None = None
         self.rows = torch.empty(0, dtype=torch.long)  # logical row -> row slot
         self.active_sources = 0
-        self.length = 0  # positions filled
+        self.length = 0  # cache positions filled
 
     @property
     def buffers(self) -> StepBuffers:
         assert self.entry is not None, "start() first"
         return self.entry.buffers
 
-    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
-        num_sources, prefix = len(self.prefix_ids), self.prefix_ids[0]
-        keys0 = self.cross.keys[0]
-        device, (_, heads, cross_length, head_dim) = keys0.device, keys0.shape
-        slots = source_bucket(num_sources)
-        layers = len(self.decoder.bert.layers)
-        self.key = StepKey(
-            rows=slots * rows_per_source,
-            sources=slots,
-            length=len(prefix) + max_new_tokens,
-            cross_length=cross_length,
-            cross_masked=self.cross.mask is not None,
-            dtype=keys0.dtype,
-            device=device,
-            thread=threading.get_ident(),
-        )
+    def _buffers_for(self, key: StepKey, allocate: Callable[[], StepBuffers]) -> StepBuffers:
+        self.key = key
+        self.entry = self.graphs.entry(key, allocate) if self.graphs is not None else GraphEntry(allocate())
+        return self.entry.buffers
 
-        def allocate() -> StepBuffers:
-            return StepBuffers.allocate(self.key, layers, heads, head_dim)
-
-        self.entry = self.graphs.entry(self.key, allocate) if self.graphs is not None else GraphEntry(allocate())
-        buf = self.entry.buffers
-        for i in range(layers):  # this call's sources into their slots (stale slots beyond are finite, unread)
-            buf.cross_keys[i][:num_sources].copy_(self.cross.keys[i])
-            buf.cross_values[i][:num_sources].copy_(self.cross.values[i])
-        if buf.cross_mask is not None:
-            buf.cross_mask.fill_(True)
-            buf.cross_mask[:num_sources].copy_(self.cross.mask)
-
-        # The prefix runs eagerly once per source (as the eager stepper does), then fills each source's row slots.
-        cache = KVCache(layers, len(prefix))
-        ids = torch.tensor(prefix, dtype=torch.long, device=device).expand(num_sources, -1)
-        logits = self.decoder(ids, cross=self.cross, cache=cache, last_only=True)
-        filled = num_sources * rows_per_source
-        for i in range(layers):
-            buf.kv[2 * i, :filled, :, : len(prefix)] = cache.keys[i].repeat_interleave(rows_per_source, dim=0)
-            buf.kv[2 * i + 1, :filled, :, : len(prefix)] = cache.values[i].repeat_interleave(rows_per_source, dim=0)
-        self.cross = None  # the buffers hold it now
-        self.rows = torch.arange(filled, device=device)
-        self.active_sources = num_sources
-        self.length = len(prefix)
-        return logits
+    def _fill_prefix(self, cache: KVCache, rows: int, repeat: int) -> None:
+        """Row slots `[0, rows)` take `cache`'s filled positions, each cache row repeated `repeat` times (a row per
+        source, or already a row per slot)."""
+        kv, filled = self.buffers.kv, cache.length
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            kv[2 * i, :rows, :, :filled] = k[:, :, :filled].repeat_interleave(repeat, dim=0)
+            kv[2 * i + 1, :rows, :, :filled] = v[:, :, :filled].repeat_interleave(repeat, dim=0)
+        self.rows = torch.arange(rows, device=kv.device)
+        self.active_sources = len(self.prefix_ids)
+        self.length = filled
 
     def _step(self) -> torch.Tensor:
-        return decoder_step(self.decoder, self.buffers)
+        raise NotImplementedError
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         buf = self.buffers
@@ -313,7 +330,8 @@ class StaticTextDecoderStepper:
 
     def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
         """New logical row `i` takes over the slot of the row at its place (the same source, the same rank within
-        it); its cache becomes that of old row `rows[i]`: copied only where they differ (beam reordering)."""
+        it); its cache becomes that of old row `rows[i]`: copied only where they differ (beam reordering). Rows
+        stay in their source's slots, so per-source state (cross-attention, prefix masks) never moves."""
         per_source = self.rows.shape[0] // self.active_sources
         if sources is None:
             place = torch.arange(rows.shape[0], device=rows.device)
@@ -326,3 +344,102 @@ class StaticTextDecoderStepper:
             filled = self.buffers.kv[:, :, :, : self.length]
             filled.index_copy_(1, dest, filled.index_select(1, src))
         self.rows = dest
+
+
+class StaticTextDecoderStepper(_SlotStepper):
+    """`generation.TextDecoderStepper` with fixed shapes: the same prefix and results, a static cache and slots."""
+
+    def __init__(self, decoder: TextDecoder, cross: CrossKV, prefix_ids: list[int], graphs: GraphCache | None = None):
+        if cross.index is not None:
+            raise ValueError("generation needs grouped cross-attention states (no row index)")
+        if cross.probe is not None:
+            raise ValueError("static decoding keeps no attention probabilities (use the eager stepper)")
+        super().__init__(decoder, cross.keys[0].device, graphs)
+        self.decoder, self.cross = decoder, cross
+        self.prefix_ids = [list(prefix_ids)] * cross.keys[0].shape[0]
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        num_sources, prefix = len(self.prefix_ids), self.prefix_ids[0]
+        keys0 = self.cross.keys[0]
+        device, (_, heads, cross_length, head_dim) = keys0.device, keys0.shape
+        slots = source_bucket(num_sources)
+        layers = len(self.decoder.bert.layers)
+        key = StepKey(
+            rows=slots * rows_per_source,
+            sources=slots,
+            length=len(prefix) + max_new_tokens,
+            cross_length=cross_length,
+            cross_masked=self.cross.mask is not None,
+            dtype=keys0.dtype,
+            device=device,
+            thread=threading.get_ident(),
+        )
+        buf = self._buffers_for(key, lambda: StepBuffers.allocate(key, layers, heads, head_dim))
+        for i in range(layers):  # this call's sources into their slots (stale slots beyond are finite, unread)
+            buf.cross_keys[i][:num_sources].copy_(self.cross.keys[i])
+            buf.cross_values[i][:num_sources].copy_(self.cross.values[i])
+        if buf.cross_mask is not None:
+            buf.cross_mask.fill_(True)
+            buf.cross_mask[:num_sources].copy_(self.cross.mask)
+
+        # The prefix runs eagerly once per source (as the eager stepper does), then fills each source's row slots.
+        cache = KVCache(layers, len(prefix))
+        ids = torch.tensor(prefix, dtype=torch.long, device=device).expand(num_sources, -1)
+        logits = self.decoder(ids, cross=self.cross, cache=cache, last_only=True)
+        self._fill_prefix(cache, num_sources * rows_per_source, rows_per_source)
+        self.cross = None  # the buffers hold it now
+        return logits
+
+    def _step(self) -> torch.Tensor:
+        return decoder_step(self.decoder, self.buffers)
+
+
+class StaticCausalLmStepper(_SlotStepper):
+    """`generation.CausalLmStepper` (BLIP-2's OPT) with fixed shapes: the prefixes run eagerly as there (shared
+    group heads included), their keys/values, padding mask and position offsets are then written into the slots
+    once; every new token is one fixed-shape step. The cache length is rounded up to `LENGTH_STEP` so that prompts of
+    nearby lengths share a graph."""
+
+    def __init__(
+        self,
+        lm: OptForCausalLM,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        prefix_ids: list[list[int]],
+        groups: SequenceOf[int] | None = None,
+        graphs: GraphCache | None = None,
+    ):
+        super().__init__(lm, embeds.device, graphs)
+        self.lm = lm
+        self.eager = CausalLmStepper(lm, embeds, mask, prefix_ids, groups)
+        self.prefix_ids = self.eager.prefix_ids
+
+    def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        logits = self.eager.start(rows_per_source, max_new_tokens)
+        cache, mask = self.eager.cache, self.eager.mask.bool()  # (E * r, prefix + new): 1 = real
+        self.eager = None  # its cache is copied below, then dropped
+        rows, length = mask.shape
+        keys0 = next(k for k in cache.keys if k is not None)
+        slots = source_bucket(len(self.prefix_ids))
+        key = StepKey(
+            rows=slots * rows_per_source,
+            sources=slots,
+            length=-(-length // LENGTH_STEP) * LENGTH_STEP,
+            cross_length=0,
+            cross_masked=False,
+            dtype=keys0.dtype,
+            device=keys0.device,
+            thread=threading.get_ident(),
+        )
+        layers, heads, head_dim = len(cache.keys), keys0.shape[1], keys0.shape[3]
+        buf = self._buffers_for(key, lambda: StepBuffers.allocate(key, layers, heads, head_dim, padded_rows=True))
+        buf.real.fill_(True)  # padded slots and positions past the prefix: real (never an empty softmax row)
+        buf.real[:rows, :length] = mask
+        filled = cache.length
+        buf.row_offset.zero_()
+        buf.row_offset[:rows] = mask[:, :filled].sum(1) - filled  # position id = real tokens before the position
+        self._fill_prefix(cache, rows, 1)
+        return logits
+
+    def _step(self) -> torch.Tensor:
+        return causal_lm_step(self.lm, self.buffers)

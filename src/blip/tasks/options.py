@@ -262,7 +262,7 @@ def _never(options: Any) -> bool:  # an option that changes how, not what (not p
 DECODE_MODES = ("auto", "static", "eager")  # = blip.models.generation.DECODE_MODES (torch-free here)
 _DECODE_HELP = (
     "decoding path, same results: static (fixed-shape steps over a static cache, replayed as CUDA graphs on a GPU), "
-    "eager, or auto (static on CUDA, eager elsewhere); BLIP-2 decodes eagerly"
+    "eager, or auto (static on CUDA, eager elsewhere); BLIP-2 with T5 decodes eagerly"
 )
 
 
