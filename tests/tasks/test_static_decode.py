@@ -138,7 +138,7 @@ def _decode(captioner, count: int, graphs: GraphCache, **settings):
     with torch.inference_mode():
         pixels = captioner.transform(make_images(count, seed=11))
         cross = decoder.bert.cross_kv(captioner.model.encode_image(pixels))
-        generation = CaptionOptions(max_new_tokens=MAX_NEW, **settings).generation()
+        generation = CaptionOptions(**{"max_new_tokens": MAX_NEW, **settings}).generation()
         bos, eos = captioner.config.text.bos_token_id, captioner.config.text.sep_token_id
         eager = generate(text_decoder_stepper(decoder, cross, [bos], "eager"), generation, eos_id=eos)
         stepper = StaticTextDecoderStepper(decoder, cross, [bos], graphs=graphs)
@@ -152,8 +152,9 @@ def test_graphs_are_captured_once_per_bucket_and_reused(captioner):
     graphs = GraphCache(capacity=2, capture=capture)
     first = _decode(captioner, 3, graphs)
     assert capture.calls == graphs.captures == 1
-    assert (first.key.sources, first.key.rows, first.key.length) == (4, 4, 1 + MAX_NEW)
+    assert (first.key.sources, first.key.rows, first.key.length) == (4, 4, 32)  # 1 + 12 positions, rounded up
     _decode(captioner, 4, graphs)  # same bucket: the same graph and buffers
+    _decode(captioner, 3, graphs, max_new_tokens=20)  # 21 positions: the same rounded length
     assert capture.calls == 1 and len(graphs.entries) == 1
     again = _decode(captioner, 2, graphs, num_beams=3)  # 2 sources x 3 beams: another key
     assert (again.key.sources, again.key.rows) == (2, 6) and capture.calls == 2

@@ -1,4 +1,5 @@
-"""Decoding with fixed shapes: BLIP's text decoder stepped over a static KV cache, on CUDA as a replayed CUDA graph.
+"""Decoding with fixed shapes: BLIP's text decoder and BLIP-2's OPT stepped over a static KV cache, on CUDA as a
+replayed CUDA graph.
 
 The eager stepper (`generation.TextDecoderStepper`) launches ~15 small kernels per layer per token from Python, and a
 batch that loses finished sources changes shape; on a GPU the step then costs the same ~5 ms whatever the batch. Here
@@ -7,19 +8,23 @@ replayed (one launch per token):
 
 - sources are padded to a bucket (1, 2, 4, ..., 128; then multiples of 64): `S` source slots, `R = S * r` row slots
   for `r` rows per source, slot `s * r + j` always belonging to source slot `s`;
-- the self-attention cache is one `[2 * layers, R, H, L, d]` buffer (`L` = prefix + new tokens), written in place at
-  the step's position (a device tensor, so replays need no new constants) and read over all `L` positions with a
-  mask `position <= step`; the cross-attention keys/values of each source are copied once into `[S, H, N, d]` slots;
+- the self-attention cache is one `[2 * layers, R, H, L, d]` buffer (`L`: prefix + new tokens, rounded up to
+  `LENGTH_STEP`), written in place at the step's position (a device tensor, so replays need no new constants) and
+  read over all `L` positions with a mask `position <= step`; BLIP's cross-attention keys/values of each source are
+  copied once into `[S, H, N, d]` slots;
 - rows that are finished, or whose source left, keep their slots and are fed `PAD_ID` (their logits are not read):
   the loop's logical rows are a map onto the slots (`rows`), so a source leaving costs nothing and a beam reorder is
-  one `index_copy_` into the cache.
+  one `index_copy_` into the cache;
+- prefixes (BLIP's `[DEC]` + prompt, OPT's query embeddings + prompt, shared heads included) run eagerly once per
+  source, as in the eager steppers, and are then copied into the slots; OPT's left padding becomes a per-row mask of
+  real positions and a per-row offset from cache position to position id.
 
-The decoding loop (`generation.generate`) is the same for both steppers, so greedy, beam and sampling (drawn outside
+The decoding loop (`generation.generate`) is the same for static and eager steppers, so greedy, beam and sampling (drawn outside
 the graph, from the loop's generators) give the eager path's token ids, with scores equal to float rounding (the masked
 attention over `L` positions sums in another order). Which path runs is the `decode` option (`blip.tasks.options`):
 "eager", "static" (this stepper; CUDA graphs on CUDA) or "auto" (static on CUDA, eager elsewhere).
 
-Graphs are kept per decoder in a small LRU cache keyed by (row slots, source slots, length, cross length, cross mask,
+Graphs are kept per model (BLIP's text decoder, BLIP-2's OPT) in a small LRU cache keyed by (row slots, source slots, length, cross length, cross mask,
 dtype, thread); a capture that fails is logged with its reason and that key runs the same static step uncaptured.
 """
 
@@ -42,7 +47,7 @@ from blip.models.generation import DECODE_MODES, PAD_ID, CausalLmStepper, TextDe
 
 SOURCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LARGE_BUCKET_STEP = 64  # beyond the last bucket: multiples of this
-LENGTH_STEP = 32  # causal LM caches: length rounded up to this (prompts of nearby lengths share a graph)
+LENGTH_STEP = 32  # cache lengths rounded up to this: nearby prompt and answer lengths share a graph
 GRAPH_CACHE_SIZE = 4  # graphs (and their buffers) kept per decoder
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator, lazy inits)
 
@@ -59,7 +64,11 @@ def source_bucket(sources: int) -> int:
     for bucket in SOURCE_BUCKETS:
         if sources <= bucket:
             return bucket
-    return -(-sources // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
+    return _round_up(sources, LARGE_BUCKET_STEP)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def uses_static(mode: str, device: torch.device) -> bool:
@@ -367,7 +376,7 @@ class StaticTextDecoderStepper(_SlotStepper):
         key = StepKey(
             rows=slots * rows_per_source,
             sources=slots,
-            length=len(prefix) + max_new_tokens,
+            length=_round_up(len(prefix) + max_new_tokens, LENGTH_STEP),
             cross_length=cross_length,
             cross_masked=self.cross.mask is not None,
             dtype=keys0.dtype,
@@ -424,7 +433,7 @@ class StaticCausalLmStepper(_SlotStepper):
         key = StepKey(
             rows=slots * rows_per_source,
             sources=slots,
-            length=-(-length // LENGTH_STEP) * LENGTH_STEP,
+            length=_round_up(length, LENGTH_STEP),
             cross_length=0,
             cross_masked=False,
             dtype=keys0.dtype,
