@@ -19,13 +19,15 @@ replayed (one launch per token):
   source, as in the eager steppers, and are then copied into the slots; OPT's left padding becomes a per-row mask of
   real positions and a per-row offset from cache position to position id.
 
-The decoding loop (`generation.generate`) is the same for static and eager steppers, so greedy, beam and sampling (drawn outside
-the graph, from the loop's generators) give the eager path's token ids, with scores equal to float rounding (the masked
-attention over `L` positions sums in another order). Which path runs is the `decode` option (`blip.tasks.options`):
-"eager", "static" (this stepper; CUDA graphs on CUDA) or "auto" (static on CUDA, eager elsewhere).
+The decoding loop (`generation.generate`) is the same for static and eager steppers, so greedy, beam and sampling
+(drawn outside the graph, from the loop's generators) give the eager path's token ids, with scores equal to float
+rounding (the masked attention over `L` positions sums in another order). Which path runs is the `decode` option
+(`blip.tasks.options`): "eager", "static" (these steppers; CUDA graphs on CUDA) or "auto" (static on CUDA, eager
+elsewhere).
 
-Graphs are kept per model (BLIP's text decoder, BLIP-2's OPT) in a small LRU cache keyed by (row slots, source slots, length, cross length, cross mask,
-dtype, thread); a capture that fails is logged with its reason and that key runs the same static step uncaptured.
+Graphs are kept per model (BLIP's text decoder, BLIP-2's OPT) in a small LRU cache keyed by (row slots, source slots,
+length, cross length, cross mask, dtype, thread); a capture that fails is logged with its reason and that key runs
+the same static step uncaptured.
 """
 
 from __future__ import annotations

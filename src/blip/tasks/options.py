@@ -346,7 +346,7 @@ class CaptionOptions(TaskOptionsBase):
         maximum=SEED_MAX,
         relevant=_sampling,
     )
-    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, relevant=_never)
+    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, metavar="{auto,static,eager}", relevant=_never)
 
     def check(self) -> None:
         _check_decode(self)
@@ -447,7 +447,7 @@ class VqaOptions(TaskOptionsBase):
         max_length=500,
         relevant=_templated,
     )
-    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, relevant=_never)
+    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, metavar="{auto,static,eager}", relevant=_never)
 
     def check(self) -> None:
         _check_decode(self)
