@@ -174,3 +174,31 @@ def test_a_failed_capture_falls_back_to_the_uncaptured_step_with_the_reason_logg
     assert "CUDA graph capture failed" in caplog.text and "stream is capturing" in caplog.text
     _decode(captioner, 3, graphs, num_beams=3)  # the same key is not tried again
     assert capture.calls == 1 and graphs.captures == 0
+
+
+def test_fixed_shape_greedy_keeps_every_row_and_stops_soon_after_the_last_finishes(captioner, monkeypatch):
+    from blip.models import generation
+
+    calls = {"select": 0, "step": 0}
+    real_select, real_step = StaticTextDecoderStepper.select, StaticTextDecoderStepper.step
+
+    def select(self, rows, sources):
+        calls["select"] += 1
+        return real_select(self, rows, sources)
+
+    def step(self, tokens):
+        calls["step"] += 1
+        return real_step(self, tokens)
+
+    monkeypatch.setattr(StaticTextDecoderStepper, "select", select)
+    monkeypatch.setattr(StaticTextDecoderStepper, "step", step)
+    images = make_images(3, seed=3)
+    eager = captioner.caption(images, decode="eager", max_new_tokens=40)
+    static = captioner.caption(images, decode="static", max_new_tokens=40)
+    _assert_same(eager, static)
+    longest = max(len(c.token_ids) for c in eager) - 1  # new tokens of the longest caption (prefix: [DEC])
+    assert longest < 40 and calls["select"] == 0  # no row left the batch
+    assert longest - 1 <= calls["step"] < longest - 1 + generation.FINISHED_CHECK_EVERY
+    calls.update(select=0, step=0)
+    captioner.caption(images, decode="static", max_new_tokens=40, do_sample=True, seed=1)
+    assert calls["select"] > 0  # sampling keeps the eager bookkeeping (finished sources leave)

@@ -293,6 +293,7 @@ class _SlotStepper:
     `GraphCache` given on the CPU is used as on CUDA (tests pass one with a fake capture)."""
 
     prefix_ids: list[list[int]]
+    fixed_shape = True  # tells the loop that rows leaving saves nothing (greedy then skips that bookkeeping)
 
     def __init__(self, model: nn.Module, device: torch.device, graphs: GraphCache | None):
         self.model = model
