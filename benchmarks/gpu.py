@@ -31,6 +31,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ from blip.transforms import ImageTransform  # noqa: E402
 
 NEW_TOKENS = 20
 SERVE_PACKAGES = ("fastapi", "uvicorn", "httpx")
+MIN_ROW_SECONDS = 30  # a script row is not started with less of the budget left
 
 
 @dataclasses.dataclass
@@ -374,20 +376,25 @@ def run_script(row: ScriptRow, args: argparse.Namespace, out_dir: Path, seconds_
     result["command"] = " ".join(command)
     if args.smoke:
         return dict(result, status="skipped", reason="--smoke: command line checked, not run")
-    if seconds_left < 30:
+    if seconds_left < MIN_ROW_SECONDS:
         return dict(result, status="skipped", reason=f"time budget ({args.budget_s:.0f}s) spent")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     print(f"\n--- {row.label}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
+    # a session of its own, so that a timeout also ends what the script started (serve_load's server)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, timeout=seconds_left, capture_output=True, text=True)
+        _, stderr = proc.communicate(timeout=seconds_left)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return dict(result, status="failed", reason=f"timed out after {seconds_left:.0f}s (the time budget)")
     result["seconds"] = time.perf_counter() - start
-    sys.stdout.write(done.stdout[-4000:])
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return dict(result, status="failed", reason=f"exit {done.returncode}: {tail}")
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-4000:])
+        tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        return dict(result, status="failed", reason=f"exit {proc.returncode}: {tail}")
     try:
         result.update(row.summary(json.loads((out_dir / row.out).read_text())))
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -61,3 +61,6 @@ def test_script_rows_report_missing_packages_and_unknown_flags(tmp_path, monkeyp
     args.smoke = False
     late = gpu.ScriptRow("x", "training", "bench_train.py", ["--steps", "1"], "x.json", (), dict)
     assert gpu.run_script(late, args, tmp_path, 5)["reason"] == "time budget (1s) spent"
+    monkeypatch.setattr(gpu, "MIN_ROW_SECONDS", 0)  # started with 1.5 s left: killed (its process group) at the limit
+    slow = gpu.ScriptRow("x", "training", "bench_train.py", ["--steps", "100000"], "x.json", (), dict)
+    assert gpu.run_script(slow, args, tmp_path, 1.5)["reason"] == "timed out after 2s (the time budget)"
