@@ -32,6 +32,7 @@ the same static step uncaptured.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -50,7 +51,7 @@ from blip.models.generation import DECODE_MODES, PAD_ID, CausalLmStepper, TextDe
 SOURCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LARGE_BUCKET_STEP = 64  # beyond the last bucket: multiples of this
 LENGTH_STEP = 32  # cache lengths rounded up to this: nearby prompt and answer lengths share a graph
-GRAPH_CACHE_SIZE = 4  # graphs (and their buffers) kept per decoder
+GRAPH_CACHE_SIZE = 8  # graphs (and their buffers) kept per model: every bucket up to 128 at one length
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator, lazy inits)
 
 _logger = logging.getLogger("blip.decode")
@@ -257,7 +258,8 @@ class GraphCache:
         """One step for `entry`: its graph replayed (captured on first use), or `step` itself if capture failed."""
         if entry.replay is None and entry.failed is None:
             try:
-                entry.replay = self.capture(step)
+                with torch.cuda.device(key.device) if key.device.type == "cuda" else contextlib.nullcontext():
+                    entry.replay = self.capture(step)
                 self.captures += 1
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step, uncaptured
                 entry.failed = f"{type(e).__name__}: {e}".splitlines()[0]
