@@ -202,3 +202,22 @@ def test_fixed_shape_greedy_keeps_every_row_and_stops_soon_after_the_last_finish
     calls.update(select=0, step=0)
     captioner.caption(images, decode="static", max_new_tokens=40, do_sample=True, seed=1)
     assert calls["select"] > 0  # sampling keeps the eager bookkeeping (finished sources leave)
+
+
+# --- on a GPU (skipped without CUDA): real CUDA graphs ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_the_eager_captions(caption_dir):
+    import blip
+    from blip.models.static_decode import graph_cache
+
+    model = blip.load(caption_dir, device="cuda")
+    images = make_images(5, seed=3)
+    for settings in (dict(), dict(num_beams=3, num_captions=2), dict(do_sample=True, seed=4)):
+        eager = model.caption(images, decode="eager", max_new_tokens=MAX_NEW, **settings)
+        static = model.caption(images, decode="auto", max_new_tokens=MAX_NEW, **settings)
+        _assert_same(eager, static)
+    graphs = graph_cache(model.model.text_decoder)
+    assert graphs.captures >= 2 and all(e.failed is None and e.replay is not None for e in graphs.entries.values())
