@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.models.generation import CausalLmStepper, EncoderDecoderStepper, GenerationConfig, generate
+from blip.models.generation import EncoderDecoderStepper, GenerationConfig, generate
 from blip.models.generation import Sequence as Generated
+from blip.models.static_decode import causal_lm_stepper
 from blip.tasks.blip2_itm import encode_images
 from blip.tasks.common import Answer, Caption, chunks
 from blip.tasks.options import OptionError
@@ -146,7 +147,7 @@ def generate_from(
         starts = (longest - torch.tensor([len(row) for row in prefix_ids])).tolist()
         for s, start in enumerate(starts):  # the placeholders' embeddings replaced by the query outputs
             embeds[s, start : start + num_queries] = queries[s].to(embeds.dtype)
-        stepper = CausalLmStepper(lm, embeds, mask, prefix_ids, groups=images)
+        stepper = causal_lm_stepper(lm, embeds, mask, prefix_ids, images, generation.decode)
     else:
         # Sources with the same image and prompt read the same encoder states: encode each distinct pair once.
         keys = [(s if images is None else images[s], tuple(ids)) for s, ids in enumerate(prompts)]

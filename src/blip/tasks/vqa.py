@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.bert import CrossKV
-from blip.models.generation import GenerationConfig, TextDecoderStepper, generate
+from blip.models.generation import GenerationConfig, generate
+from blip.models.static_decode import text_decoder_stepper
 from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, model_input
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def answers_from_states(
     cross = _answer_cross(blip, states, mask)
     if answers is None:
         bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-        stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
+        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
         return [
             Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids)
             for (seq,) in generate(stepper, generation, eos_id=eos)
@@ -112,7 +113,8 @@ def answer_candidates(
         states, mask = encode_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
-        stepper = TextDecoderStepper(blip.model.text_decoder, _answer_cross(blip, states, mask), [bos])
+        cross = _answer_cross(blip, states, mask)
+        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
         for sequences in generate(stepper, generation, eos_id=eos):
             results.append([Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
     return results
