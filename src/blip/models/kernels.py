@@ -12,21 +12,32 @@ forward product and the input gradient on oneDNN, the weight gradient (a product
 slower at in our measurements) on `torch.mm`. The demo model's training steps run 1.15-1.3x faster that way on the
 2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast and anything the
 checks below reject use `F.linear`.
-`BLIP_CPU_MATMUL=aten` turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it on non-x86 CPUs too; inside
-`aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN op has no ONNX form).
+The same build on an Intel Xeon ran MKL faster (779 against 658 GFLOP/s), so on x86 the library is chosen by
+measurement: at the first CPU linear a short probe (`probe_matmul`: a [64x768]x[768x3072] product and batch-1 GEMVs
+over 38 MB of weights, best of 3 each, interleaved; 20-60 ms once) times both, and MKL is taken only when clearly
+faster (`MKL_MARGIN`) in two probes in a row; the choice holds for the process (`cpu_matmul()`, logged at debug).
+`BLIP_CPU_MATMUL=mkl` (or `aten`) turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it (on non-x86 CPUs
+too); inside `aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN op has no ONNX
+form).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import os
 import platform
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _aten_only = False  # set by `aten_linears()`
@@ -43,19 +54,108 @@ def aten_linears() -> Iterator[None]:
         _aten_only = saved
 
 
+# (rows, in, out, weights): a ViT-B MLP product at 64 rows (compute-bound), and batch-1 decoding GEMVs over 4
+# weights (38 MB: past a 32 MB L3, so they read memory as decoding does; a cache-resident GEMV ranks them wrongly)
+PROBE_SHAPES = ((64, 768, 3072, 1), (1, 768, 3072, 4))
+PROBE_REPEATS = 3  # timed runs per shape and library (the best counts), after one warm-up run
+MKL_MARGIN = 0.9  # MKL is picked only when it takes at most 90% of oneDNN's time: a near tie keeps the default
+
+
+@dataclass(frozen=True)
+class MatmulChoice:
+    """Which library this process's CPU linears use (float32/bfloat16), and why."""
+
+    library: str  # "onednn" (torch.ops.mkldnn._linear_pointwise) or "mkl" (F.linear)
+    reason: str  # "BLIP_CPU_MATMUL=mkl", "probe", "default (probe failed: ...)", "not x86", ...
+    probe_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)  # library -> best ms per PROBE_SHAPES
+
+    def describe(self) -> str:
+        timings = "; ".join(
+            f"{name} " + " / ".join(f"{ms:.2f}" for ms in times) + " ms" for name, times in self.probe_ms.items()
+        )
+        return f"{self.library} ({self.reason}{': ' + timings if timings else ''})"
+
+
+def probe_matmul(shapes: tuple[tuple[int, int, int, int], ...] = PROBE_SHAPES) -> dict[str, tuple[float, ...]]:
+    """Best-of-`PROBE_REPEATS` milliseconds of each library's products for each shape (x [rows, in] times each of
+    `weights` W^T [in, out]), the libraries interleaved so that a noisy neighbour slows both alike."""
+    times: dict[str, list[float]] = {"onednn": [], "mkl": []}
+    products = {
+        "onednn": lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+        "mkl": lambda x, w, b: F.linear(x, w, b),
+    }
+    with torch.inference_mode():
+        for rows, fan_in, fan_out, copies in shapes:
+            x = torch.full((rows, fan_in), 0.5)
+            weights = [torch.full((fan_out, fan_in), 0.01) for _ in range(copies)]
+            bias = torch.zeros(fan_out)
+            best = {name: float("inf") for name in products}
+            for repeat in range(PROBE_REPEATS + 1):
+                for name, product in products.items():
+                    start = time.perf_counter()
+                    for w in weights:
+                        product(x, w, bias)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    if repeat:  # the first run warms up (oneDNN builds its kernel, pages fault in)
+                        best[name] = min(best[name], elapsed)
+            for name in products:
+                times[name].append(best[name])
+    return {name: tuple(values) for name, values in times.items()}
+
+
+_probe = probe_matmul  # what `cpu_matmul` times with (tests put a fake one here)
+
+
+def pick_library(probe_ms: dict[str, tuple[float, ...]]) -> str:
+    """ "mkl" when MKL's time is at most `MKL_MARGIN` of oneDNN's (geometric mean over the shapes), else "onednn"."""
+    ratios = [mkl / onednn for mkl, onednn in zip(probe_ms["mkl"], probe_ms["onednn"])]
+    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise ValueError(f"unusable probe timings {probe_ms}")
+    return "mkl" if math.exp(sum(map(math.log, ratios)) / len(ratios)) <= MKL_MARGIN else "onednn"
+
+
 @functools.cache
+def cpu_matmul() -> MatmulChoice:
+    """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
+    set, else on x86 the faster library by a short probe; oneDNN when the probe fails (the default before probing
+    existed), MKL where the oneDNN op is missing or disagrees with `F.linear`, and on non-x86 CPUs."""
+    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
+    if setting not in ("auto", "onednn", "mkl", "aten"):
+        raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
+    choice = _choose(setting)
+    _logger.debug("CPU linears: %s", choice.describe())
+    return choice
+
+
+def _choose(setting: str) -> MatmulChoice:
+    if setting in ("mkl", "aten"):
+        return MatmulChoice("mkl", f"BLIP_CPU_MATMUL={setting}")
+    if not _onednn_works():
+        return MatmulChoice("mkl", "the oneDNN linear op is missing or disagrees with F.linear")
+    if setting == "onednn":
+        return MatmulChoice("onednn", "BLIP_CPU_MATMUL=onednn")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return MatmulChoice("mkl", f"not x86 ({platform.machine()})")
+    try:
+        probe_ms = _probe()
+        if pick_library(probe_ms) == "onednn":
+            return MatmulChoice("onednn", "probe", probe_ms)
+        again = _probe()  # leaving the default takes two probes that agree (a busy neighbour skews one)
+        return MatmulChoice(pick_library(again), "probe", again)
+    except Exception as e:  # a probe that cannot run must not stop inference: keep the default
+        return MatmulChoice("onednn", f"default (probe failed: {type(e).__name__}: {e})")
+
+
 def onednn_linear_available() -> bool:
-    """Whether oneDNN linears are used: the setting allows it, the op exists, and it agrees with `F.linear`."""
-    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower()
-    if setting not in ("auto", "onednn", "aten"):
-        raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or aten, got {setting!r}")
-    if setting == "aten":
-        return False
-    if setting == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+    """Whether CPU linears go to oneDNN in this process (`cpu_matmul`)."""
+    return cpu_matmul().library == "onednn"
+
+
+def _onednn_works() -> bool:
+    """The op exists on this build and agrees with `F.linear` (it is internal to PyTorch: inductor uses it)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    try:  # the op is internal to PyTorch (inductor uses it): check it on this build before trusting it
+    try:
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
