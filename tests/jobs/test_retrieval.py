@@ -30,7 +30,7 @@ def _shapes(root, n):
         n_vqa=0,
         n_test=0,
         progress=False,
-        workers=0,
+        workers=2,
         cfg=shapes.ShapesConfig(image_size=32),
     )
     return [json.loads(line) for line in (root / "web.jsonl").read_text().splitlines()]

@@ -10,8 +10,8 @@ So `Linear` and `linear` send CPU inference (no autograd) in float32/bfloat16 to
 fused in. CPU training in float32/bfloat16 (outside autocast) goes there too, through `_OneDnnLinearFunction`: the
 forward product and the input gradient on oneDNN, the weight gradient (a product over the batch, which oneDNN was
 slower at in our measurements) on `torch.mm`. The demo model's training steps run 1.15-1.3x faster that way on the
-2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast and anything the
-checks below reject use `F.linear`.
+2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast, code traced by
+`torch.compile` and anything the checks below reject use `F.linear`.
 The same build on an Intel Xeon ran MKL faster (779 against 658 GFLOP/s), so on x86 the library is chosen by
 measurement: at the first CPU linear a short probe (`probe_matmul`: a [64x768]x[768x3072] product and batch-1 GEMVs
 over 38 MB of weights, best of 3 each, interleaved; 20-60 ms once) times both, and MKL is taken only when clearly
@@ -178,6 +178,7 @@ def _onednn_linear(
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         not _aten_only
+        and not torch.compiler.is_compiling()  # torch.compile: inductor fuses F.linear itself (no lowering for the op)
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype

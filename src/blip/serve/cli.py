@@ -158,6 +158,7 @@ LIMIT_FLAGS = (
         "max_inflight_pixels",
         "pixels being decoded at once, server-wide; later images wait (503 at the request timeout)",
     ),
+    SettingFlag("--decode-workers", "decode_workers", "images decoded at once, in worker threads"),
     SettingFlag("--max-images", "max_images", "images per request"),
     SettingFlag("--max-texts", "max_texts", "questions or texts per request"),
     SettingFlag("--max-new-tokens", "max_new_tokens", "cap on max_new_tokens"),
