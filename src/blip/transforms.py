@@ -220,16 +220,17 @@ def stack_prepared(images: Sequence[PreparedImage], *, pin: bool = False) -> tor
     images are all of it in order (no copy), else gathered (into page-locked memory when `pin`, for a fast
     non-blocking copy to a GPU)."""
     first = images[0].batch
+    pin = pin and first.device.type == "cpu" and torch.cuda.is_available()  # page-locked memory needs a GPU
     if all(im.batch is first for im in images):
         if len(images) == first.shape[0] and all(im.index == i for i, im in enumerate(images)):
             return first
         index = torch.tensor([im.index for im in images], device=first.device)
         out = None
-        if pin and first.device.type == "cpu":
+        if pin:
             out = torch.empty((len(images), *first.shape[1:]), dtype=torch.uint8, pin_memory=True)
         return torch.index_select(first, 0, index, out=out) if out is not None else first.index_select(0, index)
     rows = [im.batch[im.index].to(first.device) for im in images]
-    if pin and first.device.type == "cpu":
+    if pin:
         return torch.stack(rows, out=torch.empty((len(rows), *rows[0].shape), dtype=torch.uint8, pin_memory=True))
     return torch.stack(rows)
 
