@@ -294,6 +294,10 @@ class ShardWorker:
                 state.journal.close()
         return receipts
 
+    def close(self) -> None:
+        """Stop the decode worker processes (a Ray actor keeps them for its next shard)."""
+        self.prefetcher.close()
+
     def _batches(self, states: list[_ShardState]) -> Iterator[_Batch]:
         for state in states:
             rows = state.task.rows

@@ -56,6 +56,12 @@ def unique_images(images: Sequence[ImageInput]) -> tuple[list[Image.Image], list
     decoded: list[Image.Image] = []
     index: list[int] = []
     for i, image in enumerate(images):
+        if isinstance(image, PreparedImage):  # decoded ahead (the server, batch jobs): used as it is
+            slots.setdefault(("prepared", id(image)), len(decoded))
+            if slots[("prepared", id(image))] == len(decoded):
+                decoded.append(image)  # type: ignore[arg-type]
+            index.append(slots[("prepared", id(image))])
+            continue
         if not isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
             where = f"images[{i}]" if len(images) > 1 else "images"
             raise TypeError(
