@@ -255,8 +255,9 @@ class Prefetcher(Generic[B]):
             if "DataLoader worker" not in str(e):
                 raise
             raise DecodeWorkerError(
-                f"an image-decoding worker process died ({str(e).splitlines()[0]}); rerun to resume "
-                f"(--workers 0 decodes in the job's own process)"
+                f"an image-decoding worker process died ({str(e).splitlines()[0]}); rerun to resume (--workers 0 "
+                f"decodes in the job's own process; a script that starts a job needs `if __name__ == '__main__':`, "
+                f"as worker processes start by importing it)"
             ) from None
         finally:
             if not finished:  # stopped mid-way: start afresh next time rather than drain the workers
