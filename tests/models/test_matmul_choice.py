@@ -3,6 +3,7 @@ setting overrides it, the choice is made once per process, and a failing probe k
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -12,7 +13,7 @@ from blip.models import kernels
 
 
 @pytest.fixture
-def choice(monkeypatch: pytest.MonkeyPatch):
+def choice(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """`cpu_matmul` made afresh with a fake probe (`calls` counts its runs) on an x86 CPU with a working oneDNN op."""
     calls: list[int] = []
     timings: dict[str, dict[str, tuple[float, ...]]] = {}
@@ -25,6 +26,7 @@ def choice(monkeypatch: pytest.MonkeyPatch):
 
     real = kernels.cpu_matmul()  # this process's own choice, put back afterwards (no second real probe)
     monkeypatch.delenv("BLIP_CPU_MATMUL", raising=False)
+    monkeypatch.setenv("BLIP_CACHE_DIR", str(tmp_path / "cache"))  # probed choices are kept here, not in ~/.cache
     monkeypatch.setattr(kernels, "_probe", fake_probe)
     monkeypatch.setattr(kernels, "_onednn_works", lambda: True)
     monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
@@ -32,6 +34,7 @@ def choice(monkeypatch: pytest.MonkeyPatch):
 
     def make(onednn: tuple[float, ...] = (), mkl: tuple[float, ...] = (), error: bool = False) -> kernels.MatmulChoice:
         timings.clear()
+        kernels.choice_file().unlink(missing_ok=True)  # each call probes afresh
         timings["ms"] = {"onednn": onednn, "mkl": mkl}
         if error:
             timings["error"] = {}
@@ -112,3 +115,29 @@ def test_real_probe_times_both_libraries() -> None:
     assert set(timings) == {"onednn", "mkl"}
     assert all(len(ms) == 2 and all(0 < t < 1000 for t in ms) for ms in timings.values())
     assert kernels.pick_library(timings) in ("onednn", "mkl")
+
+
+def test_a_probed_choice_is_kept_for_later_processes(choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = choice(onednn=(1.0, 1.0), mkl=(0.5, 0.5))
+    assert first.library == "mkl" and len(choice.calls) == 2
+    saved = json.loads(kernels.choice_file().read_text())
+    assert saved[kernels.machine_key()]["library"] == "mkl"
+    kernels.cpu_matmul.cache_clear()  # a later process on this machine: no probe, the same library
+    later = kernels.cpu_matmul()
+    assert (later.library, later.reason, later.probe_ms) == ("mkl", "probed before", first.probe_ms)
+    assert len(choice.calls) == 2
+    monkeypatch.setattr(kernels, "machine_key", lambda: "another CPU | torch 9")  # another machine: probes
+    kernels.cpu_matmul.cache_clear()
+    assert kernels.cpu_matmul().reason == "probe" and len(choice.calls) == 4
+    assert set(json.loads(kernels.choice_file().read_text())) == {saved_key for saved_key in saved} | {
+        "another CPU | torch 9"
+    }
+    kernels.choice_file().write_text("{not json")  # a broken cache file: probed again, and rewritten
+    kernels.cpu_matmul.cache_clear()
+    assert kernels.cpu_matmul().reason == "probe"
+    assert json.loads(kernels.choice_file().read_text())["another CPU | torch 9"]["library"] == "mkl"
+
+
+def test_a_failed_probe_is_not_kept(choice) -> None:
+    assert choice(error=True).library == "onednn"
+    assert not kernels.choice_file().exists()

@@ -14,17 +14,20 @@ slower at in our measurements) on `torch.mm`. The demo model's training steps ru
 `torch.compile` and anything the checks below reject use `F.linear`.
 The same build on an Intel Xeon ran MKL faster (779 against 658 GFLOP/s), so on x86 the library is chosen by
 measurement: at the first CPU linear a short probe (`probe_matmul`: a [64x768]x[768x3072] product and batch-1 GEMVs
-over 38 MB of weights, best of 3 each, interleaved; 20-60 ms once) times both, and MKL is taken only when clearly
-faster (`MKL_MARGIN`) in two probes in a row; the choice holds for the process (`cpu_matmul()`, logged at debug).
-`BLIP_CPU_MATMUL=mkl` (or `aten`) turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it (on non-x86 CPUs
-too); inside `aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN op has no ONNX
-form).
+over 38 MB of weights, best of 5 each, interleaved, on one thread in CPU time; 30-80 ms once) times both, and
+MKL is taken only when clearly faster (`MKL_MARGIN`) in two probes in a row. The choice holds for the process
+(`cpu_matmul()`, logged at debug) and is kept per CPU model and PyTorch version in the cache folder (`choice_file()`),
+so every later process on the machine computes with the same library (a resumed job's rows equal the first run's to
+the last bit). `BLIP_CPU_MATMUL=mkl` (or `aten`) turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it
+(on non-x86 CPUs too); inside `aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN
+op has no ONNX form).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -32,6 +35,7 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +61,8 @@ def aten_linears() -> Iterator[None]:
 # (rows, in, out, weights): a ViT-B MLP product at 64 rows (compute-bound), and batch-1 decoding GEMVs over 4
 # weights (38 MB: past a 32 MB L3, so they read memory as decoding does; a cache-resident GEMV ranks them wrongly)
 PROBE_SHAPES = ((64, 768, 3072, 1), (1, 768, 3072, 4))
-PROBE_REPEATS = 3  # timed runs per shape and library (the best counts), after one warm-up run
+PROBE_REPEATS = 5  # timed runs per shape and library (the best counts), after one warm-up run
+CHOICE_FILE = "cpu_matmul.json"
 MKL_MARGIN = 0.9  # MKL is picked only when it takes at most 90% of oneDNN's time: a near tie keeps the default
 
 
@@ -78,8 +83,21 @@ class MatmulChoice:
 
 def probe_matmul(shapes: tuple[tuple[int, int, int, int], ...] = PROBE_SHAPES) -> dict[str, tuple[float, ...]]:
     """Best-of-`PROBE_REPEATS` milliseconds of each library's products for each shape (x [rows, in] times each of
-    `weights` W^T [in, out]), the libraries interleaved so that a noisy neighbour slows both alike."""
+    `weights` W^T [in, out]) on one thread, in CPU time (so neither the thread count nor a busy machine's
+    preemptions change the verdict: with 2 threads on 2 busy cores oneDNN's GEMV measured 20x slower than alone, MKL's
+    not), the libraries interleaved so that memory-bandwidth contention slows both alike."""
     times: dict[str, list[float]] = {"onednn": [], "mkl": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core, in this thread's CPU time: what a busy machine does not change
+    try:
+        _time_products(shapes, times)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: tuple(values) for name, values in times.items()}
+
+
+def _time_products(shapes: tuple[tuple[int, int, int, int], ...], times: dict[str, list[float]]) -> None:
+    clock = time.thread_time
     products = {
         "onednn": lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
         "mkl": lambda x, w, b: F.linear(x, w, b),
@@ -92,15 +110,14 @@ def probe_matmul(shapes: tuple[tuple[int, int, int, int], ...] = PROBE_SHAPES) -
             best = {name: float("inf") for name in products}
             for repeat in range(PROBE_REPEATS + 1):
                 for name, product in products.items():
-                    start = time.perf_counter()
+                    start = clock()
                     for w in weights:
                         product(x, w, bias)
-                    elapsed = (time.perf_counter() - start) * 1e3
+                    elapsed = (clock() - start) * 1e3
                     if repeat:  # the first run warms up (oneDNN builds its kernel, pages fault in)
                         best[name] = min(best[name], elapsed)
             for name in products:
                 times[name].append(best[name])
-    return {name: tuple(values) for name, values in times.items()}
 
 
 _probe = probe_matmul  # what `cpu_matmul` times with (tests put a fake one here)
@@ -136,14 +153,69 @@ def _choose(setting: str) -> MatmulChoice:
         return MatmulChoice("onednn", "BLIP_CPU_MATMUL=onednn")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return MatmulChoice("mkl", f"not x86 ({platform.machine()})")
+    key = machine_key()
+    remembered = _remembered(key)
+    if remembered is not None:
+        return remembered
     try:
         probe_ms = _probe()
-        if pick_library(probe_ms) == "onednn":
-            return MatmulChoice("onednn", "probe", probe_ms)
-        again = _probe()  # leaving the default takes two probes that agree (a busy neighbour skews one)
-        return MatmulChoice(pick_library(again), "probe", again)
+        if pick_library(probe_ms) != "onednn":
+            probe_ms = _probe()  # leaving the default takes two probes that agree (a busy neighbour skews one)
+        choice = MatmulChoice(pick_library(probe_ms), "probe", probe_ms)
     except Exception as e:  # a probe that cannot run must not stop inference: keep the default
         return MatmulChoice("onednn", f"default (probe failed: {type(e).__name__}: {e})")
+    _remember(key, choice)
+    return choice
+
+
+def machine_key() -> str:
+    """What the choice is kept by: the CPU model and the PyTorch build (not the thread count: every process on the
+    machine should agree, whatever threads it runs)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | torch {torch.__version__}"
+
+
+def choice_file() -> Path:
+    """Where probed choices are kept, per machine key: `$BLIP_CACHE_DIR`, else `$XDG_CACHE_HOME/blip`, else
+    `~/.cache/blip` (as `blip.weights.fingerprint`), file `cpu_matmul.json`."""
+    if os.environ.get("BLIP_CACHE_DIR"):
+        return Path(os.environ["BLIP_CACHE_DIR"]).expanduser() / CHOICE_FILE
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "blip" / CHOICE_FILE
+
+
+def _remembered(key: str) -> MatmulChoice | None:
+    try:
+        entry = json.loads(choice_file().read_text(encoding="utf-8"))[key]
+        library = entry["library"]
+        probe_ms = {name: tuple(float(t) for t in times) for name, times in entry["probe_ms"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return MatmulChoice(library, "probed before", probe_ms) if library in ("onednn", "mkl") else None
+
+
+def _remember(key: str, choice: MatmulChoice) -> None:
+    """Keep the choice for every later process on this machine (so that all of them, e.g. a job and its resumed
+    run, compute with the same library: the same results to the last bit). A cache that cannot be written is
+    skipped."""
+    path = choice_file()
+    try:
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"library": choice.library, "probe_ms": {k: list(v) for k, v in choice.probe_ms.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        pass
 
 
 def onednn_linear_available() -> bool:
