@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -183,6 +184,12 @@ def _normalisation_table(mean: Sequence[float], std: Sequence[float]) -> torch.T
     return (levels[None, :] - mean_t) / std_t
 
 
+@functools.lru_cache(maxsize=16)
+def _device_table(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`_normalisation_table` on `device`, made once (a copy to a GPU per batch would wait for the GPU's queue)."""
+    return _normalisation_table(mean, std).to(device)
+
+
 def _to_tensor(images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """8-bit RGB images of one size -> normalised float32 [B, 3, H, W]."""
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
@@ -260,7 +267,7 @@ class ImageTransform:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """8-bit RGB uint8 [B, S, S, 3] (any device) -> normalised float32 [B, 3, S, S] on that device: the same
         values as for the PIL images (one table lookup per channel)."""
-        table = _normalisation_table(self.mean, self.std).to(pixels.device)
+        table = _device_table(self.mean, self.std, pixels.device)
         channels = pixels.permute(0, 3, 1, 2)
         out = torch.empty(channels.shape, dtype=torch.float32, device=pixels.device)
         for c in range(3):
