@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="decode threads of blip batch")
+    parser.add_argument("--workers", type=int, help="decode processes of blip batch (default: its own; 0: threads)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="also time `blip batch --dtype bfloat16`")

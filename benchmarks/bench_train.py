@@ -1,8 +1,27 @@
-"""Training throughput per task: optimizer steps/s, samples/s and peak memory on synthetic batches.
+"""Training throughput per task: optimizer steps/s, samples/s, model FLOP utilisation and peak memory on synthetic
+batches.
 
     python benchmarks/bench_train.py                                   # the shapes model on CPU
     python benchmarks/bench_train.py --compare-matmul                  # oneDNN vs F.linear training linears (CPU)
-    python benchmarks/bench_train.py --preset blip_base_pretrain --image-size 224 --batch 32 --device cuda --amp bf16
+    python benchmarks/bench_train.py --preset blip_base_pretrain --image-size 224 --batch 32 --device cuda --amp bf16 \
+        --width 0 --layers 0 --text-layers 0 --tasks pretrain [--compile]
+
+Model FLOP utilisation (MFU) = model FLOPs per sample x samples/s / the device's dense matrix-product rate, measured
+here in the step's dtype (an 8192^3 product on a GPU, 2048^3 on a CPU; `--peak-tflops` gives a nominal peak
+instead). Model FLOPs count the matrix products of the config (2 FLOPs per multiply-add; norms, softmax and the
+optimizer not counted), per sample, a forward pass x3 for the passes that train (forward + backward) and x1 for the
+momentum encoders' forwards (`model_flops`):
+
+    ViT        Lv * (Tv * (8 dv^2 + 4 dv mv) + 4 Tv^2 dv) + 2 * 3 P^2 * dv * (Tv - 1)     Tv = (S/P)^2 + 1
+    text(T)    Lt * (T * (8 dt^2 + 4 dt mt) + 4 T^2 dt)                                      unimodal, T tokens
+    cross(T)   Lt * (4 T dt^2 + 4 Tv dv dt + 4 T Tv dt)                                      + cross-attention
+    head(T)    T * (2 dt^2 + 2 dt V)                                                         LM head
+
+    caption    3 (ViT + text + cross + head)
+    pretrain   3 ViT + 1 ViT_m + 3 text + 1 text_m + 3 x 3 (text + cross) [ITM: 1 positive + 2 negatives]
+               + 3 (text + cross + head) [LM]
+    retrieval  pretrain without the LM term
+    vqa        3 (ViT + text + cross) + 3 x 3 (text_a + cross_a + head_a) [3 answers of `--answer-length`]
 
 Synthetic batches (random pixels, random caption tokens, 3 answers per question) go through the real training tasks
 (`blip.train.objectives`) with AdamW; data loading is not measured. `--compare-matmul` alternates blocks of steps
@@ -21,8 +40,9 @@ from pathlib import Path
 import torch
 
 from blip.train.config import TrainConfig
+from blip.train.loop import compiled
 from blip.train.modeling import build_model
-from blip.train.optim import build_optimizer
+from blip.train.optim import adamw_kernel, build_optimizer
 from blip.train.recipe import build_task
 
 
@@ -69,11 +89,12 @@ def bench(task: str, args: argparse.Namespace) -> dict:
         task, args.batch, model.config.vision.image_size, model.config.text.vocab_size, args.length, device
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    forward = compiled(task_module) if args.compile else task_module
 
     def step(i: int) -> None:
         task_module.before_step(i)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = task_module(batch)["loss"]
+            loss = forward(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -91,6 +112,9 @@ def bench(task: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    samples_per_s = args.steps * args.batch / seconds
+    flops = model_flops(task, model.config, args.length)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else dense_rate(device, dtype or torch.float32)
     result = {
         "task": task,
         "preset": args.preset,
@@ -101,11 +125,76 @@ def bench(task: str, args: argparse.Namespace) -> dict:
         "amp": args.amp,
         "threads": torch.get_num_threads(),
         "steps_per_s": round(args.steps / seconds, 3),
-        "samples_per_s": round(args.steps * args.batch / seconds, 1),
+        "samples_per_s": round(samples_per_s, 1),
+        "compile": args.compile,
+        "optimizer": ", ".join(f"{k}={v}" for k, v in adamw_kernel(list(task_module.parameters())).items())
+        or "default",
+        "model_gflops_per_sample": round(flops / 1e9, 2),
+        "model_tflops_per_s": round(flops * samples_per_s / 1e12, 3),
+        "peak_tflops": round(peak / 1e12, 3),
+        "peak_kind": "given" if args.peak_tflops else "measured dense product",
+        "mfu": round(flops * samples_per_s / peak, 4),
     }
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
+
+
+def model_flops(task: str, config, length: int, answer_length: int = 4) -> float:
+    """Matrix-product FLOPs of one training sample of `task` (the formula in the module docstring)."""
+    v, t = config.vision, config.text
+    dv, mv, lv, dt, mt, lt = (
+        v.hidden_size,
+        v.intermediate_size,
+        v.num_hidden_layers,
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+    )
+    patches = (v.image_size // v.patch_size) ** 2
+    tv = patches + 1
+    vit = lv * (tv * (8 * dv * dv + 4 * dv * mv) + 4 * tv * tv * dv) + 2 * 3 * v.patch_size**2 * dv * patches
+
+    def text(n: int) -> float:
+        return lt * (n * (8 * dt * dt + 4 * dt * mt) + 4 * n * n * dt)
+
+    def cross(n: int) -> float:
+        return lt * (4 * n * dt * dt + 4 * tv * dv * dt + 4 * n * tv * dt)
+
+    def head(n: int) -> float:
+        return n * (2 * dt * dt + 2 * dt * t.vocab_size)
+
+    n = length
+    if task == "caption":
+        return 3 * (vit + text(n) + cross(n) + head(n))
+    if task == "vqa":
+        a = answer_length
+        return 3 * (vit + text(n) + cross(n)) + 3 * 3 * (text(a) + cross(a) + head(a))
+    contrastive = 3 * vit + vit + 3 * text(n) + text(n) + 3 * 3 * (text(n) + cross(n))
+    if task == "retrieval":
+        return contrastive
+    return contrastive + 3 * (text(n) + cross(n) + head(n))  # pretrain
+
+
+def dense_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a dense square matrix product in `dtype` on `device` (8192^3 on a GPU, 2048^3 on a CPU, there
+    through the linears the model uses: `blip.models.kernels.linear`, oneDNN or MKL by the probe)."""
+    from blip.models.kernels import linear
+
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            linear(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def compare_matmul(task: str, step, args: argparse.Namespace) -> dict:
@@ -153,12 +242,25 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--compare-matmul", action="store_true", help="oneDNN vs F.linear training linears (CPU)")
     parser.add_argument("--rounds", type=int, default=6, help="--compare-matmul: alternating blocks per side")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (default: measured)")
     parser.add_argument("--out", default="runs/bench/train.json")
     args = parser.parse_args()
     results = []
+    if not args.compare_matmul and torch.device(args.device).type == "cpu":
+        from blip.models.kernels import cpu_matmul
+
+        print(f"CPU linears: {cpu_matmul().describe()}")
     for task in args.tasks:
         results.append(bench(task, args))
         print(json.dumps(results[-1]))
+        if "mfu" in results[-1]:
+            r = results[-1]
+            print(
+                f"{task}: {r['samples_per_s']} samples/s, {r['model_gflops_per_sample']} GFLOP/sample, "
+                f"{r['model_tflops_per_s']} TFLOP/s = MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']} TFLOP/s "
+                f"({r['peak_kind']})"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

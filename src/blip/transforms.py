@@ -6,11 +6,15 @@
 - `ImageTransform`: evaluation preprocessing, equal to transformers' BlipImageProcessor (PIL backend): RGB conversion
   (transparency composited onto white), bicubic resize of the 8-bit image to a square (no crop, aspect not kept),
   x/255, CLIP mean/std normalisation -> float32 [B, 3, S, S].
+- `PreparedImage`: an image decoded ahead to 8-bit RGB at the model's size, as a row of a uint8 batch tensor (batch
+  jobs' decode workers and the server's decode threads make them; `ImageTransform.normalize` finishes them on the
+  model's device, so only 8-bit pixels are copied there).
 - `TrainTransform`: the original BLIP training augmentation (RandomResizedCrop, flip, RandAugment), PIL only.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -180,6 +184,12 @@ def _normalisation_table(mean: Sequence[float], std: Sequence[float]) -> torch.T
     return (levels[None, :] - mean_t) / std_t
 
 
+@functools.lru_cache(maxsize=16)
+def _device_table(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`_normalisation_table` on `device`, made once (a copy to a GPU per batch would wait for the GPU's queue)."""
+    return _normalisation_table(mean, std).to(device)
+
+
 def _to_tensor(images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """8-bit RGB images of one size -> normalised float32 [B, 3, H, W]."""
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
@@ -190,6 +200,48 @@ def _to_tensor(images: Sequence[Image.Image], mean: Sequence[float], std: Sequen
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image decoded to 8-bit RGB at a square size ahead of the model (batch jobs' decode workers, the server's
+    decode threads): row `index` of `batch`, uint8 [N, S, S, 3] on any device (pinned host memory or the GPU), so
+    that only 8-bit pixels cross to the device and the normalisation runs there (`ImageTransform.normalize`)."""
+
+    batch: torch.Tensor
+    index: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as PIL says it."""
+        return int(self.batch.shape[2]), int(self.batch.shape[1])
+
+    def tobytes(self) -> bytes:
+        """The RGB bytes, row by row: what PIL's `tobytes()` gives for the same image."""
+        return self.batch[self.index].cpu().numpy().tobytes()
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.batch[self.index].cpu().numpy(), "RGB")
+
+
+def stack_prepared(images: Sequence[PreparedImage], *, pin: bool = False) -> torch.Tensor:
+    """uint8 [B, S, S, 3] of prepared images (of one size), on their batch's device: that batch itself when the
+    images are all of it in order (no copy), else gathered (into page-locked memory when `pin`, for a fast
+    non-blocking copy to a GPU)."""
+    first = images[0].batch
+    pin = pin and first.device.type == "cpu" and torch.cuda.is_available()  # page-locked memory needs a GPU
+    if all(im.batch is first for im in images):
+        if len(images) == first.shape[0] and all(im.index == i for i, im in enumerate(images)):
+            return first
+        index = torch.tensor([im.index for im in images], device=first.device)
+        out = None
+        if pin:
+            out = torch.empty((len(images), *first.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        return torch.index_select(first, 0, index, out=out) if out is not None else first.index_select(0, index)
+    rows = [im.batch[im.index].to(first.device) for im in images]
+    if pin:
+        return torch.stack(rows, out=torch.empty((len(rows), *rows[0].shape), dtype=torch.uint8, pin_memory=True))
+    return torch.stack(rows)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Evaluation preprocessing; equals transformers' BlipImageProcessor (PIL backend) bit for bit."""
@@ -198,15 +250,29 @@ class ImageTransform:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images (any size, any mode) -> float32 [B, 3, S, S]."""
-        if isinstance(images, Image.Image):
+    def __call__(self, images: Image.Image | PreparedImage | Sequence[Image.Image | PreparedImage]) -> torch.Tensor:
+        """PIL images (any size, any mode) -> float32 [B, 3, S, S]. Prepared images at the model's size are only
+        normalised (on their device); at another size they are resized like PIL images."""
+        if isinstance(images, Image.Image | PreparedImage):
             images = [images]
         size = (self.image_size, self.image_size)
-        resized = [to_rgb(im, name=f"image {i}", size=self.image_size) for i, im in enumerate(images)]
+        if images and all(isinstance(im, PreparedImage) and im.size == size for im in images):
+            return self.normalize(stack_prepared(images))  # type: ignore[arg-type]
+        pil = [im.to_pil() if isinstance(im, PreparedImage) else im for im in images]
+        resized = [to_rgb(im, name=f"image {i}", size=self.image_size) for i, im in enumerate(pil)]
         if not resized:
             return torch.empty(0, 3, *size)
         return _to_tensor(resized, self.mean, self.std)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """8-bit RGB uint8 [B, S, S, 3] (any device) -> normalised float32 [B, 3, S, S] on that device: the same
+        values as for the PIL images (one table lookup per channel)."""
+        table = _device_table(self.mean, self.std, pixels.device)
+        channels = pixels.permute(0, 3, 1, 2)
+        out = torch.empty(channels.shape, dtype=torch.float32, device=pixels.device)
+        for c in range(3):
+            out[:, c] = table[c][channels[:, c].int()]
+        return out
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> ImageTransform:

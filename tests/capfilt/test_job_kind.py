@@ -23,7 +23,7 @@ from blip.jobs.lock import OutputLock
 
 torch.set_num_threads(1)
 
-FAST = dict(batch_size=4, shard_size=6, max_new_tokens=6, min_new_tokens=2, workers=1)
+FAST = dict(batch_size=4, shard_size=6, max_new_tokens=6, min_new_tokens=2, workers=0)
 FAST_ARGS = [
     "--batch-size",
     "4",

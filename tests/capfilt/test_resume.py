@@ -65,7 +65,7 @@ def _receipts(out: Path) -> int:
 def test_sigkill_then_rerun_equals_uninterrupted(model_dirs, shapes_dir, tmp_path):
     captioner, filter_ = model_dirs
     args = ["--captioner", str(captioner), "--filter", str(filter_), "--data", str(shapes_dir)]
-    args += ["--batch-size", "1", "--shard-size", "2", "--num-captions", "2", "--threads", "1", "--workers", "1"]
+    args += ["--batch-size", "1", "--shard-size", "2", "--num-captions", "2", "--threads", "1", "--workers", "0"]
     args += ["--max-new-tokens", "20", "--min-new-tokens", "20", "--no-progress"]  # slow enough to be killed
 
     reference = tmp_path / "reference"

@@ -15,7 +15,7 @@ from blip.jobs.writer import JobMismatchError
 
 torch.set_num_threads(1)
 
-FAST = dict(batch_size=4, shard_size=6, max_new_tokens=8, min_new_tokens=2, workers=1)
+FAST = dict(batch_size=4, shard_size=6, max_new_tokens=8, min_new_tokens=2, workers=0)
 
 
 def _dataset_pairs(out):

@@ -21,7 +21,7 @@ BATCH_FLAGS = [
     ("--batch-size", "0"),
     ("--batch-size", "-3"),
     ("--shard-size", "0"),
-    ("--workers", "0"),
+    ("--workers", "-1"),
     ("--prefetch", "-1"),
     ("--limit", "0"),
     ("--limit", "-5"),
@@ -33,7 +33,7 @@ BATCH_FLAGS = [
 CAPFILT_FLAGS = [
     ("--batch-size", "0"),
     ("--shard-size", "-1"),
-    ("--workers", "0"),
+    ("--workers", "-1"),
     ("--num-captions", "0"),
     ("--max-new-tokens", "0"),
     ("--threads", "-1"),

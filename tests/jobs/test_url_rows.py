@@ -87,7 +87,7 @@ def _manifest(tmp_path, png: bytes, urls: dict[str, str]):
 
 def _run(caption_model, manifest, out):
     options = TaskOptions(max_new_tokens=5)
-    return run_batch(BatchConfig("caption", str(caption_model), str(manifest), str(out), workers=2, options=options))
+    return run_batch(BatchConfig("caption", str(caption_model), str(manifest), str(out), workers=0, options=options))
 
 
 def test_loopback_localhost_and_redirects_to_loopback_are_refused(

@@ -85,10 +85,16 @@ def test_tied_weights_stay_plain() -> None:
     assert pack_linears(model) == 0  # packing twice changes nothing
 
 
-def test_nothing_is_packed_when_onednn_linears_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "onednn_linear_available", lambda: False)
-    layers = _layers(torch.float32)
-    assert pack_linears(layers) == 0 and not layers[0].weight.is_mkldnn
+def test_where_mkl_is_chosen_only_bfloat16_is_packed_and_forcing_mkl_packs_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kernels, "cpu_matmul", lambda: kernels.MatmulChoice("mkl", "probe"))
+    fp32, bf16 = _layers(torch.float32), _layers(torch.bfloat16)
+    assert pack_linears(fp32) == 0 and not fp32[0].weight.is_mkldnn  # MKL computes float32 there: keep it plain
+    assert pack_linears(bf16) == 2  # bfloat16 goes to oneDNN whatever the choice: packed it is faster
+    for setting in ("mkl", "aten"):
+        monkeypatch.setenv("BLIP_CPU_MATMUL", setting)
+        assert pack_linears(_layers(torch.bfloat16)) == 0
 
 
 def test_input_gradients_through_packed_weights_equal_plain_ones() -> None:

@@ -102,7 +102,7 @@ def collection_dir(hf_checkpoints, tmp_path_factory) -> Path:
         image.save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
     out = root / "embedded"
     argv = ["embed", "-m", str(hf_checkpoints(RETRIEVAL)), "-i", str(folder), "-o", str(out), "--index", "flat"]
-    assert batch_main([*argv, "--device", "cpu", "--workers", "1", "--no-progress"]) == 0
+    assert batch_main([*argv, "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
     return out
 
 

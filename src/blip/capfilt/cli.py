@@ -75,7 +75,9 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer folder or vocab.txt, for checkpoints that ship none")
     g.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="rows per batch (default: 32)")
     g.add_argument("--shard-size", type=int, default=_DEFAULTS.shard_size, help="rows per output shard")
-    g.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="image decoding threads (default: 2)")
+    g.add_argument(
+        "--workers", type=int, help="image-decoding processes (default: by CPU count and device; 0: threads here)"
+    )
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_engine_flags(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")

@@ -101,7 +101,7 @@ class CapfiltConfig:
     dtype: str = "float32"  # for models loaded from a path
     threads: int = 0  # torch CPU threads (0: leave as is)
     shard_size: int = 1000  # rows per output shard (the unit of commit)
-    workers: int = 2  # image decoding threads
+    workers: int | None = None  # image-decoding processes (None: by CPUs and device; 0: threads in this process)
     prefetch: int = 4  # batches decoded ahead
     keep_clean: str | None = None  # human-annotated captions added unfiltered: a manifest or a shapes folder
     overwrite: bool = False  # discard earlier results in the output folder (else a rerun resumes)
@@ -114,9 +114,11 @@ class CapfiltConfig:
     tokenizer: str | None = None  # for checkpoints loaded from a path that ship no tokenizer
 
     def validate(self) -> None:
-        for name in ("num_captions", "batch_size", "shard_size", "workers", "prefetch", "max_new_tokens"):
+        for name in ("num_captions", "batch_size", "shard_size", "prefetch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.threshold != self.threshold:  # NaN
             raise ValueError("threshold must be a number (0 keeps every text, above 1 none)")
         self.captioning()  # OptionError (a ValueError) naming a bad generation option
@@ -282,6 +284,10 @@ class CapfiltRunner(RowRunner):
         self.prompt_text = captioner.tokenizer.decode(prefix) if len(prefix) > 1 else ""
         sizes = {captioner.transform.image_size, filter.transform.image_size}
         self._image_size = sizes.pop() if len(sizes) == 1 else None  # both models resize the same way: do it once
+
+    @property
+    def decode_size(self) -> int | None:
+        return self._image_size
 
     def load(self, row: Row) -> Image.Image:
         return read_image(row, self._image_size)

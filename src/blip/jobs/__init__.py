@@ -2,7 +2,7 @@
 ranks or Ray actors), `blip retrieve` over an embedded collection, and the machinery CapFilt (`blip.capfilt`) runs on.
 
 - `sources`: folder / CSV / JSONL / WebDataset inputs -> a fixed list of rows
-- `prefetch`: image decoding in threads, ahead of the model
+- `prefetch`: image decoding in worker processes (or threads), ahead of the model; pixels to the GPU one batch ahead
 - `runner`: rows through `blip.tasks.batch.dispatch`; shards worked through with a journal per batch
 - `writer`: the output folder: atomic shards, receipts, `_manifest.json` (which names all the job wrote), `errors.jsonl`
 - `lock`: one job at a time per output folder

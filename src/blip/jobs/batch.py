@@ -6,8 +6,8 @@
 
 The work is a fixed list of rows (`blip.jobs.sources`) cut into shards of `shard_size` rows; `BatchKind` makes it a
 job (`blip.jobs.job`). Whichever engine runs it (`blip.jobs.engines`: in-process, torchrun ranks, Ray actors), every
-worker uses the same `ShardWorker` (decode ahead in threads, the `blip.tasks` functions, journal per batch, atomic
-shard commit) and one coordinator locks the output folder, merges the manifest and finishes the job. See
+worker uses the same `ShardWorker` (decode ahead in worker processes, the `blip.tasks` functions, journal per
+batch, atomic shard commit) and one coordinator locks the output folder, merges the manifest and finishes the job. See
 `blip.jobs.writer` for the output folder and how a rerun resumes.
 """
 
@@ -49,7 +49,7 @@ class BatchConfig:
     dtype: str | None = None
     batch_size: int = 16
     shard_size: int = 1000
-    workers: int = 2  # decode threads per process
+    workers: int | None = None  # image-decoding processes per worker (None: by CPUs and device; 0: threads)
     prefetch: int = 4  # batches decoded ahead
     overwrite: bool = False
     progress: bool | None = None  # None: when stderr is a terminal
@@ -72,9 +72,11 @@ class BatchConfig:
         if self.index_type not in INDEX_KINDS:
             raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}")
         self.engine.validate()
-        for name in ("batch_size", "shard_size", "workers", "prefetch"):
+        for name in ("batch_size", "shard_size", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.inputs.limit is not None and self.inputs.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.inputs.limit}")
         if self.output_format == "parquet":

@@ -54,7 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_device_flag(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights/compute dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
-    g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="image-decoding processes (default: on a GPU one per CPU core but two, up to 16; on a CPU none below 8 "
+        "cores); 0: decode in threads of the job's own process",
+    )
     g.add_argument("--prefetch", type=int, default=4, help="batches decoded ahead of the model (default: 4)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
 

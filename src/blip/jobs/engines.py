@@ -109,6 +109,8 @@ def run_local(job: Job) -> Any:
                 except BaseException:
                     _summaries(job, out, "local")  # what finished is on record (finalize writes them otherwise)
                     raise
+                finally:
+                    worker.close()
         return job.kind.finalize(job, out, RunInfo("local", resumed, rows_run, time.perf_counter() - started))
 
 
@@ -168,7 +170,10 @@ def run_torchrun(make_job: Callable[[str], Job], settings: RunSettings) -> Any:
                 refresh = _refresher(job, out, engine) if rank == 0 else None
                 share = sum(len(s.rows) for s in mine)
                 with job.progress_bar(0, total=share, show=rank == 0) as bar:
-                    worker.process(mine, progress=bar.update, on_commit=refresh)
+                    try:
+                        worker.process(mine, progress=bar.update, on_commit=refresh)
+                    finally:
+                        worker.close()
                 rows_run = share
         except Exception as e:
             failure = e

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from blip.devices import check_device_name, resolve_device
 from blip.distributed import world_info_from_env
+from blip.jobs.prefetch import default_workers
 from blip.jobs.runner import ShardTask, ShardWorker, split_shards
 from blip.jobs.sources import InputPlan
 from blip.jobs.writer import OutputDir
@@ -80,7 +81,7 @@ class RunSettings:
     overwrite: bool = False  # discard the results of the job the folder's manifest names (only what it names)
     device: str = "auto"
     batch_size: int = 16  # rows per batch
-    workers: int = 2  # decode threads per process
+    workers: int | None = None  # decode processes per worker (None: `default_workers(device)`; 0: threads)
     prefetch: int = 4  # batches decoded ahead
     progress: bool | None = None  # None: when stderr is a terminal
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -145,8 +146,9 @@ class Job:
     def worker(self, device: str) -> ShardWorker:
         s = self.settings
         runner = self.kind.make_runner(self, device)
+        workers = s.workers if s.workers is not None else default_workers(device)
         return ShardWorker(
-            runner, self.output_dir(), self.fingerprint, batch_size=s.batch_size, workers=s.workers, prefetch=s.prefetch
+            runner, self.output_dir(), self.fingerprint, batch_size=s.batch_size, workers=workers, prefetch=s.prefetch
         )
 
     def progress_bar(self, initial: int, total: int | None = None, *, show: bool = True):

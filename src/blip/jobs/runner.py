@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from blip.jobs.prefetch import Decoded, Prefetcher, decode_key
@@ -100,8 +101,17 @@ class RowRunner:
     def image_size(self) -> int:
         return self.blip.transform.image_size
 
+    @property
+    def decode_size(self) -> int | None:
+        """The square size the prefetch workers resize images to (None: each image at its own size)."""
+        return self.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.blip.device
+
     def load(self, row: Row) -> Image.Image:
-        return read_image(row, self.image_size)
+        return read_image(row, self.decode_size)
 
     def error_row(self, row: Row, reason: str) -> dict[str, Any]:
         out: dict[str, Any] = {"image": row.id}
@@ -229,7 +239,8 @@ def split_shards(rows: list[Row], shard_size: int) -> list[ShardTask]:
 
 
 class ShardWorker:
-    """Works through shards in one process: decode ahead, run the model, journal each batch, commit each shard."""
+    """Works through shards in one process: decode ahead (`workers` processes, 0: threads here), run the model,
+    journal each batch, commit each shard."""
 
     def __init__(
         self,
@@ -238,14 +249,16 @@ class ShardWorker:
         job_fingerprint: str,
         *,
         batch_size: int = 16,
-        workers: int = 2,
+        workers: int = 0,
         prefetch: int = 4,
     ):
         self.runner = runner
         self.out = out
         self.job_fingerprint = job_fingerprint
         self.batch_size = max(1, batch_size)
-        self.prefetcher: Prefetcher[_Batch] = Prefetcher(runner.load, lambda b: b.rows, workers=workers, depth=prefetch)
+        self.prefetcher: Prefetcher[_Batch] = Prefetcher(
+            runner.decode_size, lambda b: b.rows, workers=workers, depth=prefetch, device=runner.device
+        )
 
     def process(
         self,
@@ -280,6 +293,10 @@ class ShardWorker:
             for state in states:
                 state.journal.close()
         return receipts
+
+    def close(self) -> None:
+        """Stop the decode worker processes (a Ray actor keeps them for its next shard)."""
+        self.prefetcher.close()
 
     def _batches(self, states: list[_ShardState]) -> Iterator[_Batch]:
         for state in states:

@@ -10,23 +10,38 @@ So `Linear` and `linear` send CPU inference (no autograd) in float32/bfloat16 to
 fused in. CPU training in float32/bfloat16 (outside autocast) goes there too, through `_OneDnnLinearFunction`: the
 forward product and the input gradient on oneDNN, the weight gradient (a product over the batch, which oneDNN was
 slower at in our measurements) on `torch.mm`. The demo model's training steps run 1.15-1.3x faster that way on the
-2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast and anything the
-checks below reject use `F.linear`.
-`BLIP_CPU_MATMUL=aten` turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it on non-x86 CPUs too; inside
-`aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN op has no ONNX form).
+2-core AMD EPYC (`benchmarks/bench_train.py --compare-matmul --patch-size 16`). GPUs, autocast, code traced by
+`torch.compile` and anything the checks below reject use `F.linear`.
+The same build on an Intel Xeon ran MKL faster (779 against 658 GFLOP/s), so on x86 the library is chosen by
+measurement: at the first CPU linear a short probe (`probe_matmul`: a [64x768]x[768x3072] product and batch-1 GEMVs
+over 38 MB of weights, best of 5 each, interleaved, on one thread in CPU time; 30-80 ms once) times both, and
+MKL is taken only when clearly faster (`MKL_MARGIN`) in two probes in a row. The choice holds for the process
+(`cpu_matmul()`, logged at debug) and is kept per CPU model and PyTorch version in the cache folder (`choice_file()`),
+so every later process on the machine computes with the same library (a resumed job's rows equal the first run's to
+the last bit). `BLIP_CPU_MATMUL=mkl` (or `aten`) turns the oneDNN path off, `BLIP_CPU_MATMUL=onednn` forces it
+(on non-x86 CPUs too); inside `aten_linears()` every product takes `F.linear` (tracing for ONNX export: the oneDNN
+op has no ONNX form).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
+import math
 import os
 import platform
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _aten_only = False  # set by `aten_linears()`
@@ -43,19 +58,176 @@ def aten_linears() -> Iterator[None]:
         _aten_only = saved
 
 
+# (rows, in, out, weights): a ViT-B MLP product at 64 rows (compute-bound), and batch-1 decoding GEMVs over 4
+# weights (38 MB: past a 32 MB L3, so they read memory as decoding does; a cache-resident GEMV ranks them wrongly)
+PROBE_SHAPES = ((64, 768, 3072, 1), (1, 768, 3072, 4))
+PROBE_REPEATS = 5  # timed runs per shape and library (the best counts), after one warm-up run
+CHOICE_FILE = "cpu_matmul.json"
+MKL_MARGIN = 0.9  # MKL is picked only when it takes at most 90% of oneDNN's time: a near tie keeps the default
+
+
+@dataclass(frozen=True)
+class MatmulChoice:
+    """Which library this process's CPU linears use (float32/bfloat16), and why."""
+
+    library: str  # "onednn" (torch.ops.mkldnn._linear_pointwise) or "mkl" (F.linear)
+    reason: str  # "BLIP_CPU_MATMUL=mkl", "probe", "default (probe failed: ...)", "not x86", ...
+    probe_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)  # library -> best ms per PROBE_SHAPES
+
+    def describe(self) -> str:
+        timings = "; ".join(
+            f"{name} " + " / ".join(f"{ms:.2f}" for ms in times) + " ms" for name, times in self.probe_ms.items()
+        )
+        return f"{self.library} ({self.reason}{': ' + timings if timings else ''})"
+
+
+def probe_matmul(shapes: tuple[tuple[int, int, int, int], ...] = PROBE_SHAPES) -> dict[str, tuple[float, ...]]:
+    """Best-of-`PROBE_REPEATS` milliseconds of each library's products for each shape (x [rows, in] times each of
+    `weights` W^T [in, out]) on one thread, in CPU time (so neither the thread count nor a busy machine's
+    preemptions change the verdict: with 2 threads on 2 busy cores oneDNN's GEMV measured 20x slower than alone, MKL's
+    not), the libraries interleaved so that memory-bandwidth contention slows both alike."""
+    times: dict[str, list[float]] = {"onednn": [], "mkl": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core, in this thread's CPU time: what a busy machine does not change
+    try:
+        _time_products(shapes, times)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: tuple(values) for name, values in times.items()}
+
+
+def _time_products(shapes: tuple[tuple[int, int, int, int], ...], times: dict[str, list[float]]) -> None:
+    clock = time.thread_time
+    products = {
+        "onednn": lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+        "mkl": lambda x, w, b: F.linear(x, w, b),
+    }
+    with torch.inference_mode():
+        for rows, fan_in, fan_out, copies in shapes:
+            x = torch.full((rows, fan_in), 0.5)
+            weights = [torch.full((fan_out, fan_in), 0.01) for _ in range(copies)]
+            bias = torch.zeros(fan_out)
+            best = {name: float("inf") for name in products}
+            for repeat in range(PROBE_REPEATS + 1):
+                for name, product in products.items():
+                    start = clock()
+                    for w in weights:
+                        product(x, w, bias)
+                    elapsed = (clock() - start) * 1e3
+                    if repeat:  # the first run warms up (oneDNN builds its kernel, pages fault in)
+                        best[name] = min(best[name], elapsed)
+            for name in products:
+                times[name].append(best[name])
+
+
+_probe = probe_matmul  # what `cpu_matmul` times with (tests put a fake one here)
+
+
+def pick_library(probe_ms: dict[str, tuple[float, ...]]) -> str:
+    """ "mkl" when MKL's time is at most `MKL_MARGIN` of oneDNN's (geometric mean over the shapes), else "onednn"."""
+    ratios = [mkl / onednn for mkl, onednn in zip(probe_ms["mkl"], probe_ms["onednn"])]
+    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise ValueError(f"unusable probe timings {probe_ms}")
+    return "mkl" if math.exp(sum(map(math.log, ratios)) / len(ratios)) <= MKL_MARGIN else "onednn"
+
+
 @functools.cache
+def cpu_matmul() -> MatmulChoice:
+    """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
+    set, else on x86 the faster library by a short probe; oneDNN when the probe fails (the default before probing
+    existed), MKL where the oneDNN op is missing or disagrees with `F.linear`, and on non-x86 CPUs."""
+    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
+    if setting not in ("auto", "onednn", "mkl", "aten"):
+        raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
+    choice = _choose(setting)
+    _logger.debug("CPU linears: %s", choice.describe())
+    return choice
+
+
+def _choose(setting: str) -> MatmulChoice:
+    if setting in ("mkl", "aten"):
+        return MatmulChoice("mkl", f"BLIP_CPU_MATMUL={setting}")
+    if not _onednn_works():
+        return MatmulChoice("mkl", "the oneDNN linear op is missing or disagrees with F.linear")
+    if setting == "onednn":
+        return MatmulChoice("onednn", "BLIP_CPU_MATMUL=onednn")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return MatmulChoice("mkl", f"not x86 ({platform.machine()})")
+    key = machine_key()
+    remembered = _remembered(key)
+    if remembered is not None:
+        return remembered
+    try:
+        probe_ms = _probe()
+        if pick_library(probe_ms) != "onednn":
+            probe_ms = _probe()  # leaving the default takes two probes that agree (a busy neighbour skews one)
+        choice = MatmulChoice(pick_library(probe_ms), "probe", probe_ms)
+    except Exception as e:  # a probe that cannot run must not stop inference: keep the default
+        return MatmulChoice("onednn", f"default (probe failed: {type(e).__name__}: {e})")
+    _remember(key, choice)
+    return choice
+
+
+def machine_key() -> str:
+    """What the choice is kept by: the CPU model and the PyTorch build (not the thread count: every process on the
+    machine should agree, whatever threads it runs)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | torch {torch.__version__}"
+
+
+def choice_file() -> Path:
+    """Where probed choices are kept, per machine key: `$BLIP_CACHE_DIR`, else `$XDG_CACHE_HOME/blip`, else
+    `~/.cache/blip` (as `blip.weights.fingerprint`), file `cpu_matmul.json`."""
+    if os.environ.get("BLIP_CACHE_DIR"):
+        return Path(os.environ["BLIP_CACHE_DIR"]).expanduser() / CHOICE_FILE
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "blip" / CHOICE_FILE
+
+
+def _remembered(key: str) -> MatmulChoice | None:
+    try:
+        entry = json.loads(choice_file().read_text(encoding="utf-8"))[key]
+        library = entry["library"]
+        probe_ms = {name: tuple(float(t) for t in times) for name, times in entry["probe_ms"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return MatmulChoice(library, "probed before", probe_ms) if library in ("onednn", "mkl") else None
+
+
+def _remember(key: str, choice: MatmulChoice) -> None:
+    """Keep the choice for every later process on this machine (so that all of them, e.g. a job and its resumed
+    run, compute with the same library: the same results to the last bit). A cache that cannot be written is
+    skipped."""
+    path = choice_file()
+    try:
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"library": choice.library, "probe_ms": {k: list(v) for k, v in choice.probe_ms.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
 def onednn_linear_available() -> bool:
-    """Whether oneDNN linears are used: the setting allows it, the op exists, and it agrees with `F.linear`."""
-    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower()
-    if setting not in ("auto", "onednn", "aten"):
-        raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or aten, got {setting!r}")
-    if setting == "aten":
-        return False
-    if setting == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+    """Whether CPU linears go to oneDNN in this process (`cpu_matmul`)."""
+    return cpu_matmul().library == "onednn"
+
+
+def _onednn_works() -> bool:
+    """The op exists on this build and agrees with `F.linear` (it is internal to PyTorch: inductor uses it)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    try:  # the op is internal to PyTorch (inductor uses it): check it on this build before trusting it
+    try:
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (24, 16), (24,)))
@@ -78,6 +250,7 @@ def _onednn_linear(
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         not _aten_only
+        and not torch.compiler.is_compiling()  # torch.compile: inductor fuses F.linear itself (no lowering for the op)
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
@@ -206,9 +379,13 @@ class _PackedLinearFunction(torch.autograd.Function):
 def pack_linears(model: nn.Module) -> int:
     """Pack, in place, the weight of every `Linear` of a CPU inference model whose weight is float32/bfloat16 and
     not shared with another module (a tied output head stays plain: its embedding needs the matrix). Returns how
-    many were packed; none where oneDNN linears are off (BLIP_CPU_MATMUL=aten, or no usable oneDNN)."""
-    if not onednn_linear_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    many were packed. float32 weights are packed only where oneDNN is this process's library (`cpu_matmul`);
+    bfloat16 ones wherever oneDNN works (`F.linear` sends bfloat16 to oneDNN too, unpacked) unless
+    BLIP_CPU_MATMUL=mkl/aten asks for `F.linear` everywhere."""
+    forced_aten = os.environ.get("BLIP_CPU_MATMUL", "").strip().lower() in ("mkl", "aten")
+    if forced_aten or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not _onednn_works():
         return 0
+    dtypes = _DTYPES if cpu_matmul().library == "onednn" else (torch.bfloat16,)
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
@@ -220,7 +397,7 @@ def pack_linears(model: nn.Module) -> int:
         if (
             weight.is_mkldnn
             or weight.device.type != "cpu"
-            or weight.dtype not in _DTYPES
+            or weight.dtype not in dtypes
             or uses.get(id(weight), 0) != 1
             or (module.bias is not None and module.bias.dtype != weight.dtype)
         ):

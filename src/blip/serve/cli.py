@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from blip.devices import add_device_flag, resolve_device
 from blip.serve.indexes import IndexSpec, check_index_folder, parse_indexes, split_name
-from blip.serve.settings import MIB, ServeSettings
+from blip.serve.settings import DEFAULT_MAX_BATCH, MIB, ServeSettings
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -128,7 +128,7 @@ class SettingFlag:
 
 
 BATCHING_FLAGS = (
-    SettingFlag("--max-batch", "max_batch", "rows merged into one model call"),
+    SettingFlag("--max-batch", "max_batch", "rows merged into one model call (default: 16 on a CPU, 64 on a GPU)"),
     SettingFlag("--max-wait-ms", "max_wait_ms", "wait for a batch to fill"),
 )
 LIMIT_FLAGS = (
@@ -158,6 +158,7 @@ LIMIT_FLAGS = (
         "max_inflight_pixels",
         "pixels being decoded at once, server-wide; later images wait (503 at the request timeout)",
     ),
+    SettingFlag("--decode-workers", "decode_workers", "images decoded at once, in worker threads"),
     SettingFlag("--max-images", "max_images", "images per request"),
     SettingFlag("--max-texts", "max_texts", "questions or texts per request"),
     SettingFlag("--max-new-tokens", "max_new_tokens", "cap on max_new_tokens"),
@@ -173,7 +174,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, flags: tuple[SettingFlag
     defaults = ServeSettings()
     for flag in flags:
         default = getattr(defaults, flag.field)
-        kind = type(default) if flag.unit == 1 else float
+        kind = (int if default is None else type(default)) if flag.unit == 1 else float  # None: max_batch's default
         parser.add_argument(
             flag.flag, type=kind, default=default if flag.unit == 1 else default / flag.unit, help=flag.help
         )
@@ -209,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", metavar="VAR", help="read the token from this environment variable")
     add_device_flag(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass inside a batch")
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass inside a batch (default: --max-batch's, 16 on a CPU)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _add_setting_flags(p, BATCHING_FLAGS)
     p.add_argument("--no-batching", action="store_true", help="one request per model call (same as --max-batch 1)")
@@ -261,6 +264,13 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 500 else text[:500] + "..."
 
 
+def forward_batch(args: argparse.Namespace, device: str) -> int:
+    """Images per forward pass: --batch-size, else as many as a micro-batch merges on this device."""
+    if args.batch_size is not None:
+        return args.batch_size
+    return ServeSettings(max_batch=args.max_batch).batch_rows(device) if not args.no_batching else DEFAULT_MAX_BATCH
+
+
 def load_models(paths: dict[str, str], args: argparse.Namespace, device: str) -> dict[str, Blip]:
     import blip
 
@@ -269,7 +279,7 @@ def load_models(paths: dict[str, str], args: argparse.Namespace, device: str) ->
         start = time.perf_counter()
         try:
             models[name] = blip.load(
-                path, device=device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=args.batch_size
+                path, device=device, dtype=args.dtype, tokenizer=args.tokenizer, batch_size=forward_batch(args, device)
             )
         except Exception as e:  # any failure to load is the user's to fix: one line, no traceback
             raise StartError(f"--model {name}={path}: cannot load it: {type(e).__name__}: {_one_line(e)}") from e

@@ -5,9 +5,12 @@ Decoded pixels are bounded three ways: per image (`max_pixels`), per request (`m
 request's distinct images, read from their headers before any is decoded: 413 past it) and across the server
 (`PixelBudget`: an image waits for its pixels to fit among those being decoded, bounded by the request's timeout).
 Each image is resized to the model's input size in the same worker call that decodes it, so a full-size image lives
-only as long as its decode. glibc keeps freed memory for reuse (Pillow allocates images in 16 MiB blocks, above
-malloc's adaptive mmap threshold once one was freed), so after large decodes, when none is in flight, the loader
-hands it back to the system (`malloc_trim`); without that an idle server kept gigabytes after a burst."""
+only as long as its decode, and handed to the model as 8-bit pixels (`PreparedImage`): the model's thread only stacks
+them, copies them to the device and normalises them there. Large base64 strings are decoded in a worker thread too:
+nothing of a request's megabytes is worked on by the event loop (JSON bodies are parsed off it, `middleware`).
+glibc keeps freed memory for reuse (Pillow allocates images in 16 MiB blocks, above malloc's adaptive mmap threshold
+once one was freed), so after large decodes, when none is in flight, the loader hands it back to the system
+(`malloc_trim`); without that an idle server kept gigabytes after a burst."""
 
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
+import numpy as np
+import torch
 
 from blip.fetch import FetchError, SafeFetcher, describe_content, sniff_image_type
 from blip.serve.errors import ApiError
 from blip.serve.schemas import ImageRef
 from blip.tasks.batch import ImageItem
-from blip.transforms import ImageDecodeError, image_dimensions, load_image
+from blip.transforms import ImageDecodeError, PreparedImage, image_dimensions, load_image
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.\-]*):")
 URL_SAFE = str.maketrans("-_", "+/")
 T = TypeVar("T")
 INLINE_HEADER_BYTES = 1 << 20  # a request's images up to this size have their headers read on the event loop
+INLINE_BASE64_CHARS = 64 << 10  # base64 images longer than this are decoded in a worker thread, not on the loop
 # malloc_trim after an image this large (its decode grows the heap by tens of MB), at most every TRIM_INTERVAL_S; small
 # images leave little to return, and trimming after them costs more (the model's memory faulted back in) than it saves
 TRIM_IMAGE_PIXELS = 2_000_000
@@ -231,7 +237,11 @@ class ImageLoader:
             except FetchError as e:
                 raise ApiError(e.status, e.code, str(e), field=source.field) from e
         elif source.kind == "b64":
-            data = decode_base64(str(source.value), source.field)
+            text = str(source.value)
+            if len(text) <= INLINE_BASE64_CHARS:
+                data = decode_base64(text, source.field)
+            else:  # megabytes of base64: not on the event loop
+                data = await anyio.to_thread.run_sync(decode_base64, text, source.field)
         else:
             data = bytes(source.value)  # type: ignore[arg-type]
         self._check_bytes(data, source.field)
@@ -278,6 +288,8 @@ class ImageLoader:
 
         def work() -> ImageItem:  # the worker thread hashes the bytes too (megabytes: not on the event loop)
             image = self._guarded(field, decode)
+            if size is not None:  # at the model's size: its 8-bit pixels, ready to be copied to the model's device
+                image = PreparedImage(torch.from_numpy(np.array(image, dtype=np.uint8))[None], 0)
             return ImageItem(hashlib.sha256(data).hexdigest(), image)
 
         await self.budget.acquire(pixels)

@@ -100,7 +100,7 @@ class Service:
         self.metrics = ServerMetrics()
         self.batcher = MicroBatcher(
             self.run_batch,
-            max_batch=settings.max_batch,
+            max_batch=settings.batch_rows(self.device),
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             on_batch=self._observe_batch,
@@ -125,6 +125,11 @@ class Service:
         gauge("blip_decode_pixels_in_flight", "Decoded pixels being decoded now.", lambda: self.images.budget.used)
         gauge("blip_decode_waiting", "Images waiting to be decoded.", lambda: self.images.budget.waiting)
 
+    @property
+    def device(self) -> str:
+        """Where the served models run (the first one's device; "cpu" before any is loaded)."""
+        return str(next(iter(self.models.values())).device) if self.models else "cpu"
+
     # --- lifecycle -------------------------------------------------------------------------------------------------
 
     @property
@@ -146,6 +151,7 @@ class Service:
         try:
             models = await anyio.to_thread.run_sync(self.loader)
             self.models.update(models)
+            self.batcher.max_batch = self.settings.batch_rows(self.device)  # a GPU takes larger batches
             _logger.info("models loaded: %s", ", ".join(f"{n} ({sorted(m.tasks)})" for n, m in self.models.items()))
             if self.index_specs:
                 stage = "index"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
+DEFAULT_MAX_BATCH = 16  # rows per model call on a CPU: past it a batch only adds latency
+CUDA_MAX_BATCH = 64  # on a GPU a decode step costs about the same for 1 or 64 rows: fill it
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,8 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # empty: CORS off
 
     # dynamic micro-batching
-    max_batch: int = 16  # rows (images, questions, pairs) merged into one model call; 1 turns batching off
+    max_batch: int | None = None  # rows (images, questions, pairs) merged into one model call; 1 turns batching off;
+    # None: DEFAULT_MAX_BATCH on a CPU, CUDA_MAX_BATCH on a GPU (`batch_rows`)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     queue_size: int = 64  # requests admitted at once (fetching, decoding, queued, running); more get 503
     timeout_s: float = 30.0  # per request, from admission to answer
@@ -53,8 +56,9 @@ class ServeSettings:
     fetch_allow_loopback: bool = False  # tests only: lets a local test server stand in for the internet
 
     def __post_init__(self) -> None:
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         positive = (
-            "max_batch",
             "queue_size",
             "max_connections",
             "decode_workers",
@@ -87,3 +91,9 @@ class ServeSettings:
             raise ValueError(f"{pixels} must be >= max_image_pixels ({self.max_image_pixels})")
         if self.max_wait_ms < 0 or self.fetch_max_redirects < 0:
             raise ValueError("max_wait_ms and fetch_max_redirects must be >= 0")
+
+    def batch_rows(self, device: object = "cpu") -> int:
+        """Rows merged into one model call on `device` (a torch.device or its name): `max_batch` when set."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return CUDA_MAX_BATCH if str(device).startswith("cuda") else DEFAULT_MAX_BATCH

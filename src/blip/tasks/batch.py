@@ -21,6 +21,7 @@ from blip.tasks import blip2 as blip2_generate
 from blip.tasks.caption import caption_images
 from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.vqa import answer_candidates, answer_questions
+from blip.transforms import PreparedImage
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -32,7 +33,7 @@ TASKS = ("caption", "vqa", "vqa_top", "match", "similarity", "embed", "retrieve"
 @dataclass(frozen=True)
 class ImageItem:
     key: Hashable  # equal keys are one image (the server: sha256 of the encoded bytes; jobs: where it was read from)
-    image: Image.Image
+    image: Image.Image | PreparedImage  # prepared: decoded ahead at the model's size (`blip.transforms`)
 
 
 @dataclass

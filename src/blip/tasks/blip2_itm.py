@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.tasks.common import chunks, model_input
+from blip.tasks.common import chunks, image_input
 
 if TYPE_CHECKING:
     from blip.api import Blip2
@@ -27,7 +27,7 @@ def encode_images(
     batch size, each once."""
     parts = []
     for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model.vision_model)
+        pixels = image_input(blip, [images[i] for i in chunk], blip.model.vision_model)
         embeds = blip.model.encode_image(pixels)
         parts.append(head(embeds) if head is not None else embeds)
     return torch.cat(parts)

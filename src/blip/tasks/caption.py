@@ -10,7 +10,7 @@ from PIL import Image
 
 from blip.models.generation import GenerationConfig, generate
 from blip.models.static_decode import text_decoder_stepper
-from blip.tasks.common import Caption, chunks, model_input
+from blip.tasks.common import Caption, chunks, image_input
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -43,7 +43,7 @@ def caption_images(
     prefix = prompt_prefix(blip, prompt)
     results: list[list[Caption]] = []
     for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model)
+        pixels = image_input(blip, [images[i] for i in chunk], blip.model)
         image_embeds = blip.model.encode_image(pixels)
         cross = decoder.bert.cross_kv(image_embeds)
         mine = [generators[i] for i in chunk] if generators is not None else None

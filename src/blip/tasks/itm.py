@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.tasks.common import MAX_TEXT_TOKENS, chunks, group_rows, model_input
+from blip.tasks.common import MAX_TEXT_TOKENS, chunks, group_rows, image_input
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -26,7 +26,7 @@ def match_probabilities(blip: Blip, images: list[Image.Image], texts: list[str],
         owner = [local[image_index[r]] for r in rows]
         order, per_image = group_rows(owner, len(used))
         ids, mask = blip.tokenizer([texts[rows[o]] for o in order], max_length=MAX_TEXT_TOKENS)
-        image_embeds = model.encode_image(model_input(blip.transform([images[i] for i in used]), model))
+        image_embeds = model.encode_image(image_input(blip, [images[i] for i in used], model))
         index = None if per_image else torch.tensor([owner[o] for o in order], device=device)
         cross = model.image_cross_kv(image_embeds, index=index)
         states = model.encode_multimodal(ids.to(device), mask.to(device), cross=cross, first_only=True)
@@ -41,7 +41,7 @@ def image_embeddings(blip: Blip, images: list[Image.Image]) -> torch.Tensor:
     """L2-normalised ITC image features `[n, embed_dim]` (float32, on CPU)."""
     feats = []
     for chunk in chunks(len(images), blip.batch_size):
-        pixels = model_input(blip.transform([images[i] for i in chunk]), blip.model)
+        pixels = image_input(blip, [images[i] for i in chunk], blip.model)
         feats.append(blip.model.image_features(blip.model.encode_image(pixels)).float().cpu())
     return torch.cat(feats)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from blip.models.bert import CrossKV
 from blip.models.generation import GenerationConfig, generate
 from blip.models.static_decode import text_decoder_stepper
-from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, model_input
+from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, image_input
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -32,7 +32,7 @@ def encode_questions(
     ids, mask = blip.tokenizer([questions[r] for r in order], max_length=MAX_TEXT_TOKENS)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    image_embeds = model.encode_image(model_input(blip.transform(images), model))
+    image_embeds = model.encode_image(image_input(blip, images, model))
     index = None if per_image else torch.tensor([image_index[r] for r in order], device=device)
     cross = model.image_cross_kv(image_embeds, index=index)
     states = model.encode_multimodal(ids, mask, cross=cross)

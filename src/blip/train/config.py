@@ -133,6 +133,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 0.0  # max gradient norm (0 = no clipping)
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto = bf16 on CUDA, none on CPU
+    compile: bool = False  # torch.compile the training forward (same results; faster GPU steps after a compile)
     # --- images ----------------------------------------------------------------------------------------------------
     augment: bool = True  # RandomResizedCrop (+ flip, RandAugment as set below); off = evaluation preprocessing
     crop_scale: tuple[float, float] = (0.5, 1.0)

@@ -17,6 +17,7 @@ killed there (checkpoint written, run not finished); starting the same run again
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -64,6 +65,7 @@ class LoopSettings:
     stop_after: int = 0
     resume: bool = True
     desc: str = "train"  # the progress bar's label
+    compile: bool = False  # run the task's forward through torch.compile (the same results, faster steps on GPUs)
 
 
 @dataclass
@@ -91,6 +93,22 @@ def _no_buffer_sync() -> dict[str, bool]:
     """Queues and counters are identical on every rank by construction: no need to broadcast them each forward."""
     parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+class CompileUnavailable(RuntimeError):
+    """`compile=true` on a platform where torch.compile cannot run."""
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """`module` through `torch.compile` (checkpoints keep reading the original module's state: the loop saves
+    `task`, never the compiled wrapper). Raises `CompileUnavailable` with the reason where it cannot compile."""
+    if not hasattr(torch, "compile"):
+        raise CompileUnavailable("compile=true needs torch.compile (PyTorch 2)")
+    try:
+        importlib.import_module("torch._dynamo")  # fails on platforms without dynamo support
+    except Exception as e:  # pragma: no cover - depends on the platform
+        raise CompileUnavailable(f"compile=true: torch.compile is unavailable here ({type(e).__name__}: {e})") from e
+    return torch.compile(module)
 
 
 def move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -133,6 +151,8 @@ class Trainer:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 task, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **_no_buffer_sync()
             )
+        if settings.compile:
+            self.wrapped = compiled(self.wrapped)
 
     @property
     def checkpoint_path(self) -> Path:

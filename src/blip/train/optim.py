@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with betas (0.9, 0.999) and weight decay 0.05 (docs/training.md). The original decays every parameter; with
+AdamW with betas (0.9, 0.999) and weight decay 0.05 (docs/training.md), fused on CUDA, multi-tensor on the CPU
+(`adamw_kernel`). The original decays every parameter; with
 `decay_1d=False` biases, LayerNorm weights, embeddings' 1-D tables and the temperature are left undecayed (LAVIS).
 The schedule is a pure function of the step (linear warmup from `warmup_lr`, then cosine down to `min_lr`, or
 constant), so its state is the step alone and resuming sets it exactly.
@@ -39,8 +40,18 @@ def build_optimizer(
     decay_1d: bool = True,
 ) -> torch.optim.AdamW:
     groups = param_groups(module, weight_decay, decay_1d)
-    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kernel([p for g in groups for p in g["params"]]))
+
+
+def adamw_kernel(params: list[torch.Tensor]) -> dict[str, bool]:
+    """How AdamW updates `params`: one fused kernel per step when they are all floating-point CUDA tensors;
+    `foreach` (a few multi-tensor ops per step instead of a dozen Python-dispatched ops per parameter) when they are
+    all on the CPU; PyTorch's own choice otherwise (mixed devices, other accelerators, nothing to train)."""
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    if params and all(p.device.type == "cpu" for p in params):
+        return {"foreach": True}
+    return {}
 
 
 @dataclass(frozen=True)

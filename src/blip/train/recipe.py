@@ -285,6 +285,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> RunSummary:
         stop_after=cfg.stop_after,
         resume=cfg.resume,
         desc=cfg.label or cfg.task,
+        compile=cfg.compile,
     )
     trainer = Trainer(task, optimizer, schedule, data, settings, out_dir=out, dist=dist, describe=describe)
     _logger.info(
