@@ -1,7 +1,9 @@
 """The `openai` Python client against a live `blip serve` (the tiny caption and VQA models): chat completions give
-what the Python API gives with the same options, streaming gives the same text, n and seed behave, the model list
-reads, and bad input, a too-long prompt, a wrong token, an unknown model, a private URL and too many pixels come back
-as the client's own exceptions carrying our message."""
+what the Python API gives with the same options, n and seed behave, the model list reads, and bad input, a too-long
+prompt, a wrong token, an unknown model, a private URL and too many pixels come back as the client's own exceptions
+carrying our message. Streaming sends words while the model decodes (greedy, sampled choices each with its index;
+beams once finished), they join to the non-streamed text (BLIP, BLIP-2 OPT and T5), refusals before the first event
+are the usual errors, a timeout after it an error event, and a client that hangs up stops the decoding."""
 
 from __future__ import annotations
 
