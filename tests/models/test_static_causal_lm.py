@@ -10,7 +10,7 @@ import torch
 
 from blip.blip2_config import OptConfig
 from blip.models.blip2.opt import OptForCausalLM
-from blip.models.generation import CausalLmStepper, GenerationConfig, generate
+from blip.models.generation import CausalLmStepper, GenerationConfig, generate, token_listener
 from blip.models.static_decode import GraphCache, StaticCausalLmStepper, causal_lm_stepper
 
 VOCAB, EOS, BOS, IMAGE, QUERIES = 40, 2, 2, 39, 4
@@ -127,3 +127,27 @@ def test_mode_picks_the_opt_stepper(lm):
     embeds, mask, ids, _ = _prefixes(lm, [1], False, seed=1)
     assert isinstance(causal_lm_stepper(lm, embeds, mask, ids, None, "static"), StaticCausalLmStepper)
     assert type(causal_lm_stepper(lm, embeds, mask, ids, None, "auto")) is CausalLmStepper
+
+
+@pytest.mark.parametrize("setting", ["greedy", "sample-seed"])
+def test_the_token_listener_hears_each_step_on_both_opt_steppers(lm, setting):
+    """`token_listener` gets, once per step, the rows still decoding and their new tokens: eager and static alike
+    (the static greedy loop keeps finished rows and runs a few steps past the last end: those are not reported)."""
+    embeds, mask, ids, groups = _prefixes(lm, [0, 3, 1, 5], True, seed=4)
+    cfg = _config(**SETTINGS[setting])
+    heard = {}
+    for name, stepper in (
+        ("eager", CausalLmStepper(lm, embeds, mask, ids, groups)),
+        ("static", StaticCausalLmStepper(lm, embeds, mask, ids, groups)),
+    ):
+        calls: list[tuple] = []
+        with token_listener(lambda step, rows, tokens, calls=calls: calls.append((step, rows, tokens))):
+            out = generate(stepper, cfg, eos_id=EOS)
+        generated = [s.token_ids[len(i) :] for r, i in zip(out, ids) for s in r]
+        assert len({len(g) for g in generated}) > 1
+        assert [step for step, _, _ in calls] == list(range(max(len(g) for g in generated)))
+        for step, rows, tokens in calls:
+            assert rows == [r for r, g in enumerate(generated) if len(g) > step]
+            assert tokens == [generated[r][step] for r in rows]
+        heard[name] = calls
+    assert heard["static"] == heard["eager"]

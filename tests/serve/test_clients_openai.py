@@ -1,11 +1,14 @@
 """The `openai` Python client against a live `blip serve` (the tiny caption and VQA models): chat completions give
-what the Python API gives with the same options, streaming gives the same text, n and seed behave, the model list
-reads, and bad input, a too-long prompt, a wrong token, an unknown model, a private URL and too many pixels come back
-as the client's own exceptions carrying our message."""
+what the Python API gives with the same options, n and seed behave, the model list reads, and bad input, a too-long
+prompt, a wrong token, an unknown model, a private URL and too many pixels come back as the client's own exceptions
+carrying our message. Streaming sends words while the model decodes (greedy, sampled choices each with its index;
+beams once finished), they join to the non-streamed text (BLIP, BLIP-2 OPT and T5), refusals before the first event
+are the usual errors, a timeout after it an error event, and a client that hangs up stops the decoding."""
 
 from __future__ import annotations
 
 import io
+import time
 
 import httpx
 import pytest
@@ -84,17 +87,104 @@ def test_n_answers_are_the_best_beams(client, tiny_models, images):
     assert done.usage.completion_tokens >= 3
 
 
-def test_streaming_gives_the_same_text(client, images):
-    for model, text in (("captioner", PROMPT), ("vqa", QUESTION)):
-        whole = chat(client, model, data_url(images[3]), text).choices[0].message.content
-        stream = chat(client, model, data_url(images[3]), text, stream=True, stream_options={"include_usage": True})
-        chunks = list(stream)
-        assert all(c.object == "chat.completion.chunk" for c in chunks)
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == whole
-        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == len(whole.split())
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+def streamed(client: openai.OpenAI, model: str, image_url: str, text: str | None = None, **options):
+    """A streamed completion: per choice index its text joined from the deltas, its finish reason and how many
+    chunks brought text; and the usage chunk (the last)."""
+    stream = chat(client, model, image_url, text, stream=True, stream_options={"include_usage": True}, **options)
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and chunks[-1].choices == []
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    pieces: dict[int, int] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        i = choice.index
+        if i not in texts:
+            assert choice.delta.role == "assistant"  # each choice starts with its role
+        texts[i] = texts.get(i, "") + (choice.delta.content or "")
+        pieces[i] = pieces.get(i, 0) + bool(choice.delta.content)
+        if choice.finish_reason is not None:
+            assert i not in reasons
+            reasons[i] = choice.finish_reason
+    return texts, reasons, pieces, chunks[-1].usage
+
+
+def assert_streams_as_it_completes(client, model, image_url, text=None, several=True, **options) -> None:
+    """The streamed choices (text, finish reason, usage) equal the non-streamed ones; with `several`, each choice's
+    text came in more than one piece."""
+    whole = chat(client, model, image_url, text, **options)
+    texts, reasons, pieces, usage = streamed(client, model, image_url, text, **options)
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    assert usage == whole.usage
+    if several:
+        assert all(count > 1 for count in pieces.values()), pieces
+
+
+STREAMED = {
+    "greedy": dict(max_tokens=20),
+    "sampled_n2": dict(temperature=1.0, n=2, seed=5, max_tokens=20),
+    "nucleus_n2": dict(top_p=0.8, n=2, seed=9, max_tokens=20),
+}
+
+
+@pytest.mark.parametrize("prompt", [None, PROMPT])
+@pytest.mark.parametrize("setting", list(STREAMED))
+def test_streamed_captions_equal_the_completion(client, images, setting, prompt):
+    assert_streams_as_it_completes(client, "captioner", data_url(images[3]), prompt, **STREAMED[setting])
+
+
+def test_streamed_answers_and_beams_equal_the_completion(client, images):
+    assert_streams_as_it_completes(client, "vqa", data_url(images[0]), "is there a cat?", max_tokens=8)
+    # beam search (n > 1 without sampling) streams the finished texts
+    assert_streams_as_it_completes(client, "captioner", data_url(images[0]), n=2, several=False)
+    assert_streams_as_it_completes(client, "vqa", data_url(images[0]), QUESTION, n=2, several=False)
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every decoding step of BLIP's text decoder (in the live server, in this process) takes 40 ms more; the list
+    counts them."""
+    from blip.models.generation import TextDecoderStepper
+
+    steps: list[float] = []
+    real = TextDecoderStepper.step
+
+    def step(self, tokens):
+        steps.append(time.monotonic())
+        time.sleep(0.04)
+        return real(self, tokens)
+
+    monkeypatch.setattr(TextDecoderStepper, "step", step)
+    return steps
+
+
+def test_tokens_arrive_while_the_model_decodes(client, images, slow_steps):
+    stream = chat(client, "captioner", data_url(images[3]), stream=True, max_tokens=20)
+    arrivals = [time.monotonic() for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(slow_steps) == 19 and len(arrivals) > 10  # 20 tokens: the first from the prefix, then 19 steps
+    # (the server runs in this process: one clock) the first words came before the middle step began, and most
+    # words before the last one did
+    assert arrivals[0] < slow_steps[9]
+    assert sum(t < slow_steps[-1] for t in arrivals) > 10
+
+
+def test_a_client_gone_mid_stream_stops_the_decoding(guarded, client, images, slow_steps):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"model": "captioner", "messages": user(data_url(images[3])), "stream": True, "max_tokens": 40}
+    with httpx.stream("POST", f"{guarded.url}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first words: hang up
+    service = guarded.app.state.service
+    deadline = time.monotonic() + 10
+    while service.batcher.admitted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert service.batcher.admitted == 0  # the request's slot is free
+    stopped = len(slow_steps)
+    time.sleep(0.2)
+    assert len(slow_steps) == stopped < 39  # the decoding stopped early, and stays stopped
+    assert_streams_as_it_completes(client, "captioner", data_url(images[1]), max_tokens=6, several=False)
 
 
 def test_n_and_seed(client, tiny_models, images):
@@ -172,11 +262,17 @@ def test_private_urls_are_refused(server, image_server):
 
 
 def test_huggingface_chat_completion_reaches_the_same_route(guarded, tiny_models, images):
-    """InferenceClient(base_url=server).chat_completion posts to /v1/chat/completions too."""
+    """InferenceClient(base_url=server).chat_completion posts to /v1/chat/completions too, streaming included."""
     hf = pytest.importorskip("huggingface_hub")
     client = hf.InferenceClient(base_url=guarded.url, api_key=TOKEN, timeout=30)
     done = client.chat_completion(messages=user(data_url(images[1]), QUESTION), model="vqa")
     assert done.choices[0].message.content == tiny_models["vqa"].answer(images[1], QUESTION)[0].text
+    whole = client.chat_completion(messages=user(data_url(images[3])), model="captioner", max_tokens=12)
+    chunks = list(
+        client.chat_completion(messages=user(data_url(images[3])), model="captioner", max_tokens=12, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices[0].delta.content]) > 1
 
 
 def test_raw_http_shapes(guarded, images):
@@ -212,3 +308,53 @@ def test_blip2_puts_the_question_in_its_template(blip2_server, blip2_models, ima
     beams = chat(client, "opt", data_url(images[2]), QUESTION, n=2)
     assert beams.choices[0].message.content == blip2_models["opt"].answer(images[2], QUESTION, num_beams=2)[0].text
     assert len(beams.choices) == 2
+
+
+def test_streaming_requests_get_the_same_refusals(client, tiny_models, images, slow_steps):
+    """Errors found before the first event are the usual ones: a bad image, too many pixels, a too-long prompt, an
+    option over the server's cap; and with every admission slot taken (here by a stream), a 503."""
+    with pytest.raises(openai.BadRequestError, match="not an image in an accepted format"):
+        chat(client, "captioner", "data:image/png;base64," + b64(b"not an image at all"), stream=True)
+    with pytest.raises(openai.APIStatusError, match="image_url.url") as caught:
+        chat(client, "captioner", data_url(Image.new("RGB", (100, 100), "red")), stream=True)
+    assert caught.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="300 characters, over the limit of 200"):
+        chat(client, "captioner", data_url(images[0]), "a " * 150, stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 1000 is over this server's limit of 64"):
+        chat(client, "captioner", data_url(images[0]), max_tokens=1000, stream=True)
+    with LiveServer(create_app(tiny_models, ServeSettings(queue_size=1))) as live:
+        one = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        first = chat(one, "captioner", data_url(images[3]), stream=True, max_tokens=20)
+        next(iter(first))  # the stream holds the one slot while it decodes
+        with pytest.raises(openai.APIStatusError, match="the server is busy") as caught:
+            chat(one, "captioner", data_url(images[3]), stream=True)
+        assert caught.value.status_code == 503
+        first.close()
+
+
+def test_a_timeout_mid_stream_ends_it_with_the_error(tiny_models, images, slow_steps):
+    """Past the request timeout (it bounds the whole request, as without streaming) the stream ends with an error
+    event, which the client raises with our message; the decoding stops and the slot is free."""
+    with LiveServer(create_app(tiny_models, ServeSettings(timeout_s=0.4))) as live:
+        short = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        stream = chat(short, "captioner", data_url(images[3]), stream=True, max_tokens=40)
+        with pytest.raises(openai.APIError, match="the request took longer than 0.4 s") as caught:
+            for _ in stream:
+                pass
+        assert caught.value.code == "timeout"
+        time.sleep(0.2)
+        assert len(slow_steps) < 39  # stopped at the step after the error
+        assert live.app.state.service.batcher.admitted == 0
+
+
+@pytest.mark.parametrize("name", ["opt", "t5"])
+def test_blip2_streams_as_it_completes(blip2_server, images, name):
+    """BLIP-2's text leaves out the query placeholders (OPT) and the prompt (answers), or follows T5's decoder
+    start, and its random tiny models write broken UTF-8 and few spaces: streamed, it is still the completion's:
+    answers, captions, sampled captions."""
+    client = openai.OpenAI(base_url=f"{blip2_server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    url = data_url(images[1])
+    assert_streams_as_it_completes(client, name, url, QUESTION, max_tokens=12, several=False)
+    assert_streams_as_it_completes(client, name, url, max_tokens=12, several=False)
+    sampled = dict(temperature=1.0, n=2, seed=3, max_tokens=12)
+    assert_streams_as_it_completes(client, name, data_url(images[0]), several=False, **sampled)  # a caption

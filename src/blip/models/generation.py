@@ -17,11 +17,18 @@ state is ever copied per row or per step, and a source leaves the batch as soon 
 The decoding rules (logits processing order, beam bookkeeping, length normalisation, stopping) follow what
 transformers' `generate` does for that source alone, so the same checkpoint gives the same token ids; lengths count
 new tokens, so sources with prefixes of different lengths decode together; see docs/generation.md.
+
+Streaming: within `with token_listener(callback):`, greedy and sampling decoding report each step's new tokens as they
+are chosen (`TokenListener`), without any task function passing anything along; beam search reports nothing (no
+beam's tokens are final before the end).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from typing import Protocol
@@ -367,6 +374,38 @@ def _warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+# --- streaming --------------------------------------------------------------------------------------------------------
+
+# listener(step, rows, tokens): after step `step` (0 = the first new token) of greedy or sampling decoding, `tokens[i]`
+# is the token just chosen for row `rows[i]`. Rows are those still decoding, in order: a row that ended at an earlier
+# step is not reported again (its end token is), a step with no such row not at all. Row numbers are those of the
+# `generate` call: source s's rows are [s * r, (s + 1) * r) for r = num_return_sequences. An exception raised by the
+# listener stops the decoding and leaves `generate` (a streaming client that went away). It runs on the decoding
+# thread, between two steps: keep it short.
+TokenListener = Callable[[int, list[int], list[int]], None]
+
+_token_listener: contextvars.ContextVar[TokenListener | None] = contextvars.ContextVar("token_listener", default=None)
+
+
+@contextlib.contextmanager
+def token_listener(listener: TokenListener) -> Iterator[None]:
+    """Report every new token of the greedy and sampling decoding run inside the block (this thread or task's context)
+    to `listener` (`TokenListener`). Costs one host sync per step while set; nothing otherwise."""
+    token = _token_listener.set(listener)
+    try:
+        yield
+    finally:
+        _token_listener.reset(token)
+
+
+def _report(listener: TokenListener, step: int, rows: torch.Tensor, tokens: torch.Tensor, done: torch.Tensor) -> None:
+    """The step's tokens of the rows not finished before it (if any), read back in one host sync."""
+    row_ids, token_ids, was_done = torch.stack([rows, tokens, done.long()]).tolist()
+    live = [i for i, d in enumerate(was_done) if not d]
+    if live:
+        listener(step, [row_ids[i] for i in live], [token_ids[i] for i in live])
+
+
 # --- the loop ---------------------------------------------------------------------------------------------------------
 
 
@@ -426,6 +465,7 @@ def _sample_or_greedy(
     # adds PAD_ID and a zero score), which saves the host syncs of that bookkeeping. Sampling keeps the eager
     # bookkeeping: which rows draw decides which random numbers each row gets.
     fixed_rows = getattr(stepper, "fixed_shape", False) and not cfg.do_sample
+    listener = _token_listener.get()
 
     for n in range(steps):  # n: tokens generated so far
         logits = _process_logits(logits, seen, n, cfg, eos)
@@ -450,6 +490,8 @@ def _sample_or_greedy(
         just_done = (~was_finished) & torch.isin(tokens, eos)
         lengths[rows_idx] = torch.where(just_done, n + 1, lengths[rows_idx])
         finished[rows_idx] = was_finished | just_done
+        if listener is not None:
+            _report(listener, n, rows_idx, tokens, was_finished)
         if n + 1 == steps:
             break
 

@@ -18,6 +18,7 @@ import numpy as np
 from fastapi.security import HTTPAuthorizationCredentials
 
 from blip.fetch import FetchLimits, SafeFetcher, SyncFetcher
+from blip.models.generation import TokenListener, token_listener
 from blip.serve.batching import BatcherClosed, MicroBatcher, QueueFull, Slot
 from blip.serve.errors import ApiError
 from blip.serve.indexes import IndexSpec, ServedIndex, open_indexes
@@ -62,6 +63,19 @@ class BatchKey:
     model: str
     options: Hashable = None  # the task's options (`blip.tasks.options`, `RetrieveOptions`)
     solo: int | None = None  # set (unique per request) for work that must run alone, e.g. sampling with a seed
+
+
+@dataclass
+class Listened:
+    """A streaming request's work: run alone, its decoding reporting each step's new tokens to `listener` on the
+    inference thread (`blip.models.generation.token_listener`)."""
+
+    work: Any
+    listener: TokenListener
+
+    @property
+    def rows(self) -> int:
+        return rows(self.work)
 
 
 class Service:
@@ -171,6 +185,9 @@ class Service:
         """The micro-batcher's runner: one merged task call per batch (`blip.tasks.batch.dispatch`)."""
         if not isinstance(key, BatchKey):
             raise TypeError(f"unexpected batch key {key!r}")
+        if len(payloads) == 1 and isinstance(payloads[0], Listened):  # a streaming request (always solo)
+            with token_listener(payloads[0].listener):
+                return dispatch(self.models[key.model], key.task, key.options, [payloads[0].work])
         return dispatch(self.models[key.model], key.task, key.options, payloads)
 
     def _observe_batch(self, key: Hashable, n_rows: int, n_requests: int, seconds: float) -> None:
@@ -358,6 +375,20 @@ class Service:
             return await self.batcher.submit(key, work, rows(work), slot)
         except ValueError as e:  # the task functions' own argument checks
             raise ApiError(422, "invalid_request", str(e)) from e
+
+    async def listened(
+        self,
+        task: str,
+        model: str,
+        options: Hashable,
+        sources: list[ImageSource],
+        build: Callable[[list[ImageItem]], Any],
+        listener: TokenListener,
+    ) -> Any:
+        """`run` for a streaming request: alone (no other request's rows), under the same admission, limits and
+        timeout, its greedy or sampling decoding calling `listener` after each step on the inference thread. The
+        caller checks the options first, as `caption` and `answer` do."""
+        return await self.run(task, model, options, sources, lambda items: Listened(build(items), listener), solo=True)
 
     async def caption(
         self, name: str, blip: Blip, options: CaptionOptions, sources: list[ImageSource], field: str = "images"

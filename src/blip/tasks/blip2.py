@@ -18,7 +18,7 @@ checkpoint's top-level generation_config.json does not reach `language_model.gen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -177,6 +177,23 @@ def generate_from(
 
 def _text(blip: Blip2, ids: list[int]) -> str:
     return blip.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def partial_caption(blip: Blip2, prompt: str | None) -> Callable[[list[int]], str]:
+    """generated ids -> the text `caption_images` gives a caption that ends there (a streamed caption so far): OPT
+    decodes BOS, the prompt and the generated ids; T5 the decoder start and the generated ids."""
+    if blip.config.kind == "opt":
+        head = prompt_ids(blip, prompt)
+    else:
+        head = [blip.config.text.decoder_start_token_id]
+    return lambda generated: _text(blip, head + generated)
+
+
+def partial_answer(blip: Blip2) -> Callable[[list[int]], str]:
+    """generated ids -> the text `answer_candidates` gives an answer that ends there (OPT: the generated ids alone;
+    T5: after the decoder start)."""
+    head = [] if blip.config.kind == "opt" else [blip.config.text.decoder_start_token_id]
+    return lambda generated: _text(blip, head + generated)
 
 
 # --- the tasks --------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +24,17 @@ def prompt_prefix(blip: Blip, prompt: str | None) -> list[int]:
         return [bos]
     ids = blip.tokenizer.encode(prompt)
     return [bos] + ids[1:-1]
+
+
+def caption_text(blip: Blip, token_ids: list[int]) -> str:
+    """A caption's text from its token ids (prefix + generated): the prompt's words come first."""
+    return blip.tokenizer.decode(token_ids)
+
+
+def partial_caption(blip: Blip, prompt: str | None) -> Callable[[list[int]], str]:
+    """generated ids -> the text `caption_images` gives a caption that ends there (a streamed caption so far)."""
+    prefix = prompt_prefix(blip, prompt)
+    return lambda generated: caption_text(blip, prefix + generated)
 
 
 @torch.inference_mode()
@@ -50,5 +61,5 @@ def caption_images(
         eos_id = blip.config.text.sep_token_id
         stepper = text_decoder_stepper(decoder, cross, prefix, generation.decode)
         for sequences in generate(stepper, generation, eos_id=eos_id, generators=mine):
-            results.append([Caption(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
+            results.append([Caption(caption_text(blip, s.token_ids), s.score, s.token_ids) for s in sequences])
     return results

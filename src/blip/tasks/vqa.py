@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +40,17 @@ def encode_questions(
     inverse[torch.tensor(order)] = torch.arange(len(order))
     inverse = inverse.to(device)
     return states.index_select(0, inverse), mask.index_select(0, inverse)
+
+
+def answer_text(blip: Blip, token_ids: list[int]) -> str:
+    """A generated answer's text from its token ids ([DEC] + generated)."""
+    return blip.tokenizer.decode(token_ids)
+
+
+def partial_answer(blip: Blip) -> Callable[[list[int]], str]:
+    """generated ids -> the text a generated answer that ends there has (a streamed answer so far)."""
+    bos = blip.config.text.bos_token_id
+    return lambda generated: answer_text(blip, [bos] + generated)
 
 
 def _answer_cross(blip: Blip, states: torch.Tensor, mask: torch.Tensor) -> CrossKV:
@@ -87,7 +98,7 @@ def answers_from_states(
         bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
         stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
         return [
-            Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids)
+            Answer(answer_text(blip, seq.token_ids), seq.score, seq.token_ids)
             for (seq,) in generate(stepper, generation, eos_id=eos)
         ]
     return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
@@ -116,7 +127,7 @@ def answer_candidates(
         cross = _answer_cross(blip, states, mask)
         stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
         for sequences in generate(stepper, generation, eos_id=eos):
-            results.append([Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
+            results.append([Answer(answer_text(blip, s.token_ids), s.score, s.token_ids) for s in sequences])
     return results
 
 

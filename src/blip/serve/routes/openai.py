@@ -17,24 +17,35 @@ decoding is greedy, as `Blip.caption`'s default); `n` choices are `n` samples wh
 for them), `n` > 1 again the `n` best beams. `usage` counts the text's tokens as the model reads them (the image is
 not counted) and the tokens generated over all choices, end tokens included.
 
-`stream: true` answers server-sent `chat.completion.chunk` events, then `data: [DONE]`. The text is generated whole
-(the micro-batcher runs whole generations), then sent a word per event: the streamed text equals the non-streamed
-one, but the first word comes when the whole answer is ready.
+`stream: true` answers server-sent `chat.completion.chunk` events while the model decodes: each choice's role, then
+its text word by word as the tokens come (greedy decoding, and sampling with each of the `n` samples its own `index`),
+its finish reason, the usage when `stream_options.include_usage` asks, then `data: [DONE]`. The deltas join to exactly
+the non-streamed text: a word is sent once no later token can change it (`blip.tasks.streaming`), the rest when
+decoding ends. Beam search (`n` > 1 without sampling) has no final token before the end: its texts are sent word by
+word once finished. A streaming request runs alone on the model thread (not merged with others), under the same
+admission, limits and timeout; its errors before the first event are the usual JSON ones, later ones an error event.
+A client that hangs up stops its decoding at the next step.
 
 Errors come as `{"error": {"message", "type", "param", "code"}}` (the openai client raises its own `BadRequestError`,
 `AuthenticationError`, `NotFoundError`, ... with the message): a bad request is a 400, an unknown model a 404."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
+from blip.models.generation import TokenListener
 from blip.serve.errors import ApiError
 from blip.serve.inputs import ImageSource, from_string_or_data_url
 from blip.serve.routes.shared import AUTH, ServiceDep, shaped_router
@@ -47,10 +58,15 @@ from blip.serve.schemas import (
     OpenAiErrorResponse,
 )
 from blip.serve.service import Service
+from blip.tasks.batch import CaptionWork, PairWork, TopAnswers
+from blip.tasks.common import Answer, Caption
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
+from blip.tasks.streaming import TextDeltas, partial_text
 
 if TYPE_CHECKING:
     from blip.api import Blip
+
+_logger = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
 ERROR_TYPES = {401: "authentication_error", 408: "timeout", 503: "server_error"}
@@ -96,41 +112,75 @@ async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
     name, blip, task = _target(svc, body.model, text, text_field)
     max_new_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if task == "caption":
-        options = _caption_options(svc, body, text, text_field, max_new_tokens)
-        captions = await _renaming(svc.caption(name, blip, options, [source], field=source.field), text_field)
-        token_ids = [c.token_ids for c in captions[0]]
-        texts = [c.text for c in captions[0]]
-        limit = options.max_new_tokens
+        options: CaptionOptions | VqaOptions = _caption_options(svc, body, text, text_field, max_new_tokens)
     else:
         options = _vqa_options(svc, body, blip, max_new_tokens)
-        if body.n == 1:
-            answers = await _renaming(svc.answer(name, options, [source], [text], [0], [text_field]), text_field)
-        else:
-            top = svc.top_answers(name, options, body.n, [source], [text], [0], [text_field])
-            (answers,) = await _renaming(top, text_field)
-        token_ids, texts, limit = [a.token_ids for a in answers], [a.text for a in answers], options.max_new_tokens
-    prompt_tokens = _prompt_tokens(blip, task, text, options)
-    generated = [_generated(blip, task, ids, prompt_tokens) for ids in token_ids]
-    choices = [
-        ChatChoice(
-            index=i,
-            message=ChatResponseMessage(content=t),
-            finish_reason="length" if count >= limit else "stop",  # (an end token as the last allowed one: "length")
+    job = _Job(svc, body, name, blip, task, options, source, text, text_field)
+    if body.stream:
+        return await _stream(job)
+    return job.completion(await job.results(None))
+
+
+@dataclass
+class _Job:
+    """One checked request: its model, task, options, image and text."""
+
+    svc: Service
+    body: ChatRequest
+    name: str
+    blip: Blip
+    task: str
+    options: CaptionOptions | VqaOptions
+    source: ImageSource
+    text: str
+    text_field: str
+
+    async def results(self, listener: TokenListener | None) -> list[Caption] | list[Answer]:
+        """The choices' results: through the micro-batcher; with a `listener` (streaming), alone, the decoding
+        reporting each step to it. An option's error is named as the request names it."""
+        return await _renaming(self._run(listener), self.text_field)
+
+    async def _run(self, listener: TokenListener | None) -> list[Caption] | list[Answer]:
+        svc, name, blip, source, n, options = self.svc, self.name, self.blip, self.source, self.body.n, self.options
+        if isinstance(options, CaptionOptions):
+            if listener is None:
+                (captions,) = await svc.caption(name, blip, options, [source], field=source.field)
+            else:
+                checked = svc.caption_options(options, blip)
+                (captions,) = await svc.listened("caption", name, checked, [source], CaptionWork, listener)
+            return captions
+        question, field = [self.text], [self.text_field]
+        if listener is None:
+            if n == 1:
+                return await svc.answer(name, options, [source], question, [0], field)
+            (answers,) = await svc.top_answers(name, options, n, [source], question, [0], field)
+            return answers
+        svc.check_question_lengths(blip, options, list(zip(field, question)))
+        pair = lambda items: PairWork(items, question, [0])  # noqa: E731
+        if n == 1:
+            return await svc.listened("vqa", name, options, [source], pair, listener)
+        (answers,) = await svc.listened("vqa_top", name, TopAnswers(options, n), [source], pair, listener)
+        return answers
+
+    def completion(self, results: list[Caption] | list[Answer]) -> ChatCompletion:
+        blip, task = self.blip, self.task
+        prompt_tokens = _prompt_tokens(blip, task, self.text, self.options)
+        generated = [_generated(blip, task, r.token_ids, prompt_tokens) for r in results]
+        limit = self.options.max_new_tokens
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content=r.text),
+                finish_reason="length" if count >= limit else "stop",  # (an end token as the last one: "length")
+            )
+            for i, (r, count) in enumerate(zip(results, generated))
+        ]
+        usage = ChatUsage(
+            prompt_tokens=prompt_tokens, completion_tokens=sum(generated), total_tokens=prompt_tokens + sum(generated)
         )
-        for i, (t, count) in enumerate(zip(texts, generated))
-    ]
-    usage = ChatUsage(
-        prompt_tokens=prompt_tokens, completion_tokens=sum(generated), total_tokens=prompt_tokens + sum(generated)
-    )
-    completion = ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=name, choices=choices, usage=usage
-    )
-    if not body.stream:
-        return completion
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(
-        _events(completion, include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.name, choices=choices, usage=usage
+        )
 
 
 # --- the request ------------------------------------------------------------------------------------------------------
@@ -279,16 +329,61 @@ def _generated(blip: Blip, task: str, token_ids: list[int], prompt_tokens: int) 
 # --- streaming --------------------------------------------------------------------------------------------------------
 
 
+class _Gone(Exception):
+    """The streaming client went away: raised by its token listener, it stops the decoding."""
+
+
+async def _stream(job: _Job) -> StreamingResponse:
+    """Run the job with a token listener and answer its events once the first decoding step is done (or the job is,
+    for beam search); an error before that is the usual JSON error."""
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[tuple[list[int], list[int]] | None] = asyncio.Queue()  # None: the job is done
+    gone = threading.Event()
+
+    def listener(step: int, rows: list[int], tokens: list[int]) -> None:  # on the inference thread
+        if gone.is_set():
+            raise _Gone("the client went away")
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
+            loop.call_soon_threadsafe(steps.put_nowait, (rows, tokens))
+
+    def done(task: asyncio.Future) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here: a stream that ended early reads no result
+        steps.put_nowait(None)
+
+    work = asyncio.ensure_future(job.results(listener))
+    work.add_done_callback(done)
+    try:
+        first = await steps.get()
+    except BaseException:
+        gone.set()
+        work.cancel()
+        raise
+    if first is None:
+        work.result()  # raises the job's error, if any
+    include_usage = job.body.stream_options is not None and job.body.stream_options.include_usage
+    events = _events(job, first, steps, work, gone, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def pieces(text: str) -> list[str]:
     """`text` cut before each word that follows a space: the pieces join back to exactly `text`."""
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
-async def _events(completion: ChatCompletion, include_usage: bool) -> AsyncIterator[bytes]:
-    """The completion as `chat.completion.chunk` events: per choice its role, its words, its finish reason; the usage
-    last when asked for; then [DONE]."""
-    head = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created}
-    head["model"] = completion.model
+async def _events(
+    job: _Job,
+    first: tuple[list[int], list[int]] | None,
+    steps: asyncio.Queue[tuple[list[int], list[int]] | None],
+    work: asyncio.Future,
+    gone: threading.Event,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """`chat.completion.chunk` events: each choice's role; its text as it is decoded (the settled words, see
+    `blip.tasks.streaming`); the rest of each finished text and its finish reason; the usage when asked for; [DONE].
+    The decoding's rows are the choices (one source: row i is choice i)."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time())}
+    head["model"] = job.name
 
     def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         chunk = {**head, "choices": choices}
@@ -296,12 +391,50 @@ async def _events(completion: ChatCompletion, include_usage: bool) -> AsyncItera
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
-    for choice in completion.choices:
-        i = choice.index
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for piece in pieces(choice.message.content):
-            yield event([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
-        yield event([{"index": i, "delta": {}, "finish_reason": choice.finish_reason}])
-    if include_usage:
-        yield event([], completion.usage.model_dump())
-    yield b"data: [DONE]\n\n"
+    def delta(i: int, content: str) -> bytes:
+        return event([{"index": i, "delta": {"content": content}, "finish_reason": None}])
+
+    n = job.body.n
+    text_of = partial_text(job.blip, job.task, job.text or None)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    deltas = [TextDeltas() for _ in range(n)]
+    try:
+        for i in range(n):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        item = first
+        while item is not None:
+            items = [item]
+            while not steps.empty():  # what arrived meanwhile: decode once
+                items.append(steps.get_nowait())
+            changed = set()
+            for step in items:
+                if step is not None:
+                    for row, token in zip(*step):
+                        generated[row].append(token)
+                        changed.add(row)
+            for i in sorted(changed):
+                if text := deltas[i].update(text_of(generated[i])):
+                    yield delta(i, text)
+            item = None if items[-1] is None else await steps.get()
+        try:
+            completion = job.completion(work.result())
+        except Exception as e:  # after the first event: the error as an event (the openai client raises APIError)
+            if isinstance(e, ApiError):
+                _, body = error_shape(e.status, e.code, e.message, e.field)
+            else:
+                _logger.error("chat completion stream failed", exc_info=e)
+                _, body = error_shape(500, "internal_error", "internal error; see the server log", None)
+            yield f"data: {json.dumps(body)}\n\n".encode()
+            return
+        for choice in completion.choices:
+            i = choice.index
+            for piece in pieces(deltas[i].finish(choice.message.content)):
+                yield delta(i, piece)
+            yield event([{"index": i, "delta": {}, "finish_reason": choice.finish_reason}])
+        if include_usage:
+            yield event([], completion.usage.model_dump())
+        yield b"data: [DONE]\n\n"
+    finally:
+        gone.set()  # a client gone mid-stream: the decoding stops at its next step
+        if not work.done():
+            work.cancel()
