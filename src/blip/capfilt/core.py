@@ -59,7 +59,6 @@ from blip.jobs.sources import (
     Row,
     plan_input,
     read_bytes,
-    read_image,
     require_rows,
 )
 from blip.jobs.writer import ERRORS, OutputDir
@@ -288,9 +287,6 @@ class CapfiltRunner(RowRunner):
     @property
     def decode_size(self) -> int | None:
         return self._image_size
-
-    def load(self, row: Row) -> Image.Image:
-        return read_image(row, self._image_size)
 
     def error_row(self, row: Row, reason: str) -> dict[str, Any]:
         return {"image": row.id, "error": reason}

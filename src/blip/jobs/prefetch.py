@@ -194,8 +194,9 @@ class Prefetcher(Generic[B]):
         workers: int = 0,
         depth: int = 4,
         device: str | torch.device = "cpu",
+        decoder: BatchDecoder | None = None,
     ):
-        self.decoder = BatchDecoder(size)
+        self.decoder = decoder if decoder is not None else BatchDecoder(size)  # a job's own (e.g. video frames)
         self.rows_of = rows_of
         self.workers = max(0, workers)
         self.depth = max(1, depth)

@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from blip.jobs.prefetch import Decoded, Prefetcher, decode_key
-from blip.jobs.sources import Row, read_image
+from blip.jobs.prefetch import BatchDecoder, Decoded, Prefetcher, decode_key
+from blip.jobs.sources import Row
 from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
 from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, dispatch, row_seed
 from blip.tasks.options import OPTIONS, OptionError, TaskOptionsBase, embedding_shape
@@ -110,8 +109,9 @@ class RowRunner:
     def device(self) -> torch.device:
         return self.blip.device
 
-    def load(self, row: Row) -> Image.Image:
-        return read_image(row, self.decode_size)
+    def batch_decoder(self) -> BatchDecoder:
+        """What the prefetcher decodes each row with (picklable: it runs in the decode workers)."""
+        return BatchDecoder(self.decode_size)
 
     def error_row(self, row: Row, reason: str) -> dict[str, Any]:
         out: dict[str, Any] = {"image": row.id}
@@ -257,7 +257,12 @@ class ShardWorker:
         self.job_fingerprint = job_fingerprint
         self.batch_size = max(1, batch_size)
         self.prefetcher: Prefetcher[_Batch] = Prefetcher(
-            runner.decode_size, lambda b: b.rows, workers=workers, depth=prefetch, device=runner.device
+            runner.decode_size,
+            lambda b: b.rows,
+            workers=workers,
+            depth=prefetch,
+            device=runner.device,
+            decoder=runner.batch_decoder(),
         )
 
     def process(

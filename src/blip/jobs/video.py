@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from blip.data.webdataset import IMAGE_EXTENSIONS, TAR_PREFIX
-from blip.jobs.prefetch import Decoded, decode_key
+from blip.jobs.prefetch import BatchDecoder, Decoded, decode_key
 from blip.jobs.runner import RowRunner, TaskOptions
 from blip.jobs.sources import InputError, InputOptions, InputPlan, Row, RowError, plan_input, read_bytes
 from blip.video import VIDEO_EXTENSIONS, VideoDecodeError, import_av, read_frames
@@ -86,6 +86,17 @@ def check_video_job(num_frames: int) -> None:
         raise ValueError(f"--frames must be between 1 and {MAX_JOB_FRAMES}, got {num_frames}")
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoFrames(BatchDecoder):
+    """Decodes a row's video into its sampled frames (`read_video`); a batch's videos stay lists of PIL frames."""
+
+    image_size: int | None = None
+    num_frames: int = 8
+
+    def load(self, row: Row) -> list[Image.Image]:  # type: ignore[override]
+        return read_video(row, self.image_size, self.num_frames)
+
+
 class VideoRowRunner(RowRunner):
     """`blip batch embed` over videos: one L2-normalised ITC feature per video (`blip.tasks.video`)."""
 
@@ -98,8 +109,8 @@ class VideoRowRunner(RowRunner):
         super().__init__(blip, "embed", TaskOptions())
         self.num_frames = num_frames
 
-    def load(self, row: Row) -> list[Image.Image]:  # type: ignore[override]
-        return read_video(row, self.image_size, self.num_frames)
+    def batch_decoder(self) -> VideoFrames:
+        return VideoFrames(None, self.image_size, self.num_frames)
 
     def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
         from blip.tasks.video import video_embeddings
