@@ -140,7 +140,7 @@ def test_streamed_answers_join_to_the_answer(answerer):
     images = make_images(4, seed=12)
     questions = ["is there a cat?", "what is it?", "how many dogs are there?"]
     answers = answerer.answer([i for i in images for _ in questions], questions * 4, max_new_tokens=8)
-    text_of = partial_text(answerer, "vqa")
+    text_of = partial_text(answerer, "vqa", None)
     for answer in answers:
         assert "".join(_streamed(text_of, answer.token_ids[1:], answer.text)) == answer.text
     assert any(" " in a.text for a in answers)  # answers of several words among them

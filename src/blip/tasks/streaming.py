@@ -23,7 +23,7 @@ _logger = logging.getLogger(__name__)
 _LAST_WORD = re.compile(r"\s+\S*\Z")  # the last whitespace run and what follows it
 
 
-def partial_text(blip: Blip, task: str, prompt: str | None = None) -> Callable[[list[int]], str]:
+def partial_text(blip: Blip, task: str, prompt: str | None) -> Callable[[list[int]], str]:
     """generated ids -> the text so far of one result of `task` ("caption": continuing `prompt`; "vqa": an answer),
     by the rule the task's own results are made with."""
     if is_blip2(blip):

@@ -115,14 +115,14 @@ async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
         options: CaptionOptions | VqaOptions = _caption_options(svc, body, text, text_field, max_new_tokens)
     else:
         options = _vqa_options(svc, body, blip, max_new_tokens)
-    job = _Job(svc, body, name, blip, task, options, source, text, text_field)
+    job = _Completion(svc, body, name, blip, task, options, source, text, text_field)
     if body.stream:
         return await _stream(job)
     return job.completion(await job.results(None))
 
 
 @dataclass
-class _Job:
+class _Completion:
     """One checked request: its model, task, options, image and text."""
 
     svc: Service
@@ -333,7 +333,7 @@ class _Gone(Exception):
     """The streaming client went away: raised by its token listener, it stops the decoding."""
 
 
-async def _stream(job: _Job) -> StreamingResponse:
+async def _stream(job: _Completion) -> StreamingResponse:
     """Run the job with a token listener and answer its events once the first decoding step is done (or the job is,
     for beam search); an error before that is the usual JSON error."""
     loop = asyncio.get_running_loop()
@@ -372,7 +372,7 @@ def pieces(text: str) -> list[str]:
 
 
 async def _events(
-    job: _Job,
+    job: _Completion,
     first: tuple[list[int], list[int]] | None,
     steps: asyncio.Queue[tuple[list[int], list[int]] | None],
     work: asyncio.Future,
