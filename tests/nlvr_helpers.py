@@ -109,8 +109,10 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, tor
         elif "embed" in key or key.endswith(("cls_token", "pos_embed")):
             state[key] = 0.5 * torch.randn(shape, generator=g)
         else:
-            state[key] = torch.randn(shape, generator=g) / shape[-1] ** 0.5 if len(shape) == 2 else (
-                torch.randn(shape, generator=g) * 0.1
+            state[key] = (
+                torch.randn(shape, generator=g) / shape[-1] ** 0.5
+                if len(shape) == 2
+                else (torch.randn(shape, generator=g) * 0.1)
             )
     return state
 
@@ -153,7 +155,9 @@ def _attend(q, k, v, heads, mask=None):
 
 def reference_vit(sd, pixels, heads, layers, eps):
     p = sd["visual_encoder.patch_embed.proj.weight"].shape[-1]
-    x = F.conv2d(pixels, sd["visual_encoder.patch_embed.proj.weight"], sd["visual_encoder.patch_embed.proj.bias"], stride=p)
+    x = F.conv2d(
+        pixels, sd["visual_encoder.patch_embed.proj.weight"], sd["visual_encoder.patch_embed.proj.bias"], stride=p
+    )
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([sd["visual_encoder.cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd["visual_encoder.pos_embed"]
     D = x.shape[-1]
@@ -176,7 +180,12 @@ def reference_logits(sd, ids, mask, image0, image1, heads, layers, eps=1e-12):
     for i in range(layers):
         L = f"{t}encoder.layer.{i}."
         q, k, v = (_lin(x, sd, L + f"attention.self.{n}") for n in ("query", "key", "value"))
-        x = _ln(x + _lin(_attend(q, k, v, heads, mask), sd, L + "attention.output.dense"), sd, L + "attention.output.LayerNorm", eps)
+        x = _ln(
+            x + _lin(_attend(q, k, v, heads, mask), sd, L + "attention.output.dense"),
+            sd,
+            L + "attention.output.LayerNorm",
+            eps,
+        )
         outs = []
         for twin, image in (("0", image0), ("1", image1)):
             c = L + f"crossattention.self{twin}."

@@ -67,7 +67,9 @@ def test_original_file_loads_strictly_and_matches_the_reference(original, heads)
     # strict: every tensor of the file (but the position-id buffer) is a parameter of the model, and nothing else
     ours = m.model.state_dict()
     assert len(ours) == len(state) - 1
-    assert torch.equal(ours["vision_model.encoder.layers.1.self_attn.qkv.weight"], state["visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(
+        ours["vision_model.encoder.layers.1.self_attn.qkv.weight"], state["visual_encoder.blocks.1.attn.qkv.weight"]
+    )
 
     images = make_images(3, seed=5)
     pairs = [(images[0], images[1]), (images[1], images[0]), (images[2], images[2])]

@@ -81,7 +81,9 @@ class TwinCrossAttention(nn.Module):
         mask_a: torch.Tensor | None = None,
         mask_b: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.output(self._attend(self.self0, x, image_a, mask_a), self._attend(self.self1, x, image_b, mask_b), x)
+        y0 = self._attend(self.self0, x, image_a, mask_a)
+        y1 = self._attend(self.self1, x, image_b, mask_b)
+        return self.output(y0, y1, x)
 
 
 class NlvrTextLayer(nn.Module):
