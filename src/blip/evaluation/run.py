@@ -258,7 +258,13 @@ def evaluate(
         )
     if task == "retrieval":
         return evaluate_retrieval(blip, caption_rows(data, split, max_images), k_test=k_test)
-    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa or retrieval")
+    if task == "nlvr":
+        from blip.data.nlvr import nlvr_source, read_nlvr_pairs
+        from blip.evaluation.nlvr import evaluate_nlvr
+
+        pairs = read_nlvr_pairs(nlvr_source(data, split))
+        return evaluate_nlvr(blip, pairs[:max_images] if max_images else pairs)
+    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa, retrieval or nlvr")
 
 
 def write_result(result: EvalResult, out_dir: str | Path, *, name: str | None = None, plots: bool = True) -> Path:
