@@ -68,9 +68,10 @@ def test_cli_bad_image_fails_its_row_and_mismatched_flags_are_usage_errors(nlvr,
 
 
 def test_http_reason(nlvr):
+    from serve_helpers import LiveServer
+
     from blip.serve.app import create_app
     from blip.serve.settings import ServeSettings
-    from serve_helpers import LiveServer
 
     model, _, images = nlvr
 
