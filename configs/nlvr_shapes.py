@@ -6,7 +6,8 @@
     blip train --config configs/nlvr_shapes.py smoke=true               # from scratch, a few steps
 
 Generates the pairs into runs/shapes_nlvr if they are not there (`blip.data.shapes.nlvr`: 2000 train / 400 test
-pairs, statements such as "a star is on the left and on the right", labels balanced within every template). The
+pairs, statements such as "a star is in the left picture and in the right picture", labels balanced within every
+template). The
 NLVR2 model starts from the pretrained image-grounded encoder, its cross-attention copied into both image branches
 (merge layers and classifier fresh), as the original fine-tuning does; the pair-swap + left/right word-swap
 augmentation is on. Evaluation: accuracy on the test pairs against the majority class (50%).

@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument(
         "--kind",
-        choices=["caption", "vqa", "retrieval"],
-        help="which model to take out of a multi-part (pretrain) checkpoint",
+        choices=["caption", "vqa", "retrieval", "nlvr"],
+        help="which model to take out of a multi-part (pretrain) checkpoint (nlvr: an NLVR2 model started from it)",
     )
     p.add_argument("--image-size", type=int, help="resize the position embeddings for this input size")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (original .pth files ship none)")

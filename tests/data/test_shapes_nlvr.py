@@ -39,10 +39,10 @@ def test_statements_use_only_the_shapes_vocabulary_and_need_both_images():
     both = Claim("both", kind="star")
     assert both.holds(left, with_star) and not both.holds(left, without)
     only = Claim("only", side="left", color="red")
-    assert only.text() == "a red shape is on the left and no red shape is on the right"
+    assert only.text() == "a red shape is in the left picture and no red shape is in the right picture"
     assert only.holds(left, without) and not only.holds(left, Scene("gray", (Shape("star", "red", "small", "top"),)))
-    assert Claim("count", side="right", count=1).text() == "there is one shape on the right"
-    assert Claim("has", side="left", kind="circle", color="orange").text() == "an orange circle is on the left"
+    assert Claim("count", side="right", count=1).text() == "there is one shape in the right picture"
+    assert Claim("has", side="left", kind="circle", color="orange").text() == "an orange circle is in the left picture"
 
 
 def test_examples_are_a_pure_function_of_seed_split_index():
@@ -55,7 +55,7 @@ def test_swapping_the_images_swaps_left_and_right_and_keeps_every_label():
     for ex in EXAMPLES:
         swapped = ex.claim.swapped()
         if ex.claim.side is None:  # "... on the left and on the right": the same claim either way round
-            assert swapped == ex.claim and swap_left_right(ex.statement).endswith("on the right and on the left")
+            assert swapped == ex.claim and swap_left_right(ex.statement).endswith("in the right picture and in the left picture")
         else:
             assert swapped.text() == swap_left_right(ex.statement)
         assert swapped.holds(ex.right, ex.left) == ex.label

@@ -141,3 +141,16 @@ def test_batch_reason_needs_a_pair_manifest(nlvr, tmp_path, capsys):
     argv[4] = str(tmp_path / "m.jsonl")
     assert batch_main(argv) == 2
     assert "no image_a and no image_b column" in capsys.readouterr().err
+
+
+def test_convert_writes_our_layout(nlvr, tmp_path, capsys):
+    model, saved, images = nlvr
+    pth = saved.parent / "model" / "model_base_nlvr.pth"
+    out = tmp_path / "converted"
+    argv = ["convert", str(pth), str(out), "--tokenizer", str(saved.parent / "model")]
+    assert cli_main(argv) == 0
+    assert "'nlvr' model" in capsys.readouterr().out
+    again = blip.load(out)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BlipForVisualReasoning"]
+    want = _expected(model, images, "img0.png", "img2.png", "two shapes")
+    assert abs(_expected(again, images, "img0.png", "img2.png", "two shapes").score - want.score) < 1e-6

@@ -408,13 +408,18 @@ def _nlvr_from(state: dict[str, torch.Tensor], source_kind: str, name: str) -> d
 def _fresh_missing(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], pattern: re.Pattern, kind: str
 ) -> list[str]:
-    """Parameters matching `pattern` that `state` lacks, from the training init (truncated normal 0.02, zero bias)."""
+    """Parameters matching `pattern` that `state` lacks, initialised as the original code does: layers inside the
+    BERT (`merge_layer`) by BERT's init (normal 0.02, zero bias), the `cls_head` outside it by PyTorch's Linear
+    default (uniform in +-1/sqrt(fan_in), weight and bias)."""
     fresh = []
     for key, value in expected.items():
         if pattern.match(key) and key not in state:
             tensor = torch.zeros(value.shape, dtype=torch.float32)
-            if key.endswith("weight"):
-                nn.init.trunc_normal_(tensor, std=0.02)
+            if key.startswith("cls_head."):
+                fan_in = expected[key.rsplit(".", 1)[0] + ".weight"].shape[1]
+                nn.init.uniform_(tensor, -(fan_in**-0.5), fan_in**-0.5)
+            elif key.endswith("weight"):
+                nn.init.normal_(tensor, std=0.02)
             state[key] = tensor
             fresh.append(key)
     if fresh:

@@ -3,13 +3,14 @@
 Each example is a pair of independent scenes (the left and the right image) and a `Claim` about them, said in the
 shapes vocabulary (no new words, so the pretrained shapes tokenizer and model read it), e.g.
 
-    has    "a red circle is on the left"                               the left image has a red circle
-    both   "a star is on the left and on the right"                     both images have a star
-    only   "a blue shape is on the right and no blue shape is on the left"
-    count  "there are two shapes on the right"
+    has    "a red circle is in the left picture"                       the left image has a red circle
+    both   "a star is in the left picture and in the right picture"     both images have a star
+    only   "a blue shape is in the right picture and no blue shape is in the left picture"
+    count  "there are two shapes in the right picture"
 
-"left"/"right" name the images only: a statement never talks about where a shape sits inside its image, so NLVR2's
-augmentation (swap the images and the words left/right) keeps every label (`Claim.swapped`). Labels are balanced:
+"left"/"right" name the images only ("the left picture", as NLVR2 says "the left image"; the shapes captions' "on
+the left" is a position inside an image, which no statement talks about), so NLVR2's augmentation (swap the images
+and the words left/right) keeps every label (`Claim.swapped`). Labels are balanced:
 each example draws its label first, then a claim of a random template that has it; false claims mostly name
 things the other image has, so a model must tell the images apart. Everything is a pure function of
 ``(seed, split, index)``.
@@ -58,15 +59,15 @@ class Claim:
         noun = f"{self.color + ' ' if self.color else ''}{self.kind or 'shape'}"
         a = article(noun)
         if self.template == "has":
-            return f"{a} {noun} is on the {self.side}"
+            return f"{a} {noun} is in the {self.side} picture"
         if self.template == "both":
-            return f"{a} {noun} is on the left and on the right"
+            return f"{a} {noun} is in the left picture and in the right picture"
         if self.template == "only":
-            return f"{a} {noun} is on the {self.side} and no {noun} is on the {other}"
+            return f"{a} {noun} is in the {self.side} picture and no {noun} is in the {other} picture"
         if self.template == "count":
             if self.count == 1:
-                return f"there is one shape on the {self.side}"
-            return f"there are {COUNT_WORDS[self.count]} shapes on the {self.side}"
+                return f"there is one shape in the {self.side} picture"
+            return f"there are {COUNT_WORDS[self.count]} shapes in the {self.side} picture"
         raise ValueError(f"unknown template {self.template!r}")
 
     def holds(self, left: Scene, right: Scene) -> bool:
