@@ -54,8 +54,9 @@ def test_examples_are_a_pure_function_of_seed_split_index():
 def test_swapping_the_images_swaps_left_and_right_and_keeps_every_label():
     for ex in EXAMPLES:
         swapped = ex.claim.swapped()
-        if ex.claim.side is None:  # "... on the left and on the right": the same claim either way round
-            assert swapped == ex.claim and swap_left_right(ex.statement).endswith("in the right picture and in the left picture")
+        if ex.claim.side is None:  # "... in the left picture and in the right picture": the same either way round
+            assert swapped == ex.claim
+            assert swap_left_right(ex.statement).endswith("in the right picture and in the left picture")
         else:
             assert swapped.text() == swap_left_right(ex.statement)
         assert swapped.holds(ex.right, ex.left) == ex.label
