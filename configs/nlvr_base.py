@@ -4,12 +4,11 @@
     torchrun --nproc_per_node 8 -m blip.cli train --config configs/nlvr_base.py data=... batch_size=32
 
 Data: NLVR2's annotation files as BLIP ships them (`nlvr_train.json`, `nlvr_dev.json`, `nlvr_test.json`: records
-{"images": [left, right], "sentence", "label": "True"/"False"}) in `data`, images under `image_root`. Init: a
-pretrained BLIP (`model_base.pth`, 129M images in the paper; any pretrain/retrieval checkpoint works): its
-cross-attention is copied into both image branches, merge layers and classifier start fresh. Settings (FACTS §13):
-384 px, AdamW lr 3e-5, weight decay 0.05, cosine over 15 epochs, batch 16 per GPU x 16 GPUs (= 256), ViT
-drop_path 0.1, statements cut to 40 words, pair-swap + left/right augmentation. The paper reports 82.48 dev /
-83.25 test-P (Table 8).
+{"images": [left, right], "sentence", "label": "True"/"False"}) in `data`, images under `image_root`. Init: a pretrained
+BLIP (`model_base.pth`, 129M images in the paper; any pretrain/retrieval checkpoint works): its cross-attention is
+copied into both image branches, merge layers and classifier start fresh. Settings (the original configs/nlvr.yaml): 384
+px, AdamW lr 3e-5, weight decay 0.05, cosine over 15 epochs, batch 16 per GPU x 16 GPUs (= 256), ViT drop_path 0.1,
+statements cut to 40 words, pair-swap + left/right augmentation. The paper reports 82.48 dev / 83.25 test-P (Table 8).
 """
 
 from blip.train.config import TrainConfig

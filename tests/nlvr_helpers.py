@@ -1,9 +1,9 @@
-"""NLVR2 test material: `model_base_nlvr.pth`'s key layout written out from FACTS §13 (not from our converter), a
-random-weight file of it at tiny sizes, and an independent plain-tensor forward of the original model.
+"""NLVR2 test material: `model_base_nlvr.pth`'s key layout written out from the original code's modules (not from our
+converter), a random-weight file of it at tiny sizes, and an independent plain-tensor forward of the original.
 
-The layout (FACTS §13, original `BLIP_NLVR`): `visual_encoder.*` (timm ViT names), `text_encoder.*` (BERT with
-`crossattention.self0/self1`, `crossattention.output.{dense0,dense1,LayerNorm}`, `crossattention.output.merge_layer`
-[H, 2H] in layers 6-11 of 12, i.e. the second half), `cls_head.{0,2}`; saved as {"model": state_dict}.
+The layout (original `BLIP_NLVR`, docs/checkpoints.md): `visual_encoder.*` (timm ViT names), `text_encoder.*` (BERT with
+`crossattention.self0/self1`, `crossattention.output.{dense0,dense1,LayerNorm}`, `crossattention.output.merge_layer` [H,
+2H] in layers 6-11 of 12, i.e. the second half), `cls_head.{0,2}`; saved as {"model": state_dict}.
 """
 
 from __future__ import annotations

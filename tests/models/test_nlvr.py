@@ -1,5 +1,5 @@
 """NLVR2: the original `model_base_nlvr.pth` layout loads strictly and our forward equals an independent plain-tensor
-implementation of FACTS §13; initialisation from any BLIP; save/load; the `reason` API."""
+implementation of the original model; initialisation from any BLIP; save/load; the `reason` API."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _reference_scores(m: blip.Blip, state, pairs, statements, vision_heads, text
     pixels = m.transform([img for pair in pairs for img in pair])
     ids, mask = m.tokenizer(statements, max_length=64)
     ids[:, 0] = m.config.enc_token_id
-    eps = m.config.vision.layer_norm_eps  # we follow transformers' 1e-5 (the original code: 1e-6); FACTS §1.1
+    eps = m.config.vision.layer_norm_eps  # we follow transformers' 1e-5 (the original code: 1e-6), docs/architecture.md
     tokens = reference_vit(state, pixels, vision_heads, SIZES.vision_layers, eps)
     logits = reference_logits(state, ids, mask, tokens[0::2], tokens[1::2], text_heads, SIZES.text_layers)
     return logits.softmax(-1)[:, 1]
