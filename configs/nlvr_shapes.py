@@ -10,7 +10,8 @@ pairs, statements such as "a star is in the left picture and in the right pictur
 template). The NLVR2 model starts from the pretrained image-grounded encoder, its cross-attention copied into both
 image branches (merge layers and classifier fresh), as the original fine-tuning does; the pair-swap + left/right
 word-swap augmentation is on. Evaluation: accuracy on the test pairs against the majority class (~50%).
-MEASURED
+Measured (from the demo's shapes pretraining, seed 1; 1 CPU thread, 7.4 min, 3744 steps, 400 test pairs): accuracy
+70.0 against the majority class 51.5 (count 80.8, only 72.3, has 67.9, both 59.3); 4 epochs: 61.3.
 """
 
 from blip.train.config import SHAPES_MODEL, SHAPES_SMOKE, TrainConfig
