@@ -46,10 +46,12 @@ bench: setup
 bench-blip2: setup
 	$(PY) benchmarks/blip2_vs_transformers.py $(BENCH_BLIP2_ARGS)
 
-# The GPU rows alone (fp16, real shapes; needs CUDA).
-bench-gpu: setup
-	$(PY) benchmarks/vs_transformers.py --only gpu
-	$(PY) benchmarks/blip2_vs_transformers.py --only gpu $(BENCH_BLIP2_ARGS)
+# Every GPU row (issues 17 and 18) in one run, under 8 minutes on one H200: one table, runs/bench/gpu.json. Needs only
+# PyTorch with CUDA and this checkout (no setup: a GPU machine has its own torch); rows whose package is missing
+# (transformers; fastapi, uvicorn, httpx) are reported as skipped. BENCH_GPU_ARGS=--smoke: tiny models on the CPU.
+BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu:
+	PYTHONPATH=src $(BENCH_PY) benchmarks/gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

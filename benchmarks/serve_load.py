@@ -1,11 +1,13 @@
 """Load test of `blip serve`: throughput and latency with dynamic batching on and off, 1 / 4 / 16 concurrent clients,
 on the tiny test model and on a BLIP-base-size captioner (random weights, built with transformers).
 
-    .venv/bin/python benchmarks/serve_load.py [--models tiny base] [--clients 1 4 16] [--out runs/bench/serve_load.json]
+    .venv/bin/python benchmarks/serve_load.py [--models tiny base] [--clients 1 4 16] [--routes caption chat]
+        [--out runs/bench/serve_load.json]
 
 Each configuration starts `blip serve` in a subprocess on 127.0.0.1 (batching on: --max-batch 16 --max-wait-ms 5;
-off: --no-batching), then runs closed-loop clients: each sends POST /v1/caption with one distinct PNG image and waits
-for the answer before sending the next. Reports requests/s, p50/p99 latency and the mean batch size the server ran
+off: --no-batching), then runs closed-loop clients: each sends POST /v1/caption (route "caption") or the same image
+as an OpenAI chat completion, POST /v1/chat/completions (route "chat", `--routes`), with one distinct PNG image and
+waits for the answer before sending the next. Reports requests/s, p50/p99 latency and the mean batch size the server ran
 (read from its /metrics), and the throughput ratio batching on / off. Needs the [serve] extra and transformers.
 """
 
@@ -97,7 +99,21 @@ class Server:
             self.proc.wait(10)
 
 
-async def run_clients(url: str, images: list[str], clients: int, per_client: int) -> tuple[list[float], float]:
+def caption_request(image: str) -> tuple[str, dict]:
+    return "/v1/caption", {"images": [{"b64": image}]}
+
+
+def chat_request(image: str) -> tuple[str, dict]:
+    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]
+    return "/v1/chat/completions", {"model": "cap", "messages": [{"role": "user", "content": content}]}
+
+
+ROUTES = {"caption": caption_request, "chat": chat_request}
+
+
+async def run_clients(
+    url: str, images: list[str], clients: int, per_client: int, route: str = "caption"
+) -> tuple[list[float], float]:
     """Closed-loop clients; returns (latencies in seconds, wall time)."""
     transport = httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -108,7 +124,8 @@ async def run_clients(url: str, images: list[str], clients: int, per_client: int
             for i in range(per_client):
                 image = images[(k * per_client + i) % len(images)]
                 start = time.perf_counter()
-                response = await client.post("/v1/caption", json={"images": [{"b64": image}]})
+                path, body = ROUTES[route](image)
+                response = await client.post(path, json=body)
                 latencies.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
@@ -128,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "base"], choices=sorted(SPECS))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--routes", nargs="+", default=["caption", "chat"], choices=sorted(ROUTES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temporary folder)")
     parser.add_argument("--out", help="also write the rows as JSON here")
@@ -146,14 +164,15 @@ def main() -> None:
             try:
                 server.wait_ready()
                 asyncio.run(run_clients(server.url, images, 1, 2))  # warm up
-                for clients in args.clients:
+                for route, clients in [(r, c) for r in args.routes for c in args.clients]:
                     per_client = SINGLE_CLIENT_REQUESTS[name] if clients == 1 else REQUESTS_PER_CLIENT[name]
                     rows_before, calls_before = server.batch_stats()
-                    latencies, wall = asyncio.run(run_clients(server.url, images, clients, per_client))
+                    latencies, wall = asyncio.run(run_clients(server.url, images, clients, per_client, route))
                     rows_after, calls_after = server.batch_stats()
                     calls = max(calls_after - calls_before, 1)
                     row = {
                         "model": name,
+                        "route": route,
                         "batching": "on" if batching else "off",
                         "clients": clients,
                         "requests": len(latencies),
@@ -164,7 +183,8 @@ def main() -> None:
                     }
                     rows.append(row)
                     print(
-                        f"  {name:5} batching {row['batching']:3} clients {clients:3}: {row['req_per_s']:8.2f} req/s  "
+                        f"  {name:5} {route:7} batching {row['batching']:3} clients {clients:3}: "
+                        f"{row['req_per_s']:8.2f} req/s  "
                         f"p50 {row['p50_ms']:9.1f} ms  p99 {row['p99_ms']:9.1f} ms  batch {row['mean_batch']:5.2f}",
                         flush=True,
                     )
@@ -172,18 +192,22 @@ def main() -> None:
                 server.stop()
 
     print()
-    print(f"blip serve, POST /v1/caption, 1 image per request, greedy 20 tokens; {os.cpu_count()} CPU cores")
-    header = "| model | clients | batching | requests | req/s | p50 ms | p99 ms | mean batch | on/off req/s |"
+    print(f"blip serve, 1 image per request, greedy 20 tokens; {os.cpu_count()} CPU cores")
+    print("routes: caption = POST /v1/caption, chat = POST /v1/chat/completions (OpenAI schema)")
+    header = "| model | route | clients | batching | requests | req/s | p50 ms | p99 ms | mean batch | on/off req/s |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     order = {name: i for i, name in enumerate(args.models)}
-    for row in sorted(rows, key=lambda r: (order[r["model"]], r["clients"], r["batching"] == "off")):
-        off = next(
-            r for r in rows if r["model"] == row["model"] and r["clients"] == row["clients"] and r["batching"] == "off"
-        )
+    routes = {route: i for i, route in enumerate(args.routes)}
+    for row in sorted(
+        rows, key=lambda r: (order[r["model"]], routes[r["route"]], r["clients"], r["batching"] == "off")
+    ):
+        same = ("model", "route", "clients")
+        off = next(r for r in rows if all(r[k] == row[k] for k in same) and r["batching"] == "off")
         ratio = f"{row['req_per_s'] / off['req_per_s']:.2f}x" if row["batching"] == "on" else ""
         print(
-            f"| {row['model']} | {row['clients']} | {row['batching']} | {row['requests']} | {row['req_per_s']:.2f} | "
+            f"| {row['model']} | {row['route']} | {row['clients']} | {row['batching']} | {row['requests']} | "
+            f"{row['req_per_s']:.2f} | "
             f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['mean_batch']:.2f} | {ratio} |"
         )
     if args.out:

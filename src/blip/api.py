@@ -14,6 +14,7 @@ from blip.config import BlipConfig
 from blip.devices import resolve_device
 from blip.models.blip import BlipModel
 from blip.models.blip2.blip2 import Blip2Model
+from blip.models.kernels import pack_linears
 from blip.tasks import blip2 as blip2_task
 from blip.tasks import blip2_itm
 from blip.tasks import caption as caption_task
@@ -96,6 +97,8 @@ class Blip:
         """Wrap a model in memory (e.g. one being trained) for inference: its own copy of the weights, in eval mode
         and without dropout, with the default preprocessing at the model's image size."""
         clean = inference_copy(model)
+        if next(clean.parameters()).device.type == "cpu":
+            pack_linears(clean)
         transform = ImageTransform(image_size=clean.config.vision.image_size)
         return cls(clean, tokenizer, transform, source=source, batch_size=batch_size)
 
@@ -186,6 +189,54 @@ class Blip:
             raise ValueError("explain takes one image and one text (a string)")
         decoded, _ = unique_images([image])
         return explain_task.explain_pair(self, decoded[0], text, layer)
+
+    # --- video (zero-shot: frames through the image model; `blip.tasks.video`, decoding in `blip.video`) ---------
+
+    def _video_frames(self, task: str, video: Any, num_frames: int, name: str) -> list[Any]:
+        """Refuse BLIP-2 and a model without the head for `task`, then decode and sample `video`'s frames."""
+        from blip.tasks.options import is_blip2
+        from blip.tasks.video import BLIP2_REFUSAL, check_num_frames
+        from blip.video import read_frames
+
+        if is_blip2(self):
+            raise ValueError(BLIP2_REFUSAL)
+        self.require(task)
+        check_num_frames(num_frames)
+        return read_frames(video, num_frames, size=self.transform.image_size, name=name)
+
+    def embed_videos(self, videos: Any, num_frames: int = 8) -> torch.Tensor:
+        """L2-normalised ITC video features `[n, embed_dim]` (float32, CPU): the normalised mean over `num_frames`
+        uniformly sampled frames of each frame's projected `[CLS]`. `videos`: a path or the bytes of a video file
+        (or a list of such; a video may also be given as its frames, a list of PIL images, inside that list)."""
+        from blip.tasks.video import video_embeddings, video_label
+
+        items = list(videos) if isinstance(videos, list | tuple) else [videos]
+        if not items:
+            raise ValueError("no videos given")
+        names = [video_label(v, i, len(items)) for i, v in enumerate(items)]
+        return video_embeddings(self, [self._video_frames("itc", v, num_frames, n) for v, n in zip(items, names)])
+
+    def match_video(self, video: Any, texts: str | list[str], num_frames: int = 8) -> list[float]:
+        """ITM P(match) of one video with each text: the text cross-attends to all `num_frames` frames' tokens
+        concatenated (`[1, N * (1 + P), D]`). `video`: a path, the bytes of a video file, or its frames."""
+        from blip.tasks.video import match_videos, text_list, video_label
+
+        frames = self._video_frames("itm", video, num_frames, video_label(video, 0, 1))
+        items = text_list(texts, "text")
+        return match_videos(self, [frames], items, [0] * len(items))
+
+    @takes_options(VqaOptions)
+    def answer_video(
+        self, video: Any, questions: str | list[str], num_frames: int = 16, *, options: VqaOptions
+    ) -> list[Answer]:
+        """One answer per question about one video, from all `num_frames` frames' tokens concatenated (zero-shot
+        videoQA). Options as `answer`'s (`blip.tasks.options.VqaOptions`: generate, or rank `answers`)."""
+        from blip.tasks.video import answer_video_questions, text_list, video_label
+
+        frames = self._video_frames("vqa", video, num_frames, video_label(video, 0, 1))
+        options.check_model(self)
+        items = text_list(questions, "question")
+        return answer_video_questions(self, frames, items, generation=options.generation(), answers=options.answers)
 
     # --- persistence -------------------------------------------------------------------------------------------
 
@@ -426,6 +477,8 @@ def load(
     device = resolve_device(device)  # an unusable device is one clear error (DeviceError), before any loading
     torch_dtype = parse_dtype(dtype)
     loaded = load_model(source, kind=kind, image_size=image_size, device=device, dtype=torch_dtype, config=config)
+    if device.type == "cpu":
+        pack_linears(loaded.model)  # oneDNN's own weight layout, in place: same results, faster products
     if isinstance(loaded.model, Blip2Model):
         return _load_blip2(loaded, source, tokenizer, batch_size)
     blip_tokenizer = load_tokenizer(loaded, tokenizer, source)

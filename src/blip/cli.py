@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the published checkpoints blip knows by name")
 
     p = sub.add_parser("data", help="generate datasets (the synthetic shapes world)")
-    p.add_argument("dataset", choices=["shapes"])
+    p.add_argument("dataset", choices=["shapes", "shapes-video"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the generator (see `blip data shapes -h`)")
 
     for name, (_, helptext) in PASSTHROUGH.items():
@@ -528,6 +528,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from blip.data import shapes
 
+    if args.dataset == "shapes-video":  # short clips of the shapes world (blip.data.shapes.video; needs PyAV)
+        from blip.data.shapes.video import cli_main as video_cli
+
+        return video_cli(args.args)
     verbose = [a for a in args.args if a in ("-v", "--verbose")]
     if verbose:  # `blip data shapes -v ...`: the generator's own parser has no -v
         logging.getLogger().setLevel(logging.INFO)

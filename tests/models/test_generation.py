@@ -78,7 +78,7 @@ def _ours(ours, sources, eos=EOS, groups=None, **settings) -> list:
     embeds, mask = _left_padded(sources, garbage=True)
     cfg = dict(
         max_new_tokens=8, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0, temperature=1.0,
-        repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,
+        repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None, decode="eager",
     )  # fmt: skip
     cfg.update(settings)
     stepper = CausalLmStepper(ours, embeds, mask, [ids for ids, _ in sources], groups=groups)
@@ -167,7 +167,7 @@ def test_sampling_is_per_source_and_seeded(lms):
         embeds, mask = _left_padded(srcs)
         cfg = GenerationConfig(
             max_new_tokens=6, min_new_tokens=0, num_beams=1, do_sample=True, top_p=0.9, top_k=0, temperature=1.5,
-            repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=3, seed=None,
+            repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=3, seed=None, decode="eager",
         )  # fmt: skip
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         out = generate(CausalLmStepper(ours, embeds, mask, [i for i, _ in srcs]), cfg, eos_id=EOS, generators=gens)
@@ -250,7 +250,7 @@ def test_shared_prefix_runs_once_per_group(lms):
     embeds, mask = _left_padded(sources)
     cfg = GenerationConfig(
         max_new_tokens=1, min_new_tokens=1, num_beams=1, do_sample=False, top_p=1.0, top_k=0, temperature=1.0,
-        repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None,
+        repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1, seed=None, decode="eager",
     )  # fmt: skip
     generate(CausalLmStepper(Counting(ours), embeds, mask, [i for i, _ in sources], groups=groups), cfg, eos_id=EOS)
     # group 0: 4 queries + BOS + 3 common ids, but one source has no suffix: 7 shared, its last id its own;

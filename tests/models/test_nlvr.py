@@ -121,7 +121,11 @@ def test_init_from_any_blip_copies_the_cross_attention_into_both_branches(retrie
             assert torch.equal(ours[f"{p}output.LayerNorm.{part}"], source[f"{p}output.LayerNorm.{part}"])
         assert (f"{p}output.merge_layer.weight" in ours) == (i >= layers // 2)
     # the branches are copies, not one tensor: fine-tuning moves them apart
-    layer0 = m.model.text_encoder.layers[0].crossattention
+    from blip.weights.load import assemble
+
+    unpacked = assemble(source, m.config, "retrieval", "retrieval")  # the load path's steps, weights not packed
+    layer0 = unpacked.text_encoder.layers[0].crossattention
+    assert torch.equal(layer0.self0.query.weight, layer0.self1.query.weight)
     assert layer0.self0.query.weight.data_ptr() != layer0.self1.query.weight.data_ptr()
     fresh = set(m.report.fresh_keys)
     assert {"cls_head.0.weight", "cls_head.2.bias"} <= fresh

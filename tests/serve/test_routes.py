@@ -16,6 +16,7 @@ from blip.serve import ServeSettings, create_app, routes  # noqa: E402
 from blip.serve import app as app_module  # noqa: E402
 
 MODULE_OF_TAG = {"service": "ops", "blip": "v1", "explain": "explain", "Azure ML": "azure", "model card": "card"}
+MODULE_OF_TAG.update({"Hugging Face Inference": "hf", "OpenAI": "openai"})
 
 
 def test_each_api_is_served_by_its_route_module():
@@ -54,7 +55,7 @@ def test_apps_share_the_routers_but_each_uses_its_own_service_and_settings():
     headers = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
     with TestClient(strict) as s, TestClient(plain) as p:
         assert s.get("/v1/models").status_code == 401
-        assert p.get("/v1/models").json() == {"models": []}
+        assert p.get("/v1/models").json() == {"models": [], "object": "list", "data": []}
         too_deep = s.post("/v1/caption", content=deep, headers=headers)
         assert too_deep.status_code == 413 and "nests deeper than 2" in too_deep.json()["error"]["message"]
         assert p.post("/v1/caption", content=deep, headers=headers).status_code == 422  # parsed, then invalid

@@ -436,3 +436,29 @@ def test_questions_about_one_image_share_the_language_model_work(checkpoint, mon
         (expected,) = hf_generate(hf, processor, image, prompt, max_new_tokens=5)
         skip = 0 if name.startswith("t5") else len(processor.tokenizer(prompt).input_ids)
         check([answer], [expected], processor.tokenizer, strip=skip)
+
+
+# --- static-cache decoding (blip.models.static_decode): the same ids and scores as the eager path --------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(num_beams=3, num_captions=2), dict(do_sample=True, seed=5, num_captions=2)],
+    ids=["greedy", "beam", "sample"],
+)
+def test_opt_static_decoding_equals_eager(checkpoint, settings):
+    _, ours, _, _ = checkpoint("opt")
+    images = make_images(3, seed=4)
+
+    def flat(results):
+        return [c for r in results for c in (r if isinstance(r, list) else [r])]
+
+    for prompt in (None, "a photo of"):
+        eager = flat(ours.caption(images, prompt=prompt, max_new_tokens=8, decode="eager", **settings))
+        static = flat(ours.caption(images, prompt=prompt, max_new_tokens=8, decode="static", **settings))
+        assert [c.token_ids for c in static] == [c.token_ids for c in eager]
+        assert [c.score for c in static] == pytest.approx([c.score for c in eager], abs=1e-5)
+    questions = ["what is it?", "what colour is the large shape on the left?", "why?"]  # one image: a shared head
+    eager = ours.answer(images[0], questions, max_new_tokens=5, decode="eager")
+    static = ours.answer(images[0], questions, max_new_tokens=5, decode="static")
+    assert [a.token_ids for a in static] == [a.token_ids for a in eager]

@@ -126,6 +126,12 @@ HOMONYMS = {
     "tasks/retrieval.py:search_images(top_k)",
     "serve/schemas.py:RetrieveRequest.top_k",  # /v1/retrieve: results per query
     "api.py:__init__(prompt_template)",  # a BLIP-2 checkpoint's own template (the option's None means "use it")
+    # the Hugging Face and OpenAI APIs' own parameters, None when not given (then the option's default applies)
+    "serve/schemas.py:HfCaptionParameters.max_new_tokens",
+    "serve/schemas.py:HfVqaParameters.top_k",  # answers wanted
+    "serve/schemas.py:ChatRequest.temperature",  # OpenAI's: 0 to 2, above 0 samples
+    "serve/schemas.py:ChatRequest.top_p",
+    "serve/schemas.py:ChatRequest.seed",
 }
 
 

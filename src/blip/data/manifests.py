@@ -34,7 +34,10 @@ from typing import Any
 _logger = logging.getLogger(__name__)
 
 # Image-path columns, in order of preference: the training readers' names and the batch jobs' (which also take URLs).
-IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "file", "path", "img", "url", "image_url")
+IMAGE_COLUMNS = (
+    *("image", "image_path", "filepath", "file_name", "filename", "file", "path", "img", "url", "image_url"),
+    *("video", "video_path"),  # video collections (`blip batch embed`): the file is read as a video
+)
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "raw")
 MANIFEST_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "json"}
 TRAIN_MANIFESTS = {"pretrain": "web", "caption": "clean", "retrieval": "clean", "vqa": "vqa"}

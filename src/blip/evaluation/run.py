@@ -231,8 +231,10 @@ def evaluate(
     min_new_tokens: int = CAPTION_EVAL_MIN_TOKENS,
     vqa_mode: str = "generate",
     k_test: int = 16,
+    num_frames: int = 8,
 ) -> EvalResult:
-    """Evaluate `blip` on the `task` test split of `data` (a dataset folder or a test file)."""
+    """Evaluate `blip` on the `task` test split of `data` (a dataset folder or a test file; video_retrieval: a clip
+    manifest, `blip.evaluation.video`)."""
     if task == "caption":
         return evaluate_caption(
             blip,
@@ -258,13 +260,17 @@ def evaluate(
         )
     if task == "retrieval":
         return evaluate_retrieval(blip, caption_rows(data, split, max_images), k_test=k_test)
+    if task == "video_retrieval":
+        from blip.evaluation.video import evaluate_video_retrieval, read_clips
+
+        return evaluate_video_retrieval(blip, read_clips(data), num_frames=num_frames, k_test=k_test)
     if task == "nlvr":
         from blip.data.nlvr import nlvr_source, read_nlvr_pairs
         from blip.evaluation.nlvr import evaluate_nlvr
 
         pairs = read_nlvr_pairs(nlvr_source(data, split))
         return evaluate_nlvr(blip, pairs[:max_images] if max_images else pairs)
-    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa, retrieval or nlvr")
+    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa, retrieval, video_retrieval or nlvr")
 
 
 def write_result(result: EvalResult, out_dir: str | Path, *, name: str | None = None, plots: bool = True) -> Path:

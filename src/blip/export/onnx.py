@@ -320,7 +320,9 @@ def export_onnx(
     chosen = resolve_parts(kind, parts)
     torch_dtype = _TORCH_DTYPES[dtype]
     model = blip.model
-    if next(model.parameters()).dtype != torch_dtype or next(model.parameters()).device.type != "cpu":
+    first = next(model.parameters())
+    packed = any(p.is_mkldnn for p in model.parameters())  # oneDNN-packed weights (blip.load on CPU) do not trace
+    if packed or first.dtype != torch_dtype or first.device.type != "cpu":  # a copy: the caller's model stays fast
         model = copy.deepcopy(model).to(device="cpu", dtype=torch_dtype)
     model.eval()
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from blip.jobs.index import INDEX_KINDS, build_collection_index, current_index
 from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
 from blip.jobs.runner import TASKS, RowRunner, TaskOptions
-from blip.jobs.sources import InputOptions, plan_input, require_rows
+from blip.jobs.sources import InputOptions, require_rows
+from blip.jobs.video import VideoRowRunner, check_video_job, plan_media
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
 from blip.weights.fingerprint import model_fingerprint
 
@@ -56,6 +57,9 @@ class BatchConfig:
     inputs: InputOptions = field(default_factory=InputOptions)
     options: TaskOptions = field(default_factory=TaskOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    # video collections (`blip.jobs.video`): what --input holds (auto: see plan_media) and frames sampled per video
+    media: str = "auto"
+    num_frames: int = 8
 
     def validate(self) -> None:
         self.engine.check_device(self.device)
@@ -123,7 +127,8 @@ class BatchKind(JobKind):
         cfg.validate()
         out = str(Path(cfg.out).expanduser().resolve())
         inputs = dataclasses.replace(cfg.inputs, exclude=(*cfg.inputs.exclude, out))
-        plan = require_rows(plan_input(cfg.input, cfg.task, inputs), inputs, extensions_flag="--extensions")
+        plan, media = plan_media(cfg.input, cfg.task, inputs, cfg.media)
+        plan = require_rows(plan, inputs, extensions_flag="--extensions")
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: "float32"}.get(cfg.dtype, cfg.dtype)
         output: dict[str, Any] = {"format": cfg.output_format, "shard_size": cfg.shard_size}
         if cfg.task == "embed":
@@ -136,10 +141,15 @@ class BatchKind(JobKind):
             "input": {"kind": plan.kind, "rows": len(plan.rows), "fingerprint": plan.fingerprint()},
             "output": output,
         }
+        if media == "video":  # image jobs' descriptions (and fingerprints) stay as they were
+            check_video_job(cfg.num_frames)
+            description["input"].update(media="video", num_frames=cfg.num_frames)
         return new_job(self, cfg.settings(), plan, cfg.shard_size, description)
 
     def make_runner(self, job: Job, device: str) -> RowRunner:
         cfg = self.config
+        if job.description["input"].get("media") == "video":
+            return VideoRowRunner(load_blip(cfg, device), job.description["input"]["num_frames"])
         return RowRunner(load_blip(cfg, device), cfg.task, cfg.options)
 
     def manifest_extra(self, job: Job, engine: str) -> dict[str, Any]:
@@ -166,7 +176,7 @@ class BatchKind(JobKind):
                     out.root, cfg.index_type
                 )
             if index_meta is not None:
-                keys = ("family", "kind", "backend", "dim", "count", "vectors_per_image", "params")
+                keys = ("family", "kind", "backend", "dim", "count", "vectors_per_image", "params", "media")
                 extra["index"] = {k: index_meta[k] for k in keys if k in index_meta}
                 summary = out.write_summaries(len(job.shards), job.total_rows, extra)
         return BatchResult(out.root, summary, run.resumed, run.engine, index=index_meta)

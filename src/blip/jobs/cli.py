@@ -20,6 +20,7 @@ from blip.jobs.index import INDEX_KINDS
 from blip.jobs.lock import OutputBusyError
 from blip.jobs.runner import JobError, TaskOptions
 from blip.jobs.sources import IMAGE_EXTENSIONS, INPUT_KINDS, InputError, InputOptions
+from blip.jobs.video import MEDIA
 from blip.jobs.writer import EMBED_FORMATS, OUTPUT_FORMATS, OutputError
 from blip.tasks.options import OPTIONS, CaptionOptions, VqaOptions, add_option_flags, option_values
 
@@ -162,6 +163,21 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
         default="auto",
         help="search index: flat (exact), ivf, hnsw (faiss), none, or auto (flat up to 100k images)",
     )
+    video = p.add_argument_group("video (needs pip install 'blip-vl[video]')")
+    video.add_argument(
+        "--media",
+        choices=MEDIA,
+        default="auto",
+        help="what --input holds: auto (videos when a folder has no images but video files, or every manifest path "
+        "is a video), image or video",
+    )
+    video.add_argument(
+        "--frames",
+        dest="num_frames",
+        type=int,
+        default=8,
+        help="frames sampled uniformly per video; its embedding is their mean projected [CLS] (default: 8)",
+    )
     return parser
 
 
@@ -207,6 +223,8 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         inputs=inputs,
         options=options,
         engine=EngineOptions.of(args),
+        media=getattr(args, "media", "auto"),
+        num_frames=getattr(args, "num_frames", 8),
     )
 
 
@@ -255,7 +273,7 @@ def batch_main(argv: list[str] | None = None, prog: str = "blip batch") -> int:
     if result.index:
         print(
             f"{prog} {args.task}: index {result.index['backend']}/{result.index['kind']} over "
-            f"{result.index['count']} images in {result.out / 'index'}",
+            f"{result.index['count']} {result.index.get('media', 'image')}s in {result.out / 'index'}",
             file=sys.stderr,
         )
     return result.exit_code
@@ -353,7 +371,7 @@ def retrieve_main(argv: list[str] | None = None, prog: str = "blip retrieve") ->
     info = collection.index.info
     print(
         f"{prog}: {len(results)} queries in {elapsed * 1000:.1f} ms ({info.backend}/{info.kind} index, "
-        f"{len(collection.rows)} images)",
+        f"{len(collection.rows)} {collection.media}s)",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -195,6 +195,9 @@ def build_collection_index(
         "model_source": manifest.get("model_source"),
         "build_seconds": round(time.perf_counter() - started, 3),
     }
+    described = manifest["job"].get("input", {})
+    if described.get("media") == "video":  # a video collection: re-ranking reads each hit's frames
+        meta.update(media="video", num_frames=int(described["num_frames"]))
     tmp = out / f"{INDEX}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

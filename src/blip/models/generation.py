@@ -31,7 +31,9 @@ import torch
 from blip.models.bert import CrossKV, KVCache, TextDecoder
 
 NEG_INF_SCORE = -1.0e9  # transformers' "impossible" beam score
+DECODE_MODES = ("auto", "static", "eager")  # which stepper a task builds (blip.models.static_decode); same results
 PAD_ID = 0  # what a finished row is fed (its later logits are never read)
+FINISHED_CHECK_EVERY = 4  # fixed-shape greedy decoding: steps between checks that every row is finished
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,7 @@ class GenerationConfig:
     length_penalty: float  # beam only: score / generated_length ** length_penalty
     num_return_sequences: int
     seed: int | None
+    decode: str  # one of DECODE_MODES: read by the task that builds the stepper, not by the loop
 
     def validate(self) -> None:
         ok = (
@@ -62,6 +65,7 @@ class GenerationConfig:
             and self.top_k >= 0
             and self.temperature > 0
             and self.repetition_penalty > 0
+            and self.decode in DECODE_MODES
         )
         if not ok:
             raise ValueError(f"invalid generation settings (check them with blip.tasks.options first): {self}")
@@ -418,6 +422,10 @@ def _sample_or_greedy(
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = _seen_tokens(prefixes, vocab, device).repeat_interleave(per_source, dim=0)
+    # A fixed-shape stepper gains nothing when finished sources leave; greedy rows then all stay (a finished row only
+    # adds PAD_ID and a zero score), which saves the host syncs of that bookkeeping. Sampling keeps the eager
+    # bookkeeping: which rows draw decides which random numbers each row gets.
+    fixed_rows = getattr(stepper, "fixed_shape", False) and not cfg.do_sample
 
     for n in range(steps):  # n: tokens generated so far
         logits = _process_logits(logits, seen, n, cfg, eos)
@@ -440,21 +448,24 @@ def _sample_or_greedy(
         generated[rows_idx, n] = tokens
         scores[rows_idx] += torch.where(was_finished, torch.zeros_like(logprobs), logprobs)
         just_done = (~was_finished) & torch.isin(tokens, eos)
-        lengths[rows_idx[just_done]] = n + 1
+        lengths[rows_idx] = torch.where(just_done, n + 1, lengths[rows_idx])
         finished[rows_idx] = was_finished | just_done
         if n + 1 == steps:
             break
 
-        # Sources whose rows are all finished leave the batch with their cache rows and encoder states.
-        source_done = finished[rows_idx].view(-1, per_source).all(dim=1)
-        if bool(source_done.all()):
-            break
-        if bool(source_done.any()):
-            keep = (~source_done).nonzero().squeeze(1)
-            keep_rows = (keep[:, None] * per_source + within).reshape(-1)
-            stepper.select(keep_rows, keep)
-            active, rows_idx, tokens = active[keep], rows_idx[keep_rows], tokens[keep_rows]
-            seen = None if seen is None else seen[keep_rows]
+        if fixed_rows:  # nothing to gain from leaving; a host sync every few steps only, to stop once all are done
+            if (n + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+        else:  # sources whose rows are all finished leave the batch with their cache rows and encoder states
+            source_done = finished[rows_idx].view(-1, per_source).all(dim=1)
+            if bool(source_done.all()):
+                break
+            if bool(source_done.any()):
+                keep = (~source_done).nonzero().squeeze(1)
+                keep_rows = (keep[:, None] * per_source + within).reshape(-1)
+                stepper.select(keep_rows, keep)
+                active, rows_idx, tokens = active[keep], rows_idx[keep_rows], tokens[keep_rows]
+                seen = None if seen is None else seen[keep_rows]
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         logits = stepper.step(tokens).float()

@@ -11,6 +11,8 @@ and the routes (`blip.serve.routes`, a module per API):
 - `POST /v1/retrieve`           search a collection index (`blip serve --index NAME=DIR[@MODEL]`), see below
 - `GET /v1/models`, `GET /v1/indexes` (`routes.v1`); `GET /healthz`, `/readyz`, `/metrics`, `/` (web page /
   liveness, `routes.ops`)
+- `POST /hf`, `/hf/{model}`     the Hugging Face Inference API: image-to-text and VQA (`routes.hf`)
+- `POST /v1/chat/completions`   the OpenAI API: an image and a prompt or question, streaming too (`routes.openai`)
 
 Every model call goes through the micro-batcher (`blip.serve.batching`) into the task functions in `blip.tasks`.
 
@@ -126,6 +128,7 @@ def _add_middleware(app: FastAPI, svc: Service) -> None:
         token=settings.token,
         protected_paths=routes.protected_paths(),
         token_in_body_paths=routes.TOKEN_IN_BODY_PATHS,
+        error_shape=routes.error_shape,
     )
 
 

@@ -6,6 +6,7 @@ the OpenAPI document lists for the routes."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,12 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
 STATUS_CODES.update({408: "body_timeout", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request"})
 
 
+# How an API outside ours words its errors: (status, code, message, field) -> (status, body). The routes of the
+# Hugging Face and OpenAI schemas answer in their clients' shapes, so those clients raise their own errors with our
+# message; the standard shape is `standard_shape`.
+ErrorShape = Callable[[int, str, str, str | None], tuple[int, dict[str, Any]]]
+
+
 class ApiError(Exception):
     """A failure answered as `{"error": {"code", "message", "field"}}` with `status`."""
 
@@ -52,6 +59,19 @@ class ApiError(Exception):
 
 def error_content(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "field": field}}
+
+
+def standard_shape(status: int, code: str, message: str, field: str | None) -> tuple[int, dict[str, Any]]:
+    return status, error_content(code, message, field)
+
+
+def reshaped(response: JSONResponse, shape: ErrorShape) -> JSONResponse:
+    """A response in the standard error shape, answered in `shape` instead (same headers but the body's own)."""
+    detail = json.loads(bytes(response.body))["error"]
+    status, content = shape(response.status_code, detail["code"], detail["message"], detail["field"])
+    skip = ("content-length", "content-type")
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in skip}
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:

@@ -87,6 +87,18 @@ def from_string(value: str, field: str) -> ImageSource:
     return ImageSource(field, "url", value.strip())
 
 
+DATA_URL = re.compile(r"^\s*data:image/[A-Za-z0-9.+\-]+;base64,", re.IGNORECASE)
+
+
+def from_string_or_data_url(value: str, field: str) -> ImageSource:
+    """`from_string`, and a `data:image/...;base64,` URL read as its base64 (how the OpenAI API, and clients of the
+    Hugging Face one, send an image inline)."""
+    match = DATA_URL.match(value)
+    if match is not None:
+        return ImageSource(field, "b64", value[match.end() :])
+    return from_string(value, field)
+
+
 def decode_base64(text: str, field: str) -> bytes:
     """Standard or URL-safe base64, whitespace and missing padding tolerated; anything else is refused."""
     match = SCHEME.match(text)

@@ -34,7 +34,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from blip.serve.errors import error_body
+from blip.serve.errors import ErrorShape, error_body
 from blip.serve.metrics import ServerMetrics
 from blip.serve.settings import ServeSettings
 
@@ -217,10 +217,11 @@ class ServeMiddleware:
         token: str | None = None,
         protected_paths: Collection[str] = (),
         token_in_body_paths: Collection[str] = (),
+        error_shape: Callable[[str], ErrorShape] | None = None,
     ):
         """`known_paths`: every path the app serves (a metrics label even when no route matched the method);
         `protected_paths`: paths that need the token; `token_in_body_paths`: POST paths whose JSON body may carry it
-        as `secret_token` instead."""
+        as `secret_token` instead; `error_shape`: the error shape of a path (default: the standard one)."""
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -231,7 +232,15 @@ class ServeMiddleware:
         self.token = token
         self.protected_paths = frozenset(protected_paths)
         self.token_in_body_paths = frozenset(token_in_body_paths)
+        self.error_shape = error_shape
         self.active = 0
+
+    def _error(self, path: str, status: int, code: str, message: str, field: str | None) -> tuple[int, bytes]:
+        """(status, body) of an error answered here, in the shape of the API `path` belongs to."""
+        if self.error_shape is None:
+            return status, error_body(code, message, field)
+        status, content = self.error_shape(path)(status, code, message, field)
+        return status, json.dumps(content).encode()
 
     def _authenticate(self, scope: Scope, method: str, path: str, headers: dict[str, str]) -> bool:
         """False: answer 401 now. Marks a model-card request without a valid bearer header for the body check."""
@@ -270,23 +279,19 @@ class ServeMiddleware:
         try:
             if not exempt and self.active >= self.max_connections:
                 self.metrics.rejected.inc(reason="connections")
-                await self._reply(
-                    send_wrapper,
-                    503,
-                    error_body("overloaded", f"too many requests in progress (limit {self.max_connections})"),
-                    retry=True,
-                )
+                message = f"too many requests in progress (limit {self.max_connections})"
+                await self._reply(send_wrapper, *self._error(path, 503, "overloaded", message, None), retry=True)
                 return
             if not self._authenticate(scope, scope.get("method", ""), path, headers):
                 self.metrics.rejected.inc(reason="unauthorized")
-                body = error_body("unauthorized", UNAUTHORIZED_MESSAGE, "Authorization")
-                await self._reply(send_wrapper, 401, body, extra=[(b"www-authenticate", b"Bearer")])
+                status, body = self._error(path, 401, "unauthorized", UNAUTHORIZED_MESSAGE, "Authorization")
+                await self._reply(send_wrapper, status, body, extra=[(b"www-authenticate", b"Bearer")])
                 return
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
                 self.metrics.rejected.inc(reason="body_size")
                 message = f"body: the request body is {declared} bytes, over the limit of {self.max_body_bytes}"
-                await self._reply(send_wrapper, 413, error_body("body_too_large", message, "body"))
+                await self._reply(send_wrapper, *self._error(path, 413, "body_too_large", message, "body"))
                 return
             self.active += 1
             try:
@@ -296,7 +301,7 @@ class ServeMiddleware:
                 self.metrics.rejected.inc(reason="body_size" if too_large else "body_timeout")
                 if info["status"] == 0:
                     code = "body_too_large" if too_large else "body_timeout"
-                    await self._reply(send_wrapper, e.status_code, error_body(code, e.detail, "body"))
+                    await self._reply(send_wrapper, *self._error(path, e.status_code, code, e.detail, "body"))
             finally:
                 self.active -= 1
         finally:

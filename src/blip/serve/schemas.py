@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from blip.tasks.options import CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
+from blip.tasks.options import MAX_BEAMS, CaptionOptions, OptionError, OptionsT, Spec, TaskOptionsBase, VqaOptions
 
 
 def _not_blank(value: str) -> str:
@@ -398,8 +398,20 @@ class ModelInfo(BaseModel):
     ]
 
 
+class OpenAiModel(BaseModel):
+    """A model as the OpenAI API lists it (GET /v1/models `data`)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the server loaded it (Unix seconds)")
+    owned_by: str = "blip"
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    # the OpenAI API's list (openai's `client.models.list()` reads these two)
+    object: Literal["list"] = "list"
+    data: list[OpenAiModel] = Field(default_factory=list, description="the same models as the OpenAI API lists them")
 
 
 class StatusResponse(BaseModel):
@@ -407,3 +419,198 @@ class StatusResponse(BaseModel):
     models: list[str] = Field(default_factory=list)
     indexes: list[str] = Field(default_factory=list)
     reason: str | None = None
+
+
+# --- Hugging Face Inference (POST /hf, /hf/{model}) -------------------------------------------------------------------
+
+
+HF_GENERATION_PARAMETERS = (  # the Hugging Face generation parameters this server runs: `CaptionOptions` of those names
+    "do_sample",
+    "max_new_tokens",
+    "min_new_tokens",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "length_penalty",
+    "seed",
+)
+HfGenerationParameters = create_model(  # type: ignore[call-overload]
+    "HfGenerationParameters",
+    __base__=_Strict,
+    __doc__="The Hugging Face image-to-text `generation_parameters` this server runs (`CaptionOptions`; left out: "
+    "its default); an unknown one is refused, naming it.",
+    __module__=__name__,
+    use_cache=(bool | None, Field(None, description="accepted and ignored (the decoder always caches)")),
+    **{
+        name: (
+            CaptionOptions.specs()[name].annotation | None,
+            Field(None, description=CaptionOptions.specs()[name].help),
+        )
+        for name in HF_GENERATION_PARAMETERS
+    },
+)
+
+
+class HfCaptionParameters(_Strict):
+    max_new_tokens: int | None = Field(None, description="most tokens to generate")
+    generation_parameters: HfGenerationParameters | None = None
+
+
+class HfImageToTextRequest(_Lenient):
+    """Image-to-text as JSON (the raw image file as the body works too)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples({"inputs": EXAMPLE_PNG, "parameters": {"max_new_tokens": 20}})
+    )
+    inputs: str = Field(min_length=1, description="the image: base64, an http(s) URL or a data:image/...;base64 URL")
+    parameters: HfCaptionParameters | None = None
+
+
+class HfVqaInputs(_Lenient):
+    image: str = Field(min_length=1, description="base64, an http(s) URL or a data:image/...;base64 URL")
+    question: Text
+
+
+class HfVqaParameters(_Lenient):
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_BEAMS, description="answers wanted: k > 1 gives the k best beams of beam search of width k"
+    )
+
+
+class HfVqaRequest(_Lenient):
+    """Visual question answering, as the Hugging Face Inference API documents it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {"inputs": {"image": EXAMPLE_PNG, "question": "what colour is it?"}, "parameters": {"top_k": 1}}
+        )
+    )
+    inputs: HfVqaInputs
+    parameters: HfVqaParameters | None = None
+
+
+class HfVqaFlatRequest(_Lenient):
+    """Visual question answering as huggingface_hub's InferenceClient sends it: the image (base64) in `image` and
+    again in `inputs`, the question beside them."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {"inputs": EXAMPLE_PNG, "image": EXAMPLE_PNG, "question": "what colour is it?", "parameters": {}}
+        )
+    )
+    inputs: str | None = Field(None, description="the image again (used when `image` is left out)")
+    image: str | None = Field(None, min_length=1, description="base64, an http(s) URL or a data:image/...;base64 URL")
+    question: Text
+    parameters: HfVqaParameters | None = None
+
+
+class HfGeneratedText(BaseModel):
+    generated_text: str
+
+
+class HfAnswer(BaseModel):
+    answer: str
+    score: float = Field(description="the answer's probability under the model: exp(its sequence log-probability)")
+
+
+class HfErrorResponse(BaseModel):
+    """The Hugging Face Inference API's error shape (huggingface_hub puts `error` in its HfHubHTTPError)."""
+
+    error: str = Field(description="what is wrong, starting with the field it concerns")
+    error_type: str = Field(description="machine-readable reason, as `code` in this server's other errors")
+
+
+# --- OpenAI chat completions (POST /v1/chat/completions) -------------------------------------------------------------
+
+
+class ChatImageUrl(_Lenient):
+    url: str = Field(min_length=1, description="a data:image/...;base64 URL or an http(s) URL")
+    detail: str | None = Field(None, description="accepted and ignored")
+
+
+class ChatContentPart(_Lenient):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ChatImageUrl | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ChatContentPart] | None = None
+
+
+class ChatStreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(_Lenient):
+    """An OpenAI chat completion request: the last message is the user's, holding one `image_url` part and
+    optionally `text` (the caption's prompt, or the question for a model that answers questions)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {
+                "model": "captioner",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{EXAMPLE_PNG}"}}
+                        ],
+                    }
+                ],
+                "max_tokens": 20,
+            }
+        )
+    )
+    model: str = Field(min_length=1, description="a loaded model's name (GET /v1/models lists them)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (default: the task's)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="above 0: sample (0 or none: greedy)")
+    top_p: float | None = Field(None, gt=0, le=1, description="given: sample, with this nucleus mass")
+    n: int = Field(1, ge=1, le=16, description="choices: sampled ones when sampling, else the n best beams")
+    seed: int | None = Field(None, ge=0, le=2**53, description="sampling: the same seed gives the same choices")
+    stream: bool = Field(False, description="server-sent chat.completion.chunk events, then data: [DONE]")
+    stream_options: ChatStreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int = Field(description="the text's tokens as the model reads them (special tokens included)")
+    completion_tokens: int = Field(description="tokens the model generated, over all choices (end token included)")
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+
+
+class OpenAiErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error or server_error")
+    param: str | None = Field(description="the request field at fault")
+    code: str | None = Field(description="machine-readable reason, as in this server's other errors")
+
+
+class OpenAiErrorResponse(BaseModel):
+    error: OpenAiErrorDetail

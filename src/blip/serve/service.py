@@ -8,6 +8,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,17 @@ from blip.serve.inputs import ImageLoader, ImageSource
 from blip.serve.metrics import ServerMetrics
 from blip.serve.middleware import UNAUTHORIZED_MESSAGE, token_matches
 from blip.serve.settings import ServeSettings
-from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, ReasonWork, SimilarityWork, dispatch, rows
+from blip.tasks.batch import (
+    CaptionWork,
+    EmbedWork,
+    ImageItem,
+    PairWork,
+    ReasonWork,
+    SimilarityWork,
+    TopAnswers,
+    dispatch,
+    rows,
+)
 from blip.tasks.common import Answer, Caption, Verdict
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
 from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
@@ -68,6 +79,7 @@ class Service:
         indexes: dict[str, IndexSpec] | None = None,
     ):
         self.settings = settings
+        self.started_at = int(time.time())  # Unix seconds (the OpenAI model list's `created`)
         self.models: dict[str, Blip] = dict(models or {})
         self.loader = loader
         self.on_load_error = on_load_error
@@ -362,6 +374,22 @@ class Service:
         """Answers for questions[q] about sources[image_of[q]]; `fields[q]` names question q in the request."""
         self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
         return await self.run("vqa", name, options, sources, lambda items: PairWork(items, questions, image_of))
+
+    async def top_answers(
+        self,
+        name: str,
+        options: VqaOptions,
+        count: int,
+        sources: list[ImageSource],
+        questions: list[str],
+        image_of: list[int],
+        fields: list[str],
+    ) -> list[list[Answer]]:
+        """`answer`, with the `count` best generated answers per question (the best beams of beam search of width
+        `options.num_beams`, at least `count`), best first."""
+        self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
+        top = TopAnswers(options, count)
+        return await self.run("vqa_top", name, top, sources, lambda items: PairWork(items, questions, image_of))
 
     async def match(self, name: str, sources: list[ImageSource], texts: list[str], image_of: list[int]) -> list[float]:
         return await self.run("match", name, None, sources, lambda items: PairWork(items, texts, image_of))

@@ -7,6 +7,7 @@ same image), and its texts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from PIL import Image
 from blip.tasks import blip2 as blip2_generate
 from blip.tasks.caption import caption_images
 from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
-from blip.tasks.vqa import answer_questions
+from blip.tasks.vqa import answer_candidates, answer_questions
 
 if TYPE_CHECKING:
     from blip.api import Blip
     from blip.tasks.retrieval import RetrieveOptions, RetrieveWork
 
-TASKS = ("caption", "vqa", "match", "similarity", "embed", "retrieve", "explain", "reason")
+TASKS = ("caption", "vqa", "vqa_top", "match", "similarity", "embed", "retrieve", "explain", "reason")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
 
     - caption (`CaptionOptions`, `CaptionWork`): per image, its list of `num_captions` captions
     - vqa (`VqaOptions`, `PairWork`): an `Answer` per question
+    - vqa_top (`TopAnswers`, `PairWork`): per question its `count` best generated `Answer`s, best first
     - match (`PairWork`): P(match) per text
     - similarity (`SimilarityWork`): ITC cosine [image][text]
     - embed (`EmbedWork`): float32 ITC image features [n_images, dim] (numpy)
@@ -131,6 +133,8 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return _caption(blip, options if options is not None else CaptionOptions(), works)
     if task == "vqa":
         return _vqa(blip, options if options is not None else VqaOptions(), works)
+    if task == "vqa_top":
+        return _vqa_top(blip, options, works)
     if task == "match":
         images, texts, image_index = _pairs(works)
         probs = blip._itm.match_probabilities(blip, images, texts, image_index)
@@ -208,6 +212,34 @@ def _vqa(blip: Blip, options: VqaOptions, works: Sequence[PairWork]) -> list[lis
         )
     else:
         results = answer_questions(blip, images, questions, image_index, generation=generation, answers=options.answers)
+    return _split(results, [len(w.texts) for w in works])
+
+
+@dataclass(frozen=True)
+class TopAnswers:
+    """The options of task vqa_top: `count` answers per question, the best beams of beam search of width
+    `vqa.num_beams` (at least `count`; 1 is greedy)."""
+
+    vqa: VqaOptions
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.vqa.answers is not None:
+            raise ValueError("vqa_top generates answers: ranking given ones is the vqa task's")
+        if not 1 <= self.count <= self.vqa.num_beams:
+            raise ValueError(f"count must be between 1 and num_beams ({self.vqa.num_beams}), got {self.count}")
+
+
+def _vqa_top(blip: Blip, options: TopAnswers, works: Sequence[PairWork]) -> list[list[Any]]:
+    images, questions, image_index = _pairs(works)
+    generation = dataclasses.replace(options.vqa.generation(), num_return_sequences=options.count)
+    if is_blip2(blip):
+        template = options.vqa.prompt_template
+        results = blip2_generate.answer_candidates(
+            blip, images, questions, image_index, generation=generation, prompt_template=template
+        )
+    else:
+        results = answer_candidates(blip, images, questions, image_index, generation=generation)
     return _split(results, [len(w.texts) for w in works])
 
 

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.models.generation import CausalLmStepper, EncoderDecoderStepper, GenerationConfig, generate
+from blip.models.generation import EncoderDecoderStepper, GenerationConfig, generate
 from blip.models.generation import Sequence as Generated
+from blip.models.static_decode import causal_lm_stepper
 from blip.tasks.blip2_itm import encode_images
 from blip.tasks.common import Answer, Caption, chunks
 from blip.tasks.options import OptionError
@@ -146,7 +147,7 @@ def generate_from(
         starts = (longest - torch.tensor([len(row) for row in prefix_ids])).tolist()
         for s, start in enumerate(starts):  # the placeholders' embeddings replaced by the query outputs
             embeds[s, start : start + num_queries] = queries[s].to(embeds.dtype)
-        stepper = CausalLmStepper(lm, embeds, mask, prefix_ids, groups=images)
+        stepper = causal_lm_stepper(lm, embeds, mask, prefix_ids, images, generation.decode)
     else:
         # Sources with the same image and prompt read the same encoder states: encode each distinct pair once.
         keys = [(s if images is None else images[s], tuple(ids)) for s, ids in enumerate(prompts)]
@@ -217,11 +218,29 @@ def answer_questions(
 ) -> list[Answer]:
     """One answer per question (`image_index[q]`: which of `images` it is about; each image is encoded once).
     `token_ids`: OPT -> the generated ids alone; T5 -> decoder start + generated ids; `text` their decode, stripped."""
+    candidates = answer_candidates(
+        blip, images, questions, image_index, generation=generation, prompt_template=prompt_template
+    )
+    return [best for best, *_ in candidates]
+
+
+@torch.inference_mode()
+def answer_candidates(
+    blip: Blip2,
+    images: list[Image.Image],
+    questions: list[str],
+    image_index: list[int],
+    *,
+    generation: GenerationConfig,
+    prompt_template: str | None,
+) -> list[list[Answer]]:
+    """`generation.num_return_sequences` answers per question, best first (beam search: the best beams); the first
+    is `answer_questions`' answer with the same settings."""
     prompts = [prompt_ids(blip, question_prompt(prompt_template, q, blip)) for q in questions]
     for q, ids in enumerate(prompts):
         _check_length(blip, len(ids), generation.max_new_tokens, "questions", f"question {q} in its prompt")
     queries = image_queries(blip, images)
-    results: list[Answer] = []
+    results: list[list[Answer]] = []
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         images_of = [image_index[r] for r in rows]
@@ -229,8 +248,7 @@ def answer_questions(
         sources = generate_from(
             blip, queries.index_select(0, index), [prompts[r] for r in rows], generation, images=images_of
         )
-        for r, (seq,) in zip(rows, sources):
+        for r, sequences in zip(rows, sources):
             skip = blip.config.num_query_tokens + len(prompts[r]) if blip.config.kind == "opt" else 0
-            answer_ids = seq.token_ids[skip:]
-            results.append(Answer(_text(blip, answer_ids), seq.score, answer_ids))
+            results.append([Answer(_text(blip, s.token_ids[skip:]), s.score, s.token_ids[skip:]) for s in sequences])
     return results

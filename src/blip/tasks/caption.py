@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.models.generation import GenerationConfig, TextDecoderStepper, generate
+from blip.models.generation import GenerationConfig, generate
+from blip.models.static_decode import text_decoder_stepper
 from blip.tasks.common import Caption, chunks, model_input
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def caption_images(
         cross = decoder.bert.cross_kv(image_embeds)
         mine = [generators[i] for i in chunk] if generators is not None else None
         eos_id = blip.config.text.sep_token_id
-        stepper = TextDecoderStepper(decoder, cross, prefix)
+        stepper = text_decoder_stepper(decoder, cross, prefix, generation.decode)
         for sequences in generate(stepper, generation, eos_id=eos_id, generators=mine):
             results.append([Caption(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
     return results

@@ -255,6 +255,22 @@ def _ranking(options: Any) -> bool:
     return options.answers is not None
 
 
+def _never(options: Any) -> bool:  # an option that changes how, not what (not part of a job's fingerprint)
+    return False
+
+
+DECODE_MODES = ("auto", "static", "eager")  # = blip.models.generation.DECODE_MODES (torch-free here)
+_DECODE_HELP = (
+    "decoding path, same results: static (fixed-shape steps over a static cache, replayed as CUDA graphs on a GPU), "
+    "eager, or auto (static on CUDA, eager elsewhere); BLIP-2 with T5 decodes eagerly"
+)
+
+
+def _check_decode(options: Any) -> None:
+    if options.decode not in DECODE_MODES:
+        raise OptionError("decode", f"must be one of {', '.join(DECODE_MODES)}, got {options.decode!r}")
+
+
 MAX_NEW_TOKENS = 1024  # a static bound for schemas; the model's positions bound it further (check_model)
 MAX_BEAMS = 16
 MAX_SEQUENCES = 16
@@ -330,8 +346,10 @@ class CaptionOptions(TaskOptionsBase):
         maximum=SEED_MAX,
         relevant=_sampling,
     )
+    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, metavar="{auto,static,eager}", relevant=_never)
 
     def check(self) -> None:
+        _check_decode(self)
         if self.min_new_tokens > self.max_new_tokens:
             raise OptionError(
                 "min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
@@ -360,6 +378,7 @@ class CaptionOptions(TaskOptionsBase):
             length_penalty=self.length_penalty,
             num_return_sequences=self.num_captions,
             seed=self.seed,
+            decode=self.decode,
         )
 
     def check_model(self, blip: Blip) -> None:
@@ -428,8 +447,10 @@ class VqaOptions(TaskOptionsBase):
         max_length=500,
         relevant=_templated,
     )
+    decode: str = option("auto", _DECODE_HELP, "str", max_length=16, metavar="{auto,static,eager}", relevant=_never)
 
     def check(self) -> None:
+        _check_decode(self)
         if self.min_new_tokens > self.max_new_tokens:
             raise OptionError(
                 "min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
@@ -439,7 +460,10 @@ class VqaOptions(TaskOptionsBase):
 
     def generation(self) -> GenerationConfig:
         return CaptionOptions(
-            num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens
+            num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            decode=self.decode,
         ).generation()
 
     def check_model(self, blip: Blip) -> None:

@@ -9,11 +9,16 @@ inner product is cosine similarity (ITC).
 On disk (``<out>/index/``)::
 
     index.json     format, family ("blip" or "blip2"), kind, backend, dim, count (images), vectors_per_image,
-                   vectors, parameters, the model and job that made the vectors
+                   vectors, parameters, the model and job that made the vectors; a video collection adds
+                   media ("video") and num_frames
     vectors.npy    float32 [count, dim] (BLIP) or [count, Q, dim] (BLIP-2): every image's features in collection order
     rows.jsonl     one line per image: {"image": id, "source": where the image is, "text"?: ...}
     faiss.index    faiss backends: the index itself
     ivf.npz        numpy ivf: centroids and the inverted lists
+
+Video collections (``"media": "video"``, `blip.jobs.video`): a row is a video and its vector the normalised mean of
+its sampled frames' features; re-ranking decodes each hit's frames again (the same `num_frames`) and scores the text
+against their concatenated tokens (`blip.tasks.video.match_videos`). Everything else is as for images.
 
 BLIP-2 (``blip2-itm-vit-g``, ``"family": "blip2"``, format ``blip-index/2``): an image has Q features, one per query
 token, and its ITC score for a text is the largest cosine over them (`blip.tasks.blip2_itm.similarity`). The search
@@ -223,6 +228,27 @@ class CollectionIndex:
         row = self.rows[i]
         return read_source_image(row["image"], row.get("source", ""), self.fetch)
 
+    @property
+    def media(self) -> str:
+        """ "image", or "video" for a collection of videos (each row's vector: its frames' mean feature)."""
+        return str(self.meta.get("media", "image"))
+
+    def read_video(self, i: int, size: int | None = None) -> list[Image.Image]:
+        """A video row's frames, sampled as when it was embedded (`num_frames` of index.json)."""
+        from blip.video import read_frames
+
+        row = self.rows[i]
+        source, num_frames = row.get("source", ""), int(self.meta.get("num_frames", 8))
+        if source.startswith(TAR_PREFIX):
+            return read_frames(read_member(source), num_frames, size=size, name=row["image"])
+        if source.startswith(("http://", "https://")):
+            if self.fetch is None:
+                raise OSError(f"cannot fetch {source}: no URL fetcher given")
+            return read_frames(self.fetch(source), num_frames, size=size, name=row["image"])
+        if not source:
+            raise OSError("no video")
+        return read_frames(source, num_frames, size=size, name=row["image"])
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [q, k], rows [q, k]) of the k best images per query, best first: an image's score is its
         vector's inner product (BLIP), or the largest over its Q vectors (BLIP-2)."""
@@ -356,7 +382,7 @@ def search_texts(
             blip.require("itm")
             images, keep = [], []
             for hit in hits:
-                image = read[hit.row] if hit.row in read else _read_row(collection, hit.row)
+                image = read[hit.row] if hit.row in read else _read_row(collection, hit.row, blip)
                 uses[hit.row] -= 1
                 if uses[hit.row]:
                     read[hit.row] = image
@@ -367,7 +393,7 @@ def search_texts(
                     continue
                 images.append(image)
                 keep.append(hit)
-            probs = family.match_probabilities(blip, images, [text] * len(keep), list(range(len(keep)))) if keep else []
+            probs = _match(blip, collection, images, text) if keep else []
             for hit, p in zip(keep, probs):
                 hit.itm = p
             hits = sorted(keep, key=lambda h: (-(h.itm or 0.0), -h.itc))
@@ -377,11 +403,23 @@ def search_texts(
     return results
 
 
-def _read_row(collection: CollectionIndex, row: int) -> Image.Image | Exception:
+def _read_row(collection: CollectionIndex, row: int, blip: Blip) -> Any:
+    """The row's image (or, in a video collection, its sampled frames), or the exception that stopped reading it."""
     try:
+        if collection.media == "video":
+            return collection.read_video(row, blip.transform.image_size)
         return collection.read_image(row)
     except Exception as e:  # noqa: BLE001 - an unreadable image drops out of the ranking
         return e
+
+
+def _match(blip: Blip, collection: CollectionIndex, items: list[Any], text: str) -> list[float]:
+    """ITM P(match) of `text` with each hit: an image, or a video's frames concatenated (`blip.tasks.video`)."""
+    if collection.media == "video":
+        from blip.tasks.video import match_videos
+
+        return match_videos(blip, items, [text] * len(items), list(range(len(items))))
+    return blip._itm.match_probabilities(blip, items, [text] * len(items), list(range(len(items))))
 
 
 def search_images(

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.bert import CrossKV
-from blip.models.generation import GenerationConfig, TextDecoderStepper, generate
+from blip.models.generation import GenerationConfig, generate
+from blip.models.static_decode import text_decoder_stepper
 from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, group_rows, model_input
 
 if TYPE_CHECKING:
@@ -65,14 +66,57 @@ def answer_questions(
         states, mask = encode_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
+    return results
+
+
+@torch.inference_mode()
+def answers_from_states(
+    blip: Blip,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    generation: GenerationConfig,
+    answers: Sequence[str] | None,
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Answer]:
+    """An answer per row of the grounded question states `[Q, L, D]` (mask `[Q, L]`): generated, or the best of
+    `answers` (`ranked`: those answers from `_answer_ids`, when the caller tokenized them once already)."""
+    cross = _answer_cross(blip, states, mask)
+    if answers is None:
+        bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
+        return [
+            Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids)
+            for (seq,) in generate(stepper, generation, eos_id=eos)
+        ]
+    return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
+
+
+@torch.inference_mode()
+def answer_candidates(
+    blip: Blip,
+    images: list[Image.Image],
+    questions: list[str],
+    image_index: list[int],
+    *,
+    generation: GenerationConfig,
+) -> list[list[Answer]]:
+    """`generation.num_return_sequences` generated answers per question, best first (beam search: the best beams,
+    scored as beam search ranks them); the first is `answer_questions`' answer with the same settings."""
+    bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+    results: list[list[Answer]] = []
+    for chunk in chunks(len(questions), blip.batch_size):
+        rows = list(chunk)
+        used = sorted({image_index[r] for r in rows})
+        local = {img: i for i, img in enumerate(used)}
+        states, mask = encode_questions(
+            blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
+        )
         cross = _answer_cross(blip, states, mask)
-        if ranked is None:
-            bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-            stepper = TextDecoderStepper(blip.model.text_decoder, cross, [bos])
-            for (seq,) in generate(stepper, generation, eos_id=eos):
-                results.append(Answer(blip.tokenizer.decode(seq.token_ids), seq.score, seq.token_ids))
-        else:
-            results.extend(_rank(blip, cross, answers, *ranked))
+        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
+        for sequences in generate(stepper, generation, eos_id=eos):
+            results.append([Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences])
     return results
 
 

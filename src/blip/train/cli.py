@@ -93,7 +93,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "Prints the metrics as JSON and writes them, the predictions and PNG plots to --out.",
     )
     parser.add_argument("--model", "-m", required=True, help="training checkpoint (.pt), HF folder, .pth or hub id")
-    parser.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "nlvr"])
+    parser.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "video_retrieval", "nlvr"])
     parser.add_argument("--data", required=True, help="dataset folder (test.jsonl, vqa_test.jsonl, ...) or test file")
     parser.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
     parser.add_argument("--out", help="folder for metrics, predictions and plots (default: next to the model)")
@@ -105,6 +105,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-new-tokens", type=int, default=5)
     parser.add_argument("--vqa-mode", choices=["generate", "rank"], default="generate")
     parser.add_argument("--k-test", type=int, default=16, help="retrieval: candidates re-ranked with ITM")
+    parser.add_argument(
+        "--frames", type=int, default=8, help="video_retrieval: frames sampled per clip (--data: a clip manifest)"
+    )
     add_device_flag(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-plots", action="store_true")
@@ -142,7 +145,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from blip.evaluation.run import evaluate, write_result
     from blip.weights.load import CheckpointError
 
-    kind = {"caption": None, "vqa": "vqa", "retrieval": None, "nlvr": None}[args.task]
+    kind = {"caption": None, "vqa": "vqa", "retrieval": None, "video_retrieval": None, "nlvr": None}[args.task]
     try:
         blip_model = load(
             args.model, device=str(device), tokenizer=args.tokenizer or None, batch_size=args.batch_size, kind=kind
@@ -150,7 +153,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blip eval: error: cannot load {args.model}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    needs = {"caption": "caption", "vqa": "vqa", "retrieval": "itm", "nlvr": "reason"}[args.task]
+    needs = {"caption": "caption", "vqa": "vqa", "retrieval": "itm", "video_retrieval": "itm", "nlvr": "reason"}
+    needs = needs[args.task]
     if needs not in blip_model.tasks:
         print(
             f"blip eval: error: a {blip_model.config.kind!r} model cannot be evaluated on {args.task}", file=sys.stderr
@@ -170,8 +174,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             min_new_tokens=args.min_new_tokens,
             vqa_mode=args.vqa_mode,
             k_test=args.k_test,
+            num_frames=args.frames,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"blip eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     model_path = Path(args.model)

@@ -5,6 +5,8 @@
 - `azure`  `POST /score` (Azure ML online endpoint)
 - `card`   `POST /`, `POST /predict` (the model card's schema)
 - `explain` `POST /v1/explain` (ITM Grad-CAM maps as PNGs)
+- `hf`     `POST /hf`, `POST /hf/{model}` (the Hugging Face Inference API, for huggingface_hub's InferenceClient)
+- `openai` `POST /v1/chat/completions` (the OpenAI API, for the openai client)
 
 `shared` holds what they share (the service dependency, auth, uploads, answering groups of questions); the checks
 and the model calls are the service's. `ROUTERS` is in the order of the API docs (/docs groups by tag, in order of
@@ -15,11 +17,21 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from blip.serve.routes import azure, card, explain, ops, v1
+from blip.serve.errors import ErrorShape, standard_shape
+from blip.serve.routes import azure, card, explain, hf, openai, ops, v1
 from blip.serve.routes.shared import require_auth
 
-ROUTERS = (ops.router, v1.router, azure.router, card.router, explain.router)
+ROUTERS = (ops.router, v1.router, azure.router, card.router, explain.router, hf.router, openai.router)
 TOKEN_IN_BODY_PATHS = card.PATHS
+
+
+def error_shape(path: str) -> ErrorShape:
+    """How errors on `path` are worded: the Hugging Face and OpenAI routes as their clients expect, else ours."""
+    if path == hf.PREFIX or path.startswith(f"{hf.PREFIX}/"):
+        return hf.error_shape
+    if path == openai.PATH:
+        return openai.error_shape
+    return standard_shape
 
 
 def include(app: FastAPI) -> None:

@@ -1,17 +1,22 @@
 """What the route modules share: the one `Service` (a dependency reading `app.state.service`), the token check,
-the parameters several routes take, uploads, and answering groups of questions (the model card's and /v1/vqa)."""
+the parameters several routes take, uploads, answering groups of questions (the model card's and /v1/vqa), and the
+routers of APIs that word their errors their own way (`shaped_router`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
+from blip.serve import errors
+from blip.serve.errors import ApiError, ErrorShape
 from blip.serve.inputs import ImageSource
-from blip.serve.middleware import BoundedJsonRoute
+from blip.serve.middleware import BodyTimeout, BodyTooLarge, BoundedJsonRoute
 from blip.serve.service import Service
 from blip.tasks.common import Answer
 from blip.tasks.options import VqaOptions
@@ -39,6 +44,32 @@ AUTH = [Depends(require_auth)]
 def api_router(tag: str, **kwargs: Any) -> APIRouter:
     """A router for one group of routes (`tag` in the API docs), parsing JSON bodies under the server's caps."""
     return APIRouter(tags=[tag], route_class=BoundedJsonRoute, **kwargs)
+
+
+def shaped_router(tag: str, shape: ErrorShape, **kwargs: Any) -> APIRouter:
+    """`api_router` for an API with its own error shape: a route's failures (ApiError, a body that does not
+    validate, an HTTP error) are answered as `shape` words them; the middleware's own answers (token, body size,
+    overload) get the shape by path (`blip.serve.routes.error_shape`)."""
+
+    class ShapedRoute(BoundedJsonRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+
+            async def shaped_handler(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except (BodyTooLarge, BodyTimeout):
+                    raise  # the middleware answers these (and counts them)
+                except ApiError as e:
+                    return errors.reshaped(errors.api_error(e), shape)
+                except RequestValidationError as e:
+                    return errors.reshaped(errors.validation_error(e), shape)
+                except HTTPException as e:
+                    return errors.reshaped(errors.http_error(e), shape)
+
+            return shaped_handler
+
+    return APIRouter(tags=[tag], route_class=ShapedRoute, **kwargs)
 
 
 def finite(value: float) -> float | None:

@@ -29,6 +29,7 @@ from blip.serve.schemas import (
     ModelForm,
     ModelInfo,
     ModelsResponse,
+    OpenAiModel,
     PairRequest,
     ReasonRequest,
     ReasonResponse,
@@ -59,8 +60,13 @@ router = api_router("blip", dependencies=AUTH)
 
 @router.get("/v1/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
 async def list_models(svc: ServiceDep) -> ModelsResponse:
-    """The loaded models: family (BLIP or BLIP-2), kind, tasks and, for BLIP-2 OPT and T5, the VQA prompt template."""
-    return ModelsResponse(models=[_model_info(n, m) for n, m in (svc.models.items() if svc.loaded else [])])
+    """The loaded models: family (BLIP or BLIP-2), kind, tasks and, for BLIP-2 OPT and T5, the VQA prompt template;
+    `data` lists them as the OpenAI API does (`client.models.list()`)."""
+    loaded = list(svc.models.items() if svc.loaded else [])
+    return ModelsResponse(
+        models=[_model_info(n, m) for n, m in loaded],
+        data=[OpenAiModel(id=n, created=svc.started_at) for n, _ in loaded],
+    )
 
 
 def _model_info(name: str, blip: Blip) -> ModelInfo:

@@ -1,0 +1,307 @@
+"""The OpenAI chat completions API, for the `openai` client (and anything vLLM-compatible): `POST
+/v1/chat/completions`. The model list is `GET /v1/models` (`routes.v1`), whose `data` is the OpenAI API's.
+
+The last message is the user's; its content holds one `image_url` part (a `data:image/...;base64,` URL, or an http(s)
+URL fetched by the safe fetcher) and optionally `text` parts (joined by spaces). Earlier messages are ignored. The
+`model` names a loaded model, which decides what the text is:
+
+- a model that answers questions (BLIP VQA, BLIP-2 OPT and T5): the question (BLIP-2 puts it in its prompt template);
+  without text, a BLIP-2 model captions;
+- a captioning model: the caption's prompt ("a picture of" -> "a picture of a dog ..."; the reply is the caption as
+  `Blip.caption` returns it, prompt included).
+
+Options: `max_tokens` (or `max_completion_tokens`) is max_new_tokens (default: the task's, as in the Python API);
+`temperature` above 0, or `top_p`, samples (`temperature` default then 1, `top_p` 1, as OpenAI's; without them
+decoding is greedy, as `Blip.caption`'s default); `n` choices are `n` samples when sampling, else the `n` best beams
+(beam search of width `n`); `seed` makes sampling repeatable. Questions are answered greedily (sampling is refused
+for them), `n` > 1 again the `n` best beams. `usage` counts the text's tokens as the model reads them (the image is
+not counted) and the tokens generated over all choices, end tokens included.
+
+`stream: true` answers server-sent `chat.completion.chunk` events, then `data: [DONE]`. The text is generated whole
+(the micro-batcher runs whole generations), then sent a word per event: the streamed text equals the non-streamed
+one, but the first word comes when the whole answer is ready.
+
+Errors come as `{"error": {"message", "type", "param", "code"}}` (the openai client raises its own `BadRequestError`,
+`AuthenticationError`, `NotFoundError`, ... with the message): a bad request is a 400, an unknown model a 404."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi.responses import StreamingResponse
+
+from blip.serve.errors import ApiError
+from blip.serve.inputs import ImageSource, from_string_or_data_url
+from blip.serve.routes.shared import AUTH, ServiceDep, shaped_router
+from blip.serve.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatRequest,
+    ChatResponseMessage,
+    ChatUsage,
+    OpenAiErrorResponse,
+)
+from blip.serve.service import Service
+from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
+
+if TYPE_CHECKING:
+    from blip.api import Blip
+
+PATH = "/v1/chat/completions"
+ERROR_TYPES = {401: "authentication_error", 408: "timeout", 503: "server_error"}
+
+
+def error_shape(status: int, code: str, message: str, field: str | None) -> tuple[int, dict[str, Any]]:
+    """The OpenAI API's error body: a bad request is a 400, an unknown model a 404 (code model_not_found)."""
+    if code == "unknown_model":
+        status, code = 404, "model_not_found"
+    elif status == 422:
+        status = 400
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": message, "type": kind, "param": field, "code": code}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": OpenAiErrorResponse, "description": description}
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the completion; with stream: true, server-sent chat.completion.chunk events",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    400: _error("invalid request, image, URL or option; the error names the field (param)"),
+    401: _error("missing or wrong token (when the server has one): the openai client's api_key"),
+    404: _error("no loaded model of that name"),
+    408: _error("the request body did not arrive in time"),
+    413: _error("body or image too large"),
+    503: {
+        **_error("overloaded, timed out, or not ready; retry later"),
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
+}
+
+router = shaped_router("OpenAI", error_shape, dependencies=AUTH)
+
+
+@router.post(PATH, response_model=ChatCompletion, responses=ERRORS, summary="OpenAI chat completion over one image")
+async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
+    """Caption the image (the text: the prompt) or answer the text about it, as the named model does."""
+    source, text, text_field = _parts(svc, body)
+    name, blip, task = _target(svc, body.model, text, text_field)
+    max_new_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    if task == "caption":
+        options = _caption_options(svc, body, text, text_field, max_new_tokens)
+        captions = await _renaming(svc.caption(name, blip, options, [source], field=source.field), text_field)
+        token_ids = [c.token_ids for c in captions[0]]
+        texts = [c.text for c in captions[0]]
+        limit = options.max_new_tokens
+    else:
+        options = _vqa_options(svc, body, blip, max_new_tokens)
+        if body.n == 1:
+            answers = await _renaming(svc.answer(name, options, [source], [text], [0], [text_field]), text_field)
+        else:
+            top = svc.top_answers(name, options, body.n, [source], [text], [0], [text_field])
+            (answers,) = await _renaming(top, text_field)
+        token_ids, texts, limit = [a.token_ids for a in answers], [a.text for a in answers], options.max_new_tokens
+    prompt_tokens = _prompt_tokens(blip, task, text, options)
+    generated = [_generated(blip, task, ids, prompt_tokens) for ids in token_ids]
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=t),
+            finish_reason="length" if count >= limit else "stop",  # (an end token as the last allowed one: "length")
+        )
+        for i, (t, count) in enumerate(zip(texts, generated))
+    ]
+    usage = ChatUsage(
+        prompt_tokens=prompt_tokens, completion_tokens=sum(generated), total_tokens=prompt_tokens + sum(generated)
+    )
+    completion = ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=name, choices=choices, usage=usage
+    )
+    if not body.stream:
+        return completion
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(
+        _events(completion, include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+# --- the request ------------------------------------------------------------------------------------------------------
+
+
+def _parts(svc: Service, body: ChatRequest) -> tuple[ImageSource, str, str]:
+    """(the image, the text, the field naming the text) of the last message, the user's."""
+    i = len(body.messages) - 1
+    message = body.messages[i]
+    field = f"messages[{i}].content"
+    if message.role != "user":
+        raise svc.invalid(
+            f"messages[{i}].role", f"the last message must be the user's (with the image), got {message.role!r}"
+        )
+    if not isinstance(message.content, list):
+        raise svc.invalid(field, "give a list of parts: an image_url part (the image) and optionally a text part")
+    images = [j for j, part in enumerate(message.content) if part.type == "image_url"]
+    if len(images) != 1:
+        raise svc.invalid(field, f"expected one image_url part, got {len(images)}")
+    j = images[0]
+    image = message.content[j].image_url
+    if image is None:
+        raise svc.invalid(
+            f"{field}[{j}].image_url", "missing: give {'url': 'data:image/...;base64,...' or 'https://...'}"
+        )
+    texts = []
+    for k, part in enumerate(message.content):
+        if part.type == "text":
+            if part.text is None:
+                raise svc.invalid(f"{field}[{k}].text", "missing")
+            texts.append((k, part.text))
+    svc.check_texts([(f"{field}[{k}].text", t) for k, t in texts])
+    text_field = f"{field}[{texts[0][0]}].text" if len(texts) == 1 else field
+    text = " ".join(t for _, t in texts).strip()
+    return from_string_or_data_url(image.url, f"{field}[{j}].image_url.url"), text, text_field
+
+
+def _target(svc: Service, model: str, text: str, text_field: str) -> tuple[str, Blip, str]:
+    """(name, model, task): a model that answers questions answers the text; without text, or a captioning model,
+    captions (the text as the prompt)."""
+    svc.check_ready()
+    blip = svc.models.get(model)
+    if blip is None:
+        svc.resolve(model, "caption")  # raises: no model named so (404)
+    assert blip is not None
+    tasks = blip.tasks
+    task = "vqa" if "vqa" in tasks and (text or "caption" not in tasks) else "caption"
+    if task == "vqa" and not text:
+        raise svc.invalid(text_field, f"model {model!r} answers questions: add a text part with the question")
+    name, blip = svc.resolve(model, task)
+    return name, blip, task
+
+
+OPTION_NAMES = {"max_new_tokens": "max_tokens", "num_captions": "n", "num_beams": "n"}  # options -> request fields
+
+
+def _renamed(field: str | None, message: str, text_field: str) -> tuple[str, str]:
+    """An option's error as the request names it: (field, message)."""
+    if field is None:
+        return field or "", message
+    name = text_field if field == "prompt" else OPTION_NAMES.get(field, field)
+    reason = message.removeprefix(f"{field}: ")
+    return name, f"{name}: {'as the prompt: ' if field == 'prompt' else ''}{reason}"
+
+
+async def _renaming(work: Any, text_field: str) -> Any:
+    """`await work`, an error of an option (the server's caps, the model's limits) named as the request names it."""
+    try:
+        return await work
+    except ApiError as e:
+        if e.field not in (*OPTION_NAMES, "prompt"):
+            raise
+        field, message = _renamed(e.field, e.message, text_field)
+        raise ApiError(e.status, e.code, message, field=field, headers=e.headers) from e
+
+
+def _options(make: Any, text_field: str) -> Any:
+    try:
+        return make()
+    except OptionError as e:
+        field, message = _renamed(e.field, str(e), text_field)
+        raise ApiError(422, "invalid_request", message, field=field) from e
+
+
+def _caption_options(
+    svc: Service, body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None
+) -> CaptionOptions:
+    sampling = body.temperature > 0 if body.temperature is not None else body.top_p is not None
+    values: dict[str, Any] = {"prompt": text or None}
+    if max_new_tokens is not None:
+        values["max_new_tokens"] = max_new_tokens
+    if sampling:
+        temperature = body.temperature if body.temperature is not None else 1.0
+        top_p = body.top_p if body.top_p is not None else 1.0
+        values.update({"do_sample": True, "temperature": temperature, "top_p": top_p, "seed": body.seed})
+        values["num_captions"] = body.n
+    elif body.n > 1:
+        values.update(num_beams=body.n, num_captions=body.n)  # the n best beams
+    return _options(lambda: CaptionOptions(**values), text_field)
+
+
+def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: int | None) -> VqaOptions:
+    if (body.temperature or 0) > 0 or (body.temperature is None and body.top_p is not None):
+        field = "temperature" if body.temperature is not None else "top_p"
+        raise svc.invalid(field, "questions are answered greedily: leave out temperature and top_p (or temperature 0)")
+    values: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    if body.n > 1:
+        values["num_beams"] = body.n  # the n best beams
+    options = _options(lambda: VqaOptions(**values), "")
+    try:
+        return svc.vqa_options(options, blip)
+    except ApiError as e:
+        if e.field not in OPTION_NAMES:
+            raise
+        field, message = _renamed(e.field, e.message, "")
+        raise ApiError(e.status, e.code, message, field=field) from e
+
+
+# --- usage ------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_tokens(blip: Blip, task: str, text: str, options: CaptionOptions | VqaOptions) -> int:
+    """The text's tokens as the model reads them: BLIP's [DEC] + prompt, or its question ([CLS] .. [SEP]); BLIP-2's
+    prompt (the question in its template) with the language model's own specials."""
+    if is_blip2(blip):
+        from blip.tasks.blip2 import prompt_ids, question_prompt
+
+        template = options.prompt_template if isinstance(options, VqaOptions) else None
+        return len(prompt_ids(blip, question_prompt(template, text, blip) if task == "vqa" else text or None))
+    if task == "vqa":
+        return len(blip.tokenizer.encode(text))
+    from blip.tasks.caption import prompt_prefix
+
+    return len(prompt_prefix(blip, text or None))
+
+
+def _generated(blip: Blip, task: str, token_ids: list[int], prompt_tokens: int) -> int:
+    """Tokens the model generated, from a result's `token_ids` (what each family puts there: `blip.tasks`)."""
+    if is_blip2(blip):
+        if blip.config.kind == "opt":  # caption: BLIP + prompt + generated; answer: generated alone
+            return len(token_ids) - (prompt_tokens if task == "caption" else 0)
+        return len(token_ids) - 1  # T5: decoder start + generated
+    return len(token_ids) - (prompt_tokens if task == "caption" else 1)  # [DEC] (+ prompt) + generated
+
+
+# --- streaming --------------------------------------------------------------------------------------------------------
+
+
+def pieces(text: str) -> list[str]:
+    """`text` cut before each word that follows a space: the pieces join back to exactly `text`."""
+    return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
+
+
+async def _events(completion: ChatCompletion, include_usage: bool) -> AsyncIterator[bytes]:
+    """The completion as `chat.completion.chunk` events: per choice its role, its words, its finish reason; the usage
+    last when asked for; then [DONE]."""
+    head = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created}
+    head["model"] = completion.model
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        chunk = {**head, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    for choice in completion.choices:
+        i = choice.index
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for piece in pieces(choice.message.content):
+            yield event([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "finish_reason": choice.finish_reason}])
+    if include_usage:
+        yield event([], completion.usage.model_dump())
+    yield b"data: [DONE]\n\n"
