@@ -60,6 +60,7 @@ def test_nlvr_recipe_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~11-15 min on one busy core: the demo's pretraining, then 3744 NLVR steps
 def test_nlvr_learns_on_the_shapes_world(tmp_path):
     """The demo's shapes-pretrained tiny BLIP (`blip.demo`'s pretraining stage, seed 1: ITC + ITM + LM on web + clean
     captions, 1000 steps), fine-tuned by `configs/nlvr_shapes.py` on 10k pairs: test accuracy well above the
