@@ -22,6 +22,7 @@ _EXPORTS = {
     "BlipConfig": "blip.config",
     "Caption": "blip.tasks.common",
     "TextConfig": "blip.config",
+    "Verdict": "blip.tasks.common",
     "VisionConfig": "blip.config",
     "create_model": "blip.api",
     "get_preset": "blip.config",
@@ -36,6 +37,7 @@ __all__ = [
     "BlipConfig",
     "Caption",
     "TextConfig",
+    "Verdict",
     "VisionConfig",
     "create_model",
     "get_preset",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from blip.api import Blip, Blip2, create_model, load
     from blip.blip2_config import Blip2Config
     from blip.config import BlipConfig, TextConfig, VisionConfig, get_preset
-    from blip.tasks.common import Answer, Caption
+    from blip.tasks.common import Answer, Caption, Verdict
     from blip.weights.registry import list_pretrained
 
 

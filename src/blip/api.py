@@ -20,8 +20,9 @@ from blip.tasks import blip2_itm
 from blip.tasks import caption as caption_task
 from blip.tasks import explain as explain_task
 from blip.tasks import itm as itm_task
+from blip.tasks import reason as reason_task
 from blip.tasks import vqa as vqa_task
-from blip.tasks.common import Answer, ImageInput, as_list, pair_up, unique_images
+from blip.tasks.common import Answer, ImageInput, Verdict, as_list, pair_up, unique_images
 from blip.tasks.explain import Explanation
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
@@ -164,6 +165,21 @@ class Blip:
             raise ValueError("texts must be a string or a non-empty list of strings")
         return self._itm.text_embeddings(self, text_list)
 
+    def reason(
+        self,
+        image_a: ImageInput | list[ImageInput],
+        image_b: ImageInput | list[ImageInput],
+        statements: str | list[str],
+    ) -> list[Verdict]:
+        """NLVR2 (an 'nlvr' model): a `Verdict(label, score)` per statement about the image pair (image_a, image_b);
+        `score` = P(true), `label` = score >= 0.5. Lists pair up (equal lengths; a single item goes with every
+        row); each distinct image is encoded once. Image a is NLVR2's left image, image b the right one."""
+        self.require("reason")
+        firsts, seconds, texts = reason_rows(image_a, image_b, statements)
+        decoded, index = unique_images(firsts + seconds)
+        n = len(texts)
+        return reason_task.reason_pairs(self, decoded, texts, index[:n], index[n:])
+
     def explain(self, image: ImageInput, text: str, layer: int | None = None) -> Explanation:
         """Grad-CAM of image-text matching: per word of `text`, a map `[g, g]` over the image's patch grid of where
         the ITM head's match logit leans, read at cross-attention `layer` (0-based; default: the middle one, LAVIS's
@@ -232,6 +248,27 @@ class Blip:
         self.transform.save_pretrained(folder)
         processor = {"processor_class": "BlipProcessor"}
         (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def reason_rows(image_a: Any, image_b: Any, statements: Any) -> tuple[list[Any], list[Any], list[str]]:
+    """`reason`'s arguments as rows: lists pair up, a single item goes with every row; ValueError/TypeError name
+    what is wrong."""
+    columns = {"image_a": as_list(image_a), "image_b": as_list(image_b), "statements": as_list(statements)}
+    lengths = {name: len(items) for name, (items, single) in columns.items() if not single}
+    for name, n in lengths.items():
+        if n == 0:
+            raise ValueError(f"{name} is an empty list")
+    if len(set(lengths.values())) > 1:
+        given = ", ".join(f"{n} {name}" for name, n in lengths.items())
+        raise ValueError(f"{given}: lists pair up, so they must have the same length (or give a single item)")
+    n = next(iter(lengths.values()), 1)
+    firsts, seconds, texts = (items * n if single else items for items, single in columns.values())
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"statement {i} is {type(text).__name__}, expected a string")
+        if not text.strip():
+            raise ValueError(f"statement {i} is empty")
+    return firsts, seconds, texts
 
 
 class Blip2(Blip):

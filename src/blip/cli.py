@@ -25,7 +25,7 @@ STATUS_AFTER_S = 1.0  # a step still running after this long gets a status line 
 # cores busy, a spinning thread holds a core that the thread it waits for needs: a base-model caption took 6.5-13 s
 # instead of 2-2.7 s that way (2 threads, 2-core AMD EPYC, a busy machine). On a quiet machine spinning is ~25%
 # faster, so long-running commands (serve, batch, train, demo) keep OpenMP's default. The user's setting wins.
-PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity", "explain"})
+PASSIVE_OPENMP_COMMANDS = frozenset({"caption", "vqa", "match", "similarity", "explain", "reason"})
 
 _logger = logging.getLogger("blip.cli")
 
@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--text", action="append", required=True, help="text (repeatable)")
 
+    p = sub.add_parser(
+        "reason",
+        help="visual reasoning (NLVR2): is a statement about a pair of images true?",
+        description="P(true) of each statement about the image pair (--image-a, --image-b), from an NLVR2 "
+        "checkpoint. Repeated flags pair up in order; a flag given once goes with every pair. Example: blip reason "
+        '--model model_base_nlvr.pth --image-a left.jpg --image-b right.jpg --statement "both images show a dog"',
+    )
+    _common(p)
+    p.add_argument("--image-a", action="append", required=True, help="the left image of a pair (repeatable)")
+    p.add_argument("--image-b", action="append", required=True, help="the right image of a pair (repeatable)")
+    p.add_argument("--statement", action="append", required=True, help="a statement about the pair (repeatable)")
+
     p = sub.add_parser("similarity", help="contrastive (ITC) cosine similarity of every image with every text")
     _common(p)
     p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
@@ -130,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument(
         "--kind",
-        choices=["caption", "vqa", "retrieval"],
-        help="which model to take out of a multi-part (pretrain) checkpoint",
+        choices=["caption", "vqa", "retrieval", "nlvr"],
+        help="which model to take out of a multi-part (pretrain) checkpoint (nlvr: an NLVR2 model started from it)",
     )
     p.add_argument("--image-size", type=int, help="resize the position embeddings for this input size")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (original .pth files ship none)")
@@ -384,6 +396,36 @@ def cmd_match(args: argparse.Namespace) -> int:
     return _report_errors(args, errors)
 
 
+def cmd_reason(args: argparse.Namespace) -> int:
+    from blip.api import reason_rows
+
+    def one_or_all(values: list[str]) -> str | list[str]:
+        return values[0] if len(values) == 1 else values  # a flag given once goes with every pair
+
+    try:
+        firsts, seconds, statements = reason_rows(
+            one_or_all(args.image_a), one_or_all(args.image_b), one_or_all(args.statement)
+        )
+    except (TypeError, ValueError) as e:
+        message = str(e).replace("image_a", "--image-a").replace("image_b", "--image-b")
+        raise CliError(message.replace("statements", "--statement")) from e
+    model = _load(args)
+    images, errors = _decode_all(firsts + seconds)
+    rows = [r for r in zip(firsts, seconds, statements) if r[0] in images and r[1] in images]
+    if rows:
+        try:
+            with status(f"blip reason: judging {_plural(len(rows), 'statement')} ..."):
+                verdicts = model.reason(
+                    [images[a] for a, _, _ in rows], [images[b] for _, b, _ in rows], [s for *_, s in rows]
+                )
+        except ValueError as e:
+            raise CliError(str(e)) from e
+        for (a, b, statement), v in zip(rows, verdicts):
+            row = {"image_a": a, "image_b": b, "statement": statement, "label": v.label, "score": v.score}
+            _emit(args, row, f"{a}\t{b}\t{statement}\t{str(v.label).lower()}\t{v.score:.4f}")
+    return _report_errors(args, errors)
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     model = _load(args)
     images, errors = _decode_all(args.image)
@@ -510,6 +552,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "vqa": cmd_vqa,
     "match": cmd_match,
     "similarity": cmd_similarity,
+    "reason": cmd_reason,
     "explain": cmd_explain,
     "convert": cmd_convert,
     "export": cmd_export,

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ModelKind = Literal["caption", "vqa", "retrieval", "pretrain"]
+ModelKind = Literal["caption", "vqa", "retrieval", "pretrain", "nlvr"]
 
 # Which heads each kind of model carries, and the transformers class name for each kind.
 KIND_PARTS: dict[str, tuple[str, ...]] = {
@@ -21,20 +21,26 @@ KIND_PARTS: dict[str, tuple[str, ...]] = {
     "vqa": ("text_encoder", "text_decoder"),
     "retrieval": ("text_encoder", "heads"),
     "pretrain": ("text_encoder", "text_decoder", "heads"),
+    "nlvr": ("text_encoder", "cls_head"),  # the encoder with twin cross-attention (blip.models.nlvr)
 }
 HF_ARCHITECTURES: dict[str, str] = {
     "caption": "BlipForConditionalGeneration",
     "vqa": "BlipForQuestionAnswering",
     "retrieval": "BlipForImageTextRetrieval",
 }
+# Kinds transformers has no class for: saved in the same layout (config.json + model.safetensors) under our own
+# architecture name, which only this package reads (docs/checkpoints.md).
+OWN_ARCHITECTURES: dict[str, str] = {"nlvr": "BlipForVisualReasoning"}
+SAVED_ARCHITECTURES: dict[str, str] = {**HF_ARCHITECTURES, **OWN_ARCHITECTURES}
 KIND_TASKS: dict[str, frozenset[str]] = {
     "caption": frozenset({"caption"}),
     "vqa": frozenset({"vqa"}),
     "retrieval": frozenset({"itm", "itc"}),
     "pretrain": frozenset({"caption", "itm", "itc"}),
+    "nlvr": frozenset({"reason"}),
 }
 # Kinds whose image-grounded encoder starts from `[ENC]` (= bos + 1) for ITM, as the original code trains it.
-KINDS_WITH_ENC = frozenset({"retrieval", "pretrain"})
+KINDS_WITH_ENC = frozenset({"retrieval", "pretrain", "nlvr"})
 
 # Upper bounds `validate` enforces: far above every published BLIP/BLIP-2 size, far below what would exhaust memory
 # before the weights are even compared with the config (e.g. the position-embedding resize allocates grid**2 * width).
@@ -166,7 +172,7 @@ class BlipConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A complete `config.json` that transformers loads as the matching Blip* class."""
-        if self.kind not in HF_ARCHITECTURES:
+        if self.kind not in SAVED_ARCHITECTURES:
             raise ValueError(f"a {self.kind!r} model has no transformers class; save its parts separately")
         vision = dataclasses.asdict(self.vision)
         vision.pop("drop_path_rate")
@@ -174,7 +180,7 @@ class BlipConfig:
         text = dataclasses.asdict(self.text)
         text.update(model_type="blip_text_model", hidden_act="gelu", is_decoder=True, eos_token_id=2)
         return {
-            "architectures": [HF_ARCHITECTURES[self.kind]],
+            "architectures": [SAVED_ARCHITECTURES[self.kind]],
             "model_type": "blip",
             "image_text_hidden_size": self.embed_dim,
             "projection_dim": 512,
@@ -236,7 +242,7 @@ def _check_token(name: str, value: Any, vocab_size: int, vocab_name: str = "text
 
 
 def kind_from_architectures(architectures: list[str]) -> ModelKind | None:
-    for kind, name in HF_ARCHITECTURES.items():
+    for kind, name in SAVED_ARCHITECTURES.items():
         if name in architectures:
             return kind  # type: ignore[return-value]
     return None
@@ -273,6 +279,7 @@ PRESETS: dict[str, BlipConfig] = {
     "blip_base_retrieval": BlipConfig(VISION_BASE, _text(), "retrieval"),
     "blip_large_retrieval": BlipConfig(VISION_LARGE, _text(encoder_hidden_size=1024), "retrieval"),
     "blip_base_pretrain": BlipConfig(VisionConfig(image_size=224), _text(), "pretrain"),
+    "blip_base_nlvr": BlipConfig(VISION_BASE, _text(), "nlvr"),  # model_base_nlvr.pth (384 px)
     # Tiny model for tests and the shapes world: builds in milliseconds, trains on a CPU.
     "blip_test": BlipConfig(
         VisionConfig(

@@ -60,9 +60,18 @@ def blip2_models(tmp_path_factory) -> dict[str, blip.Blip]:
 
 
 @pytest.fixture(scope="session")
-def mixed_models(blip2_models, tiny_models) -> dict[str, blip.Blip]:
-    """BLIP-2 models first (a request naming no model gets a BLIP-2 one), then the BLIP ones."""
-    return {**blip2_models, **tiny_models}
+def nlvr_model(tmp_path_factory) -> blip.Blip:
+    """A tiny NLVR2 model (original-layout file, random weights), for /v1/reason."""
+    from nlvr_helpers import write_nlvr_checkpoint
+
+    path, tokenizer, _ = write_nlvr_checkpoint(tmp_path_factory.mktemp("serve_nlvr"), seed=61)
+    return blip.load(path, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mixed_models(blip2_models, tiny_models, nlvr_model) -> dict[str, blip.Blip]:
+    """BLIP-2 models first (a request naming no model gets a BLIP-2 one), then the BLIP ones (NLVR2 last)."""
+    return {**blip2_models, **tiny_models, "nlvr": nlvr_model}
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +116,13 @@ def collection_dir(hf_checkpoints, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def retrieval_server(tiny_models, collection_dir) -> Iterator[LiveServer]:
-    """Like `server` (the same models and settings), and serving `collection_dir` as the index "shapes"."""
+def retrieval_server(tiny_models, nlvr_model, collection_dir) -> Iterator[LiveServer]:
+    """Like `server` (the same models, and the NLVR2 one, and settings), and serving `collection_dir` as the index
+    "shapes"."""
     recorder = RecordingTransport()
     fetcher = SafeFetcher(FetchLimits(read_timeout_s=2.0, total_timeout_s=4.0), transport=recorder)
-    app = create_app(tiny_models, ServeSettings(max_wait_ms=20.0), fetcher=fetcher, indexes={"shapes": collection_dir})
+    models = {**tiny_models, "nlvr": nlvr_model}
+    app = create_app(models, ServeSettings(max_wait_ms=20.0), fetcher=fetcher, indexes={"shapes": collection_dir})
     with LiveServer(app) as live:
         live.recorder = recorder
         yield live

@@ -169,7 +169,7 @@ def test_azure_ml_schema(client, blip2_models, tiny_models, images):
 
 def test_models_list_shows_family_kind_tasks_and_template(client, server, blip2_models):
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert list(models) == ["opt", "t5", "itm", "captioner", "vqa", "retrieval"]
+    assert list(models) == ["opt", "t5", "itm", "captioner", "vqa", "retrieval", "nlvr"]
     got = {n: (m["family"], m["kind"], m["tasks"], m["prompt_template"]) for n, m in models.items()}
     assert got == {
         "opt": ("blip2", "opt", ["caption", "vqa"], "Question: {} Answer:"),
@@ -178,6 +178,7 @@ def test_models_list_shows_family_kind_tasks_and_template(client, server, blip2_
         "captioner": ("blip", "caption", ["caption"], None),
         "vqa": ("blip", "vqa", ["vqa"], None),
         "retrieval": ("blip", "retrieval", ["itc", "itm"], None),
+        "nlvr": ("blip", "nlvr", ["reason"], None),
     }
     assert models["opt"]["source"] == blip2_models["opt"].source
     assert client.get("/readyz").json()["models"] == sorted(models)

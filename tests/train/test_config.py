@@ -38,7 +38,7 @@ def test_overrides_are_typed_against_the_dataclass():
         ({"lrr": "1"}, "unknown config key 'lrr' \\(did you mean lr"),
         ({"batch_size": "lots"}, "expected an integer"),
         ({"hflip": "maybe"}, "expected a boolean"),
-        ({"task": "nlvr"}, "expected one of pretrain, caption, vqa, retrieval"),
+        ({"task": "visdial"}, "expected one of pretrain, caption, vqa, retrieval, nlvr"),
         ({"crop_scale": "0.5"}, "expected 2 comma-separated values"),
         ({"batch_size": "0"}, "batch_size must be >= 1"),
         ({"momentum": "1.5"}, "momentum must be in"),

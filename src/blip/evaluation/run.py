@@ -264,7 +264,13 @@ def evaluate(
         from blip.evaluation.video import evaluate_video_retrieval, read_clips
 
         return evaluate_video_retrieval(blip, read_clips(data), num_frames=num_frames, k_test=k_test)
-    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa, retrieval or video_retrieval")
+    if task == "nlvr":
+        from blip.data.nlvr import nlvr_source, read_nlvr_pairs
+        from blip.evaluation.nlvr import evaluate_nlvr
+
+        pairs = read_nlvr_pairs(nlvr_source(data, split))
+        return evaluate_nlvr(blip, pairs[:max_images] if max_images else pairs)
+    raise ValueError(f"unknown evaluation task {task!r}: caption, vqa, retrieval, video_retrieval or nlvr")
 
 
 def write_result(result: EvalResult, out_dir: str | Path, *, name: str | None = None, plots: bool = True) -> Path:

@@ -144,6 +144,15 @@ def build_batch_parser(prog: str = "blip batch") -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="pair every image with this text (repeatable)")
 
     p = sub.add_parser(
+        "reason",
+        help="NLVR2: is each row's statement about its image pair true?",
+        description="P(true) of each row's statement about its two images, from an NLVR2 model. The input is a "
+        "CSV/JSONL manifest with the columns image_a, image_b (paths or http(s) URLs) and statement (NLVR2's "
+        "`sentence` is read too); --text-column names another statement column.",
+    )
+    _common(p)
+
+    p = sub.add_parser(
         "embed",
         help="ITC image embeddings and a search index",
         description="L2-normalised ITC embeddings of every image (.npy or .safetensors shards, row i of the vectors "

@@ -18,7 +18,7 @@ import torch
 from blip.jobs.prefetch import BatchDecoder, Decoded, Prefetcher, decode_key
 from blip.jobs.sources import Row
 from blip.jobs.writer import BatchRecord, Journal, OutputDir, Receipt
-from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, dispatch, row_seed
+from blip.tasks.batch import CaptionWork, EmbedWork, ImageItem, PairWork, ReasonWork, dispatch, row_seed
 from blip.tasks.options import OPTIONS, OptionError, TaskOptionsBase, embedding_shape
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-TASKS = ("caption", "vqa", "match", "embed")
-MODEL_TASK = {"caption": "caption", "vqa": "vqa", "match": "itm", "embed": "itc"}
+TASKS = ("caption", "vqa", "match", "embed", "reason")
+MODEL_TASK = {"caption": "caption", "vqa": "vqa", "match": "itm", "embed": "itc", "reason": "reason"}
 MAX_FAILED_BATCHES = 3  # consecutive batches whose every row failed inference: something is wrong with the job
 
 
@@ -113,7 +113,31 @@ class RowRunner:
         """What the prefetcher decodes each row with (picklable: it runs in the decode workers)."""
         return BatchDecoder(self.decode_size)
 
+    def image_rows(self, row: Row) -> list[Row]:
+        """The rows to decode for `row`: itself, and for `reason` its second image as a row of its own."""
+        if self.task != "reason" or row.problem or not row.source_b:
+            return [row]
+        return [row, second_image(row)]
+
+    def decode_error(self, row: Row, decoded: Decoded) -> str | None:
+        """Why `row`'s image (or one of its pair) could not be read, or None."""
+        pair = self.task == "reason" and not row.problem
+        for image_row in self.image_rows(row):
+            reason = decoded.errors.get(decode_key(image_row))
+            if reason is not None:
+                which = ("image_b: " if image_row is not row else "image_a: ") if pair else ""
+                return which + reason
+        return None
+
     def error_row(self, row: Row, reason: str) -> dict[str, Any]:
+        if self.task == "reason":
+            return {
+                "id": row.id,
+                "image_a": row.source,
+                "image_b": row.source_b,
+                "statement": row.text,
+                "error": reason,
+            }
         out: dict[str, Any] = {"image": row.id}
         if self.task == "vqa":
             out["question"] = row.question
@@ -126,7 +150,7 @@ class RowRunner:
         items: list[dict[str, Any] | None] = [None] * len(rows)
         good: list[int] = []
         for i, row in enumerate(rows):
-            reason = decoded.errors.get(decode_key(row))
+            reason = self.decode_error(row, decoded)
             if reason is not None:
                 items[i] = {"error": self.error_row(row, reason)}
             else:
@@ -174,6 +198,23 @@ class RowRunner:
         """Outputs for rows whose images decoded: an output row (or an embedding) per row, in order. Rows with the
         same image share its encoding (`blip.tasks.batch.dispatch`)."""
         items = [ImageItem(decode_key(row), decoded.images[decode_key(row)]) for row in rows]
+        if self.task == "reason":
+            works = []
+            for row, item in zip(rows, items):
+                key_b = decode_key(second_image(row))
+                works.append(ReasonWork([item, ImageItem(key_b, decoded.images[key_b])], [row.text or ""], [0], [1]))
+            verdicts = dispatch(self.blip, "reason", None, works)
+            return [
+                {
+                    "id": row.id,
+                    "image_a": row.source,
+                    "image_b": row.source_b,
+                    "statement": row.text,
+                    "label": v[0].label,
+                    "score": v[0].score,
+                }
+                for row, v in zip(rows, verdicts)
+            ]
         if self.task == "caption":
             works = [
                 CaptionWork([item], None if self.seed is None else [row_seed(self.seed, row.id)])
@@ -205,6 +246,11 @@ class RowRunner:
         if row.text is not None:
             out["text"] = row.text
         return out
+
+
+def second_image(row: Row) -> Row:
+    """A pair row's second image as a row of its own (decoded, de-duplicated and failed like any image)."""
+    return Row(id=f"{row.id} (image_b)", source=row.source_b or "", text=row.text)
 
 
 def _why(e: BaseException) -> tuple[str, str]:
@@ -258,7 +304,7 @@ class ShardWorker:
         self.batch_size = max(1, batch_size)
         self.prefetcher: Prefetcher[_Batch] = Prefetcher(
             runner.decode_size,
-            lambda b: b.rows,
+            lambda b: [r for row in b.rows for r in runner.image_rows(row)],
             workers=workers,
             depth=prefetch,
             device=runner.device,

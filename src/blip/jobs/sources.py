@@ -87,9 +87,10 @@ class Row:
     question: str | None = None
     problem: str | None = None  # known bad while planning: the reason
     extra: str | None = None  # with `InputOptions.keep_columns`: the whole input record (or .json member), as JSON
+    source_b: str | None = None  # reason (NLVR2): the pair's second image, as `source` names the first
 
     def to_json(self) -> list[Any]:
-        return [self.id, self.source, self.text, self.question, self.problem, self.extra]
+        return [self.id, self.source, self.text, self.question, self.problem, self.extra, self.source_b]
 
     @classmethod
     def from_json(cls, value: list[Any]) -> Row:
@@ -134,8 +135,10 @@ class InputPlan:
 
 
 def plan_input(spec: str, task: str, options: InputOptions = InputOptions()) -> InputPlan:
-    """The rows of `spec` for `task` ("caption", "vqa", "match" or "embed"), in a fixed order."""
+    """The rows of `spec` for `task` ("caption", "vqa", "match", "embed" or "reason"), in a fixed order."""
     kind = options.kind if options.kind != "auto" else detect_kind(spec)
+    if task == "reason":
+        return _plan_pairs(spec, kind, options)
     if kind == "folder":
         plan = _plan_folder(spec, options)
     elif kind in ("csv", "jsonl"):
@@ -293,6 +296,67 @@ def _plan_manifest(spec: str, kind: str, options: InputOptions, task: str) -> In
             source = str((root / Path(value).expanduser()).resolve())
         rows.append(Row(id=row_id or value, source=source, text=text, question=question, extra=extra))
     return InputPlan(kind, str(path), rows)
+
+
+# --- image pairs (reason) --------------------------------------------------------------------------------------------
+
+PAIR_COLUMNS = ("image_a", "image_b")
+STATEMENT_COLUMNS = ("statement", "sentence", "text")  # NLVR2's own files say "sentence"
+
+
+def _plan_pairs(spec: str, kind: str, options: InputOptions) -> InputPlan:
+    """NLVR2 rows from a manifest with image_a, image_b and statement columns: one row per line; a line without
+    both images or a statement is a row problem."""
+    if kind not in ("csv", "jsonl"):
+        raise InputError(
+            f"--input {spec}: `reason` reads a CSV/JSONL manifest with the columns image_a, image_b and statement "
+            f"(one image pair per line), not a {kind}"
+        )
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"--input {spec}: no such manifest file")
+    root = Path(options.root).expanduser().resolve() if options.root else path.parent
+    try:
+        manifest = read_records(path, "tsv" if kind == "csv" and path.suffix.lower() == ".tsv" else kind)
+    except DataError as e:
+        raise InputError(str(e)) from e
+    columns = manifest.columns
+    if manifest.records and columns:
+        missing = [c for c in PAIR_COLUMNS if c not in columns]
+        if missing:
+            raise InputError(f"{spec}: no {' and no '.join(missing)} column (columns: {', '.join(columns)})")
+    text_col = _first_present(columns, options.text_column, STATEMENT_COLUMNS, "statement") if columns else None
+    id_col = _first_present(columns, options.id_column, ID_COLUMNS, "id") if columns else None
+    rows = []
+    for line, record, problem in ((r.line, r.data, r.problem) for r in manifest.records):
+        if record is None:
+            rows.append(Row(id=f"line {line}", source="", problem=problem))
+            continue
+        values = [record.get(c) for c in PAIR_COLUMNS]
+        names = [v.strip() if isinstance(v, str) else "" for v in values]
+        row_id = str(record[id_col]) if id_col and record.get(id_col) not in (None, "") else f"{names[0]} | {names[1]}"
+        statement = _text_field(record, text_col)
+        sources, problems = [], []
+        for column, name in zip(PAIR_COLUMNS, names):
+            if not name:
+                problems.append(f"no {column}")
+            elif name.startswith(("http://", "https://")):
+                sources.append(name)
+            elif "://" in name:
+                problems.append(f"unsupported URL scheme in {name!r} (http and https only)")
+            else:
+                sources.append(str((root / Path(name).expanduser()).resolve()))
+        if not (statement or "").strip():
+            problems.append("no statement")
+        extra = json.dumps(record, ensure_ascii=False) if options.keep_columns else None
+        if problems:
+            rows.append(Row(id=row_id, source="", text=statement, problem="; ".join(problems), extra=extra))
+        else:
+            rows.append(Row(id=row_id, source=sources[0], text=statement, extra=extra, source_b=sources[1]))
+    plan = InputPlan(kind, str(path), rows)
+    if options.limit is not None:
+        plan.rows = plan.rows[: options.limit]
+    return plan
 
 
 def _text_field(record: dict[str, Any], column: str | None) -> str | None:

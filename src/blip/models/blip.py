@@ -2,7 +2,8 @@
 
 Which parts exist depends on the checkpoint kind (`BlipConfig.kind`):
 caption = ViT + decoder; vqa = ViT + image-grounded encoder + answer decoder (cross-attends to the question);
-retrieval = ViT + encoder + ITC projections + ITM head; pretrain = all of them.
+retrieval = ViT + encoder + ITC projections + ITM head; pretrain = all of them; nlvr = ViT + the twin
+cross-attention encoder of `blip.models.nlvr` + its `cls_head` (one ViT pass over both images of a pair).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from blip.config import KIND_PARTS, BlipConfig
 from blip.models.bert import CrossKV, TextDecoder, TextTransformer
 from blip.models.kernels import Linear
+from blip.models.nlvr import ClsHead, NlvrTextTransformer
 from blip.models.vit import VisionTransformer
 
 
@@ -25,6 +27,10 @@ class BlipModel(nn.Module):
         text, vision_width = config.text, config.vision.hidden_size
         self.vision_model = VisionTransformer(config.vision)
         self.text_encoder = TextTransformer(text, vision_width) if "text_encoder" in parts else None
+        self.cls_head = None
+        if config.kind == "nlvr":
+            self.text_encoder = NlvrTextTransformer(text, vision_width)
+            self.cls_head = ClsHead(text.hidden_size)
         self.text_decoder = None
         if "text_decoder" in parts:
             # The VQA answer decoder reads question states, not image tokens.
@@ -93,6 +99,19 @@ class BlipModel(nn.Module):
         """Teacher-forced decoder logits `[B, T, V]` over `image_embeds` (or question states for VQA)."""
         decoder = self._require("text_decoder")
         return decoder(input_ids, attention_mask, cross=decoder.bert.cross_kv(image_embeds, image_mask))
+
+    def reason_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_a: torch.Tensor,
+        image_b: torch.Tensor,
+    ) -> torch.Tensor:
+        """NLVR2: `[B, 2]` logits (class 1 = true) of statements (`[ENC]` at position 0) about image pairs, from
+        each row's two images' tokens `[B, N, Dv]` (image a: the `self0` branch, image b: `self1`)."""
+        head = self._require("cls_head")
+        states = self.text_encoder(input_ids, attention_mask, image_a, image_b, first_only=True)  # (B, 1, D)
+        return head(states[:, 0])
 
     def _require(self, part: str) -> nn.Module:
         module = getattr(self, part)

@@ -299,6 +299,34 @@ class MatchResponse(BaseModel):
     )
 
 
+class ReasonRequest(_Strict):
+    """NLVR2: statement i is about the pair (image_a[i], image_b[i]); a list of one item goes with every pair."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_examples(
+            {
+                "image_a": [{"b64": EXAMPLE_PNG}],
+                "image_b": [{"b64": EXAMPLE_PNG}],
+                "statements": ["both images show a red square"],
+            }
+        )
+    )
+    image_a: list[ImageRef] = Field(min_length=1, description="the left image of each pair")
+    image_b: list[ImageRef] = Field(min_length=1, description="the right image of each pair")
+    statements: list[Text] = Field(min_length=1)
+    model: ModelName = None
+
+
+class VerdictOut(BaseModel):
+    label: bool = Field(description="whether the statement is true: score >= 0.5")
+    score: float = Field(description="P(true) from the NLVR2 head")
+
+
+class ReasonResponse(BaseModel):
+    model: str
+    results: list[VerdictOut] = Field(description="one per statement, in order")
+
+
 class SimilarityResponse(BaseModel):
     model: str
     scores: list[list[float]] = Field(

@@ -31,12 +31,13 @@ from blip.tasks.batch import (
     EmbedWork,
     ImageItem,
     PairWork,
+    ReasonWork,
     SimilarityWork,
     TopAnswers,
     dispatch,
     rows,
 )
-from blip.tasks.common import Answer, Caption
+from blip.tasks.common import Answer, Caption, Verdict
 from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
 from blip.tasks.retrieval import Hit, RetrieveOptions, RetrieveWork
 
@@ -45,13 +46,14 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc", "embed": "itc"}  # task -> head
+HEADS = {"caption": "caption", "vqa": "vqa", "match": "itm", "similarity": "itc", "embed": "itc", "reason": "reason"}
 WHAT = {
     "caption": "caption images",
     "vqa": "answer questions",
     "match": "match images with texts",
     "similarity": "compare images with texts",
     "embed": "embed images",
+    "reason": "judge statements about image pairs (NLVR2)",
 }
 
 
@@ -436,6 +438,17 @@ class Service:
         """ITC image features, `[n, dim]` (BLIP) or `[n, queries, dim]` (BLIP-2), float32."""
         self.check_count(len(sources), self.settings.max_images, "images", "images")
         return await self.run("embed", name, None, sources, lambda items: EmbedWork(items))
+
+    async def reason(
+        self, name: str, sources: list[ImageSource], statements: list[str], image_a: list[int], image_b: list[int]
+    ) -> list[Verdict]:
+        """NLVR2 verdicts: statement s about (sources[image_a[s]], sources[image_b[s]])."""
+        self.check_count(len(sources), self.settings.max_images, "images", "images")
+        self.check_count(len(statements), self.settings.max_texts, "statements", "statements")
+        self.check_texts([(f"statements[{i}]", t) for i, t in enumerate(statements)])
+        return await self.run(
+            "reason", name, None, sources, lambda items: ReasonWork(items, statements, image_a, image_b)
+        )
 
     async def retrieve(
         self, served: ServedIndex, options: RetrieveOptions, text: str | None, image: ImageSource | None

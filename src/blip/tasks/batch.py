@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blip.api import Blip
     from blip.tasks.retrieval import RetrieveOptions, RetrieveWork
 
-TASKS = ("caption", "vqa", "vqa_top", "match", "similarity", "embed", "retrieve", "explain")
+TASKS = ("caption", "vqa", "vqa_top", "match", "similarity", "embed", "retrieve", "explain", "reason")
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,24 @@ class ExplainWork:
     text: str
 
 
+@dataclass
+class ReasonWork:
+    """NLVR2: statement s is about the pair (images[image_a[s]], images[image_b[s]])."""
+
+    images: list[ImageItem]
+    statements: list[str]
+    image_a: list[int]
+    image_b: list[int]
+
+
 def rows(work: Any) -> int:
     """Batch rows a work adds: images to caption or embed, questions or pairs, embeddings, or a query's cost."""
     if isinstance(work, CaptionWork | EmbedWork):
         return len(work.images)
     if isinstance(work, PairWork):
         return len(work.texts)
+    if isinstance(work, ReasonWork):
+        return len(work.statements)
     if isinstance(work, SimilarityWork):
         return max(len(work.images), len(work.texts))
     return int(getattr(work, "rows", 1))
@@ -114,7 +126,8 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
     - similarity (`SimilarityWork`): ITC cosine [image][text]
     - embed (`EmbedWork`): float32 ITC image features [n_images, dim] (numpy)
     - retrieve (`blip.tasks.retrieval.RetrieveOptions`, `RetrieveWork`): the hits of each query
-    - explain (layer or None, `ExplainWork`): an `Explanation` per pair (one backward pass each)"""
+    - explain (layer or None, `ExplainWork`): an `Explanation` per pair (one backward pass each)
+    - reason (`ReasonWork`): a `Verdict` per statement (NLVR2)"""
     if not works:
         return []
     if task == "caption":
@@ -137,6 +150,8 @@ def dispatch(blip: Blip, task: str, options: Any, works: Sequence[Any]) -> list[
         return _retrieve(blip, options, works)
     if task == "explain":
         return [blip.explain(w.image.image, w.text, layer=options) for w in works]
+    if task == "reason":
+        return _reason(blip, works)
     raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
 
 
@@ -167,6 +182,17 @@ def _pairs(works: Sequence[PairWork]) -> tuple[list[Image.Image], list[str], lis
     texts = [t for w in works for t in w.texts]
     image_index = [positions[i] for w, positions in zip(works, index) for i in w.image_of]
     return images, texts, image_index
+
+
+def _reason(blip: Blip, works: Sequence[ReasonWork]) -> list[list[Any]]:
+    from blip.tasks.reason import reason_pairs
+
+    blip.require("reason")
+    images, index = merge_images([w.images for w in works])
+    statements = [s for w in works for s in w.statements]
+    index_a = [positions[i] for w, positions in zip(works, index) for i in w.image_a]
+    index_b = [positions[i] for w, positions in zip(works, index) for i in w.image_b]
+    return _split(reason_pairs(blip, images, statements, index_a, index_b), [len(w.statements) for w in works])
 
 
 def _split(values: list[Any], sizes: Sequence[int]) -> list[list[Any]]:

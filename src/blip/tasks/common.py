@@ -35,6 +35,14 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Verdict:
+    """NLVR2: whether a statement about an image pair is true. `score` = P(true); `label` = score >= 0.5."""
+
+    label: bool
+    score: float
+
+
 def as_list(value: Any) -> tuple[list[Any], bool]:
     """(items, was_single): one image/text becomes a one-item list."""
     if isinstance(value, list | tuple):

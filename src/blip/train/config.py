@@ -21,8 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-TaskName = Literal["pretrain", "caption", "vqa", "retrieval"]
-TASK_KIND: dict[str, str] = {"pretrain": "pretrain", "caption": "caption", "vqa": "vqa", "retrieval": "retrieval"}
+TaskName = Literal["pretrain", "caption", "vqa", "retrieval", "nlvr"]
+TASK_KIND: dict[str, str] = {
+    "pretrain": "pretrain",
+    "caption": "caption",
+    "vqa": "vqa",
+    "retrieval": "retrieval",
+    "nlvr": "nlvr",
+}
 
 
 class ConfigError(ValueError):
@@ -78,6 +84,8 @@ class TrainConfig:
     make_shapes: bool = False  # generate the shapes world into `data` first when it is not there
     shapes_counts: tuple[int, int, int, int] = (2000, 20000, 2000, 500)  # clean, web, vqa, test images
     shapes_seed: int = 0
+    nlvr_counts: tuple[int, int] = (2000, 400)  # task nlvr with make_shapes: shapes-world pairs, train and test
+    nlvr_swap: bool = True  # task nlvr: swap the images and the words left/right with p = 0.5 (the original)
     eval_data: str = ""  # dataset folder evaluated at the end of training ("" = no evaluation)
     eval_split: str = "test"
     eval_max_images: int = 0  # evaluate on at most this many test images (0 = all)

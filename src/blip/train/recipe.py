@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from blip import distributed as D
 from blip.api import Blip
-from blip.config import HF_ARCHITECTURES
+from blip.config import SAVED_ARCHITECTURES
 from blip.data.manifests import DataError, SkipLog, read_pairs, read_questions, resolve_sources
 from blip.tokenizer import BlipTokenizer
 from blip.train.collate import PairCollator, QuestionCollator, prompt_length
@@ -101,17 +101,45 @@ class StreamData:
 
 
 def ensure_shapes(cfg: TrainConfig) -> None:
-    """Generate the shapes world into `cfg.data` unless a complete one is there."""
+    """Generate the shapes world (task nlvr: its image pairs) into `cfg.data` unless a complete one is there."""
     from blip.data import shapes
 
     folder = Path(cfg.data.split(",")[0])
     folder = folder.parent if folder.suffix else folder  # a manifest path: its folder
+    if cfg.task == "nlvr":
+        from blip.data.shapes.nlvr import generate_nlvr
+
+        meta = folder / "nlvr_meta.json"
+        if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
+            _logger.info("generating the shapes-world NLVR pairs in %s", folder)
+            n_train, n_test = cfg.nlvr_counts
+            generate_nlvr(folder, seed=cfg.shapes_seed, n_train=n_train, n_test=n_test)
+        return
     meta = folder / "meta.json"
     if meta.is_file() and json.loads(meta.read_text()).get("complete"):
         return
     clean, web, vqa, test = cfg.shapes_counts
     _logger.info("generating the shapes world in %s", folder)
     shapes.generate(folder, seed=cfg.shapes_seed, n_clean=clean, n_web=web, n_vqa=vqa, n_test=test, progress=True)
+
+
+def build_nlvr_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, enc_token_id: int, dist: D.DistInfo):
+    from blip.data.nlvr import nlvr_source, read_nlvr_pairs
+    from blip.train.nlvr import NlvrCollator, NlvrDataset
+
+    source = nlvr_source(cfg.data, cfg.data_split or "train")
+    rows = read_nlvr_pairs(source, cfg.image_root)[: cfg.max_samples or None]
+    dataset = NlvrDataset(rows, ImageFunction(cfg, image_size), cfg.seed, swap=cfg.nlvr_swap)
+    collate = NlvrCollator(tokenizer, enc_token_id, cfg.max_text_len)
+    sampler = GlobalBatchSampler(
+        len(dataset), cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed
+    )
+    if sampler.num_batches == 0:
+        raise DataError(f"{len(dataset)} NLVR pairs are fewer than one global batch")
+    _logger.info("training on %d image pairs from %s", len(dataset), source)
+    pin = dist.device.type == "cuda"
+    data = MapData(dataset, collate, sampler, num_workers=cfg.num_workers, seed=cfg.seed, pin=pin)
+    return data, dataset.skips
 
 
 def build_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, dist: D.DistInfo) -> tuple[Any, SkipLog]:
@@ -185,6 +213,10 @@ def build_task(cfg: TrainConfig, model, tokenizer: BlipTokenizer, steps_per_epoc
     }
     if cfg.task == "pretrain":
         return PretrainTask(model, label_smoothing=cfg.label_smoothing, **contrastive)
+    if cfg.task == "nlvr":
+        from blip.train.nlvr import NlvrTask
+
+        return NlvrTask(model)
     if cfg.task == "retrieval":
         return RetrievalTask(model, **contrastive)
     if cfg.task == "caption":
@@ -261,7 +293,10 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> RunSummary:
 
     seed_everything(cfg.seed)  # the same on every rank: model init, queues
     model, tokenizer = build_model(cfg)
-    data, skips = build_data(cfg, tokenizer, model.config.vision.image_size, dist)
+    if cfg.task == "nlvr":
+        data, skips = build_nlvr_data(cfg, tokenizer, model.config.vision.image_size, model.config.enc_token_id, dist)
+    else:
+        data, skips = build_data(cfg, tokenizer, model.config.vision.image_size, dist)
     steps_per_epoch = data.micro_batches_per_epoch // cfg.grad_accum
     steps = total_steps(cfg.epochs, steps_per_epoch, cfg.max_steps)
     task = build_task(cfg, model, tokenizer, steps_per_epoch).to(dist.device)
@@ -322,7 +357,7 @@ def _finish(cfg: TrainConfig, model, tokenizer: BlipTokenizer, out: Path) -> dic
 
     plot_training_curves(out / "metrics.jsonl", out / "loss.png")
     blip_model = Blip.from_model(model, tokenizer, source=str(out / "checkpoint.pt"))
-    if cfg.save_hf and model.config.kind in HF_ARCHITECTURES:
+    if cfg.save_hf and model.config.kind in SAVED_ARCHITECTURES:
         blip_model.save(out / "model")
         _logger.info("saved the trained %s model (Hugging Face layout) in %s", model.config.kind, out / "model")
     if not cfg.eval_data:

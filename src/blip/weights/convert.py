@@ -195,8 +195,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], kind: str | None = None) -
 
 
 def infer_kind(state_dict: dict[str, torch.Tensor]) -> str:
-    """caption / vqa / retrieval / pretrain from which parts a (converted) state dict holds."""
+    """caption / vqa / retrieval / pretrain / nlvr from which parts a (converted) state dict holds."""
     has_encoder = any(k.startswith("text_encoder.") for k in state_dict)
+    if has_encoder and "cls_head.0.weight" in state_dict:
+        return "nlvr"
     has_decoder = any(k.startswith("text_decoder.") for k in state_dict)
     has_heads = "itm_head.weight" in state_dict
     if has_decoder and has_encoder and has_heads:
@@ -208,6 +210,28 @@ def infer_kind(state_dict: dict[str, torch.Tensor]) -> str:
     if has_decoder:
         return "caption"
     raise ValueError("cannot tell the model kind: no text_encoder/text_decoder keys in this checkpoint")
+
+
+# --- NLVR2 from any BLIP -------------------------------------------------------------------------------------------
+
+SINGLE_CROSS = re.compile(r"^(text_encoder\.encoder\.layer\.\d+\.crossattention\.)(self|output\.dense)\.(.+)$")
+
+
+def nlvr_from_blip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text encoder of a (converted) BLIP state dict in the NLVR2 layout, as the original initialises
+    `BLIP_NLVR` from a pretrained file: each layer's single cross-attention (`crossattention.self.*`) copied to
+    both `self0` and `self1`, its output projection (`crossattention.output.dense`) to `dense0` and `dense1`; the
+    LayerNorm stays shared. The rest of the dict passes unchanged; `merge_layer` and `cls_head` are not made here
+    (they start fresh)."""
+    out = {}
+    for key, value in state_dict.items():
+        if m := SINGLE_CROSS.match(key):
+            prefix, part, rest = m.groups()
+            for twin in ("0", "1"):
+                out[f"{prefix}{part}{twin}.{rest}"] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:

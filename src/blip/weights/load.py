@@ -80,6 +80,7 @@ PART_PREFIXES = {
     "text_encoder": ("text_encoder.",),
     "text_decoder": ("text_decoder.",),
     "heads": ("vision_proj.", "text_proj.", "itm_head."),
+    "cls_head": ("cls_head.",),
 }
 # The VQA answer decoder cross-attends to question states (text width); made from another kind's decoder, which
 # cross-attends to image tokens, these start fresh when the widths differ.
@@ -348,6 +349,8 @@ def assemble(
     state dict of a `source_kind` model. `copy` clones the tensors (else the model takes them over)."""
     report = report or LoadReport(name, name, "state-dict")
     state = dict(state)
+    if config.kind == "nlvr" and source_kind != "nlvr":
+        state = _nlvr_from(state, source_kind, name)
     state, dropped = _choose_parts(state, config.kind, source_kind, name)
     report.dropped_keys += dropped
     if POS_EMBED in state and state[POS_EMBED].shape[1] != config.vision.num_positions:
@@ -360,6 +363,8 @@ def assemble(
     expected = model.state_dict()
     if config.kind == "vqa" and source_kind != "vqa":
         report.fresh_keys += _fresh_cross_kv(state, expected, config.kind)
+    if config.kind == "nlvr" and source_kind != "nlvr":
+        report.fresh_keys += _fresh_missing(state, expected, NLVR_FRESH, config.kind)
     target = dtype or torch.float32
     state = _owned(state, copy, target)
     load_strict(model, state, name)
@@ -372,7 +377,8 @@ def _choose_parts(
     """Keep what a `kind` model has; a part it needs that the checkpoint lacks entirely is an error naming both."""
     parts = KIND_PARTS[kind]
     unused = tuple(p for part, prefixes in PART_PREFIXES.items() if part not in parts for p in prefixes)
-    lacking = [part for part in parts if not any(k.startswith(PART_PREFIXES[part]) for k in state)]
+    fresh = ("cls_head",) if kind == "nlvr" and source_kind != "nlvr" else ()  # made from another kind: starts fresh
+    lacking = [p for p in parts if p not in fresh and not any(k.startswith(PART_PREFIXES[p]) for k in state)]
     if lacking:
         raise CheckpointError(
             f"a {kind!r} model cannot be made from a {source_kind!r} model ({name}): it has no "
@@ -382,6 +388,43 @@ def _choose_parts(
         return state, []
     kept = {k: v for k, v in state.items() if not k.startswith(unused)}
     return kept, sorted(set(state) - set(kept))
+
+
+# What an NLVR2 model made from another kind's weights lacks: the merge layers and the classifier start fresh.
+NLVR_FRESH = re.compile(r"^(text_encoder\.encoder\.layer\.\d+\.crossattention\.output\.merge_layer|cls_head\.\d+)\.")
+
+
+def _nlvr_from(state: dict[str, torch.Tensor], source_kind: str, name: str) -> dict[str, torch.Tensor]:
+    """An NLVR2 model from any BLIP with an image-grounded encoder, as the original code starts fine-tuning: the
+    single cross-attention copied into both branches (`convert.nlvr_from_blip`)."""
+    if not any(k.startswith("text_encoder.") for k in state):
+        raise CheckpointError(
+            f"an 'nlvr' model cannot be made from a {source_kind!r} model ({name}): it has no image-grounded text "
+            f"encoder (use a pretrain, retrieval or VQA checkpoint)"
+        )
+    return convert.nlvr_from_blip(state)
+
+
+def _fresh_missing(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], pattern: re.Pattern, kind: str
+) -> list[str]:
+    """Parameters matching `pattern` that `state` lacks, initialised as the original code does: layers inside the
+    BERT (`merge_layer`) by BERT's init (normal 0.02, zero bias), the `cls_head` outside it by PyTorch's Linear
+    default (uniform in +-1/sqrt(fan_in), weight and bias)."""
+    fresh = []
+    for key, value in expected.items():
+        if pattern.match(key) and key not in state:
+            tensor = torch.zeros(value.shape, dtype=torch.float32)
+            if key.startswith("cls_head."):
+                fan_in = expected[key.rsplit(".", 1)[0] + ".weight"].shape[1]
+                nn.init.uniform_(tensor, -(fan_in**-0.5), fan_in**-0.5)
+            elif key.endswith("weight"):
+                nn.init.normal_(tensor, std=0.02)
+            state[key] = tensor
+            fresh.append(key)
+    if fresh:
+        _logger.info("%s: %d parameters start fresh, e.g. %s", kind, len(fresh), fresh[0])
+    return fresh
 
 
 def _fresh_cross_kv(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], kind: str) -> list[str]:

@@ -77,6 +77,7 @@ EXAMPLE_FOR_TASK = {
     "vqa": "a VQA checkpoint (BlipForQuestionAnswering, e.g. Salesforce/blip-vqa-base)",
     "itm": "a retrieval/ITM checkpoint (BlipForImageTextRetrieval, e.g. Salesforce/blip-itm-base-coco)",
     "itc": "a retrieval/ITM checkpoint (BlipForImageTextRetrieval, e.g. Salesforce/blip-itm-base-coco)",
+    "reason": "an NLVR2 checkpoint (model_base_nlvr.pth, or a model fine-tuned with `blip train` task=nlvr)",
 }
 
 
@@ -89,6 +90,7 @@ EXAMPLE_FOR_TASK_BLIP2 = {
     "vqa": _BLIP2_GENERATION,
     "itm": "a BLIP-2 retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. blip2-itm-vit-g)",
     "itc": "a BLIP-2 retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. blip2-itm-vit-g)",
+    "reason": "a BLIP NLVR2 checkpoint (BLIP-2 has no visual-reasoning head)",
 }
 
 

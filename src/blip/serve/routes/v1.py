@@ -1,7 +1,7 @@
 """Our own API, with scores and the task options of `blip.tasks.options`: `POST /v1/caption|vqa|match|similarity|embed`
 (JSON, images by URL or base64) and each `.../upload` (multipart files), `POST /v1/retrieve` (search a collection
-index), `GET /v1/models` and `GET /v1/indexes`. A JSON route and its upload differ only in how the images and the
-fields arrive: both go through one function per task here."""
+index), `POST /v1/reason` (NLVR2 over image pairs, JSON only), `GET /v1/models` and `GET /v1/indexes`. A JSON route
+and its upload differ only in how the images and the fields arrive: both go through one function per task here."""
 
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ from blip.serve.schemas import (
     ModelsResponse,
     OpenAiModel,
     PairRequest,
+    ReasonRequest,
+    ReasonResponse,
     RetrieveHit,
     RetrieveRequest,
     RetrieveResponse,
     SimilarityResponse,
     TextsForm,
+    VerdictOut,
     VqaForm,
     VqaRequest,
     VqaResponse,
@@ -225,6 +228,29 @@ async def embed(body: EmbedRequest, svc: ServiceDep) -> EmbedResponse:
 @router.post("/v1/embed/upload", response_model=EmbedResponse, responses=ERRORS)
 async def embed_upload(form: Annotated[ModelForm, Form()], images: Uploads, svc: ServiceDep) -> EmbedResponse:
     return await _embed(svc, form.model, await read_uploads(svc, images))
+
+
+# --- visual reasoning (NLVR2) -----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/reason", response_model=ReasonResponse, responses=ERRORS)
+async def reason(body: ReasonRequest, svc: ServiceDep) -> ReasonResponse:
+    """NLVR2: P(true) of each statement about its image pair (image_a[i], image_b[i]); a list of one item goes with
+    every pair; each distinct image is encoded once."""
+    name, _ = svc.resolve(body.model, "reason")
+    lengths = {"image_a": len(body.image_a), "image_b": len(body.image_b), "statements": len(body.statements)}
+    n = max(lengths.values())
+    for field, length in lengths.items():
+        if length not in (1, n):
+            given = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise svc.invalid(field, f"lists pair up: give {n} items or one ({given})")
+    sources = from_refs(body.image_a, "image_a") + from_refs(body.image_b, "image_b")
+    first_b = len(body.image_a)
+    image_a = [i if len(body.image_a) > 1 else 0 for i in range(n)]
+    image_b = [first_b + (i if len(body.image_b) > 1 else 0) for i in range(n)]
+    statements = list(body.statements) * n if len(body.statements) == 1 else list(body.statements)
+    verdicts = await svc.reason(name, sources, statements, image_a, image_b)
+    return ReasonResponse(model=name, results=[VerdictOut(label=v.label, score=finite(v.score)) for v in verdicts])
 
 
 # --- collection search ------------------------------------------------------------------------------------------------
