@@ -3,6 +3,9 @@ threads of the job's own process (`--workers 0`); the prefetcher's order, reuse 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -250,3 +253,61 @@ def test_gpu_hand_over_copies_one_batch_ahead_on_a_side_stream(small_folder, mon
         "on side",
     ]
     assert log[-2:] == ["main waits event4", "model runs 1.png"] and len(moved) == 4
+
+
+_HOLD_WORKERS = """
+import sys, time
+from blip.jobs.prefetch import Prefetcher
+from blip.jobs.sources import Row
+if __name__ == "__main__":
+    rows = [Row(str(i), sys.argv[1]) for i in range(64)]
+    prefetcher = Prefetcher(16, list, workers=2, depth=2)
+    batches = iter(prefetcher([rows[i : i + 2] for i in range(0, 64, 2)]))
+    next(batches)  # the workers are up and have more batches decoded than taken
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an exited process nobody reaped yet is gone
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process parents from /proc (Linux)")
+def test_decode_workers_exit_when_the_job_is_killed(small_folder):
+    script = small_folder.parent / "hold.py"
+    script.write_text(_HOLD_WORKERS)
+    command = [sys.executable, str(script), str(small_folder / "0.png")]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline().strip() == "ready"
+        workers = [pid for pid in _children(job.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+        assert len(workers) == 2
+    finally:
+        job.kill()
+        job.wait()
+    deadline = time.monotonic() + 3  # sooner than DataLoader's own 5 s check, which a blocked worker never reaches
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.2)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # never leave them behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"decode workers {left} outlived the killed job"

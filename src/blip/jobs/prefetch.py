@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +157,20 @@ def first_rows(rows: list[Row]) -> dict[str, Row]:
     return firsts
 
 
+def _exit_with_parent(_worker_id: int) -> None:
+    """A decode worker's init (module level: it is pickled): exit within a second once the job process is gone
+    (kill -9). DataLoader's own check of its parent runs only while a worker waits for work; a worker blocked handing
+    a batch back to a dead parent would otherwise stay forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="blip-parent-watch", daemon=True).start()
+
+
 def _as_is(batch: DecodedBatch) -> DecodedBatch:  # the DataLoader's collate_fn (module level: it is pickled)
     return batch
 
@@ -278,6 +294,7 @@ class Prefetcher(Generic[B]):
                 persistent_workers=True,
                 pin_memory=self.pin,
                 multiprocessing_context="spawn",
+                worker_init_fn=_exit_with_parent,
             )
         return self._loader
 
