@@ -63,6 +63,7 @@ def test_verbose_is_accepted_after_every_command():
         "match": ["--model", "m", "--image", "a.png", "--text", "t"],
         "similarity": ["--model", "m", "--image", "a.png", "--text", "t"],
         "explain": ["--model", "m", "--image", "a.png", "--text", "t", "--out", "maps"],
+        "reason": ["--model", "m", "--image-a", "a.png", "--image-b", "b.png", "--statement", "s"],
         "convert": ["src", "out"],
         "export": ["--model", "m", "--out", "dir"],
         "list": [],
