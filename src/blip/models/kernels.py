@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ def pick_library(probe_ms: dict[str, tuple[float, ...]]) -> str:
     return "mkl" if math.exp(sum(map(math.log, ratios)) / len(ratios)) <= MKL_MARGIN else "onednn"
 
 
+_choosing = threading.Lock()  # threads at their first CPU linear together: one probes, the others read its verdict
+
+
 @functools.cache
 def cpu_matmul() -> MatmulChoice:
     """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
@@ -139,7 +143,8 @@ def cpu_matmul() -> MatmulChoice:
     setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
     if setting not in ("auto", "onednn", "mkl", "aten"):
         raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
-    choice = _choose(setting)
+    with _choosing:  # the probe sets the process's thread count: two at once would leave it at 1
+        choice = _choose(setting)
     _logger.debug("CPU linears: %s", choice.describe())
     return choice
 
