@@ -166,3 +166,19 @@ def test_threads_reaching_their_first_linear_together_probe_once(choice) -> None
     for thread in threads:
         thread.join()
     assert len(choice.calls) == 1 and {r.library for r in results} == {"onednn"}
+
+
+def test_no_home_folder_skips_the_cache_instead_of_failing(choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process whose user has no home (HOME unset, no passwd entry) still computes: the choice is just not kept."""
+    from pathlib import Path
+
+    def no_home(self: Path) -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    choice(onednn=(1.0, 1.0), mkl=(2.0, 2.0))  # the fake probe's timings
+    monkeypatch.delenv("BLIP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "expanduser", no_home)
+    kernels.cpu_matmul.cache_clear()
+    made = kernels.cpu_matmul()
+    assert (made.library, made.reason) == ("onednn", "probe")

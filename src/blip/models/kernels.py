@@ -198,7 +198,7 @@ def _remembered(key: str) -> MatmulChoice | None:
         entry = json.loads(choice_file().read_text(encoding="utf-8"))[key]
         library = entry["library"]
         probe_ms = {name: tuple(float(t) for t in times) for name, times in entry["probe_ms"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError):  # RuntimeError: no home folder
         return None
     return MatmulChoice(library, "probed before", probe_ms) if library in ("onednn", "mkl") else None
 
@@ -207,8 +207,8 @@ def _remember(key: str, choice: MatmulChoice) -> None:
     """Keep the choice for every later process on this machine (so that all of them, e.g. a job and its resumed
     run, compute with the same library: the same results to the last bit). A cache that cannot be written is
     skipped."""
-    path = choice_file()
     try:
+        path = choice_file()
         try:
             known = json.loads(path.read_text(encoding="utf-8"))
             known = known if isinstance(known, dict) else {}
@@ -219,7 +219,7 @@ def _remember(key: str, choice: MatmulChoice) -> None:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(known, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, path)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: Path.expanduser finds no home folder
         pass
 
 
