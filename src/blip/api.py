@@ -207,10 +207,12 @@ class Blip:
     def embed_videos(self, videos: Any, num_frames: int = 8) -> torch.Tensor:
         """L2-normalised ITC video features `[n, embed_dim]` (float32, CPU): the normalised mean over `num_frames`
         uniformly sampled frames of each frame's projected `[CLS]`. `videos`: a path or the bytes of a video file
-        (or a list of such; a video may also be given as its frames, a list of PIL images, inside that list)."""
+        or its frames, a list of PIL images (one video), or a list of such videos."""
         from blip.tasks.video import video_embeddings, video_label
+        from blip.video import is_frame_list
 
-        items = list(videos) if isinstance(videos, list | tuple) else [videos]
+        one = not isinstance(videos, list | tuple) or is_frame_list(videos)  # a list of PIL images: one video's frames
+        items = [videos] if one else list(videos)
         if not items:
             raise ValueError("no videos given")
         names = [video_label(v, i, len(items)) for i, v in enumerate(items)]

@@ -141,3 +141,44 @@ def test_a_probed_choice_is_kept_for_later_processes(choice, monkeypatch: pytest
 def test_a_failed_probe_is_not_kept(choice) -> None:
     assert choice(error=True).library == "onednn"
     assert not kernels.choice_file().exists()
+
+
+def test_threads_reaching_their_first_linear_together_probe_once(choice) -> None:
+    """A server's first requests arrive together: one probe (it sets the process's thread count), one verdict."""
+    import threading
+    import time
+
+    real_probe = kernels._probe
+
+    def slow_probe() -> dict[str, tuple[float, ...]]:
+        time.sleep(0.1)
+        return real_probe()
+
+    choice(onednn=(1.0, 1.0), mkl=(2.0, 2.0))
+    kernels.choice_file().unlink()
+    kernels.cpu_matmul.cache_clear()
+    choice.calls.clear()
+    kernels._probe = slow_probe  # the fixture's monkeypatch puts the real one back
+    results: list[kernels.MatmulChoice] = []
+    threads = [threading.Thread(target=lambda: results.append(kernels.cpu_matmul())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(choice.calls) == 1 and {r.library for r in results} == {"onednn"}
+
+
+def test_no_home_folder_skips_the_cache_instead_of_failing(choice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process whose user has no home (HOME unset, no passwd entry) still computes: the choice is just not kept."""
+    from pathlib import Path
+
+    def no_home(self: Path) -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    choice(onednn=(1.0, 1.0), mkl=(2.0, 2.0))  # the fake probe's timings
+    monkeypatch.delenv("BLIP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "expanduser", no_home)
+    kernels.cpu_matmul.cache_clear()
+    made = kernels.cpu_matmul()
+    assert (made.library, made.reason) == ("onednn", "probe")

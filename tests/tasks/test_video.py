@@ -195,3 +195,14 @@ def test_blip2_refuses_video(tmp_path):
     for call in (lambda: model.embed_videos(path), lambda: model.match_video(path, "a square")):
         with pytest.raises(ValueError, match="video tasks .* are for BLIP checkpoints"):
             call()
+
+
+def test_embed_videos_takes_one_video_given_as_its_frames(retriever):
+    """A list of PIL images is one video's frames (as `match_video` and `answer_video` take it), not a list of
+    one-frame videos: a single PIL image is no video."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    got = retriever.embed_videos(frames, num_frames=3)
+    assert got.shape == (1, retriever.config.embed_dim)
+    torch.testing.assert_close(got, retriever.embed_videos([frames], num_frames=3))

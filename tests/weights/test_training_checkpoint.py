@@ -138,3 +138,17 @@ def test_training_init_starts_from_the_one_load_path(tmp_path):
     reference = blip.load(path, kind="caption", image_size=48).model.state_dict()
     for key, value in started.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_init_at_default_dropout_trains_every_weight(tmp_path):
+    """`blip.load` packs a CPU model's linears for inference (frozen oneDNN layouts); a training run started from
+    that load at the default dropout (0, the inference config's own) must still get plain, trainable weights."""
+    from blip.train.config import TrainConfig
+    from blip.train.modeling import build_model
+
+    path = _save(_pretrain(), tmp_path / "checkpoint.pt")
+    started, _ = build_model(TrainConfig(task="caption", init=str(path), image_size=48))
+    packed = [name for name, p in started.named_parameters() if p.is_mkldnn]
+    assert not packed, f"packed weights in a training model: {packed[:3]}"
+    frozen = [name for name, p in started.named_parameters() if not p.requires_grad]
+    assert not frozen, f"weights that would not train: {frozen[:3]}"

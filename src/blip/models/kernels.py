@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ def pick_library(probe_ms: dict[str, tuple[float, ...]]) -> str:
     return "mkl" if math.exp(sum(map(math.log, ratios)) / len(ratios)) <= MKL_MARGIN else "onednn"
 
 
+_choosing = threading.Lock()  # threads at their first CPU linear together: one probes, the others read its verdict
+
+
 @functools.cache
 def cpu_matmul() -> MatmulChoice:
     """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
@@ -139,7 +143,8 @@ def cpu_matmul() -> MatmulChoice:
     setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
     if setting not in ("auto", "onednn", "mkl", "aten"):
         raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
-    choice = _choose(setting)
+    with _choosing:  # the probe sets the process's thread count: two at once would leave it at 1
+        choice = _choose(setting)
     _logger.debug("CPU linears: %s", choice.describe())
     return choice
 
@@ -193,7 +198,7 @@ def _remembered(key: str) -> MatmulChoice | None:
         entry = json.loads(choice_file().read_text(encoding="utf-8"))[key]
         library = entry["library"]
         probe_ms = {name: tuple(float(t) for t in times) for name, times in entry["probe_ms"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError):  # RuntimeError: no home folder
         return None
     return MatmulChoice(library, "probed before", probe_ms) if library in ("onednn", "mkl") else None
 
@@ -202,8 +207,8 @@ def _remember(key: str, choice: MatmulChoice) -> None:
     """Keep the choice for every later process on this machine (so that all of them, e.g. a job and its resumed
     run, compute with the same library: the same results to the last bit). A cache that cannot be written is
     skipped."""
-    path = choice_file()
     try:
+        path = choice_file()
         try:
             known = json.loads(path.read_text(encoding="utf-8"))
             known = known if isinstance(known, dict) else {}
@@ -214,7 +219,7 @@ def _remember(key: str, choice: MatmulChoice) -> None:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(known, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, path)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: Path.expanduser finds no home folder
         pass
 
 

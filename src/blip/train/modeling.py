@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from blip.config import BlipConfig, ConfigError, get_preset
 from blip.models.blip import BlipModel
 from blip.models.init import init_weights
+from blip.models.kernels import unpack_linears
 from blip.tokenizer import BlipTokenizer
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
         tokenizer_source = None if cfg.vocab in ("", "shapes") else cfg.vocab
         start = load(cfg.init, kind=cfg.model_kind, image_size=cfg.image_size or None, tokenizer=tokenizer_source)
         model, tokenizer = start.model, start.tokenizer
+        unpack_linears(model)  # load packs a CPU model's linears for inference: frozen, no weight gradients
     else:
         tokenizer = build_tokenizer(cfg.vocab)
         model = BlipModel(random_config(cfg, tokenizer))
