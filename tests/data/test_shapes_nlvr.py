@@ -117,3 +117,11 @@ def test_the_dataset_swaps_pixels_and_words_together(world):
     assert torch.equal(batch["pixel_values"][2], plain[0]["pixels_b"])  # lefts first, then rights
     assert (batch["input_ids"][:, 0] == tokenizer.vocab_size + 1).all()
     assert batch["labels"].tolist() == [int(pairs[0].label), int(pairs[1].label)]
+
+
+def test_swap_left_right_takes_leftmost_and_keeps_all_capitals():
+    # "leftmost"/"rightmost" name a side as "left"/"right" do (the original's substring swap turns them too);
+    # other words that merely contain the letters stay; an all-capitals word stays all capitals
+    assert swap_left_right("the leftmost dog, the Rightmost cat") == "the rightmost dog, the Leftmost cat"
+    assert swap_left_right("LEFT image, RIGHT-hand") == "RIGHT image, LEFT-hand"
+    assert swap_left_right("bright, upright, leftover, lefty") == "bright, upright, leftover, lefty"
