@@ -125,3 +125,11 @@ def test_swap_left_right_takes_leftmost_and_keeps_all_capitals():
     assert swap_left_right("the leftmost dog, the Rightmost cat") == "the rightmost dog, the Leftmost cat"
     assert swap_left_right("LEFT image, RIGHT-hand") == "RIGHT image, LEFT-hand"
     assert swap_left_right("bright, upright, leftover, lefty") == "bright, upright, leftover, lefty"
+
+
+def test_evaluating_no_pairs_is_a_clear_error(tmp_path):
+    from blip.data.manifests import DataError
+    from blip.evaluation.nlvr import evaluate_nlvr
+
+    with pytest.raises(DataError, match="no NLVR pairs to evaluate"):
+        evaluate_nlvr(None, [])  # type: ignore[arg-type]
