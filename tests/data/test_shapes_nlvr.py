@@ -133,3 +133,21 @@ def test_evaluating_no_pairs_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match="no NLVR pairs to evaluate"):
         evaluate_nlvr(None, [])  # type: ignore[arg-type]
+
+
+def test_regenerating_with_another_seed_redraws_the_images(tmp_path):
+    # images already there are kept only when they were drawn with the same seed and settings: otherwise the new
+    # statements would be about the old pictures (labels wrong)
+    import numpy as np
+    from PIL import Image
+
+    from blip.data.shapes.drawing import render
+    from blip.data.shapes.scene import ShapesConfig
+
+    generate_nlvr(tmp_path, seed=0, n_train=3, n_test=1)
+    generate_nlvr(tmp_path, seed=1, n_train=3, n_test=1)
+    for i in range(3):
+        ex = make_nlvr_example("train", i, seed=1)
+        for scene, rel in zip((ex.left, ex.right), ex.images):
+            on_disk = np.asarray(Image.open(tmp_path / rel).convert("RGB"))
+            assert np.array_equal(on_disk, np.asarray(render(scene, ShapesConfig()).convert("RGB"))), rel
