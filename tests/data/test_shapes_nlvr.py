@@ -117,3 +117,37 @@ def test_the_dataset_swaps_pixels_and_words_together(world):
     assert torch.equal(batch["pixel_values"][2], plain[0]["pixels_b"])  # lefts first, then rights
     assert (batch["input_ids"][:, 0] == tokenizer.vocab_size + 1).all()
     assert batch["labels"].tolist() == [int(pairs[0].label), int(pairs[1].label)]
+
+
+def test_swap_left_right_takes_leftmost_and_keeps_all_capitals():
+    # "leftmost"/"rightmost" name a side as "left"/"right" do (the original's substring swap turns them too);
+    # other words that merely contain the letters stay; an all-capitals word stays all capitals
+    assert swap_left_right("the leftmost dog, the Rightmost cat") == "the rightmost dog, the Leftmost cat"
+    assert swap_left_right("LEFT image, RIGHT-hand") == "RIGHT image, LEFT-hand"
+    assert swap_left_right("bright, upright, leftover, lefty") == "bright, upright, leftover, lefty"
+
+
+def test_evaluating_no_pairs_is_a_clear_error(tmp_path):
+    from blip.data.manifests import DataError
+    from blip.evaluation.nlvr import evaluate_nlvr
+
+    with pytest.raises(DataError, match="no NLVR pairs to evaluate"):
+        evaluate_nlvr(None, [])  # type: ignore[arg-type]
+
+
+def test_regenerating_with_another_seed_redraws_the_images(tmp_path):
+    # images already there are kept only when they were drawn with the same seed and settings: otherwise the new
+    # statements would be about the old pictures (labels wrong)
+    import numpy as np
+    from PIL import Image
+
+    from blip.data.shapes.drawing import render
+    from blip.data.shapes.scene import ShapesConfig
+
+    generate_nlvr(tmp_path, seed=0, n_train=3, n_test=1)
+    generate_nlvr(tmp_path, seed=1, n_train=3, n_test=1)
+    for i in range(3):
+        ex = make_nlvr_example("train", i, seed=1)
+        for scene, rel in zip((ex.left, ex.right), ex.images):
+            on_disk = np.asarray(Image.open(tmp_path / rel).convert("RGB"))
+            assert np.array_equal(on_disk, np.asarray(render(scene, ShapesConfig()).convert("RGB"))), rel

@@ -311,3 +311,45 @@ def test_decode_workers_exit_when_the_job_is_killed(small_folder):
     for pid in left:  # never leave them behind, even when the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"decode workers {left} outlived the killed job"
+
+
+_ORPHANED_AT_START = """
+import multiprocessing, os, sys, time
+
+
+def worker(pid_file):
+    from blip.jobs.prefetch import _exit_with_parent
+
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    while os.getppid() == multiprocessing.parent_process().pid:  # the job is killed while its workers start
+        time.sleep(0.05)
+    _exit_with_parent(0)
+    time.sleep(30)
+
+
+if __name__ == "__main__":
+    multiprocessing.get_context("spawn").Process(target=worker, args=(sys.argv[1],)).start()
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os._exit(0)  # kill -9 as far as the worker can tell: no clean-up, no join
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc (Linux)")
+def test_a_decode_worker_exits_when_the_job_died_before_its_init(tmp_path):
+    # a worker's parent-watch must compare with the job's pid, not with whatever os.getppid() says at init: once
+    # the job is gone that is init's (or a subreaper's) pid, which never changes again
+    script, pid_file = tmp_path / "orphan.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHANED_AT_START)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, str(script), str(pid_file)], env=env, check=True, timeout=60)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    left = _alive(pid)
+    if left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a decode worker orphaned before its init outlived the job"

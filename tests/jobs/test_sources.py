@@ -135,3 +135,12 @@ def test_duplicate_member_names_in_a_shard_are_row_errors(tmp_path):
     with pytest.raises(RowError, match="duplicate member name"):
         read_image(rows[0])
     assert read_image(rows[1]).tobytes() == make_images(2)[0].convert("RGB").tobytes()  # the first b, as it came
+
+
+def test_a_pair_row_with_a_problem_keeps_the_image_it_names(tmp_path):
+    # its error row says which pair it was: image_a as given, though image_b is missing
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("image_a,image_b,statement\na.png,,a circle\n,b.png,a star\n")
+    first, second = plan_input(str(manifest), "reason").rows
+    assert (first.problem, first.source, first.source_b) == ("no image_b", str(tmp_path / "a.png"), None)
+    assert (second.problem, second.source, second.source_b) == ("no image_a", "", str(tmp_path / "b.png"))

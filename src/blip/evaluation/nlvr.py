@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
+from blip.data.manifests import DataError
 from blip.data.nlvr import NlvrPair
 
 if TYPE_CHECKING:
@@ -16,6 +17,8 @@ def evaluate_nlvr(blip: Blip, pairs: list[NlvrPair]) -> EvalResult:
     """accuracy (%), the majority-class baseline on the same pairs, and accuracy per template when known."""
     from blip.evaluation.run import EvalResult
 
+    if not pairs:
+        raise DataError("no NLVR pairs to evaluate (an empty annotation file?)")
     verdicts = blip.reason([p.image_a for p in pairs], [p.image_b for p in pairs], [p.statement for p in pairs])
     correct = [v.label == p.label for v, p in zip(verdicts, pairs)]
     majority = max(Counter(p.label for p in pairs).values())

@@ -24,6 +24,7 @@ same decode function), in the same order, with the same error when its image fai
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -160,8 +161,11 @@ def first_rows(rows: list[Row]) -> dict[str, Row]:
 def _exit_with_parent(_worker_id: int) -> None:
     """A decode worker's init (module level: it is pickled): exit within a second once the job process is gone
     (kill -9). DataLoader's own check of its parent runs only while a worker waits for work; a worker blocked handing
-    a batch back to a dead parent would otherwise stay forever."""
-    parent = os.getppid()
+    a batch back to a dead parent would otherwise stay forever. The job's pid is the one the worker was started
+    by, not `os.getppid()` now: a job killed while its workers start (importing torch takes seconds) has left them
+    to init already, and a watch of init's pid would never end."""
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -336,23 +336,25 @@ def _plan_pairs(spec: str, kind: str, options: InputOptions) -> InputPlan:
         names = [v.strip() if isinstance(v, str) else "" for v in values]
         row_id = str(record[id_col]) if id_col and record.get(id_col) not in (None, "") else f"{names[0]} | {names[1]}"
         statement = _text_field(record, text_col)
-        sources, problems = [], []
+        sources: list[str | None] = []  # None where the column names no readable image
+        problems = []
         for column, name in zip(PAIR_COLUMNS, names):
             if not name:
                 problems.append(f"no {column}")
+                sources.append(None)
             elif name.startswith(("http://", "https://")):
                 sources.append(name)
             elif "://" in name:
                 problems.append(f"unsupported URL scheme in {name!r} (http and https only)")
+                sources.append(None)
             else:
                 sources.append(str((root / Path(name).expanduser()).resolve()))
         if not (statement or "").strip():
             problems.append("no statement")
         extra = json.dumps(record, ensure_ascii=False) if options.keep_columns else None
-        if problems:
-            rows.append(Row(id=row_id, source="", text=statement, problem="; ".join(problems), extra=extra))
-        else:
-            rows.append(Row(id=row_id, source=sources[0], text=statement, extra=extra, source_b=sources[1]))
+        # a row with a problem keeps the images it names, so that its error row says which pair it was
+        problem = "; ".join(problems) or None
+        rows.append(Row(row_id, sources[0] or "", statement, problem=problem, extra=extra, source_b=sources[1]))
     plan = InputPlan(kind, str(path), rows)
     if options.limit is not None:
         plan.rows = plan.rows[: options.limit]

@@ -25,16 +25,18 @@ from blip.train.datasets import ImageFn, sample_rng
 from blip.train.objectives import Batch, TrainTask
 from blip.transforms import ImageDecodeError, load_image
 
-_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_SIDE = re.compile(r"\b(left|right)(?=(?:most)?\b)", re.IGNORECASE)  # "left", "leftmost"; not "leftover"
 MAX_WORDS = 40  # the original's pre_caption(sentence, 40)
 
 
 def swap_left_right(text: str) -> str:
-    """ "left" <-> "right" as whole words, keeping the case of the first letter."""
+    """ "left" <-> "right" (also in "leftmost"/"rightmost"), keeping the case: lower, Capitalised or UPPER."""
 
     def swap(m: re.Match) -> str:
         word = m.group(0)
         new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return new.upper()
         return new.capitalize() if word[0].isupper() else new
 
     return _SIDE.sub(swap, text)

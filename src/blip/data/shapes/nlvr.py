@@ -21,11 +21,12 @@ On disk (`generate_nlvr`), in the shapes world's formats::
     nlvr_<split>.jsonl    {"id", "image_a", "image_b", "statement", "label": bool, "template", "scene_a", "scene_b"}
                           (the columns `blip batch reason` and `blip train` task=nlvr read)
     nlvr_<split>.json     NLVR2's own format: [{"identifier", "images": [a, b], "sentence", "label": "True"|"False"}]
-    nlvr_meta.json        seed, counts, label balance, complete
+    nlvr_meta.json        seed, counts, label balance, what the images were drawn with, complete
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -176,18 +177,27 @@ def generate_nlvr(
     n_test: int = 400,
     cfg: ShapesConfig = ShapesConfig(),
 ) -> dict[str, Any]:
-    """Write the pairs of both splits into `out` (images first, existing ones kept; manifests last, atomically).
-    Returns the metadata written to nlvr_meta.json."""
+    """Write the pairs of both splits into `out` (images first, manifests last, atomically). Images already there
+    are kept when nlvr_meta.json says they were drawn with the same seed and settings (an interrupted run goes on),
+    else drawn again. Returns the metadata written to nlvr_meta.json."""
     from blip.data.shapes.dataset import _png_bytes
 
     out = Path(out)
+    drawn_with = json.loads(json.dumps({"seed": seed, "cfg": dataclasses.asdict(cfg)}))  # tuples -> lists
+    meta_path = out / "nlvr_meta.json"
+    try:
+        keep = json.loads(meta_path.read_text()).get("drawn_with") == drawn_with
+    except (OSError, ValueError):
+        keep = False
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(meta_path, json.dumps({"drawn_with": drawn_with, "complete": False}).encode() + b"\n")
     counts: dict[str, Any] = {}
     for split, n in (("train", n_train), ("test", n_test)):
         examples = [make_nlvr_example(split, i, seed=seed, cfg=cfg) for i in range(n)]
         for ex in examples:
             for scene, rel in zip((ex.left, ex.right), ex.images):
                 path = out / rel
-                if not path.exists():
+                if not (keep and path.exists()):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_bytes(path, _png_bytes(render(scene, cfg)), fsync=False)
         rows = [ex.row() for ex in examples]
@@ -209,7 +219,8 @@ def generate_nlvr(
         "image_size": cfg.image_size,
         "max_shapes": cfg.max_shapes,
         "counts": counts,
+        "drawn_with": drawn_with,
         "complete": True,
     }
-    atomic_write_bytes(out / "nlvr_meta.json", json.dumps(meta, indent=1).encode() + b"\n")
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode() + b"\n")
     return meta
