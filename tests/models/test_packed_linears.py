@@ -101,6 +101,7 @@ def test_input_gradients_through_packed_weights_equal_plain_ones() -> None:
     plain = _layers(torch.float32)
     packed = copy.deepcopy(plain)
     pack_linears(packed)
+    packed.eval()  # as Grad-CAM runs it: gradients for the input of a model in eval mode
     x1 = torch.randn(4, 64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     plain[1](plain[0](x1, gelu=True)).pow(2).sum().backward()
@@ -145,3 +146,16 @@ def test_blip_load_packs_on_cpu_and_answers_as_the_plain_model(hf_checkpoints) -
     assert got.token_ids == want.token_ids and got.score == want.score
     saved = ours.model.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in plain.model.state_dict().items())
+
+
+def test_training_a_packed_model_is_refused_until_it_is_unpacked() -> None:
+    layers = _layers(torch.float32)
+    pack_linears(layers)
+    layers.train()
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        layers[0](torch.randn(2, 64))
+    with torch.no_grad():
+        layers[0](torch.randn(2, 64))  # train mode without gradients (e.g. an evaluation inside a loop) still runs
+    unpack_linears(layers)
+    layers[1](layers[0](torch.randn(2, 64))).sum().backward()
+    assert layers[0].weight.grad is not None and layers[0].bias.grad is not None

@@ -313,6 +313,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.weight.is_mkldnn:
+            if self.training and torch.is_grad_enabled():  # a packed weight is frozen: training it would do nothing
+                raise RuntimeError(
+                    "this model's linear weights are packed for CPU inference (blip.load packs them): call "
+                    "blip.models.kernels.unpack_linears(model) before training it"
+                )
             return _packed_linear(x, self.weight, self.bias, gelu)
         return linear(x, self.weight, self.bias, gelu)
 
