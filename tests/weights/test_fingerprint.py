@@ -89,3 +89,21 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert fp.cache_dir() == tmp_path / "xdg" / "blip"
     monkeypatch.setenv("BLIP_CACHE_DIR", str(tmp_path / "mine"))
     assert fp.cache_dir() == tmp_path / "mine"
+
+
+def test_no_home_folder_fingerprints_without_the_cache(model_folder, monkeypatch):
+    """A process whose user has no home (HOME unset, no passwd entry) still fingerprints: nothing is cached."""
+    from pathlib import Path
+
+    folder, _ = model_folder
+    want = fp.model_fingerprint(folder)
+
+    def no_home(self: Path) -> Path:
+        if str(self).startswith("~"):
+            raise RuntimeError("Could not determine home directory.")
+        return self
+
+    monkeypatch.delenv("BLIP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "expanduser", no_home)
+    assert fp.model_fingerprint(folder) == want

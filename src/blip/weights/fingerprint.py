@@ -100,7 +100,7 @@ def file_sha256(path: Path) -> str:
 def _read_cache() -> dict[str, Any]:
     try:
         data = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RuntimeError):  # RuntimeError: no home folder to expand ~ in
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -108,7 +108,10 @@ def _read_cache() -> dict[str, Any]:
 def _write_cache(cache: dict[str, Any]) -> None:
     if len(cache) > CACHE_ENTRIES:
         cache = dict(list(cache.items())[-CACHE_ENTRIES:])
-    folder = cache_dir()
+    try:
+        folder = cache_dir()
+    except RuntimeError:  # no home folder (and no BLIP_CACHE_DIR / XDG_CACHE_HOME): the cache is only a shortcut
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", suffix=".tmp", dir=folder)
