@@ -311,3 +311,18 @@ def test_decode_workers_exit_when_the_job_is_killed(small_folder):
     for pid in left:  # never leave them behind, even when the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"decode workers {left} outlived the killed job"
+
+
+def test_a_worker_whose_job_died_before_it_started_exits():
+    """The job's pid is bound in the job: a worker that starts after a kill -9 (its parent already init) exits too."""
+    code = (
+        "import sys, time\n"
+        "from blip.jobs.prefetch import _exit_with_parent\n"
+        "_exit_with_parent(int(sys.argv[1]), 0)\n"
+        "time.sleep(30)\n"
+        "sys.exit(3)\n"
+    )
+    not_my_parent = os.getpid() + 1_000_000  # no process has this pid, so it is not the worker's parent
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, str(not_my_parent)], timeout=25)
+    assert done.returncode == 0 and time.monotonic() - started < 20

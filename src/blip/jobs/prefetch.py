@@ -23,6 +23,7 @@ same decode function), in the same order, with the same error when its image fai
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -157,11 +158,12 @@ def first_rows(rows: list[Row]) -> dict[str, Row]:
     return firsts
 
 
-def _exit_with_parent(_worker_id: int) -> None:
-    """A decode worker's init (module level: it is pickled): exit within a second once the job process is gone
-    (kill -9). DataLoader's own check of its parent runs only while a worker waits for work; a worker blocked handing
-    a batch back to a dead parent would otherwise stay forever."""
-    parent = os.getppid()
+def _exit_with_parent(parent: int, _worker_id: int) -> None:
+    """A decode worker's init (module level: it is pickled, bound to the job's pid with `functools.partial`): exit
+    within a second once the job process `parent` is gone (kill -9). DataLoader's own check of its parent runs only
+    while a worker waits for work; a worker blocked handing a batch back to a dead parent would otherwise stay
+    forever. The pid comes from the job, not from the worker's own `os.getppid()`: a worker still starting up when the
+    job is killed would read its new parent (init) there and watch that forever."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -294,7 +296,7 @@ class Prefetcher(Generic[B]):
                 persistent_workers=True,
                 pin_memory=self.pin,
                 multiprocessing_context="spawn",
-                worker_init_fn=_exit_with_parent,
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
             )
         return self._loader
 
