@@ -159,3 +159,25 @@ def test_training_a_packed_model_is_refused_until_it_is_unpacked() -> None:
     unpack_linears(layers)
     layers[1](layers[0](torch.randn(2, 64))).sum().backward()
     assert layers[0].weight.grad is not None and layers[0].bias.grad is not None
+
+
+def test_a_tied_bfloat16_head_computes_from_a_packed_copy_until_its_matrix_changes() -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 16).to(torch.bfloat16)
+    head = Linear(16, 50, bias=False).to(torch.bfloat16)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"embed": embedding, "head": head})
+    assert pack_linears(model) == 1
+    assert not head.weight.is_mkldnn and head._packed_copy is not None  # the embedding still reads the matrix
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(head(x), F.linear(x, embedding.weight))
+    with torch.no_grad():
+        embedding.weight.mul_(2)  # in place: the copy is stale from here on
+    with torch.inference_mode():
+        assert torch.equal(head(x), F.linear(x, embedding.weight))
+    assert head._packed_copy is None
+    pack_linears(model)
+    assert copy.deepcopy(model)["head"]._packed_copy is None and pickle.loads(pickle.dumps(head))._packed_copy is None
+    model.float()
+    assert head._packed_copy is None and head.weight.dtype == torch.float32

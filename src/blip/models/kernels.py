@@ -319,15 +319,27 @@ class Linear(nn.Linear):
                     "blip.models.kernels.unpack_linears(model) before training it"
                 )
             return _packed_linear(x, self.weight, self.bias, gelu)
+        if self._packed_copy is not None:
+            copy, version = self._packed_copy
+            if version != self.weight._version:  # the shared matrix changed in place since: the copy is stale
+                self._packed_copy = None
+            elif not (torch.is_grad_enabled() and self.weight.requires_grad):
+                return _packed_linear(x, copy, self.bias, gelu)
         return linear(x, self.weight, self.bias, gelu)
+
+    # A weight shared with an embedding (a tied output head) stays a plain matrix; `pack_linears` may give the
+    # module a packed copy of it for inference, with the matrix's version counter at that time.
+    _packed_copy: tuple[torch.Tensor, int] | None = None
 
     def unpack(self) -> None:
         """Back to a plain weight matrix (a no-op when it is not packed)."""
+        self._packed_copy = None
         if self.weight.is_mkldnn:
             self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=self._plain_requires_grad)
 
     def __getstate__(self) -> dict:  # pickle and deepcopy: a packed weight has no storage; copies get the plain one
         state = self.__dict__.copy()
+        state.pop("_packed_copy", None)
         if self.weight.is_mkldnn:
             plain = nn.Parameter(self.weight.to_dense(), requires_grad=self._plain_requires_grad)
             state["_parameters"] = {**self._parameters, "weight": plain}
@@ -388,8 +400,9 @@ class _PackedLinearFunction(torch.autograd.Function):
 
 def pack_linears(model: nn.Module) -> int:
     """Pack, in place, the weight of every `Linear` of a CPU inference model whose weight is float32/bfloat16 and
-    not shared with another module (a tied output head stays plain: its embedding needs the matrix). Returns how
-    many were packed. float32 weights are packed only where oneDNN is this process's library (`cpu_matmul`);
+    not shared with another module; a bfloat16 weight shared with an embedding (a tied output head) stays plain
+    and the module gets a packed copy of it (used until the matrix changes in place). Returns how many linears
+    compute from packed weights. float32 weights are packed only where oneDNN is this process's library (`cpu_matmul`);
     bfloat16 ones wherever oneDNN works (`F.linear` sends bfloat16 to oneDNN too, unpacked) unless
     BLIP_CPU_MATMUL=mkl/aten asks for `F.linear` everywhere."""
     forced_aten = os.environ.get("BLIP_CPU_MATMUL", "").strip().lower() in ("mkl", "aten")
@@ -406,11 +419,17 @@ def pack_linears(model: nn.Module) -> int:
         weight = module.weight
         if (
             weight.is_mkldnn
+            or module._packed_copy is not None
             or weight.device.type != "cpu"
             or weight.dtype not in dtypes
-            or uses.get(id(weight), 0) != 1
             or (module.bias is not None and module.bias.dtype != weight.dtype)
         ):
+            continue
+        if uses.get(id(weight), 0) != 1:  # tied: bfloat16 batch-1 products gain 2-3x from a packed copy, float32 none
+            if weight.dtype == torch.bfloat16:
+                with torch.no_grad():
+                    module._packed_copy = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight._version)
+                packed += 1
             continue
         module._plain_requires_grad = weight.requires_grad
         with torch.no_grad():
