@@ -112,7 +112,7 @@ async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
     name, blip, task = _target(svc, body.model, text, text_field)
     max_new_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if task == "caption":
-        options: CaptionOptions | VqaOptions = _caption_options(svc, body, text, text_field, max_new_tokens)
+        options: CaptionOptions | VqaOptions = _caption_options(body, text, text_field, max_new_tokens)
     else:
         options = _vqa_options(svc, body, blip, max_new_tokens)
     job = _Completion(svc, body, name, blip, task, options, source, text, text_field)
@@ -265,9 +265,7 @@ def _options(make: Any, text_field: str) -> Any:
         raise ApiError(422, "invalid_request", message, field=field) from e
 
 
-def _caption_options(
-    svc: Service, body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None
-) -> CaptionOptions:
+def _caption_options(body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None) -> CaptionOptions:
     sampling = body.temperature > 0 if body.temperature is not None else body.top_p is not None
     values: dict[str, Any] = {"prompt": text or None}
     if max_new_tokens is not None:
