@@ -166,12 +166,12 @@ class _Completion:
         blip, task = self.blip, self.task
         prompt_tokens = _prompt_tokens(blip, task, self.text, self.options)
         generated = [_generated(blip, task, r.token_ids, prompt_tokens) for r in results]
-        limit = self.options.max_new_tokens
+        limit, end = self.options.max_new_tokens, _end_id(blip)
         choices = [
             ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content=r.text),
-                finish_reason="length" if count >= limit else "stop",  # (an end token as the last one: "length")
+                finish_reason="length" if count >= limit and r.token_ids[-1:] != [end] else "stop",
             )
             for i, (r, count) in enumerate(zip(results, generated))
         ]
@@ -313,6 +313,11 @@ def _prompt_tokens(blip: Blip, task: str, text: str, options: CaptionOptions | V
     from blip.tasks.caption import prompt_prefix
 
     return len(prompt_prefix(blip, text or None))
+
+
+def _end_id(blip: Blip) -> int | None:
+    """The token that ends a generated text (what the tasks give `generate` as its end)."""
+    return blip.config.text.eos_token_id if is_blip2(blip) else blip.config.text.sep_token_id
 
 
 def _generated(blip: Blip, task: str, token_ids: list[int], prompt_tokens: int) -> int:
