@@ -125,3 +125,17 @@ def test_private_urls_are_refused(server, image_server):
         assert r.status_code == 400, r.text
         assert r.json()["error_type"] == "url_refused" and "127.0.0.1" in r.json()["error"]
     assert server.recorder.urls == before
+
+
+def test_the_middleware_asks_for_the_token_on_every_hf_path(tiny_models):
+    """/hf/{model} is refused by the middleware before its body is read, as /hf is (a path template is no path)."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(tiny_models, ServeSettings(token=TOKEN))
+    with TestClient(app) as c:
+        rejected = app.state.service.metrics.rejected
+        for path in ("/hf", "/hf/captioner", "/hf/nope"):
+            before = rejected.value(reason="unauthorized")
+            r = c.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (path, r.text)
+            assert rejected.value(reason="unauthorized") == before + 1, path

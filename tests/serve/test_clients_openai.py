@@ -358,3 +358,16 @@ def test_blip2_streams_as_it_completes(blip2_server, images, name):
     assert_streams_as_it_completes(client, name, url, max_tokens=12, several=False)
     sampled = dict(temperature=1.0, n=2, seed=3, max_tokens=12)
     assert_streams_as_it_completes(client, name, data_url(images[0]), several=False, **sampled)  # a caption
+
+
+def test_an_end_token_at_the_limit_is_a_stop(client, tiny_models, images):
+    """finish_reason "length" means cut off: an answer whose end token is the max_tokens-th one stopped by itself."""
+    m = tiny_models["vqa"]
+    natural = m.answer(images[0], QUESTION)[0]
+    generated = len(natural.token_ids) - 1  # [DEC] + the answer's tokens, its end token included
+    assert natural.token_ids[-1] == m.config.text.sep_token_id  # (the tiny model ends at once: generated == 1)
+    done = chat(client, "vqa", data_url(images[0]), QUESTION, max_tokens=generated)
+    assert done.choices[0].message.content == natural.text and done.usage.completion_tokens == generated
+    assert done.choices[0].finish_reason == "stop"
+    cut = chat(client, "captioner", data_url(images[0]), max_tokens=2)
+    assert cut.usage.completion_tokens == 2 and cut.choices[0].finish_reason == "length"

@@ -159,3 +159,17 @@ def test_settled_text_holds_back_what_can_still_change():
     again = TextDeltas()
     assert again.update("a big dog") == "a big" and again.update("a bi") == ""  # never takes text back
     assert again.finish("a big dog") == " dog"
+
+
+def test_settled_text_holds_back_a_word_cleanup_can_still_join():
+    """transformers' cleanup joins " n't" across three tokens ("do n ' t" -> "don't"): the "n" seen before the rest
+    arrives is not settled, so the streamed text stays the start of the final one."""
+    from blip.text_cleanup import clean_up_tokenization
+
+    tokens = ["a", "do", "n", "'", "t", "dog", "."]
+    deltas = TextDeltas()
+    pieces = [deltas.update(clean_up_tokenization(" ".join(tokens[:k]))) for k in range(1, len(tokens) + 1)]
+    final = clean_up_tokenization(" ".join(tokens))
+    assert final == "a don't dog."
+    assert "".join(pieces) + deltas.finish(final) == final
+    assert settled("a do n") == "a do" and settled("a do n '") == "a do" and settled("a n-word") == "a"

@@ -33,6 +33,7 @@ import anyio
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from blip.serve.errors import ErrorShape, error_body
 from blip.serve.metrics import ServerMetrics
@@ -230,7 +231,9 @@ class ServeMiddleware:
         self.known_paths = frozenset(known_paths)
         self.body_timeout_s = body_timeout_s
         self.token = token
-        self.protected_paths = frozenset(protected_paths)
+        self.protected_paths = frozenset(p for p in protected_paths if "{" not in p)
+        # paths with parameters (/hf/{model}) as their routes match them
+        self.protected_templates = [compile_path(p)[0] for p in protected_paths if "{" in p]
         self.token_in_body_paths = frozenset(token_in_body_paths)
         self.error_shape = error_shape
         self.active = 0
@@ -253,7 +256,7 @@ class ServeMiddleware:
                 return False  # only a JSON body can carry secret_token
             scope[AUTH_SCOPE_KEY] = "secret_token"
             return True
-        return path not in self.protected_paths
+        return path not in self.protected_paths and not any(t.match(path) for t in self.protected_templates)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -3,8 +3,9 @@ cut into deltas that join to exactly the text the finished result has.
 
 Decoding the ids so far is not yet the final text's start: the last word may still grow (a WordPiece `##` piece, a
 byte-level BPE token ending inside a UTF-8 character), and the tokenizer's cleanup may remove the space before a word
-("dog ." -> "dog.", "' s" -> "'s"). So only the text before the last whitespace is sent while decoding (it cannot
-change any more), and the finished text's remainder at the end."""
+("dog ." -> "dog.", "' s" -> "'s"), even one word further back ("do n ' t" -> "don't"). So only the text before the
+last whitespace is sent while decoding (before the one before it when the last settled word is such an "n"), and the
+finished text's remainder at the end."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from blip.tasks.options import is_blip2
+from blip.text_cleanup import CLEANUP_RULES
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 _LAST_WORD = re.compile(r"\s+\S*\Z")  # the last whitespace run and what follows it
+# Words the cleanup can still join to the word before them once the tokens after them arrive: the "n" of " n't"
+# (its "'" and "t" are tokens of their own).
+_JOINED_LATER = frozenset(before[1:].split("'")[0] for before, _ in CLEANUP_RULES if "'" in before[2:])
 
 
 def partial_text(blip: Blip, task: str, prompt: str | None) -> Callable[[list[int]], str]:
@@ -42,7 +47,11 @@ def partial_text(blip: Blip, task: str, prompt: str | None) -> Callable[[list[in
 def settled(text: str) -> str:
     """The part of a partial decode that more tokens cannot change: everything before its last whitespace."""
     last = _LAST_WORD.search(text)
-    return text[: last.start()] if last else ""
+    ready = text[: last.start()] if last else ""
+    before = _LAST_WORD.search(ready)
+    if before is not None and ready[before.start() :].lstrip() in _JOINED_LATER:
+        return ready[: before.start()]
+    return ready
 
 
 class TextDeltas:

@@ -112,7 +112,7 @@ async def chat_completions(body: ChatRequest, svc: ServiceDep) -> Any:
     name, blip, task = _target(svc, body.model, text, text_field)
     max_new_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if task == "caption":
-        options: CaptionOptions | VqaOptions = _caption_options(svc, body, text, text_field, max_new_tokens)
+        options: CaptionOptions | VqaOptions = _caption_options(body, text, text_field, max_new_tokens)
     else:
         options = _vqa_options(svc, body, blip, max_new_tokens)
     job = _Completion(svc, body, name, blip, task, options, source, text, text_field)
@@ -166,12 +166,12 @@ class _Completion:
         blip, task = self.blip, self.task
         prompt_tokens = _prompt_tokens(blip, task, self.text, self.options)
         generated = [_generated(blip, task, r.token_ids, prompt_tokens) for r in results]
-        limit = self.options.max_new_tokens
+        limit, end = self.options.max_new_tokens, _end_id(blip)
         choices = [
             ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content=r.text),
-                finish_reason="length" if count >= limit else "stop",  # (an end token as the last one: "length")
+                finish_reason="length" if count >= limit and r.token_ids[-1:] != [end] else "stop",
             )
             for i, (r, count) in enumerate(zip(results, generated))
         ]
@@ -265,9 +265,7 @@ def _options(make: Any, text_field: str) -> Any:
         raise ApiError(422, "invalid_request", message, field=field) from e
 
 
-def _caption_options(
-    svc: Service, body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None
-) -> CaptionOptions:
+def _caption_options(body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None) -> CaptionOptions:
     sampling = body.temperature > 0 if body.temperature is not None else body.top_p is not None
     values: dict[str, Any] = {"prompt": text or None}
     if max_new_tokens is not None:
@@ -315,6 +313,11 @@ def _prompt_tokens(blip: Blip, task: str, text: str, options: CaptionOptions | V
     from blip.tasks.caption import prompt_prefix
 
     return len(prompt_prefix(blip, text or None))
+
+
+def _end_id(blip: Blip) -> int | None:
+    """The token that ends a generated text (what the tasks give `generate` as its end)."""
+    return blip.config.text.eos_token_id if is_blip2(blip) else blip.config.text.sep_token_id
 
 
 def _generated(blip: Blip, task: str, token_ids: list[int], prompt_tokens: int) -> int:
