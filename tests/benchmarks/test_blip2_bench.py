@@ -68,6 +68,7 @@ def test_decode_step_and_memory_helpers(folders):
     table = lm.model.decoder.embed_tokens.weight
     layers = sum(p.numel() * 2 for p in lm.model.decoder.layers.parameters())
     assert bench.lm_read_bytes(ours) == layers + table.numel() * 2 + 2 * 32 * 2  # + tied head + final norm
-    assert bench.decode_step(ours, bench.make_image(), steps=3, repeats=1) > 0
+    measured = bench.decode_step(ours, bench.make_image(), steps=3, repeats=1)
+    assert measured["step_s"] > 0 and measured["bandwidth"] > 0 and measured["ratio"] > 0
     rss = bench.peak_rss_child(folders["bfloat16"], threads=1)
     assert rss["peak_mib"] >= rss["loaded_mib"] > 0 and rss["param_mib"] > 0
