@@ -239,9 +239,12 @@ def test_shared_prefix_runs_once_per_group(lms):
         def new_cache(self, capacity):
             return self.lm.new_cache(capacity)
 
-        def prefill(self, embeds, mask, *, cache):
-            seen.append(("shared", tuple(embeds.shape[:2]), int(mask.sum())))
-            return self.lm.prefill(embeds, mask, cache=cache)
+        def packed_prefill(self, embeds, positions, mask, *, cache):
+            seen.append(("packed", tuple(embeds.shape[:2]), positions.max(1).values.tolist()))
+            return self.lm.packed_prefill(embeds, positions, mask, cache=cache)
+
+        def logits_of(self, hidden):
+            return self.lm.logits_of(hidden)
 
         def __call__(self, embeds, mask, *, cache, last_only):
             seen.append(("own", tuple(embeds.shape[:2]), int(mask[:, -embeds.shape[1] :].sum())))
@@ -255,10 +258,12 @@ def test_shared_prefix_runs_once_per_group(lms):
     generate(CausalLmStepper(Counting(ours), embeds, mask, [i for i, _ in sources], groups=groups), cfg, eos_id=EOS)
     # group 0: 4 queries + BOS + 3 common ids, but one source has no suffix: 7 shared, its last id its own;
     # group 1: 4 + 1 + 1 = 6 shared; group 2 (one source): all but its last id (4 + 1 + 2 + 1 - 1 = 7)
-    assert seen[0] == ("shared", (3, 7), 7 + 6 + 7)
+    shared = {0: 7, 1: 6, 2: 7}
     own = {0: [4, 1, 2, 5], 1: [2, 5], 2: [1]}  # per group: each source's ids after the shared part
-    assert seen[1] == ("own", (7, 5), sum(sum(v) for v in own.values()))
-    assert len(seen) == 2  # one token asked: no step after the start
+    # one pass: a row per group holding its shared part and every suffix once (left-padded to the longest row);
+    # each suffix's positions continue from its group's shared part
+    longest = max(shared[g] + sum(own[g]) for g in shared)
+    assert seen == [("packed", (3, longest), [shared[g] + max(own[g]) - 1 for g in (0, 1, 2)])]
 
 
 def test_groups_must_match_the_sources(lms):

@@ -146,6 +146,12 @@ class CausalLm(Protocol):
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, cache: KVCache, last_only: bool
     ) -> torch.Tensor: ...
 
+    def packed_prefill(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *, cache: KVCache
+    ) -> torch.Tensor: ...
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
 
 class CausalLmStepper:
     """A decoder-only LM continuing each source's prefix of input embeddings.
@@ -156,9 +162,10 @@ class CausalLmStepper:
     changes no result.
 
     `groups[s]` (optional): sources with the same group share the start of their prefix embeddings (the same image's
-    query outputs, BOS, and whatever prompt ids they have in common): that shared part runs once per group, its keys
-    and values are copied by index to the group's sources, and only each source's own suffix runs per source. A row
-    is then laid out [shared part | padding | own suffix]; positions and the attention mask skip the padding, so
+    query outputs, BOS, and whatever prompt ids they have in common): that shared part runs once per group, in one
+    pass with every source's own suffix (a block mask: a suffix sees the shared part and itself), and its keys and
+    values are copied by index to the group's sources. A source's cache row is then laid out
+    [shared part | padding | own suffix]; positions and the attention mask skip the padding, so
     every row's result is the one it has alone. The shared part is the longest common prefix of the group's
     `prefix_ids`, minus at least one id, so every source has a last position of its own to predict from."""
 
@@ -221,42 +228,69 @@ class CausalLmStepper:
         return shared if max(shared.values()) > 0 else None
 
     def _start_shared(self, shared: dict[int, int], max_new_tokens: int) -> torch.Tensor:
-        """The groups' shared parts in one pass, their keys/values copied to the sources, then the sources'
-        suffixes in a second pass on top."""
+        """The groups' shared parts and their sources' suffixes in one pass over the weights: each group's row holds
+        its shared part followed by every member's own suffix, each suffix attending to the shared part and to
+        itself only (a block mask; its positions continue from the shared part). Each source's cache row is then
+        laid out [shared part | padding | own suffix] (positions and the attention mask skip the padding)."""
         num_sources, device = len(self.prefix_ids), self.embeds.device
-        order = sorted(shared)  # group ids -> rows of the shared pass
-        row_of = {group: i for i, group in enumerate(order)}
-        first = {}
-        for source, group in enumerate(self.groups):
-            first.setdefault(group, source)
+        order = sorted(shared)
+        members = {group: [s for s in range(num_sources) if self.groups[s] == group] for group in order}
         real = [self.mask[s].nonzero().squeeze(1) for s in range(num_sources)]  # each source's real positions
-        width = self.embeds.shape[2]
-        head_len = max(shared.values())
-        head = self.embeds.new_zeros(len(order), head_len, width)
-        head_mask = self.mask.new_zeros(len(order), head_len)
-        for i, group in enumerate(order):  # left padding
-            n = shared[group]
-            if n:
-                head[i, head_len - n :] = self.embeds[first[group], real[first[group]][:n]]
-                head_mask[i, head_len - n :] = 1
         tails = [real[s][shared[self.groups[s]] :] for s in range(num_sources)]
-        tail_len = max(len(t) for t in tails)
-        tail = self.embeds.new_zeros(num_sources, tail_len, width)
-        tail_mask = self.mask.new_zeros(num_sources, tail_len)
-        for s, positions in enumerate(tails):
-            tail[s, tail_len - len(positions) :] = self.embeds[s, positions]
-            tail_mask[s, tail_len - len(positions) :] = 1
+        packed_len = max(shared[g] + sum(len(tails[s]) for s in members[g]) for g in order)
+        head_len, tail_len = max(shared.values()), max(len(t) for t in tails)
 
-        head_cache = self.lm.new_cache(head_len)
-        _prefill(self.lm, head, head_mask, head_cache)
-        rows = torch.tensor([row_of[g] for g in self.groups], device=device)
+        x = self.embeds.new_zeros(len(order), packed_len, self.embeds.shape[2])
+        positions = torch.zeros(len(order), packed_len, dtype=torch.long)
+        segment = torch.full((len(order), packed_len), -2, dtype=torch.long)  # -2 padding, -1 shared, s: s's suffix
+        layout = torch.zeros(num_sources, head_len + tail_len, dtype=torch.long)  # packed position of each slot
+        row_of = torch.zeros(num_sources, dtype=torch.long)
+        for r, group in enumerate(order):
+            n, first = shared[group], members[group][0]
+            at = packed_len - n - sum(len(tails[s]) for s in members[group])  # left padding
+            x[r, at : at + n] = self.embeds[first, real[first][:n]]
+            positions[r, at : at + n] = torch.arange(n)
+            segment[r, at : at + n] = -1
+            head = torch.arange(at, at + n)
+            at += n
+            for source in members[group]:
+                length = len(tails[source])
+                x[r, at : at + length] = self.embeds[source, tails[source]]
+                positions[r, at : at + length] = torch.arange(n, n + length)
+                segment[r, at : at + length] = source
+                layout[source, head_len - n : head_len] = head
+                layout[source, head_len + tail_len - length :] = torch.arange(at, at + length)
+                row_of[source] = r
+                at += length
+        query, key = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones(packed_len, packed_len, dtype=torch.bool).tril()
+        mask = causal & (key >= -1) & ((key == -1) | (key == query))
+        mask |= torch.eye(packed_len, dtype=torch.bool)  # a padding position sees itself: never an empty row
+        packed_cache = self.lm.new_cache(packed_len)
+        hidden = self.lm.packed_prefill(x, positions.to(device), mask[:, None].to(device), cache=packed_cache)
+        last = layout[:, -1].to(device)  # each source's last suffix position
+        rows, layout = row_of.to(device), layout.to(device)
+        logits = self.lm.logits_of(hidden[rows, last])  # (E, V)
+
+        def per_source(t: torch.Tensor) -> torch.Tensor:  # (G, H, T, d) -> (E, H, head + tail, d), slot by slot
+            return t.transpose(1, 2)[rows[:, None], layout].transpose(1, 2)
+
         self.cache = self.lm.new_cache(head_len + tail_len + max_new_tokens)
-        _cache_from(self.cache, head_cache, rows)
+        for i, (k, v) in enumerate(zip(packed_cache.keys, packed_cache.values)):
+            if k is not None:
+                self.cache.append(i, per_source(k), per_source(v))
+        self.cache.advance(head_len + tail_len)
+        lengths = torch.tensor([shared[self.groups[s]] for s in range(num_sources)])
+        own = torch.tensor([len(t) for t in tails])
+        slots = torch.arange(head_len + tail_len)
+        head_real = (slots[None, :] >= head_len - lengths[:, None]) & (slots[None, :] < head_len)
+        tail_real = slots[None, :] >= head_len + tail_len - own[:, None]
         self.mask = torch.cat(
-            [head_mask.index_select(0, rows), tail_mask, self.mask.new_ones(num_sources, max_new_tokens)], dim=1
+            [(head_real | tail_real).to(self.mask.dtype).to(device), self.mask.new_ones(num_sources, max_new_tokens)],
+            dim=1,
         )
         self.length = head_len + tail_len
-        return _last(self.lm(tail, self.mask[:, : self.length], cache=self.cache, last_only=True))
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.length += 1
@@ -266,24 +300,6 @@ class CausalLmStepper:
     def select(self, rows: torch.Tensor, sources: torch.Tensor | None) -> None:
         self.cache.select(rows)
         self.mask = self.mask.index_select(0, rows)
-
-
-def _prefill(lm: CausalLm, embeds: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> None:
-    """Run `embeds` into `cache` for their keys/values alone (no logits when the LM can skip them)."""
-    prefill = getattr(lm, "prefill", None)
-    if prefill is not None:
-        prefill(embeds, mask, cache=cache)
-    else:
-        lm(embeds, mask, cache=cache, last_only=True)
-
-
-def _cache_from(cache: KVCache, source: KVCache, rows: torch.Tensor) -> None:
-    """Fill the empty `cache` with `source`'s filled positions, row `i` taken from `source` row `rows[i]`."""
-    filled = source.length
-    for layer, (k, v) in enumerate(zip(source.keys, source.values)):
-        if k is not None:
-            cache.append(layer, k[:, :, :filled].index_select(0, rows), v[:, :, :filled].index_select(0, rows))
-    cache.advance(filled)
 
 
 class EncoderDecoderLm(Protocol):

@@ -177,11 +177,25 @@ class OptDecoder(nn.Module):
             )
         attention_mask = attention_mask.long()
         positions = self.positions(attention_mask, past)  # (B, T)
+        mask = _attention_mask(attention_mask, past, length)
+        return self.run(inputs_embeds, positions, mask, cache, last_only)
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The layers over `inputs_embeds [B, T, E]` at position ids `positions [B, T]` under the boolean attention
+        mask `[B, 1, T, P+T]` (None: plain causality) — what `forward` derives from a padding mask; given directly,
+        several sequences can share one row (`OptForCausalLM.packed_prefill`)."""
+        length = inputs_embeds.shape[1]
         x = inputs_embeds.to(self.embed_positions.weight.dtype)
         if self.project_in is not None:
             x = self.project_in(x)  # (B, T, D)
         x = x + self.embed_positions(positions + POSITION_OFFSET)
-        mask = _attention_mask(attention_mask, past, length)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, cache, i, last_only and i == last)
@@ -222,10 +236,16 @@ class OptForCausalLM(nn.Module):
         """An empty cache for `capacity` positions (cached + new, padding included)."""
         return KVCache(self.config.num_hidden_layers, capacity)
 
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, cache: KVCache) -> None:
-        """Run the new positions into `cache` for their keys/values alone (no logits: a shared prefix whose next-token
-        prediction nobody reads). Arguments as in `forward`."""
-        self.model.decoder(inputs_embeds, attention_mask, cache, last_only=True)
+    def packed_prefill(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *, cache: KVCache
+    ) -> torch.Tensor:
+        """Final hidden states `[B, T, E]` of rows that each pack several sequences (e.g. a shared prefix followed by
+        every question's own tokens): explicit position ids `[B, T]` and boolean mask `[B, 1, T, T]` (True = attend);
+        `cache` (empty) takes every position's keys/values. `logits_of` turns chosen hidden states into logits."""
+        return self.model.decoder.run(inputs_embeds, positions, mask, cache)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
     def forward(
         self,
