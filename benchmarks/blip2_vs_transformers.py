@@ -19,7 +19,8 @@ Both libraries run the same weights: our model is loaded from the folder by `bli
 `Blip2ForConditionalGeneration` is built on the meta device and given those very tensors (`load_state_dict(assign=
 True)`), so one copy of the weights is in memory. Outputs (token ids) are checked equal before anything is timed;
 times are the median of `--repeats` runs after a warm-up, the two libraries' runs alternating (this machine's speed
-drifts within minutes), preprocessing included on both sides; ratio = transformers time / ours. New tokens are forced (min = max) so both sides do the same work with random weights.
+drifts within minutes), preprocessing included on both sides; ratio = transformers time / ours. New tokens are
+forced (min = max) so both sides do the same work with random weights.
 
 Rows (CPU, bf16):
 - six questions about one image: transformers as users write it (one `generate` call, the image repeated six times,
