@@ -58,19 +58,11 @@ for extra in (ROOT / "tests", ROOT / "benchmarks"):
         sys.path.insert(0, str(extra))
 
 import vs_transformers  # noqa: E402
-from vs_transformers import memory_bandwidth, timed  # noqa: E402
+from vs_transformers import QUESTIONS, memory_bandwidth, timed  # noqa: E402
 
 import blip  # noqa: E402
 from blip.models.kernels import onednn_linear_available  # noqa: E402
 
-QUESTIONS = [
-    "how many dogs are in the picture?",
-    "what is the woman doing?",
-    "where is she sitting?",
-    "what color is the sky?",
-    "is there a dog?",
-    "what is on the left?",
-]
 TEMPLATE = "Question: {} Answer:"
 
 # blip2-opt-2.7b's shapes (Salesforce/blip2-opt-2.7b config.json)
