@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import uvicorn
 
+from blip.serve import ServeSettings, create_app
 from blip.serve.cli import uvicorn_config
 from oracle import png_bytes  # noqa: F401 - the server tests import it from here
 
@@ -82,6 +83,12 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def guarded_server(models, token: str) -> LiveServer:
+    """`models` behind `token`, with small text and pixel limits (the client libraries' tests); use as `with`."""
+    settings = ServeSettings(token=token, max_text_chars=200, max_image_pixels=64 * 64, max_wait_ms=5.0)
+    return LiveServer(create_app(models, settings))
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):

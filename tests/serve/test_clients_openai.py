@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import LiveServer, b64, png_bytes
+from serve_helpers import LiveServer, b64, guarded_server, png_bytes
 
 from blip.serve import ServeSettings, create_app
 
@@ -27,8 +27,7 @@ PROMPT = "a picture of"
 @pytest.fixture(scope="module")
 def guarded(tiny_models):
     """The tiny models behind a token, with small text and pixel limits."""
-    settings = ServeSettings(token=TOKEN, max_text_chars=200, max_image_pixels=64 * 64, max_wait_ms=5.0)
-    with LiveServer(create_app(tiny_models, settings)) as live:
+    with guarded_server(tiny_models, TOKEN) as live:
         yield live
 
 
