@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +44,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import vs_transformers  # noqa: E402
+from vs_transformers import vit_flops  # noqa: E402
 
 from blip.config import PRESETS, BlipConfig, TextConfig, VisionConfig  # noqa: E402
 from blip.models.blip import BlipModel  # noqa: E402
@@ -81,18 +83,8 @@ def missing(*packages: str) -> list[str]:
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     """Median seconds of `repeats` calls after one warm-up call, synchronised on CUDA."""
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    fn()
+    return vs_transformers.timed(fn, repeats, device)
 
 
 # --- models -----------------------------------------------------------------------------------------------------------
@@ -147,14 +139,6 @@ def captions_from_pixels(model: BlipModel, pixels: torch.Tensor, mode: str) -> l
 def hf_captions_from_pixels(hf: Any, pixels: torch.Tensor) -> list[list[int]]:
     out = hf.generate(pixel_values=pixels, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     return [seq[seq != 0].tolist() for seq in out]
-
-
-def vit_flops(cfg: VisionConfig) -> float:
-    """Multiply-adds x 2 of one image through the ViT (patch embedding, qkv/proj/MLP products, attention)."""
-    tokens, width, mlp = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size
-    patch = 2 * (cfg.grid_size**2) * 3 * cfg.patch_size**2 * width
-    per_layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * tokens * tokens * width
-    return patch + cfg.num_hidden_layers * per_layer
 
 
 # --- rows measured here -----------------------------------------------------------------------------------------------
