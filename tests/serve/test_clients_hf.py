@@ -4,8 +4,6 @@ token, a private URL and too many pixels come back as the client's `HfHubHTTPErr
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import pytest
 from PIL import Image
@@ -109,9 +107,8 @@ def test_bad_image_too_long_question_and_wrong_token(guarded, images):
 
 
 def test_pixel_limit_holds(guarded):
-    buffer = io.BytesIO()
-    Image.new("RGB", (100, 100), "red").save(buffer, "PNG")  # 10000 pixels, over 64 * 64
-    error = raises_with("inputs", lambda: client_for(guarded, "/hf/captioner").image_to_text(buffer.getvalue()))
+    png = png_bytes(Image.new("RGB", (100, 100), "red"))  # 10000 pixels, over 64 * 64
+    error = raises_with("inputs", lambda: client_for(guarded, "/hf/captioner").image_to_text(png))
     assert error.response.status_code == 413
 
 

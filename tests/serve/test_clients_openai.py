@@ -7,7 +7,6 @@ are the usual errors, a timeout after it an error event, and a client that hangs
 
 from __future__ import annotations
 
-import io
 import time
 
 import httpx
@@ -243,10 +242,9 @@ def test_body_limit_answers_in_the_openai_shape(tiny_models, images):
 
 
 def test_pixel_limit_holds(client):
-    buffer = io.BytesIO()
-    Image.new("RGB", (100, 100), "red").save(buffer, "PNG")  # 10000 pixels, over 64 * 64
+    png = png_bytes(Image.new("RGB", (100, 100), "red"))  # 10000 pixels, over 64 * 64
     with pytest.raises(openai.APIStatusError) as caught:
-        chat(client, "captioner", f"data:image/png;base64,{b64(buffer.getvalue())}")
+        chat(client, "captioner", f"data:image/png;base64,{b64(png)}")
     assert caught.value.status_code == 413 and "image_url.url" in caught.value.message
 
 
