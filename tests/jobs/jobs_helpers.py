@@ -53,6 +53,14 @@ def make_folder(root: Path, n_good: int = 14, seed: int = 3) -> tuple[list[str],
     return sorted(good), dict(BAD_FILES)
 
 
+def numbered_folder(folder: Path, n: int, seed: int) -> Path:
+    """`n` images named 0000.png, 0001.jpg, ... (every third one a PNG) in a new `folder` (the kill tests' input)."""
+    folder.mkdir()
+    for i, image in enumerate(make_images(n, seed=seed)):
+        image.save(folder / f"{i:04d}.{'jpg' if i % 3 else 'png'}")
+    return folder
+
+
 def read_rows(out: Path) -> list[dict]:
     rows = []
     for path in sorted(out.glob("part-*.jsonl")):

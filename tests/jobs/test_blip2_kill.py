@@ -7,9 +7,8 @@ import json
 import sys
 
 import pytest
-from jobs_helpers import assert_same_output, batch_main_one_thread, kill_until_done, read_errors
+from jobs_helpers import assert_same_output, batch_main_one_thread, kill_until_done, numbered_folder, read_errors
 
-from oracle import make_images
 from oracle_blip2 import Blip2Spec, build_blip2_checkpoint
 
 pytest.importorskip("transformers")
@@ -19,10 +18,7 @@ N_IMAGES = 240
 
 def test_kill_9_and_resume_equals_uninterrupted_run_blip2(tmp_path):
     model = build_blip2_checkpoint(tmp_path / "opt", Blip2Spec(kind="opt", seed=41))
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(make_images(N_IMAGES, seed=12)):
-        image.save(folder / f"{i:04d}.{'jpg' if i % 3 else 'png'}")
+    folder = numbered_folder(tmp_path / "images", N_IMAGES, seed=12)
     (folder / "0017.jpg").write_bytes(b"")  # two bad rows among them
     (folder / "0102.png").write_bytes((folder / "0099.png").read_bytes()[:100])
     args = ["caption", "--model", str(model), "--input", str(folder), "--batch-size", "1", "--shard-size", "30"]

@@ -16,6 +16,7 @@ from jobs_helpers import (
     assert_same_output,
     batch_main_one_thread,
     kill_until_done,
+    numbered_folder,
     read_errors,
     read_rows,
 )
@@ -76,10 +77,7 @@ def test_embeddings_identical_with_workers(retrieval_model, image_folder, tmp_pa
 
 
 def test_kill_9_and_resume_with_decode_workers(caption_model, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(make_images(40, seed=12)):
-        image.save(folder / f"{i:04d}.{'jpg' if i % 3 else 'png'}")
+    folder = numbered_folder(tmp_path / "images", 40, seed=12)
     (folder / "0017.jpg").write_bytes(b"")  # a bad row
     args = ["caption", "--model", str(caption_model), "--input", str(folder), "--batch-size", "2", "--shard-size", "8"]
     args += ["--num-beams", "3", "--min-new-tokens", "12", "--max-new-tokens", "12", "--no-progress"]

@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs_helpers import assert_same_output, batch_main_one_thread, kill_until_done
-
-from oracle import make_images
+from jobs_helpers import assert_same_output, batch_main_one_thread, kill_until_done, numbered_folder
 
 N_IMAGES = 300
 
 
 def test_kill_9_and_resume_equals_uninterrupted_run(caption_model, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(make_images(N_IMAGES, seed=11)):
-        image.save(folder / f"{i:04d}.{'jpg' if i % 3 else 'png'}")
+    folder = numbered_folder(tmp_path / "images", N_IMAGES, seed=11)
     (folder / "0041.jpg").write_bytes(b"")  # two bad rows among them
     (folder / "0138.png").write_bytes((folder / "0135.png").read_bytes()[:100])
     args = ["caption", "--model", str(caption_model), "--input", str(folder), "--batch-size", "2", "--shard-size", "40"]
