@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from blip.jobs.index import INDEX_KINDS, build_collection_index, current_index
 from blip.jobs.job import ENGINES, EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
-from blip.jobs.runner import TASKS, RowRunner, TaskOptions
+from blip.jobs.runner import TASKS, RowRunner, TaskOptions, make_row_runner
 from blip.jobs.sources import InputOptions, require_rows
 from blip.jobs.video import VideoRowRunner, check_video_job, plan_media
 from blip.jobs.writer import EMBED_FORMATS, INDEX, OUTPUT_FORMATS, OutputDir, Summary, import_pyarrow
@@ -152,7 +152,7 @@ class BatchKind(JobKind):
         cfg = self.config
         if job.description["input"].get("media") == "video":
             return VideoRowRunner(load_blip(cfg, device), job.description["input"]["num_frames"])
-        return RowRunner(load_blip(cfg, device), cfg.task, cfg.options)
+        return make_row_runner(load_blip(cfg, device), cfg.task, cfg.options)
 
     def manifest_extra(self, job: Job, engine: str) -> dict[str, Any]:
         return {

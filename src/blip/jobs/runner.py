@@ -114,30 +114,14 @@ class RowRunner:
         return BatchDecoder(self.decode_size)
 
     def image_rows(self, row: Row) -> list[Row]:
-        """The rows to decode for `row`: itself, and for `reason` its second image as a row of its own."""
-        if self.task != "reason" or row.problem or not row.source_b:
-            return [row]
-        return [row, second_image(row)]
+        """The rows to decode for `row` (a pair task adds its second image as a row of its own)."""
+        return [row]
 
     def decode_error(self, row: Row, decoded: Decoded) -> str | None:
-        """Why `row`'s image (or one of its pair) could not be read, or None."""
-        pair = self.task == "reason" and not row.problem
-        for image_row in self.image_rows(row):
-            reason = decoded.errors.get(decode_key(image_row))
-            if reason is not None:
-                which = ("image_b: " if image_row is not row else "image_a: ") if pair else ""
-                return which + reason
-        return None
+        """Why `row`'s image could not be read, or None."""
+        return decoded.errors.get(decode_key(row))
 
     def error_row(self, row: Row, reason: str) -> dict[str, Any]:
-        if self.task == "reason":
-            return {
-                "id": row.id,
-                "image_a": row.source,
-                "image_b": row.source_b,
-                "statement": row.text,
-                "error": reason,
-            }
         out: dict[str, Any] = {"image": row.id}
         if self.task == "vqa":
             out["question"] = row.question
@@ -198,23 +182,6 @@ class RowRunner:
         """Outputs for rows whose images decoded: an output row (or an embedding) per row, in order. Rows with the
         same image share its encoding (`blip.tasks.batch.dispatch`)."""
         items = [ImageItem(decode_key(row), decoded.images[decode_key(row)]) for row in rows]
-        if self.task == "reason":
-            works = []
-            for row, item in zip(rows, items):
-                key_b = decode_key(second_image(row))
-                works.append(ReasonWork([item, ImageItem(key_b, decoded.images[key_b])], [row.text or ""], [0], [1]))
-            verdicts = dispatch(self.blip, "reason", None, works)
-            return [
-                {
-                    "id": row.id,
-                    "image_a": row.source,
-                    "image_b": row.source_b,
-                    "statement": row.text,
-                    "label": v[0].label,
-                    "score": v[0].score,
-                }
-                for row, v in zip(rows, verdicts)
-            ]
         if self.task == "caption":
             works = [
                 CaptionWork([item], None if self.seed is None else [row_seed(self.seed, row.id)])
@@ -246,6 +213,49 @@ class RowRunner:
         if row.text is not None:
             out["text"] = row.text
         return out
+
+
+class ReasonRowRunner(RowRunner):
+    """`blip batch reason`: each row is a pair of images and a statement; both images are decoded (and fail) like
+    any image, and an error names the one that failed."""
+
+    def __init__(self, blip: Blip, options: Any):
+        super().__init__(blip, "reason", options)
+
+    def image_rows(self, row: Row) -> list[Row]:
+        """The row itself and its second image as a row of its own."""
+        if row.problem or not row.source_b:
+            return [row]
+        return [row, second_image(row)]
+
+    def decode_error(self, row: Row, decoded: Decoded) -> str | None:
+        """Why one image of `row`'s pair could not be read (prefixed with which), or None."""
+        for image_row in self.image_rows(row):
+            reason = decoded.errors.get(decode_key(image_row))
+            if reason is not None:
+                which = "" if row.problem else "image_b: " if image_row is not row else "image_a: "
+                return which + reason
+        return None
+
+    def _pair_row(self, row: Row) -> dict[str, Any]:
+        return {"id": row.id, "image_a": row.source, "image_b": row.source_b, "statement": row.text}
+
+    def error_row(self, row: Row, reason: str) -> dict[str, Any]:
+        return {**self._pair_row(row), "error": reason}
+
+    def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
+        works = []
+        for row in rows:
+            key_a, key_b = decode_key(row), decode_key(second_image(row))
+            images = [ImageItem(key_a, decoded.images[key_a]), ImageItem(key_b, decoded.images[key_b])]
+            works.append(ReasonWork(images, [row.text or ""], [0], [1]))
+        verdicts = dispatch(self.blip, "reason", None, works)
+        return [{**self._pair_row(row), "label": v[0].label, "score": v[0].score} for row, v in zip(rows, verdicts)]
+
+
+def make_row_runner(blip: Blip, task: str, options: Any) -> RowRunner:
+    """The runner of an image job's task (`reason` has its own: pairs of images)."""
+    return ReasonRowRunner(blip, options) if task == "reason" else RowRunner(blip, task, options)
 
 
 def second_image(row: Row) -> Row:

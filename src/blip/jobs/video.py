@@ -88,8 +88,10 @@ def check_video_job(num_frames: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class VideoFrames(BatchDecoder):
-    """Decodes a row's video into its sampled frames (`read_video`); a batch's videos stay lists of PIL frames."""
+    """Decodes a row's video into its sampled frames (`read_video`, resized to `image_size`); a batch's videos stay
+    lists of PIL frames (`size` is None: nothing is stacked into one pixel tensor)."""
 
+    size: int | None = dataclasses.field(default=None, init=False)
     image_size: int | None = None
     num_frames: int = 8
 
@@ -110,7 +112,7 @@ class VideoRowRunner(RowRunner):
         self.num_frames = num_frames
 
     def batch_decoder(self) -> VideoFrames:
-        return VideoFrames(None, self.image_size, self.num_frames)
+        return VideoFrames(self.image_size, self.num_frames)
 
     def _infer(self, rows: list[Row], decoded: Decoded) -> list[Any]:
         from blip.tasks.video import video_embeddings

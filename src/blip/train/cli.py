@@ -93,7 +93,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "Prints the metrics as JSON and writes them, the predictions and PNG plots to --out.",
     )
     parser.add_argument("--model", "-m", required=True, help="training checkpoint (.pt), HF folder, .pth or hub id")
-    parser.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "video_retrieval", "nlvr"])
+    parser.add_argument("--task", required=True, choices=list(EVAL_HEADS))
     parser.add_argument("--data", required=True, help="dataset folder (test.jsonl, vqa_test.jsonl, ...) or test file")
     parser.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
     parser.add_argument("--out", help="folder for metrics, predictions and plots (default: next to the model)")
@@ -131,8 +131,11 @@ def _default_prompt(model: str) -> str:
     return ""
 
 
+EVAL_HEADS = {"caption": "caption", "vqa": "vqa", "retrieval": "itm", "video_retrieval": "itm", "nlvr": "reason"}
+
+
 def eval_main(argv: list[str] | None = None) -> int:
-    """`blip eval --model M --task caption|vqa|retrieval|nlvr --data DIR`."""
+    """`blip eval --model M --task caption|vqa|retrieval|video_retrieval|nlvr --data DIR`."""
     args = eval_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from blip.api import load
@@ -145,7 +148,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from blip.evaluation.run import evaluate, write_result
     from blip.weights.load import CheckpointError
 
-    kind = {"caption": None, "vqa": "vqa", "retrieval": None, "video_retrieval": None, "nlvr": None}[args.task]
+    kind = "vqa" if args.task == "vqa" else None  # only a VQA checkpoint needs its kind named
     try:
         blip_model = load(
             args.model, device=str(device), tokenizer=args.tokenizer or None, batch_size=args.batch_size, kind=kind
@@ -153,8 +156,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blip eval: error: cannot load {args.model}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    needs = {"caption": "caption", "vqa": "vqa", "retrieval": "itm", "video_retrieval": "itm", "nlvr": "reason"}
-    needs = needs[args.task]
+    needs = EVAL_HEADS[args.task]
     if needs not in blip_model.tasks:
         print(
             f"blip eval: error: a {blip_model.config.kind!r} model cannot be evaluated on {args.task}", file=sys.stderr

@@ -42,12 +42,15 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class _ImageRows(Dataset):
-    """Shared by the map-style datasets: keys are `(epoch, index)`; an image that fails to decode is replaced by the
-    next row (and counted)."""
+    """Shared by the map-style datasets: keys are `(epoch, index)`; a row whose image(s) fail to decode is replaced
+    by the next row (and counted). `_decode` says what a row's images are (one image here; a pair for NLVR)."""
+
+    empty_error = "no usable rows"
+    exhausted_error = "no row of this dataset has a decodable image"
 
     def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0):
         if not rows:
-            raise DataError("no usable rows")
+            raise DataError(self.empty_error)
         self.rows, self.image_fn, self.seed = rows, image_fn, seed
         self.skips = SkipLog()
         self._bad: set[int] = set()
@@ -55,7 +58,11 @@ class _ImageRows(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _load(self, key: tuple[int, int] | int) -> tuple[Any, torch.Tensor]:
+    def _decode(self, row: Any) -> Any:
+        return load_image(row.image)
+
+    def _decoded(self, key: tuple[int, int] | int) -> tuple[Any, Any, random.Random]:
+        """(row, its decoded image(s), the sample's RNG) for `key`, skipping rows that fail to decode."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         for attempt in range(len(self.rows)):
             i = (index + attempt) % len(self.rows)
@@ -63,14 +70,18 @@ class _ImageRows(Dataset):
                 continue
             row = self.rows[i]
             try:
-                image = load_image(row.image)
+                images = self._decode(row)
             except ImageDecodeError as e:
                 self._bad.add(i)
                 self.skips.skip("undecodable image", str(e))
                 _logger.warning("skipping row %d: %s", i, e)
                 continue
-            return row, self.image_fn(image, sample_rng(self.seed, epoch, index))
-        raise DataError("no row of this dataset has a decodable image")
+            return row, images, sample_rng(self.seed, epoch, index)
+        raise DataError(self.exhausted_error)
+
+    def _load(self, key: tuple[int, int] | int) -> tuple[Any, torch.Tensor]:
+        row, image, rng = self._decoded(key)
+        return row, self.image_fn(image, rng)
 
 
 class PairDataset(_ImageRows):

@@ -14,16 +14,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from blip.data.manifests import DataError, SkipLog
 from blip.data.nlvr import NlvrPair
 from blip.models.blip import BlipModel
 from blip.tokenizer import BlipTokenizer
 from blip.train.collate import pre_caption
-from blip.train.datasets import ImageFn, sample_rng
+from blip.train.datasets import ImageFn, _ImageRows
 from blip.train.objectives import Batch, TrainTask
-from blip.transforms import ImageDecodeError, load_image
+from blip.transforms import load_image
 
 _SIDE = re.compile(r"\b(left|right)(?=(?:most)?\b)", re.IGNORECASE)  # "left", "leftmost"; not "leftover"
 MAX_WORDS = 40  # the original's pre_caption(sentence, 40)
@@ -49,46 +47,33 @@ def swap_pair(image_a: Any, image_b: Any, statement: str, rng: random.Random, p:
     return image_a, image_b, statement
 
 
-class NlvrDataset(Dataset):
+class NlvrDataset(_ImageRows):
     """Pairs -> `{"pixels_a", "pixels_b": [3, S, S], "statement": str, "label": int}`; keys `(epoch, index)`.
 
     With `swap`, the pair augmentation above (its draw is part of the sample's RNG: any worker count and any resume
     point see the same). An image that fails to decode replaces the pair by the next one (counted)."""
 
-    def __init__(self, rows: list[NlvrPair], image_fn: ImageFn, seed: int = 0, swap: bool = True):
-        if not rows:
-            raise DataError("no usable NLVR pairs")
-        self.rows, self.image_fn, self.seed, self.swap = rows, image_fn, seed, swap
-        self.skips = SkipLog()
-        self._bad: set[int] = set()
+    empty_error = "no usable NLVR pairs"
+    exhausted_error = "no pair of this dataset has decodable images"
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __init__(self, rows: list[NlvrPair], image_fn: ImageFn, seed: int = 0, swap: bool = True):
+        super().__init__(rows, image_fn, seed)
+        self.swap = swap
+
+    def _decode(self, row: NlvrPair) -> tuple[Any, Any]:
+        return load_image(row.image_a), load_image(row.image_b)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        for attempt in range(len(self.rows)):
-            i = (index + attempt) % len(self.rows)
-            if i in self._bad:
-                continue
-            row = self.rows[i]
-            try:
-                a, b = load_image(row.image_a), load_image(row.image_b)
-            except ImageDecodeError as e:
-                self._bad.add(i)
-                self.skips.skip("undecodable image", str(e))
-                continue
-            rng = sample_rng(self.seed, epoch, index)
-            statement = row.statement
-            if self.swap:
-                a, b, statement = swap_pair(a, b, statement, rng)
-            return {
-                "pixels_a": self.image_fn(a, rng),
-                "pixels_b": self.image_fn(b, rng),
-                "statement": statement,
-                "label": int(row.label),
-            }
-        raise DataError("no pair of this dataset has decodable images")
+        row, (a, b), rng = self._decoded(key)
+        statement = row.statement
+        if self.swap:
+            a, b, statement = swap_pair(a, b, statement, rng)
+        return {
+            "pixels_a": self.image_fn(a, rng),
+            "pixels_b": self.image_fn(b, rng),
+            "statement": statement,
+            "label": int(row.label),
+        }
 
 
 class NlvrCollator:

@@ -190,7 +190,7 @@ def generate_nlvr(
     except (OSError, ValueError):
         keep = False
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(meta_path, json.dumps({"drawn_with": drawn_with, "complete": False}).encode() + b"\n")
+    atomic_write_bytes(meta_path, json_bytes({"drawn_with": drawn_with, "complete": False}, indent=None))
     counts: dict[str, Any] = {}
     for split, n in (("train", n_train), ("test", n_test)):
         examples = [make_nlvr_example(split, i, seed=seed, cfg=cfg) for i in range(n)]
@@ -222,5 +222,5 @@ def generate_nlvr(
         "drawn_with": drawn_with,
         "complete": True,
     }
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode() + b"\n")
+    atomic_write_bytes(meta_path, json_bytes(meta))
     return meta

@@ -33,6 +33,7 @@ from PIL import Image
 from blip.data.shapes.drawing import render
 from blip.data.shapes.scene import BACKGROUNDS, KINDS, POSITIONS, SHAPE_COLORS, SIZES, Scene, Shape, ShapesConfig
 from blip.data.shapes.words import POSITION_PHRASES, article
+from blip.io import atomic_write_bytes, jsonl_bytes
 
 EVENTS: tuple[str, ...] = ("move", "recolor", "appear")
 MOVES: dict[str, str] = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # start -> end
@@ -207,7 +208,7 @@ def generate_videos(
                 "questions": questions(clip),
             }
         )
-    (out / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    atomic_write_bytes(out / MANIFEST, jsonl_bytes(rows))  # the manifest last: only whole clips are listed
     return rows
 
 
