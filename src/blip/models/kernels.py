@@ -140,13 +140,18 @@ def cpu_matmul() -> MatmulChoice:
     """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
     set, else on x86 the faster library by a short probe; oneDNN when the probe fails (the default before probing
     existed), MKL where the oneDNN op is missing or disagrees with `F.linear`, and on non-x86 CPUs."""
-    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
+    setting = _setting()
     if setting not in ("auto", "onednn", "mkl", "aten"):
         raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
     with _choosing:  # the probe sets the process's thread count: two at once would leave it at 1
         choice = _choose(setting)
     _logger.debug("CPU linears: %s", choice.describe())
     return choice
+
+
+def _setting() -> str:
+    """`BLIP_CPU_MATMUL`, lower case ("auto" when unset or empty); `cpu_matmul` checks it."""
+    return os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
 
 
 def _choose(setting: str) -> MatmulChoice:
@@ -405,8 +410,7 @@ def pack_linears(model: nn.Module) -> int:
     compute from packed weights. float32 weights are packed only where oneDNN is this process's library (`cpu_matmul`);
     bfloat16 ones wherever oneDNN works (`F.linear` sends bfloat16 to oneDNN too, unpacked) unless
     BLIP_CPU_MATMUL=mkl/aten asks for `F.linear` everywhere."""
-    forced_aten = os.environ.get("BLIP_CPU_MATMUL", "").strip().lower() in ("mkl", "aten")
-    if forced_aten or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not _onednn_works():
+    if _setting() in ("mkl", "aten") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not _onednn_works():
         return 0
     dtypes = _DTYPES if cpu_matmul().library == "onednn" else (torch.bfloat16,)
     uses: dict[int, int] = {}
