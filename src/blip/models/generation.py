@@ -245,6 +245,7 @@ class CausalLmStepper:
         segment = torch.full((len(order), packed_len), -2, dtype=torch.long)  # -2 padding, -1 shared, s: s's suffix
         layout = torch.zeros(num_sources, head_len + tail_len, dtype=torch.long)  # packed position of each slot
         row_of = torch.zeros(num_sources, dtype=torch.long)
+        cache_mask = torch.zeros(num_sources, head_len + tail_len, dtype=self.mask.dtype)  # 1 = a real slot
         for r, group in enumerate(order):
             n, first = shared[group], members[group][0]
             at = packed_len - n - sum(len(tails[s]) for s in members[group])  # left padding
@@ -260,6 +261,8 @@ class CausalLmStepper:
                 segment[r, at : at + length] = source
                 layout[source, head_len - n : head_len] = head
                 layout[source, head_len + tail_len - length :] = torch.arange(at, at + length)
+                cache_mask[source, head_len - n : head_len] = 1
+                cache_mask[source, head_len + tail_len - length :] = 1
                 row_of[source] = r
                 at += length
         query, key = segment[:, :, None], segment[:, None, :]
@@ -280,15 +283,7 @@ class CausalLmStepper:
             if k is not None:
                 self.cache.append(i, per_source(k), per_source(v))
         self.cache.advance(head_len + tail_len)
-        lengths = torch.tensor([shared[self.groups[s]] for s in range(num_sources)])
-        own = torch.tensor([len(t) for t in tails])
-        slots = torch.arange(head_len + tail_len)
-        head_real = (slots[None, :] >= head_len - lengths[:, None]) & (slots[None, :] < head_len)
-        tail_real = slots[None, :] >= head_len + tail_len - own[:, None]
-        self.mask = torch.cat(
-            [(head_real | tail_real).to(self.mask.dtype).to(device), self.mask.new_ones(num_sources, max_new_tokens)],
-            dim=1,
-        )
+        self.mask = torch.cat([cache_mask.to(device), self.mask.new_ones(num_sources, max_new_tokens)], dim=1)
         self.length = head_len + tail_len
         return logits
 

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip.weights.fingerprint import cache_dir
+
 _logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -140,13 +142,18 @@ def cpu_matmul() -> MatmulChoice:
     """This process's choice (made once, at the first CPU linear): `BLIP_CPU_MATMUL` (onednn, mkl; aten = mkl) when
     set, else on x86 the faster library by a short probe; oneDNN when the probe fails (the default before probing
     existed), MKL where the oneDNN op is missing or disagrees with `F.linear`, and on non-x86 CPUs."""
-    setting = os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
+    setting = _setting()
     if setting not in ("auto", "onednn", "mkl", "aten"):
         raise ValueError(f"BLIP_CPU_MATMUL must be auto, onednn or mkl (aten: the same as mkl), got {setting!r}")
     with _choosing:  # the probe sets the process's thread count: two at once would leave it at 1
         choice = _choose(setting)
     _logger.debug("CPU linears: %s", choice.describe())
     return choice
+
+
+def _setting() -> str:
+    """`BLIP_CPU_MATMUL`, lower case ("auto" when unset or empty); `cpu_matmul` checks it."""
+    return os.environ.get("BLIP_CPU_MATMUL", "auto").strip().lower() or "auto"
 
 
 def _choose(setting: str) -> MatmulChoice:
@@ -187,10 +194,8 @@ def machine_key() -> str:
 
 def choice_file() -> Path:
     """Where probed choices are kept, per machine key: `$BLIP_CACHE_DIR`, else `$XDG_CACHE_HOME/blip`, else
-    `~/.cache/blip` (as `blip.weights.fingerprint`), file `cpu_matmul.json`."""
-    if os.environ.get("BLIP_CACHE_DIR"):
-        return Path(os.environ["BLIP_CACHE_DIR"]).expanduser() / CHOICE_FILE
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "blip" / CHOICE_FILE
+    `~/.cache/blip` (`blip.weights.fingerprint.cache_dir`), file `cpu_matmul.json`."""
+    return cache_dir() / CHOICE_FILE
 
 
 def _remembered(key: str) -> MatmulChoice | None:
@@ -405,8 +410,7 @@ def pack_linears(model: nn.Module) -> int:
     compute from packed weights. float32 weights are packed only where oneDNN is this process's library (`cpu_matmul`);
     bfloat16 ones wherever oneDNN works (`F.linear` sends bfloat16 to oneDNN too, unpacked) unless
     BLIP_CPU_MATMUL=mkl/aten asks for `F.linear` everywhere."""
-    forced_aten = os.environ.get("BLIP_CPU_MATMUL", "").strip().lower() in ("mkl", "aten")
-    if forced_aten or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not _onednn_works():
+    if _setting() in ("mkl", "aten") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not _onednn_works():
         return 0
     dtypes = _DTYPES if cpu_matmul().library == "onednn" else (torch.bfloat16,)
     uses: dict[int, int] = {}

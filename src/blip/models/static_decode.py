@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from blip.models.bert import CrossKV, KVCache, TextDecoder
-from blip.models.blip2.opt import POSITION_OFFSET, OptForCausalLM
+from blip.models.blip2.opt import OptForCausalLM
 from blip.models.generation import DECODE_MODES, PAD_ID, CausalLmStepper, TextDecoderStepper
 
 SOURCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -169,6 +169,9 @@ class StaticKV:
         values.index_copy_(2, self.position, v)
         return keys, values
 
+    def advance(self, length: int) -> None:
+        """Nothing: the stepper moves `position` itself (`OptDecoder.run` calls this after its layers)."""
+
 
 def decoder_step(decoder: TextDecoder, buf: StepBuffers) -> torch.Tensor:
     """One token for every row slot of BLIP's text decoder: reads `buf.tokens` at `buf.position`, writes that
@@ -188,21 +191,12 @@ def decoder_step(decoder: TextDecoder, buf: StepBuffers) -> torch.Tensor:
 
 
 def causal_lm_step(lm: OptForCausalLM, buf: StepBuffers) -> torch.Tensor:
-    """One token for every row slot of BLIP-2's OPT (`OptDecoder.forward` for one new position, fixed shapes):
+    """One token for every row slot of BLIP-2's OPT (`OptDecoder.run` for one new position, fixed shapes):
     position ids and the attention mask come from `buf.real` / `buf.row_offset` instead of a mask's cumulative sum."""
     decoder = lm.model.decoder
-    x = decoder.embed_tokens(buf.tokens[:, None]).to(decoder.embed_positions.weight.dtype)  # (R, 1, E)
-    if decoder.project_in is not None:
-        x = decoder.project_in(x)
-    x = x + decoder.embed_positions(buf.row_offset + buf.position + POSITION_OFFSET)[:, None]
+    positions = (buf.row_offset + buf.position)[:, None]  # (R, 1)
     visible = (buf.real & (buf.positions <= buf.position))[:, None, None, :]  # (R, 1, 1, L)
-    cache = StaticKV(buf.kv, buf.position)
-    for i, layer in enumerate(decoder.layers):
-        x = layer(x, visible, cache, i)
-    if decoder.final_layer_norm is not None:
-        x = decoder.final_layer_norm(x)
-    if decoder.project_out is not None:
-        x = decoder.project_out(x)
+    x = decoder.run(decoder.embed_tokens(buf.tokens[:, None]), positions, visible, StaticKV(buf.kv, buf.position))
     return lm.lm_head(x[:, -1])
 
 
