@@ -42,8 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip.weights.fingerprint import cache_dir
-
 _logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -194,8 +192,10 @@ def machine_key() -> str:
 
 def choice_file() -> Path:
     """Where probed choices are kept, per machine key: `$BLIP_CACHE_DIR`, else `$XDG_CACHE_HOME/blip`, else
-    `~/.cache/blip` (`blip.weights.fingerprint.cache_dir`), file `cpu_matmul.json`."""
-    return cache_dir() / CHOICE_FILE
+    `~/.cache/blip` (as `blip.weights.fingerprint`), file `cpu_matmul.json`."""
+    if os.environ.get("BLIP_CACHE_DIR"):
+        return Path(os.environ["BLIP_CACHE_DIR"]).expanduser() / CHOICE_FILE
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "blip" / CHOICE_FILE
 
 
 def _remembered(key: str) -> MatmulChoice | None:
