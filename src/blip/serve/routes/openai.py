@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -246,15 +246,22 @@ def _renamed(field: str | None, message: str, text_field: str) -> tuple[str, str
     return name, f"{name}: {'as the prompt: ' if field == 'prompt' else ''}{reason}"
 
 
-async def _renaming(work: Any, text_field: str) -> Any:
-    """`await work`, an error of an option (the server's caps, the model's limits) named as the request names it."""
+@contextlib.contextmanager
+def _renamed_errors(text_field: str) -> Iterator[None]:
+    """An error of an option (the server's caps, the model's limits) raised inside, named as the request names it."""
     try:
-        return await work
+        yield
     except ApiError as e:
         if e.field not in (*OPTION_NAMES, "prompt"):
             raise
         field, message = _renamed(e.field, e.message, text_field)
         raise ApiError(e.status, e.code, message, field=field, headers=e.headers) from e
+
+
+async def _renaming(work: Any, text_field: str) -> Any:
+    """`await work`, an error of an option named as the request names it."""
+    with _renamed_errors(text_field):
+        return await work
 
 
 def _options(make: Any, text_field: str) -> Any:
@@ -288,13 +295,8 @@ def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: in
     if body.n > 1:
         values["num_beams"] = body.n  # the n best beams
     options = _options(lambda: VqaOptions(**values), "")
-    try:
+    with _renamed_errors(""):  # the server's caps and the model's limits never name a prompt here
         return svc.vqa_options(options, blip)
-    except ApiError as e:
-        if e.field not in OPTION_NAMES:
-            raise
-        field, message = _renamed(e.field, e.message, "")
-        raise ApiError(e.status, e.code, message, field=field) from e
 
 
 # --- usage ------------------------------------------------------------------------------------------------------------
