@@ -240,7 +240,7 @@ OPTION_NAMES = {"max_new_tokens": "max_tokens", "num_captions": "n", "num_beams"
 def _renamed(field: str | None, message: str, text_field: str) -> tuple[str, str]:
     """An option's error as the request names it: (field, message)."""
     if field is None:
-        return field or "", message
+        return "", message
     name = text_field if field == "prompt" else OPTION_NAMES.get(field, field)
     reason = message.removeprefix(f"{field}: ")
     return name, f"{name}: {'as the prompt: ' if field == 'prompt' else ''}{reason}"
