@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import StreamingResponse
 
 from blip.models.generation import TokenListener
-from blip.serve.errors import ApiError
+from blip.serve.errors import ApiError, error_responses
 from blip.serve.inputs import ImageSource, from_string_or_data_url
 from blip.serve.routes.shared import AUTH, ServiceDep, shaped_router
 from blip.serve.schemas import (
@@ -82,24 +82,22 @@ def error_shape(status: int, code: str, message: str, field: str | None) -> tupl
     return status, {"error": {"message": message, "type": kind, "param": field, "code": code}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": OpenAiErrorResponse, "description": description}
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the completion; with stream: true, server-sent chat.completion.chunk events",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    400: _error("invalid request, image, URL or option; the error names the field (param)"),
-    401: _error("missing or wrong token (when the server has one): the openai client's api_key"),
-    404: _error("no loaded model of that name"),
-    408: _error("the request body did not arrive in time"),
-    413: _error("body or image too large"),
-    503: {
-        **_error("overloaded, timed out, or not ready; retry later"),
-        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
-    },
+    **error_responses(
+        OpenAiErrorResponse,
+        {
+            400: "invalid request, image, URL or option; the error names the field (param)",
+            401: "missing or wrong token (when the server has one): the openai client's api_key",
+            404: "no loaded model of that name",
+            408: "the request body did not arrive in time",
+            413: "body or image too large",
+            503: "overloaded, timed out, or not ready; retry later",
+        },
+    ),
 }
 
 router = shaped_router("OpenAI", error_shape, dependencies=AUTH)
