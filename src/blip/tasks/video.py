@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.generation import GenerationConfig
-from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, model_input
+from blip.tasks.common import MAX_TEXT_TOKENS, Answer, check_texts, chunks, model_input
 from blip.tasks.vqa import answers_from_states
 
 if TYPE_CHECKING:
@@ -53,11 +53,7 @@ def text_list(texts: object, what: str) -> list[str]:
     items = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list | tuple) else None
     if not items:
         raise ValueError(f"{what}s must be a string or a non-empty list of strings")
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")
-        if not text.strip():
-            raise ValueError(f"{what} {i} is empty")
+    check_texts(items, what)
     return items
 
 
