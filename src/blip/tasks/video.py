@@ -21,7 +21,7 @@ from PIL import Image
 
 from blip.models.generation import GenerationConfig
 from blip.tasks.common import MAX_TEXT_TOKENS, Answer, check_texts, chunks, model_input
-from blip.tasks.vqa import answers_from_states
+from blip.tasks.vqa import answer_ids, answers_from_states
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -122,9 +122,10 @@ def answer_video_questions(
     device = next(model.parameters()).device
     cross = model.image_cross_kv(concatenated_tokens(blip, frames))
     results: list[Answer] = []
+    ranked = None if answers is None else answer_ids(blip, answers)  # tokenized once, not per chunk
     for chunk in chunks(len(questions), blip.batch_size):
         ids, mask = blip.tokenizer([questions[i] for i in chunk], max_length=MAX_TEXT_TOKENS)
         ids, mask = ids.to(device), mask.to(device)
         states = model.encode_multimodal(ids, mask, cross=cross)
-        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers))
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
     return results

@@ -69,7 +69,7 @@ def answer_questions(
 ) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
     results: list[Answer] = []
-    ranked = None if answers is None else _answer_ids(blip, answers)  # tokenized once, not per chunk
+    ranked = None if answers is None else answer_ids(blip, answers)  # tokenized once, not per chunk
     for states, mask in _chunk_states(blip, images, questions, image_index):
         results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
     return results
@@ -112,11 +112,11 @@ def answers_from_states(
     ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Answer]:
     """An answer per row of the grounded question states `[Q, L, D]` (mask `[Q, L]`): generated, or the best of
-    `answers` (`ranked`: those answers from `_answer_ids`, when the caller tokenized them once already)."""
+    `answers` (`ranked`: those answers from `answer_ids`, when the caller tokenized them once already)."""
     if answers is None:
         return [answer for (answer,) in _generated(blip, states, mask, generation)]
     cross = _answer_cross(blip, states, mask)
-    return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
+    return _rank(blip, cross, answers, *(ranked if ranked is not None else answer_ids(blip, answers)))
 
 
 @torch.inference_mode()
@@ -136,7 +136,7 @@ def answer_candidates(
     return results
 
 
-def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The answers as decoder inputs: `[BOS] ... [SEP]` ids and mask, on the model's device."""
     ids, mask = blip.tokenizer(answers)
     ids[:, 0] = blip.config.text.bos_token_id
@@ -146,7 +146,7 @@ def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch
 def _rank(blip: Blip, cross: CrossKV, answers: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Answer]:
     """Original rank mode: keep the top-k answers by first-token probability, then re-score those k by teacher
     forcing; score = -(sum of label-smoothed token cross-entropies), as the official VQA numbers were made.
-    `ids`, `mask`: the answers from `_answer_ids`."""
+    `ids`, `mask`: the answers from `answer_ids`."""
     decoder = blip.model.text_decoder
     device = cross.keys[0].device
     num_questions = cross.keys[0].shape[0]
