@@ -22,7 +22,7 @@ from blip.tasks import explain as explain_task
 from blip.tasks import itm as itm_task
 from blip.tasks import reason as reason_task
 from blip.tasks import vqa as vqa_task
-from blip.tasks.common import Answer, ImageInput, Verdict, as_list, pair_up, unique_images
+from blip.tasks.common import Answer, ImageInput, Verdict, as_list, check_texts, pair_up, unique_images
 from blip.tasks.explain import Explanation
 from blip.tasks.options import CaptionOptions, VqaOptions, takes_options
 from blip.tokenizer import BlipTokenizer, LmTokenizer, load_text_tokenizer
@@ -265,11 +265,7 @@ def reason_rows(image_a: Any, image_b: Any, statements: Any) -> tuple[list[Any],
         raise ValueError(f"{given}: lists pair up, so they must have the same length (or give a single item)")
     n = next(iter(lengths.values()), 1)
     firsts, seconds, texts = (items * n if single else items for items, single in columns.values())
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"statement {i} is {type(text).__name__}, expected a string")
-        if not text.strip():
-            raise ValueError(f"statement {i} is empty")
+    check_texts(texts, "statement")
     return firsts, seconds, texts
 
 

@@ -71,18 +71,25 @@ def load_image(
     elif isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         name = name or str(source)
-        try:
-            file_size = path.stat().st_size
-        except OSError as e:
-            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
-        if path.is_dir():
-            raise ImageDecodeError(f"{name}: is a directory, not an image file")
-        if file_size == 0:
-            raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        file_size(path, name, "an image file", ImageDecodeError)
         fp = path
     else:
         raise TypeError(f"{name or 'image'}: expected a PIL image, a path or bytes, got {type(source).__name__}")
     return _decode(fp, name, max_pixels, size)
+
+
+def file_size(path: Path, name: str, what: str, error: type[ImageDecodeError]) -> int:
+    """The size in bytes of the file at `path`; `error` naming `name` when it cannot be read, is a directory (not
+    `what`) or is empty."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise error(f"{name}: cannot read file ({e.strerror or e})") from e
+    if path.is_dir():
+        raise error(f"{name}: is a directory, not {what}")
+    if size == 0:
+        raise error(f"{name}: empty file (0 bytes)")
+    return size
 
 
 def image_dimensions(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "bytes") -> tuple[int, int]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from blip.transforms import ImageDecodeError, to_rgb
+from blip.transforms import ImageDecodeError, file_size, to_rgb
 
 # File extensions taken as videos (folder inputs of `blip batch embed`, and telling videos from images in manifests).
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "m4v", "mov", "webm", "mkv", "avi", "mpg", "mpeg", "ogv", "wmv", "flv")
@@ -151,16 +151,9 @@ class _Source:
             self.path: str | None = None
         elif isinstance(source, str | os.PathLike):
             path = Path(source).expanduser()
-            try:
-                file_size = path.stat().st_size
-            except OSError as e:
-                raise VideoDecodeError(f"{name}: cannot read file ({e.strerror or e})") from e
-            if path.is_dir():
-                raise VideoDecodeError(f"{name}: is a directory, not a video file")
-            if file_size == 0:
-                raise VideoDecodeError(f"{name}: empty file (0 bytes)")
-            if file_size > limits.max_bytes:
-                raise VideoDecodeError(f"{name}: {file_size} bytes, over the limit of {limits.max_bytes} bytes")
+            size = file_size(path, name, "a video file", VideoDecodeError)
+            if size > limits.max_bytes:
+                raise VideoDecodeError(f"{name}: {size} bytes, over the limit of {limits.max_bytes} bytes")
             self.data, self.path = None, str(path)
         else:
             raise TypeError(

@@ -15,18 +15,31 @@ from starlette.exceptions import HTTPException
 
 from blip.serve.schemas import ErrorResponse
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "malformed request (e.g. body is not JSON)"},
-    401: {"model": ErrorResponse, "description": "missing or wrong token (when the server has one)"},
-    408: {"model": ErrorResponse, "description": "the request body did not arrive in time"},
-    413: {"model": ErrorResponse, "description": "body or image too large"},
-    422: {"model": ErrorResponse, "description": "invalid field, image or URL; the error names the field"},
-    503: {
-        "model": ErrorResponse,
-        "description": "overloaded, timed out, or not ready; retry later",
-        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+
+def error_responses(model: type, descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's error responses for the OpenAPI document: each status with `model` as its body and its description;
+    a 503 also lists its Retry-After header."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, description in descriptions.items():
+        responses[status] = {"model": model, "description": description}
+        if status == 503:
+            responses[status]["headers"] = {
+                "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+            }
+    return responses
+
+
+ERRORS = error_responses(
+    ErrorResponse,
+    {
+        400: "malformed request (e.g. body is not JSON)",
+        401: "missing or wrong token (when the server has one)",
+        408: "the request body did not arrive in time",
+        413: "body or image too large",
+        422: "invalid field, image or URL; the error names the field",
+        503: "overloaded, timed out, or not ready; retry later",
     },
-}
+)
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 STATUS_CODES.update({408: "body_timeout", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request"})
 

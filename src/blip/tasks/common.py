@@ -102,12 +102,17 @@ def pair_up(images: Any, texts: Any, what: str) -> tuple[list[ImageInput], list[
             f"{len(image_list)} images but {len(text_list)} {what}s: give one image, one {what}, "
             f"or lists of the same length"
         )
-    for i, text in enumerate(text_list):
+    check_texts(text_list, what)
+    return image_list, text_list
+
+
+def check_texts(texts: list[Any], what: str) -> None:
+    """TypeError/ValueError naming `what` and the position of the first item that is not a non-empty string."""
+    for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")
         if not text.strip():
             raise ValueError(f"{what} {i} is empty")
-    return image_list, text_list
 
 
 def chunks(n: int, size: int) -> list[range]:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.generation import GenerationConfig
-from blip.tasks.common import MAX_TEXT_TOKENS, Answer, chunks, model_input
-from blip.tasks.vqa import answers_from_states
+from blip.tasks.common import MAX_TEXT_TOKENS, Answer, check_texts, chunks, model_input
+from blip.tasks.vqa import answer_ids, answers_from_states
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -53,11 +53,7 @@ def text_list(texts: object, what: str) -> list[str]:
     items = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, list | tuple) else None
     if not items:
         raise ValueError(f"{what}s must be a string or a non-empty list of strings")
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise TypeError(f"{what} {i} is {type(text).__name__}, expected a string")
-        if not text.strip():
-            raise ValueError(f"{what} {i} is empty")
+    check_texts(items, what)
     return items
 
 
@@ -126,9 +122,10 @@ def answer_video_questions(
     device = next(model.parameters()).device
     cross = model.image_cross_kv(concatenated_tokens(blip, frames))
     results: list[Answer] = []
+    ranked = None if answers is None else answer_ids(blip, answers)  # tokenized once, not per chunk
     for chunk in chunks(len(questions), blip.batch_size):
         ids, mask = blip.tokenizer([questions[i] for i in chunk], max_length=MAX_TEXT_TOKENS)
         ids, mask = ids.to(device), mask.to(device)
         states = model.encode_multimodal(ids, mask, cross=cross)
-        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers))
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
     return results

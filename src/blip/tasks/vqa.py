@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,16 +69,36 @@ def answer_questions(
 ) -> list[Answer]:
     """One answer per question; `image_index[q]` says which of `images` question q is about."""
     results: list[Answer] = []
-    ranked = None if answers is None else _answer_ids(blip, answers)  # tokenized once, not per chunk
+    ranked = None if answers is None else answer_ids(blip, answers)  # tokenized once, not per chunk
+    for states, mask in _chunk_states(blip, images, questions, image_index):
+        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
+    return results
+
+
+def _chunk_states(
+    blip: Blip, images: list[Image.Image], questions: list[str], image_index: list[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`encode_questions` per chunk of `blip.batch_size` questions; a chunk encodes only the images it asks about."""
     for chunk in chunks(len(questions), blip.batch_size):
         rows = list(chunk)
         used = sorted({image_index[r] for r in rows})
         local = {img: i for i, img in enumerate(used)}
-        states, mask = encode_questions(
+        yield encode_questions(
             blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
         )
-        results.extend(answers_from_states(blip, states, mask, generation=generation, answers=answers, ranked=ranked))
-    return results
+
+
+def _generated(
+    blip: Blip, states: torch.Tensor, mask: torch.Tensor, generation: GenerationConfig
+) -> list[list[Answer]]:
+    """`generation.num_return_sequences` generated answers per row of the question states, best first."""
+    bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
+    cross = _answer_cross(blip, states, mask)
+    stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
+    return [
+        [Answer(answer_text(blip, s.token_ids), s.score, s.token_ids) for s in sequences]
+        for sequences in generate(stepper, generation, eos_id=eos)
+    ]
 
 
 @torch.inference_mode()
@@ -92,16 +112,11 @@ def answers_from_states(
     ranked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Answer]:
     """An answer per row of the grounded question states `[Q, L, D]` (mask `[Q, L]`): generated, or the best of
-    `answers` (`ranked`: those answers from `_answer_ids`, when the caller tokenized them once already)."""
-    cross = _answer_cross(blip, states, mask)
+    `answers` (`ranked`: those answers from `answer_ids`, when the caller tokenized them once already)."""
     if answers is None:
-        bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
-        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
-        return [
-            Answer(answer_text(blip, seq.token_ids), seq.score, seq.token_ids)
-            for (seq,) in generate(stepper, generation, eos_id=eos)
-        ]
-    return _rank(blip, cross, answers, *(ranked if ranked is not None else _answer_ids(blip, answers)))
+        return [answer for (answer,) in _generated(blip, states, mask, generation)]
+    cross = _answer_cross(blip, states, mask)
+    return _rank(blip, cross, answers, *(ranked if ranked is not None else answer_ids(blip, answers)))
 
 
 @torch.inference_mode()
@@ -115,23 +130,13 @@ def answer_candidates(
 ) -> list[list[Answer]]:
     """`generation.num_return_sequences` generated answers per question, best first (beam search: the best beams,
     scored as beam search ranks them); the first is `answer_questions`' answer with the same settings."""
-    bos, eos = blip.config.text.bos_token_id, blip.config.text.sep_token_id
     results: list[list[Answer]] = []
-    for chunk in chunks(len(questions), blip.batch_size):
-        rows = list(chunk)
-        used = sorted({image_index[r] for r in rows})
-        local = {img: i for i, img in enumerate(used)}
-        states, mask = encode_questions(
-            blip, [images[i] for i in used], [questions[r] for r in rows], [local[image_index[r]] for r in rows]
-        )
-        cross = _answer_cross(blip, states, mask)
-        stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
-        for sequences in generate(stepper, generation, eos_id=eos):
-            results.append([Answer(answer_text(blip, s.token_ids), s.score, s.token_ids) for s in sequences])
+    for states, mask in _chunk_states(blip, images, questions, image_index):
+        results.extend(_generated(blip, states, mask, generation))
     return results
 
 
-def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The answers as decoder inputs: `[BOS] ... [SEP]` ids and mask, on the model's device."""
     ids, mask = blip.tokenizer(answers)
     ids[:, 0] = blip.config.text.bos_token_id
@@ -141,7 +146,7 @@ def _answer_ids(blip: Blip, answers: Sequence[str]) -> tuple[torch.Tensor, torch
 def _rank(blip: Blip, cross: CrossKV, answers: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Answer]:
     """Original rank mode: keep the top-k answers by first-token probability, then re-score those k by teacher
     forcing; score = -(sum of label-smoothed token cross-entropies), as the official VQA numbers were made.
-    `ids`, `mask`: the answers from `_answer_ids`."""
+    `ids`, `mask`: the answers from `answer_ids`."""
     decoder = blip.model.text_decoder
     device = cross.keys[0].device
     num_questions = cross.keys[0].shape[0]

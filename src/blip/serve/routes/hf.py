@@ -26,7 +26,7 @@ from fastapi import Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from blip.serve.errors import ApiError
+from blip.serve.errors import ApiError, error_responses
 from blip.serve.inputs import ImageSource, from_string_or_data_url
 from blip.serve.middleware import is_json
 from blip.serve.routes.shared import AUTH, ServiceDep, shaped_router
@@ -55,18 +55,17 @@ def error_shape(status: int, code: str, message: str, field: str | None) -> tupl
     return status, {"error": message, "error_type": code}
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": HfErrorResponse, "description": "invalid body, image, URL or parameter; the error names it"},
-    401: {"model": HfErrorResponse, "description": "missing or wrong token (when the server has one)"},
-    404: {"model": HfErrorResponse, "description": "no loaded model of that name"},
-    408: {"model": HfErrorResponse, "description": "the request body did not arrive in time"},
-    413: {"model": HfErrorResponse, "description": "body or image too large"},
-    503: {
-        "model": HfErrorResponse,
-        "description": "overloaded, timed out, or not ready; retry later",
-        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+ERRORS = error_responses(
+    HfErrorResponse,
+    {
+        400: "invalid body, image, URL or parameter; the error names it",
+        401: "missing or wrong token (when the server has one)",
+        404: "no loaded model of that name",
+        408: "the request body did not arrive in time",
+        413: "body or image too large",
+        503: "overloaded, timed out, or not ready; retry later",
     },
-}
+)
 
 router = shaped_router("Hugging Face Inference", error_shape, dependencies=AUTH)
 

@@ -39,14 +39,14 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
 from blip.models.generation import TokenListener
-from blip.serve.errors import ApiError
+from blip.serve.errors import ApiError, error_responses
 from blip.serve.inputs import ImageSource, from_string_or_data_url
 from blip.serve.routes.shared import AUTH, ServiceDep, shaped_router
 from blip.serve.schemas import (
@@ -82,24 +82,22 @@ def error_shape(status: int, code: str, message: str, field: str | None) -> tupl
     return status, {"error": {"message": message, "type": kind, "param": field, "code": code}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": OpenAiErrorResponse, "description": description}
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the completion; with stream: true, server-sent chat.completion.chunk events",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    400: _error("invalid request, image, URL or option; the error names the field (param)"),
-    401: _error("missing or wrong token (when the server has one): the openai client's api_key"),
-    404: _error("no loaded model of that name"),
-    408: _error("the request body did not arrive in time"),
-    413: _error("body or image too large"),
-    503: {
-        **_error("overloaded, timed out, or not ready; retry later"),
-        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
-    },
+    **error_responses(
+        OpenAiErrorResponse,
+        {
+            400: "invalid request, image, URL or option; the error names the field (param)",
+            401: "missing or wrong token (when the server has one): the openai client's api_key",
+            404: "no loaded model of that name",
+            408: "the request body did not arrive in time",
+            413: "body or image too large",
+            503: "overloaded, timed out, or not ready; retry later",
+        },
+    ),
 }
 
 router = shaped_router("OpenAI", error_shape, dependencies=AUTH)
@@ -240,21 +238,28 @@ OPTION_NAMES = {"max_new_tokens": "max_tokens", "num_captions": "n", "num_beams"
 def _renamed(field: str | None, message: str, text_field: str) -> tuple[str, str]:
     """An option's error as the request names it: (field, message)."""
     if field is None:
-        return field or "", message
+        return "", message
     name = text_field if field == "prompt" else OPTION_NAMES.get(field, field)
     reason = message.removeprefix(f"{field}: ")
     return name, f"{name}: {'as the prompt: ' if field == 'prompt' else ''}{reason}"
 
 
-async def _renaming(work: Any, text_field: str) -> Any:
-    """`await work`, an error of an option (the server's caps, the model's limits) named as the request names it."""
+@contextlib.contextmanager
+def _renamed_errors(text_field: str) -> Iterator[None]:
+    """An error of an option (the server's caps, the model's limits) raised inside, named as the request names it."""
     try:
-        return await work
+        yield
     except ApiError as e:
         if e.field not in (*OPTION_NAMES, "prompt"):
             raise
         field, message = _renamed(e.field, e.message, text_field)
         raise ApiError(e.status, e.code, message, field=field, headers=e.headers) from e
+
+
+async def _renaming(work: Any, text_field: str) -> Any:
+    """`await work`, an error of an option named as the request names it."""
+    with _renamed_errors(text_field):
+        return await work
 
 
 def _options(make: Any, text_field: str) -> Any:
@@ -288,13 +293,8 @@ def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: in
     if body.n > 1:
         values["num_beams"] = body.n  # the n best beams
     options = _options(lambda: VqaOptions(**values), "")
-    try:
+    with _renamed_errors(""):  # the server's caps and the model's limits never name a prompt here
         return svc.vqa_options(options, blip)
-    except ApiError as e:
-        if e.field not in OPTION_NAMES:
-            raise
-        field, message = _renamed(e.field, e.message, "")
-        raise ApiError(e.status, e.code, message, field=field) from e
 
 
 # --- usage ------------------------------------------------------------------------------------------------------------
