@@ -2,6 +2,7 @@
 
     python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds
     python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds --summarize-only   # tables of finished runs
+    python benchmarks/demo_seeds.py --seeds 0 1 2 --ablations        # + the paper's ablations (blip demo --ablations)
 
 Each seed is a full demo run in `<out>/seed<N>` (resumable: finished seeds and stages are kept; seed 0 of
 `make demo` can be reused by linking runs/demo there). Writes `<out>/seeds.json` (per seed and mean / std / min /
@@ -20,6 +21,8 @@ from typing import Any
 KEYS = (
     ("filter_precision", "filter precision (%)", 100.0),
     ("filter_recall", "filter recall (%)", 100.0),
+    ("filter.web.kept_correct_rate", "correct web captions kept (%)", 100.0),
+    ("filter.synthetic.true_rate", "synthetic captions fully true (%)", 100.0),
     ("web.cider", "CIDEr, web", 1.0),
     ("capfilt.cider", "CIDEr, CapFilt", 1.0),
     ("web.bleu4", "BLEU-4, web", 1.0),
@@ -78,6 +81,79 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ABLATION_KEYS = (
+    ("cider", "CIDEr"),
+    ("vqa_accuracy", "VQA acc"),
+    ("retrieval_r1", "zs R@1"),
+    ("data.false_rate", "false texts in pretraining (%)"),
+    ("capfilt.synthetic_true_rate", "synthetic true (%)"),
+    ("capfilt.synthetic_distinct_rate", "synthetic distinct (%)"),
+    ("capfilt.false_synthetic_accepted", "false synthetic kept (%)"),
+)
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def summarize_ablations(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean ± std of every arm's numbers over the seeds that ran `--ablations`, and on how many seeds each of the
+    paper's claims held."""
+    runs = {seed: m for seed, m in runs.items() if "ablations" in m}
+    if not runs:
+        return None
+    first = next(iter(runs.values()))["ablations"]
+    arms: dict[str, dict[str, list[float]]] = {}
+    for m in runs.values():
+        for arm, numbers in m["ablations"]["arms"].items():
+            for key, _ in ABLATION_KEYS:
+                try:
+                    value = _get(numbers, key)
+                except KeyError:
+                    continue
+                scale = 100.0 if key.startswith(("data.", "capfilt.")) else 1.0
+                arms.setdefault(arm, {}).setdefault(key, []).append(value * scale)
+    held = {name: sum(m["ablations"]["findings"][name]["holds"] for m in runs.values()) for name in first["findings"]}
+    comparisons = {
+        name: {
+            what: {
+                metric: sum(m["ablations"]["findings"][name]["comparisons"][what][metric] for m in runs.values())
+                for metric in result
+            }
+            for what, result in finding["comparisons"].items()
+        }
+        for name, finding in first["findings"].items()
+    }
+    claims = {name: f["claim"] for name, f in first["findings"].items()}
+    return {
+        "seeds": sorted(runs),
+        "arms": arms,
+        "ablations": first["ablations"],
+        "held": held,
+        "comparisons": comparisons,
+        "claims": claims,
+    }
+
+
+def ablations_markdown(summary: dict[str, Any]) -> str:
+    n = len(summary["seeds"])
+    lines = []
+    for name, arm_names in summary["ablations"].items():
+        lines.append(f"**{name}** — paper: {summary['claims'][name]}; holds on {summary['held'][name]}/{n} seeds")
+        lines.append("")
+        lines.append("| arm | " + " | ".join(label for _, label in ABLATION_KEYS) + " |")
+        lines.append("|---" * (len(ABLATION_KEYS) + 1) + "|")
+        for arm in arm_names:
+            values = summary["arms"][arm]
+            cells = [_mean_std(values[key]) if key in values else "–" for key, _ in ABLATION_KEYS]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        for what, result in summary["comparisons"][name].items():
+            lines.append(f"- {what}: " + ", ".join(f"{metric} {k}/{n}" for metric, k in result.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -85,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default: the config's)")
     parser.add_argument("--summarize-only", action="store_true", help="only tabulate finished seeds")
+    parser.add_argument(
+        "--ablations", action="store_true", help="run the paper's ablations too (blip demo --ablations)"
+    )
     args = parser.parse_args(argv)
     from blip.demo import run_demo
 
@@ -93,16 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         folder = out / f"seed{seed}"
         if not args.summarize_only:
-            run_demo(folder, config=args.config, seed=seed, threads=args.threads)
+            run_demo(folder, config=args.config, seed=seed, threads=args.threads, ablations=args.ablations)
         if (folder / "metrics.json").is_file():
             runs[seed] = json.loads((folder / "metrics.json").read_text())
     if not runs:
         print("no finished seeds", file=sys.stderr)
         return 1
     summary = summarize(runs)
+    ablations = summarize_ablations(runs)
+    if ablations:
+        summary["ablations"] = ablations
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown(summary))
+    if ablations:
+        print()
+        print(ablations_markdown(ablations))
     return 0
 
 

@@ -22,7 +22,7 @@ from blip.train.config import SHAPES_MODEL, TrainConfig
 
 # One architecture for every stage: 64 px images in 16 px patches, ViT 128 x 3, text 128 x 2 (encoder and decoder
 # share all but self-attention while pretraining, as in the paper). 16 px patches halve the cost of a step against 8.
-MODEL = {**SHAPES_MODEL, "patch_size": 16}  # SHAPES_MODEL also turns off flips and colour augmentation
+MODEL = {**SHAPES_MODEL, "image_size": 96, "patch_size": 16}  # SHAPES_MODEL also turns off flips and colour augmentation
 
 
 def get_config(smoke: bool = False) -> DemoConfig:
@@ -33,11 +33,12 @@ def get_config(smoke: bool = False) -> DemoConfig:
         n_test=200,
         noise_rates=(0.4, 0.3, 0.2, 0.1),  # correct, partial, unrelated, junk
         max_shapes=2,
+        world_image_size=96,
         # One torch thread. This model's operations are small: a second thread makes a training step only ~1.2x
         # faster on an idle 2-core machine (9.4 against 7.6 steps/s), and when other processes keep the cores busy
         # two threads must wait for each other at every operation: 0.07-1.4 steps/s against 2.3-5.3 for one thread
         # (2-core AMD EPYC). One thread keeps the demo's time predictable on a shared machine.
-        threads=1,
+        threads=2,
         pretrain=TrainConfig(
             task="pretrain",
             **MODEL,
@@ -73,6 +74,7 @@ def get_config(smoke: bool = False) -> DemoConfig:
             n_clean=16,
             n_vqa=16,
             n_test=8,
+            filter_val_images=4,
             pretrain=cfg.pretrain.replace(**small, queue_size=32, max_steps=3, warmup_steps=1, batch_size=8),
             alpha_ramp_steps=2,
             caption=cfg.caption.replace(**small, batch_size=8, max_steps=2, eval_num_beams=1, eval_max_new_tokens=8),

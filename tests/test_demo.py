@@ -71,6 +71,74 @@ def test_demo_writes_metrics_and_report(demo_run):
     assert any("filter on web captions: precision" in line for line in lines)
 
 
+def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    chosen = metrics["filter"]["validation"]["chosen"]
+    assert metrics["filter"]["threshold"] == chosen["threshold"]
+    train = [json.loads(line) for line in (out / "filter" / "filter_train.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (out / "filter" / "filter_val.jsonl").read_text().splitlines()]
+    assert len(train) == 16 - 4 and len(val) == 4  # smoke: 16 clean images, 4 held out
+    assert not {r["image"] for r in train} & {r["image"] for r in val}
+    assert all(r["negatives"] for r in train) and metrics["filter"]["validation"]["true_texts"] == 4 * 5
+    web = metrics["filter"]["web"]
+    partial = web["by_noise"].get("partial", {"texts": 0, "removed": 0})
+    assert sum(v["texts"] for v in web["partial_by_attribute"].values()) == partial["texts"]
+    assert sum(v["removed"] for v in web["partial_by_attribute"].values()) == partial["removed"]
+
+
+def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
+    from blip.capfilt import read_records
+    from blip.demo.ablations import ARMS, findings
+
+    out = tmp_path_factory.mktemp("ablations")
+    lines: list[str] = []
+    assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), ablations=True, say=lines.append) == 0
+    assert any(line.startswith("[33/33] vqa_round2: done") for line in lines)
+    metrics = json.loads((out / "metrics.json").read_text())
+    ab = metrics["ablations"]
+    assert list(ab["arms"]) == list(ARMS)
+    for arm, numbers in ab["arms"].items():
+        for key in ("cider", "bleu4", "vqa_accuracy", "retrieval_r1"):
+            assert isinstance(numbers[key], float), (arm, key)
+    assert ab["arms"]["web"]["cider"] == metrics["web"]["cider"]  # the demo's arms are reused, not rerun
+    data = {arm: ab["arms"][arm]["data"]["by_origin"] for arm in ("captioner_only", "filter_only", "capfilt")}
+    assert data["captioner_only"]["web"]["texts"] == 48 and data["captioner_only"]["synthetic"]["texts"] == 48
+    assert data["filter_only"]["synthetic"]["texts"] == 0
+    assert data["filter_only"]["web"] == data["capfilt"]["web"]
+    assert all(d["clean"]["texts"] == 16 * 5 for d in data.values())
+    # the beam arm's captions are the captioner's beam search; the shared arm used one model for both roles
+    beam = next(read_records(out / "ablations" / "beam" / "capfilt_data"))
+    import blip
+
+    captioner = blip.load(out / "web" / "caption" / "model")
+    expected = captioner.caption(str(out / "data" / beam["image"]), prompt="a picture of ", num_beams=3)[0].text
+    assert "a picture of " + beam["synthetic"][0]["text"] == expected
+    shared = json.loads((out / "ablations" / "shared" / "capfilt_data" / "summary.json").read_text())["models"]
+    assert shared.count("shared/model/checkpoint.pt") == 2
+    round2 = json.loads((out / "ablations" / "round2" / "captioner" / "config.json").read_text())
+    assert round2["init"].endswith("capfilt/pretrain/checkpoint.pt")
+    assert set(ab["findings"]) == {"effect", "diversity", "sharing", "rounds"}
+    assert ab["findings"] == findings(ab["arms"])
+    assert "Ablations" in (out / "report.html").read_text()
+
+
+def test_findings_follow_the_numbers():
+    from blip.demo.ablations import ARMS, findings
+
+    arms = {arm: {"cider": 1.0, "vqa_accuracy": 1.0, "retrieval_r1": 1.0} for arm in ARMS}
+    arms["capfilt"] = {"cider": 3.0, "vqa_accuracy": 3.0, "retrieval_r1": 3.0}
+    arms["web"] = {"cider": 0.0, "vqa_accuracy": 0.0, "retrieval_r1": 0.0}
+    arms["capfilt"]["capfilt"] = {"synthetic_true_rate": 0.2, "false_synthetic_accepted": 0.1}
+    arms["beam"]["capfilt"] = {"synthetic_true_rate": 0.3}
+    arms["shared"]["capfilt"] = {"false_synthetic_accepted": 0.5}
+    found = findings(arms)
+    assert found["effect"]["holds"] and found["diversity"]["holds"] and found["sharing"]["holds"]
+    assert not found["rounds"]["holds"]  # round 2 (1.0) below round 1 (3.0)
+    arms["beam"]["cider"] = 5.0
+    assert findings(arms)["diversity"]["comparisons"]["capfilt (nucleus) > beam"]["cider"] is False
+
+
 def test_training_stages_label_their_progress_bars(demo_run):
     out, _ = demo_run
     for folder, label in (("web/pretrain", "demo 3/10 pretrain_web"), ("capfilt/vqa", "demo 10/10 vqa_capfilt")):

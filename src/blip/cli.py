@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 1)")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also the paper's ablations (captioner/filter alone, beam search, shared parameters, a second round): "
+        "five more arms, about 3x the demo's time",
+    )
     for name, command in sub.choices.items():  # -v after the command too (`blip caption -v ...`)
         if name not in PASSTHROUGH:
             command.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -542,7 +548,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from blip.demo import DemoConfigError, run_demo
 
     try:
-        return run_demo(Path(args.out), config=args.config, seed=args.seed, threads=args.threads, smoke=args.smoke)
+        return run_demo(
+            Path(args.out),
+            config=args.config,
+            seed=args.seed,
+            threads=args.threads,
+            smoke=args.smoke,
+            ablations=args.ablations,
+        )
     except DemoConfigError as e:
         raise CliError(str(e)) from e
 

@@ -210,6 +210,28 @@ def test_corrupt_api():
         S.swap_attribute(full, "shape", rng)
 
 
+def test_hard_negatives_change_one_phrase_and_are_false():
+    categories = Counter()
+    for index in range(60):
+        example = S.make_example("clean", index)
+        for caption in example.rows["clean"][0]["captions"]:
+            negatives = S.hard_negatives(example.scene, caption, random.Random(index), n=3)
+            assert 1 <= len(negatives) <= 3 and len(set(negatives)) == len(negatives)
+            for text in negatives:
+                assert not S.check_caption(example.scene, text), (caption, text)
+                before, after = caption.split(), text.split()
+                while before and after and before[0] == after[0]:
+                    before, after = before[1:], after[1:]
+                while before and after and before[-1] == after[-1]:
+                    before, after = before[:-1], after[:-1]
+                assert 1 <= max(len(before), len(after)) <= 5, (caption, text)  # one phrase (and its article)
+                for category, phrases in S.NEGATIVE_SWAPS.items():
+                    if any(p in text and p not in caption for p in phrases):
+                        categories[category] += 1
+            assert "an red" not in " ".join(negatives) and "a orange" not in " ".join(negatives)
+    assert set(categories) >= {"color", "shape", "position", "count", "background", "relation", "size"}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Questions
 

@@ -94,6 +94,32 @@ def test_matching_loss_builds_positives_and_two_negatives_per_pair(make_model, t
     )
 
 
+def test_written_negatives_are_more_negative_rows_of_their_owners_images(make_model, text_batch, tokenizer):
+    model = make_model()
+    ids, mask = text_batch
+    image_embeds = model.encode_image(torch.randn(4, 3, 32, 32))
+    itc = _itc_output(4, model.config.embed_dim)
+    w_ids, w_mask = tokenizer(
+        ["a green circle on the left", "three shapes: a blue square and a red star"], max_length=30
+    )
+    owner = torch.tensor([0, 2])
+    loss_fn = MatchingLoss(use_momentum=True, seed=3).train()
+    neg_images, neg_texts = loss_fn.pick_negatives(itc, 4)
+    loss_fn.calls = 0
+    loss = loss_fn(model, image_embeds, ids, mask, itc, 0, (w_ids, w_mask, owner))
+    # By hand: the mined rows as without, then (image of the owner, written text) rows, all texts padded alike.
+    length = max(ids.shape[1], w_ids.shape[1])
+    padded = [pad_to(i, m, length, 0) for i, m in ((ids, mask), (ids[neg_texts], mask[neg_texts]), (w_ids, w_mask))]
+    rows_ids = torch.cat([padded[0][0], padded[0][0], padded[1][0], padded[2][0]])
+    rows_mask = torch.cat([padded[0][1], padded[0][1], padded[1][1], padded[2][1]])
+    rows_images = torch.cat([image_embeds, image_embeds[neg_images], image_embeds, image_embeds[owner]])
+    logits = model.itm_logits(model.encode_multimodal(rows_ids, rows_mask, rows_images))
+    labels = torch.tensor([1] * 4 + [0] * 10)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    loss_fn.calls = 0
+    assert loss.item() != pytest.approx(loss_fn(model, image_embeds, ids, mask, itc).item(), rel=1e-3)
+
+
 def test_draws_are_reproducible_from_the_call_counter():
     itc = _itc_output(6, 8)
     a, b = MatchingLoss(seed=7).train(), MatchingLoss(seed=7).train()

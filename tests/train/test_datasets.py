@@ -165,6 +165,28 @@ def test_tar_shards_stream_skip_bad_samples_and_resume(tmp_path):
     assert not set(texts0) & set(texts1) and len(set(texts0 + texts1)) == 10
 
 
+def test_a_negatives_column_reaches_the_batch_as_written_itm_negatives(mixed):
+    lines = [
+        json.dumps({"image": "a.png", "captions": ["a red square", "red"], "negatives": ["a blue square", " "]}),
+        json.dumps({"image": "b.png", "caption": "a blue square"}),
+    ]
+    (mixed / "m.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = read_pairs([str(mixed / "m.jsonl")])
+    assert [p.negatives for p in pairs] == [("a blue square",), ("a blue square",), ()]
+    dataset = PairDataset(pairs, _image_fn, seed=0)
+    items = [dataset[(0, i)] for i in range(3)]
+    assert [item.get("negative") for item in items] == ["a blue square", "a blue square", None]
+    assert [item["pixel_values"].tolist() for item in items] == [  # drawing a negative leaves augmentation alone
+        _image_fn(Image.new("RGB", (1, 1), c), random.Random(f"blip.train/0/0/{i}")).tolist()
+        for i, c in enumerate([(255, 0, 0), (255, 0, 0), (0, 0, 255)])
+    ]
+    tokenizer = shapes_tokenizer()
+    batch = PairCollator(tokenizer, max_length=30)(items[1:])  # of these two rows only the first has a negative
+    assert batch["negative_owner"].tolist() == [0]
+    assert tokenizer.decode(batch["negative_ids"][0]) == "a blue square"
+    assert "negative_ids" not in PairCollator(tokenizer, max_length=30)(items[2:])
+
+
 def test_collators():
     tokenizer = shapes_tokenizer()
     items = [

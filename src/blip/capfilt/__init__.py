@@ -3,9 +3,11 @@ texts with a fine-tuned ITM filter, and write the bootstrapped dataset a new mod
 
 - `core`: `run_capfilt` (resumable, sharded: a job kind, `CapfiltKind`, on the `blip.jobs` engines), `CapfiltConfig`,
   `CapfiltSummary`
+- `calibrate`: `choose_threshold` (the filter's threshold from validation scores), `score_validation`
 - `cli`: `capfilt_main` (`blip capfilt ...`)
 """
 
+from blip.capfilt.calibrate import choose_threshold, score_validation
 from blip.capfilt.core import (
     DATASET,
     RECORDS_PREFIX,
@@ -23,7 +25,9 @@ __all__ = [
     "SUMMARY",
     "CapfiltConfig",
     "CapfiltSummary",
+    "choose_threshold",
     "read_records",
     "row_seed",
     "run_capfilt",
+    "score_validation",
 ]

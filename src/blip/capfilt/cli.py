@@ -56,6 +56,9 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("captioner and filter")
     g.add_argument("--num-captions", type=int, default=_DEFAULTS.num_captions, help="synthetic captions per image")
+    g.add_argument(
+        "--num-beams", type=int, default=_DEFAULTS.num_beams, help="above 1: beam search instead of nucleus sampling"
+    )
     g.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, help="nucleus sampling mass (default: 0.9)")
     g.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="sample among the top k tokens (default: 50)")
     g.add_argument(
@@ -111,6 +114,7 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
             return fatal(prog, f"--{flag.replace('_', '-')} {value}: no such file or folder")
     cfg = CapfiltConfig(
         num_captions=args.num_captions,
+        num_beams=args.num_beams,
         top_p=args.top_p,
         top_k=args.top_k,
         threshold=args.threshold,

@@ -84,9 +84,11 @@ IMAGES = "images"
 @dataclass(frozen=True)
 class CapfiltConfig:
     """CapFilt options. Defaults are the paper's (docs/training.md): nucleus sampling p=0.9 (top-k 50, repetition
-    penalty 1.1) after the prompt "a picture of ", and keep a text when the filter's P(match) >= 0.5."""
+    penalty 1.1) after the prompt "a picture of ", and keep a text when the filter's P(match) >= 0.5 (a threshold
+    can also be chosen on validation data: `blip.capfilt.choose_threshold`)."""
 
     num_captions: int = 1  # synthetic captions per image
+    num_beams: int = 1  # 1: nucleus sampling (the paper's choice); above 1: beam search of this width instead
     top_p: float = 0.9  # nucleus mass
     top_k: int = 50  # sample among the k most likely tokens (0: no limit)
     threshold: float = 0.5  # keep a text when the filter's ITM P(match) >= threshold
@@ -142,22 +144,26 @@ class CapfiltConfig:
         )
 
     def captioning(self) -> CaptionOptions:
-        """The captioner's options (validated like every caption option): nucleus sampling after the prompt."""
+        """The captioner's options (validated like every caption option): nucleus sampling after the prompt, or beam
+        search (`num_beams` > 1: the `num_captions` best beams; the paper's less diverse alternative)."""
+        if self.num_beams > 1:
+            search: dict[str, Any] = {"num_beams": self.num_beams}
+        else:
+            search = {"do_sample": True, "top_p": self.top_p, "top_k": self.top_k}
         return CaptionOptions(
             prompt=self.prompt,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
-            do_sample=True,
-            top_p=self.top_p,
-            top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             num_captions=self.num_captions,
+            **search,
         )
 
     def describe(self) -> dict[str, Any]:
         """The options that change the records (part of the job's fingerprint)."""
         return {
             "num_captions": self.num_captions,
+            **({"num_beams": self.num_beams} if self.num_beams > 1 else {}),  # fingerprints of sampled runs unchanged
             "top_p": self.top_p,
             "top_k": self.top_k,
             "threshold": self.threshold,

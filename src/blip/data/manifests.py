@@ -80,6 +80,7 @@ class Pair:
     image: str  # path
     text: str
     image_id: int  # index of the distinct image
+    negatives: tuple[str, ...] = ()  # texts known to be false for the image (a manifest's `negatives` column)
 
 
 @dataclass(frozen=True)
@@ -291,14 +292,15 @@ def read_caption_rows(
     split: str = "",
     skips: SkipLog | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows `{"id", "image" (path), "captions": [...]}`, one per image, from a manifest or caption json."""
+    """Rows `{"id", "image" (path), "captions": [...]}`, one per image, from a manifest or caption json; rows of a
+    manifest with a `negatives` column (texts false for the image) add `"negatives": [...]`."""
     skips = skips if skips is not None else SkipLog()
     path = Path(source)
     paths = _ImagePaths(Path(image_root) if image_root else path.parent)
     data = _read_rows(path, skips)
     images: dict[str, dict[str, Any]] = {}
 
-    def add(key: Any, rel: Any, texts: list[str], where: str) -> None:
+    def add(key: Any, rel: Any, texts: list[str], where: str, negatives: Any = None) -> None:
         if not isinstance(rel, str) or not rel:
             skips.skip("no image column", where)
             return
@@ -312,6 +314,9 @@ def read_caption_rows(
             return
         entry = images.setdefault(image, {"id": key if key is not None else rel, "image": image, "captions": []})
         entry["captions"].extend(kept)
+        written = [" ".join(t.split()) for t in texts_of(negatives) if isinstance(t, str) and t.strip()]
+        if written:
+            entry.setdefault("negatives", []).extend(written)
 
     if isinstance(data, dict) and "images" in data and any("sentences" in im for im in data["images"]):
         wanted = {split or "train"} | ({"restval"} if (split or "train") == "train" else set())
@@ -332,7 +337,7 @@ def read_caption_rows(
                 continue
             rel = first_value(row, image_column, IMAGE_COLUMNS)
             texts = texts_of(first_value(row, text_column, CAPTION_COLUMNS))
-            add(row.get("id", row.get("image_id")), rel, texts, f"{path.name}:{number}")
+            add(row.get("id", row.get("image_id")), rel, texts, f"{path.name}:{number}", row.get("negatives"))
     else:
         raise DataError(f"{path}: not a caption manifest (rows, Karpathy or COCO caption json)")
     return list(images.values())
@@ -346,7 +351,8 @@ def read_pairs(sources: list[str], skips: SkipLog | None = None, **kwargs: Any) 
     for source in sources:
         for row in read_caption_rows(source, skips=skips, **kwargs):
             image_id = ids.setdefault(row["image"], len(ids))
-            pairs.extend(Pair(row["image"], text, image_id) for text in row["captions"])
+            negatives = tuple(row.get("negatives", ()))
+            pairs.extend(Pair(row["image"], text, image_id, negatives) for text in row["captions"])
     return pairs
 
 

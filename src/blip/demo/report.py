@@ -276,14 +276,91 @@ def _filter_table(m: dict[str, Any]) -> str:
         f"<td>{_pct(v['removed'] / max(1, v['texts']))}</td></tr>"
         for kind, v in web["by_noise"].items()
     )
+    rows += "".join(
+        f"<tr><td class='small'>&nbsp;&nbsp;partial: {attribute} swapped</td><td>{v['texts']}</td>"
+        f"<td>{v['removed']}</td><td>{_pct(v['removed'] / max(1, v['texts']))}</td></tr>"
+        for attribute, v in web.get("partial_by_attribute", {}).items()
+    )
     syn = m["filter"]["synthetic"]
+    validation = m["filter"].get("validation")
+    chosen = ""
+    if validation:
+        c = validation["chosen"]
+        chosen = (
+            f"<p>Threshold {m['filter']['threshold']:.3g}, chosen on {validation['true_texts']} true captions and "
+            f"{validation['false_texts']} false ones of held-out clean images (written negatives and other images' "
+            f"captions), not on the web labels: there it keeps {_pct(c['kept_true'])} of the true and removes "
+            f"{_pct(c['removed_false'])} of the false texts.</p>"
+        )
     return (
-        "<table><tr><th>web caption</th><th>texts</th><th>removed</th><th>removed %</th></tr>" + rows + "</table>"
+        chosen
+        + "<table><tr><th>web caption</th><th>texts</th><th>removed</th><th>removed %</th></tr>"
+        + rows
+        + "</table>"
         f"<p>Synthetic captions (one per web image, nucleus sampling p={m['config']['capfilt']['top_p']}): "
         f"{_pct(syn['true_rate'])} are true for their image (checked against the scene); the filter kept "
         f"{syn['kept']} of {syn['texts']}, and {_pct(syn['kept_true_rate'])} of the kept ones are true "
         f"(removal precision {_pct(syn['precision'])}, recall {_pct(syn['recall'])} with false = positive).</p>"
     )
+
+
+ARM_NAMES = {
+    "web": "web only",
+    "captioner_only": "captioner only (C)",
+    "filter_only": "filter only (F)",
+    "capfilt": "CapFilt (C + F)",
+    "beam": "C + F, beam search",
+    "shared": "C + F, shared parameters",
+    "round2": "C + F, second round",
+}
+
+
+def _cell(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "&ndash;"
+    return _pct(value) if pct else f"{value:.1f}"
+
+
+def _ablations(m: dict[str, Any]) -> str:
+    """The paper's ablations on this seed: one table per ablation, and whether the paper's direction holds."""
+    ab = m.get("ablations")
+    if not ab:
+        return ""
+    arms, parts = ab["arms"], ["<h2>Ablations (the paper's Tables 1-3, and a second round)</h2>"]
+    head = (
+        "<tr><th>arm</th><th>CIDEr</th><th>BLEU-4</th><th>VQA</th><th>zs R@1</th><th>false texts in pretraining</th>"
+        "<th>synthetic true</th><th>synthetic distinct</th><th>false synthetic kept</th><th>filter P / R</th></tr>"
+    )
+    for name, arm_names in ab["ablations"].items():
+        finding = ab["findings"][name]
+        rows = []
+        for arm in arm_names:
+            a = arms[arm]
+            cf = a.get("capfilt", {})
+            pr = f"{_pct(cf['filter_precision'])} / {_pct(cf['filter_recall'])}" if cf else "&ndash;"
+            rows.append(
+                f"<tr><td>{ARM_NAMES[arm]}</td><td>{a['cider']:.1f}</td><td>{a['bleu4']:.1f}</td>"
+                f"<td>{a['vqa_accuracy']:.1f}</td><td>{a['retrieval_r1']:.1f}</td>"
+                f"<td>{_cell(a.get('data', {}).get('false_rate'), True)}</td>"
+                f"<td>{_cell(cf.get('synthetic_true_rate'), True)}</td>"
+                f"<td>{_cell(cf.get('synthetic_distinct_rate'), True)}</td>"
+                f"<td>{_cell(cf.get('false_synthetic_accepted'), True)}</td><td>{pr}</td></tr>"
+            )
+        verdict = "holds here" if finding["holds"] else "does not fully hold here"
+        detail = "; ".join(
+            f"{what}: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in result.items())
+            for what, result in finding["comparisons"].items()
+        )
+        parts.append(
+            f"<h3>{name}</h3><p>Paper: {html.escape(finding['claim'])}. <b>{verdict}</b> "
+            f"<span class='small'>({html.escape(detail)})</span></p><table>{head}{''.join(rows)}</table>"
+        )
+    parts.append(
+        "<p class='small'>Every arm pretrains the same architecture from scratch with the same steps, schedule and "
+        "seed, then gets the same captioning and VQA fine-tunes. One seed: "
+        "<code>python benchmarks/demo_seeds.py --seeds 0 1 2 --ablations</code> gives the spread.</p>"
+    )
+    return "".join(parts)
 
 
 def _stage_table(m: dict[str, Any]) -> str:
@@ -401,6 +478,8 @@ synthetic caption is checked against the scene it describes. Images are {cfg["wo
 {_pct(metrics["filter"]["web"]["kept_correct_rate"])} of the correct web captions.</p>
 {_filter_table(metrics)}
 <img class="fig" src="{figures["filter"].name}" alt="filter score histograms">
+
+{_ablations(metrics)}
 
 <h2>The pretraining data</h2>
 <p>Web data: {web_sets["web"]["texts"]} texts, {_pct(web_sets["web"]["false_rate"])} false for their image.

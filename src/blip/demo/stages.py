@@ -76,6 +76,9 @@ class DemoConfig:
     filter: TrainConfig = field(default_factory=lambda: TrainConfig(task="retrieval"))
     vqa: TrainConfig = field(default_factory=lambda: TrainConfig(task="vqa"))
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
+    filter_val_images: int = 50  # clean images held out of the filter's training to choose its threshold on
+    hard_negatives: int = 3  # written ITM negatives per clean caption for the filter (0: mined negatives only)
+    threshold_on_validation: bool = True  # the filter's threshold from the validation images (else capfilt's)
     k_test: int = 16  # retrieval: candidates re-ranked with ITM per query
     untrained_baseline: bool = True  # also evaluate the architecture with random weights (about a CPU minute)
     examples: int = 12  # example images in the report
@@ -88,6 +91,10 @@ class DemoConfig:
             raise ValueError("DemoConfig.pretrain needs max_steps: both pretraining runs take the same number of steps")
         if min(self.n_web, self.n_clean, self.n_vqa, self.n_test) < 1:
             raise ValueError("every split needs at least one image")
+        if not 1 <= self.filter_val_images < self.n_clean:
+            raise ValueError("filter_val_images must leave the filter at least one clean image to train on")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
 
     def replace(self, **changes: Any) -> DemoConfig:
         return dataclasses.replace(self, **changes)
@@ -237,10 +244,12 @@ def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[s
     return result
 
 
-def finetune(cfg: DemoConfig, base: TrainConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
-    """Fine-tune `init` on the world's task split (clean captions or VQA) and evaluate on the test split."""
+def finetune(
+    cfg: DemoConfig, base: TrainConfig, init: str, data_dir: Path, folder: Path, data: str = ""
+) -> dict[str, Any]:
+    """Fine-tune `init` on the world's task split (clean captions or VQA; or `data`) and evaluate on the test split."""
     train_cfg = base.replace(
-        data=str(data_dir),
+        data=data or str(data_dir),
         data_split="",
         init=init,
         out_dir=str(folder),
@@ -253,12 +262,68 @@ def finetune(cfg: DemoConfig, base: TrainConfig, init: str, data_dir: Path, fold
     return _train(train_cfg)
 
 
-def run_capfilt_stage(cfg: DemoConfig, captioner: str, filter_model: str, data_dir: Path, folder: Path) -> dict:
+def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """The filter's data, from the clean split: `filter_train.jsonl` (all but the last `filter_val_images` images;
+    each image with `hard_negatives` written negatives per caption) and `filter_val.jsonl` (those held-out images:
+    their true captions, and as negatives one written negative per caption plus as many captions of other held-out
+    images that are false for this one). Image paths absolute."""
+    import random
+
+    from blip.data.shapes import Scene, check_caption
+    from blip.data.shapes.grammar import hard_negatives
+
+    rows = read_jsonl(data_dir / "clean.jsonl")
+    n_val = min(cfg.filter_val_images, len(rows) - 1)
+    train, val = rows[: len(rows) - n_val], rows[len(rows) - n_val :]
+    rng = random.Random(f"blip.demo/{cfg.seed}/filter")
+    folder.mkdir(parents=True, exist_ok=True)
+    train_path, val_path = folder / "filter_train.jsonl", folder / "filter_val.jsonl"
+    with open(train_path, "w", encoding="utf-8") as f:
+        for row in train:
+            scene = Scene.from_dict(row["scene"])
+            negatives = [t for c in row["captions"] for t in hard_negatives(scene, c, rng, cfg.hard_negatives)]
+            image = str((data_dir / row["image"]).resolve())
+            out = {"id": row["id"], "image": image, "captions": row["captions"]}
+            f.write(json.dumps({**out, "negatives": negatives} if negatives else out) + "\n")
+    others = [c for row in val for c in row["captions"]]
+    with open(val_path, "w", encoding="utf-8") as f:
+        for row in val:
+            scene = Scene.from_dict(row["scene"])
+            written = [t for c in row["captions"] for t in hard_negatives(scene, c, rng, 1)]
+            unrelated = [t for t in others if not check_caption(scene, t)]
+            unrelated = rng.sample(unrelated, min(len(row["captions"]), len(unrelated)))
+            image = str((data_dir / row["image"]).resolve())
+            f.write(json.dumps({"image": image, "captions": row["captions"], "negatives": written + unrelated}) + "\n")
+    return train_path, val_path
+
+
+def train_filter(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
+    """Fine-tune the filter (ITC + ITM; written negatives when `hard_negatives`) on the clean split minus the
+    validation images, then choose its threshold on those (`choose_threshold`) unless `threshold_on_validation` is
+    off (then the CapFilt config's threshold stays)."""
+    from blip.api import load
+    from blip.capfilt import choose_threshold, score_validation
+
+    train_path, val_path = filter_manifests(cfg, data_dir, folder)
+    result = finetune(cfg, cfg.filter, init, data_dir, folder, data=str(train_path))
+    with torch.inference_mode():
+        positive, negative = score_validation(load(result["model"], batch_size=64), read_jsonl(val_path))
+    chosen = choose_threshold(positive, negative)
+    result["validation"] = {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen}
+    result["threshold"] = chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold
+    return result
+
+
+def run_capfilt_stage(
+    cfg: DemoConfig, captioner: str, filter_model: str, threshold: float, data_dir: Path, folder: Path
+) -> dict:
     from blip.capfilt import run_capfilt
 
     # An absolute path: the bootstrapped dataset names the clean images as this path does.
     clean = str((data_dir / "clean.jsonl").resolve())
-    capfilt_cfg = dataclasses.replace(cfg.capfilt, seed=cfg.seed, threads=cfg.threads, keep_clean=clean, device="cpu")
+    capfilt_cfg = dataclasses.replace(
+        cfg.capfilt, seed=cfg.seed, threads=cfg.threads, keep_clean=clean, device="cpu", threshold=threshold
+    )
     summary = run_capfilt(captioner, filter_model, data_dir, folder, capfilt_cfg, progress=True)
     if not summary.complete or summary.dataset is None:
         raise RuntimeError(f"CapFilt did not finish: {summary.failed} failed rows, see {folder / 'errors.jsonl'}")
@@ -276,26 +341,32 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
     kinds: Counter = Counter()
     removed: Counter = Counter()
     synth = Counter()
+    distinct: set[str] = set()
     scores: dict[str, list[float]] = {k: [] for k in NOISE_KINDS}
     synth_scores: dict[str, list[float]] = {"true": [], "false": []}
     for record in read_records(folder):
         noise = record.get("noise") or record.get("input_noise")
         kinds[noise] += 1
         removed[noise] += not record["web_keep"]
+        if noise == "partial" and record.get("noise_detail"):  # which attribute was swapped: colour, shape, position
+            kinds[f"partial {record['noise_detail']}"] += 1
+            removed[f"partial {record['noise_detail']}"] += not record["web_keep"]
         scores.setdefault(noise, []).append(float(record["web_score"]))
         scene = Scene.from_dict(record["scene"])
         for s in record["synthetic"]:
             ok = check_caption(scene, s["text"])
+            distinct.add(s["text"])
             synth["texts"] += 1
             synth["true"] += ok
             synth["kept"] += bool(s["keep"])
             synth["kept_true"] += ok and bool(s["keep"])
             synth["removed_false"] += (not ok) and not s["keep"]
             synth_scores["true" if ok else "false"].append(float(s["score"]))
-    noisy = sum(n for k, n in kinds.items() if k != "correct")
-    removed_noisy = sum(n for k, n in removed.items() if k != "correct")
-    removed_all = sum(removed.values())
-    web_total = sum(kinds.values())
+    labels = [k for k in kinds if " " not in k]  # the noise kinds (not their "partial <attribute>" breakdown)
+    noisy = sum(kinds[k] for k in labels if k != "correct")
+    removed_noisy = sum(removed[k] for k in labels if k != "correct")
+    removed_all = sum(removed[k] for k in labels)
+    web_total = sum(kinds[k] for k in labels)
     synth_false = synth["texts"] - synth["true"]
     return {
         "threshold": threshold,
@@ -309,11 +380,15 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
             "recall": removed_noisy / noisy if noisy else 0.0,
             "kept_correct_rate": 1 - removed["correct"] / kinds["correct"] if kinds["correct"] else 0.0,
             "by_noise": {k: {"texts": kinds[k], "removed": removed[k]} for k in scores if kinds[k]},
+            "partial_by_attribute": {
+                k.split()[1]: {"texts": kinds[k], "removed": removed[k]} for k in sorted(kinds) if " " in k
+            },
         },
         "synthetic": {
             "texts": synth["texts"],
             "true": synth["true"],
             "true_rate": synth["true"] / synth["texts"] if synth["texts"] else 0.0,
+            "distinct_rate": len(distinct) / synth["texts"] if synth["texts"] else 0.0,  # diversity of the captions
             "kept": synth["kept"],
             "kept_true": synth["kept_true"],
             "kept_true_rate": synth["kept_true"] / synth["kept"] if synth["kept"] else 0.0,
@@ -459,11 +534,13 @@ def run_demo(
     seed: int | None = None,
     threads: int | None = None,
     smoke: bool = False,
+    ablations: bool = False,
     say: Callable[[str], None] = _stdout,
 ) -> int:
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
     None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
-    sizes. A folder holding a run of another config (threads aside) is refused with `DemoConfigError`."""
+    sizes; `ablations` adds the paper's ablations (`blip.demo.ablations`, about 3x the demo's time). A folder holding
+    a run of another config (threads aside) is refused with `DemoConfigError`."""
     out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)
     if seed is not None:
@@ -480,16 +557,18 @@ def run_demo(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, out, say)
+        return _run(cfg, out, say, ablations)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
+def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool = False) -> int:
     data_dir = out / "data"
     web_data = f"{data_dir / 'web.jsonl'},{data_dir / 'clean.jsonl'}"
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
-    stages = Stages(total=10, say=say)
+    from blip.demo.ablations import STAGES as ABLATION_STAGES
+
+    stages = Stages(total=10 + (ABLATION_STAGES if ablations else 0), say=say)
     world = stages.run(
         "data",
         data_dir,
@@ -512,14 +591,16 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
     filt = stages.run(
         "filter",
         out / "filter",
-        "fine-tune the filter (ITC + ITM on clean captions)",
-        lambda: finetune(cfg, cfg.filter, pre_web["checkpoint"], data_dir, out / "filter"),
+        "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
+        lambda: train_filter(cfg, pre_web["checkpoint"], data_dir, out / "filter"),
     )
     capfilt = stages.run(
         "capfilt",
         out / "capfilt_data",
         "CapFilt: caption every web image, filter web and synthetic texts",
-        lambda: run_capfilt_stage(cfg, cap_web["model"], filt["model"], data_dir, out / "capfilt_data"),
+        lambda: run_capfilt_stage(
+            cfg, cap_web["model"], filt["model"], filt["threshold"], data_dir, out / "capfilt_data"
+        ),
     )
     pre_cf = stages.run(
         "pretrain_capfilt",
@@ -541,7 +622,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
             f"fine-tune the {arm} model for VQA",
             lambda pre=pre, arm=arm: finetune(cfg, cfg.vqa, pre["checkpoint"], data_dir, out / arm / "vqa"),
         )
-    analysis = analyse_capfilt(out / "capfilt_data", cfg.capfilt.threshold)
+    analysis = analyse_capfilt(out / "capfilt_data", filt["threshold"])
     metrics: dict[str, Any] = {
         "seed": cfg.seed,
         "filter_precision": analysis["web"]["precision"],
@@ -549,17 +630,17 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
         "filter_definition": FILTER_DEFINITION,
     }
     for arm, pre, cap in (("web", pre_web, cap_web), ("capfilt", pre_cf, cap_cf)):
-        metrics[arm] = {
-            **_headline("caption", cap["test"]["caption"]),
-            **_headline("vqa", vqa[arm]["test"]["vqa"]),
-            **_headline("retrieval", pre["test"]["retrieval"]),
-            "pretrain_pairs": pre["pairs"],
-            "pretrain_epochs": pre["epochs"],
-            "pretrain_losses": pre["losses"],
-        }
+        metrics[arm] = arm_result({"pretrain": pre, "caption": cap, "vqa": vqa[arm]})
+    if ablations:
+        from blip.demo.ablations import run_ablations
+
+        main = {"pre_web": pre_web, "cap_web": cap_web, "filter": filt, "pre_capfilt": pre_cf}
+        main["arms"] = {"web": metrics["web"], "capfilt": metrics["capfilt"]}
+        metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)
     metrics["baselines"] = {"untrained": base["untrained"], "chance": base["chance"]}
     metrics["constant_caption"] = base["constant_caption"]
     metrics["filter"] = {k: v for k, v in analysis.items() if k != "scores"}
+    metrics["filter"]["validation"] = filt["validation"]
     metrics["filter_model"] = _headline("retrieval", filt["test"]["retrieval"])
     metrics["captioner"] = _headline("caption", cap_web["test"]["caption"])
     metrics["training_sets"] = training_sets(data_dir, capfilt["dataset"], analysis)
@@ -577,6 +658,44 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None]) -> int:
     say(summary_text(metrics))
     say(f"report: {report}   metrics: {out / 'metrics.json'}")
     return 0
+
+
+def train_arm(
+    cfg: DemoConfig, stages: Stages, name: str, data: str, folder: Path, data_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """One arm of a comparison: pretrain from scratch on `data`, then the captioning and VQA fine-tunes (3 stages)."""
+    pre = stages.run(
+        f"pretrain_{name}",
+        folder / "pretrain",
+        f"pretrain from scratch on the {name} data ({cfg.pretrain.max_steps} steps)",
+        lambda: pretrain(cfg, data, folder / "pretrain", data_dir),
+    )
+    cap = stages.run(
+        f"caption_{name}",
+        folder / "caption",
+        f"fine-tune the {name} model for captioning",
+        lambda: finetune(cfg, cfg.caption, pre["checkpoint"], data_dir, folder / "caption"),
+    )
+    vqa = stages.run(
+        f"vqa_{name}",
+        folder / "vqa",
+        f"fine-tune the {name} model for VQA",
+        lambda: finetune(cfg, cfg.vqa, pre["checkpoint"], data_dir, folder / "vqa"),
+    )
+    return {"pretrain": pre, "caption": cap, "vqa": vqa}
+
+
+def arm_result(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An arm's headline numbers (CIDEr, BLEU-4, VQA accuracy, zero-shot R@1) and its pretraining run."""
+    pre = results["pretrain"]
+    return {
+        **_headline("caption", results["caption"]["test"]["caption"]),
+        **_headline("vqa", results["vqa"]["test"]["vqa"]),
+        **_headline("retrieval", pre["test"]["retrieval"]),
+        "pretrain_pairs": pre["pairs"],
+        "pretrain_epochs": pre["epochs"],
+        "pretrain_losses": pre["losses"],
+    }
 
 
 def _load_average() -> list[float] | None:

@@ -4,7 +4,8 @@ For every text one negative image, and for every image one negative text, are sa
 proportional to the softmax of the ITC similarities, so that similar-looking but wrong pairs are picked more often
 (docs/training.md). The positive is never sampled: the diagonal (or, for retrieval with image ids, every pair of the
 same image) has weight zero. The ITM batch is the B positives plus the 2B negatives, labels `[1]*B + [0]*2B`,
-cross-entropy.
+cross-entropy. Negatives written into the data (a manifest's `negatives` column: texts false for their image, e.g.
+a true caption with one colour swapped) add one more row each.
 
 Two variants, as in the original code:
 - pretraining: similarities of the online features against the *momentum* features, `softmax + 1e-4`;
@@ -119,8 +120,11 @@ class MatchingLoss(nn.Module):
         attention_mask: torch.Tensor,
         itc: ITCOutput,
         pad_id: int = 0,
+        written: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`image_embeds` `[B, N, D]`, text `[B, T]` with the ITM start token already at position 0."""
+        """`image_embeds` `[B, N, D]`, text `[B, T]` with the ITM start token already at position 0. `written`:
+        negatives from the data, `(ids [K, T'], mask [K, T'], owner [K])` - each text false for this rank's image
+        `owner` - added as K more negative rows."""
         batch = input_ids.shape[0]
         neg_images, neg_texts = self.pick_negatives(itc, batch)
         if self.all_ranks:
@@ -136,10 +140,16 @@ class MatchingLoss(nn.Module):
         ids = torch.cat([input_ids, input_ids, ids_pool[neg_texts]])
         mask = torch.cat([attention_mask, attention_mask, mask_pool[neg_texts]])
         image_rows = torch.cat([own, neg_images, own])
+        if written is not None:  # (image, a text written to be false for it)
+            w_ids, w_mask, owner = written
+            length = max(ids.shape[1], w_ids.shape[1])
+            ids, mask = pad_to(ids, mask, length, pad_id)
+            w_ids, w_mask = pad_to(w_ids, w_mask, length, pad_id)
+            ids, mask = torch.cat([ids, w_ids]), torch.cat([mask, w_mask])
+            image_rows = torch.cat([image_rows, own[owner]])
         cross = model.image_cross_kv(image_pool, index=image_rows)
         states = model.encode_multimodal(ids, mask, cross=cross, first_only=True)
         logits = model.itm_logits(states).float()
-        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]).to(
-            logits.device
-        )
+        labels = torch.zeros(ids.shape[0], dtype=torch.long, device=logits.device)
+        labels[:batch] = 1
         return F.cross_entropy(logits, labels)

@@ -85,11 +85,15 @@ class _ImageRows(Dataset):
 
 
 class PairDataset(_ImageRows):
-    """(image, caption) pairs -> `{"pixel_values": [3, S, S], "text": str, "image_id": int}`."""
+    """(image, caption) pairs -> `{"pixel_values": [3, S, S], "text": str, "image_id": int}`, plus `"negative"`:
+    one of the row's written negatives (texts false for the image), drawn by the sample's RNG, when it has any."""
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        row, pixels = self._load(key)
-        return {"pixel_values": pixels, "text": row.text, "image_id": row.image_id}
+        row, image, rng = self._decoded(key)
+        item = {"pixel_values": self.image_fn(image, rng), "text": row.text, "image_id": row.image_id}
+        if getattr(row, "negatives", ()):
+            item["negative"] = rng.choice(row.negatives)
+        return item
 
 
 class QuestionDataset(_ImageRows):

@@ -55,8 +55,8 @@ def _ramp(alpha: float, step: int, ramp_steps: int) -> float:
 
 class _ContrastiveTask(TrainTask):
     """What pretraining and retrieval share: ITC with a momentum encoder, queues and a distillation ramp, and ITM on
-    hard negatives mined from the ITC similarities. With `use_image_ids` (retrieval) every pair of one image is a
-    positive."""
+    hard negatives mined from the ITC similarities (plus the data's written negatives, `negative_ids`, when the batch
+    has them). With `use_image_ids` (retrieval) every pair of one image is a positive."""
 
     use_image_ids: ClassVar[bool] = False
 
@@ -104,7 +104,11 @@ class _ContrastiveTask(TrainTask):
         idx = batch["image_ids"] if self.itc.use_idx else None
         itc = self.itc(image_feat, text_feat, pixels, ids, mask, idx=idx)
         pad = model.config.text.pad_token_id
-        itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, pad)
+        written = None
+        if "negative_ids" in batch:  # texts the data says are false for their image: more ITM negatives
+            written = (_first_token(batch["negative_ids"], self.itm_token_id), batch["negative_mask"])
+            written += (batch["negative_owner"],)
+        itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, pad, written)
         return image_embeds, itc.loss, itm_loss
 
 

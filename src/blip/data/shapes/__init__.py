@@ -17,16 +17,17 @@ trains and evaluates on:
 
 The package, one module per concern, each readable top to bottom: `scene` (the world, `Scene`, `ShapesConfig`,
 `sample_scene`), `words` (the language, `tokenize`, `vocabulary`), `drawing` (`render`), `grammar` (captions and
-their noise: `describe`, `references`, `corrupt`), `parse` (`parse_caption`, `caption_errors`, `check_caption`),
-`qa` (`questions`), `examples` (`make_example`: one image's scene and rows), `dataset` (`generate`; its docstring
-gives the on-disk layout), `cli` (`blip data shapes`). Everything public is importable from `blip.data.shapes` itself.
+their noise: `describe`, `references`, `corrupt`, `hard_negatives`), `parse` (`parse_caption`, `caption_errors`,
+`check_caption`), `qa` (`questions`), `examples` (`make_example`: one image's scene and rows), `dataset`
+(`generate`; its docstring gives the on-disk layout), `cli` (`blip data shapes`). Everything public is importable from
+`blip.data.shapes` itself.
 """
 
 from blip.data.shapes.cli import cli_main
 from blip.data.shapes.dataset import FORMAT_VERSION, generate
 from blip.data.shapes.drawing import render
 from blip.data.shapes.examples import Example, image_path, make_example, scene_for
-from blip.data.shapes.grammar import corrupt, describe, junk, references, swap_attribute
+from blip.data.shapes.grammar import NEGATIVE_SWAPS, corrupt, describe, hard_negatives, junk, references, swap_attribute
 from blip.data.shapes.parse import Mention, ParsedCaption, caption_errors, check_caption, parse_caption
 from blip.data.shapes.qa import QA, questions
 from blip.data.shapes.scene import (
@@ -55,6 +56,7 @@ from blip.data.shapes.words import (
 )
 
 __all__ = [
+    "NEGATIVE_SWAPS",
     "ANSWER_LIST",
     "ANSWER_SYNONYMS",
     "BACKGROUNDS",
@@ -81,6 +83,7 @@ __all__ = [
     "check_caption",
     "cli_main",
     "corrupt",
+    "hard_negatives",
     "describe",
     "generate",
     "image_path",

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Sequence
 
+from blip.data.shapes.parse import check_caption
 from blip.data.shapes.scene import (
+    BACKGROUNDS,
     KINDS,
     NOISE_KINDS,
     PARTIAL_ATTRIBUTES,
@@ -165,3 +168,52 @@ def corrupt(
     if kind == "junk":
         return junk(rng)
     raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
+
+
+# Word-level swaps for written ITM negatives: a caption with one colour, kind, size, position, relation, count or
+# background changed is false for its image (checked) yet differs from a true caption in one phrase - what the
+# web's "partly wrong" captions look like, made from a true caption the way a person would spoil it.
+NEGATIVE_SWAPS: dict[str, tuple[str, ...]] = {
+    "color": tuple(SHAPE_COLORS),
+    "shape": KINDS,
+    "size": ("small", "large", "big"),
+    "position": tuple(p for ps in POSITION_PHRASES.values() for p in ps),
+    "relation": tuple(RELATION_PHRASES.values()),
+    "count": COUNT_WORDS[2 : len(POSITIONS) + 1],  # "two shapes" -> "three shapes" ("one shapes" is no English)
+    "background": tuple(f"{b} background" for b in BACKGROUNDS),
+}
+_ARTICLE = re.compile(r"\b(a|an) (\w+)")
+
+
+def _swap_candidates(text: str) -> dict[str, list[str]]:
+    """Every text made from `text` by replacing one phrase of a category by another phrase of that category."""
+    out: dict[str, list[str]] = {}
+    for category, phrases in NEGATIVE_SWAPS.items():
+        pattern = re.compile(r"\b(" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b")
+        for match in pattern.finditer(text):
+            for other in phrases:
+                if other == match.group(1):
+                    continue
+                new = text[: match.start()] + other + text[match.end() :]
+                new = _ARTICLE.sub(lambda m: f"{article(m.group(2))} {m.group(2)}", new)
+                out.setdefault(category, []).append(new)
+    return out
+
+
+def hard_negatives(scene: Scene, caption: str, rng: random.Random, n: int = 3) -> list[str]:
+    """Up to `n` distinct captions that differ from the true `caption` of `scene` in one phrase (a colour, kind,
+    size, position, relation, count or background) and are false for the scene; categories drawn evenly."""
+    false = {
+        category: sorted({t for t in texts if t != caption and not check_caption(scene, t)})
+        for category, texts in _swap_candidates(caption).items()
+    }
+    false = {c: texts for c, texts in false.items() if texts}
+    out: list[str] = []
+    while false and len(out) < n:
+        category = rng.choice(sorted(false))
+        text = false[category].pop(rng.randrange(len(false[category])))
+        if not false[category]:
+            del false[category]
+        if text not in out:
+            out.append(text)
+    return out

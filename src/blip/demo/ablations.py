@@ -1,0 +1,295 @@
+"""`blip demo --ablations`: the paper's CapFilt ablations on the shapes world, after the demo's own two arms.
+
+Every arm pretrains the same architecture from scratch with the same steps, schedule and seed on its own data, then
+gets the demo's fine-tuning budget for captioning and VQA and its zero-shot retrieval test, exactly as the demo's
+`web` and `capfilt` arms (which are reused, not rerun). The arms:
+
+- `web`, `capfilt`: the demo's two arms (web + clean captions; CapFilt's bootstrapped data);
+- `captioner_only`: every web text and every synthetic caption, unfiltered (+ clean) - paper Table 1 "C";
+- `filter_only`: the web texts the filter keeps, no synthetic captions (+ clean) - paper Table 1 "F";
+- `beam`: CapFilt with beam search (width 3) instead of nucleus sampling - paper Table 2;
+- `shared`: one model fine-tuned as captioner and filter at once (ITC + ITM + LM on the clean captions, the text
+  encoder and decoder sharing all but self-attention, as in pretraining), used for both roles - paper Table 3;
+- `round2`: a second round - captioner and filter fine-tuned from the `capfilt` arm's pretrained model, CapFilt of
+  the web split again, a new model pretrained on the result.
+
+Which arms each ablation compares: `ABLATIONS`. Each arm's data is described by `dataset_makeup` (texts, false texts
+by origin, checked against the true scenes); CapFilt arms also by `analyse_capfilt` (the filter's removal rates by
+noise kind, the synthetic captions' true share and the filter's acceptance of false ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blip.io import atomic_path
+
+if TYPE_CHECKING:
+    from blip.demo.stages import DemoConfig, Stages
+
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "effect": ("web", "captioner_only", "filter_only", "capfilt"),  # paper Table 1
+    "diversity": ("capfilt", "beam"),  # Table 2: nucleus sampling vs beam search
+    "sharing": ("capfilt", "shared"),  # Table 3: captioner and filter separate vs sharing parameters
+    "rounds": ("capfilt", "round2"),  # bootstrapping again from the CapFilt model
+}
+ARMS: tuple[str, ...] = ("web", "captioner_only", "filter_only", "capfilt", "beam", "shared", "round2")
+STAGES = 23  # stages `run_ablations` adds to the demo's
+BEAM_WIDTH = 3
+
+
+def dataset_makeup(dataset: Path, records: Path) -> dict[str, Any]:
+    """Texts of a bootstrapped dataset by origin (web / synthetic / clean) and how many are false for their image
+    (web and synthetic texts checked against the scene in CapFilt's records of `records`; clean texts are true)."""
+    from blip.capfilt import read_records
+    from blip.data.shapes import Scene, check_caption
+
+    scenes = {r["id"]: Scene.from_dict(r["scene"]) for r in read_records(records)}
+    texts: Counter = Counter()
+    false: Counter = Counter()
+    with open(dataset, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            origin = row["origin"]
+            texts[origin] += 1
+            if origin != "clean":
+                false[origin] += not check_caption(scenes[row["id"]], row["caption"])
+    total = sum(texts.values())
+    return {
+        "texts": total,
+        "by_origin": {o: {"texts": texts[o], "false": false[o]} for o in ("web", "synthetic", "clean")},
+        "false": sum(false.values()),
+        "false_rate": sum(false.values()) / total if total else 0.0,
+    }
+
+
+def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, synthetic: str) -> dict[str, Any]:
+    """A bootstrapped dataset from CapFilt's records with other rules: `web` / `synthetic` each "all", "kept" (the
+    filter's verdict) or "none"; the clean captions always (the layout of `bootstrap.jsonl`)."""
+    from blip.capfilt import read_records
+
+    def take(rule: str, keep: bool) -> bool:
+        return rule == "all" or (rule == "kept" and keep)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in read_records(records):
+            image = record["image"]
+            image = image if Path(image).is_absolute() else str((clean_manifest.parent / image).resolve())
+            rows = [("web", record["web_text"])] if record["web_text"] and take(web, record["web_keep"]) else []
+            rows += [("synthetic", s["text"]) for s in record["synthetic"] if s["text"] and take(synthetic, s["keep"])]
+            for origin, text in rows:
+                f.write(json.dumps({"image": image, "caption": text, "origin": origin, "id": record["id"]}) + "\n")
+        with open(clean_manifest, encoding="utf-8") as clean:
+            for line in clean:
+                if line.strip():
+                    row = json.loads(line)
+                    image = str((clean_manifest.parent / row["image"]).resolve())
+                    for text in row["captions"]:
+                        f.write(json.dumps({"image": image, "caption": text, "origin": "clean", "id": row["id"]}))
+                        f.write("\n")
+    return {"dataset": str(out)}
+
+
+def train_shared(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
+    """One model as captioner and filter: ITC + ITM + LM (the pretraining objectives, encoder and decoder sharing all
+    but self-attention) fine-tuned on the filter's data with the filter's schedule; threshold chosen as the filter's."""
+    import torch
+
+    from blip.api import load
+    from blip.capfilt import choose_threshold, score_validation
+    from blip.demo.stages import filter_manifests, finetune
+    from blip.io import read_jsonl
+
+    train_path, val_path = filter_manifests(cfg, data_dir, folder)
+    shared = cfg.filter.replace(task="pretrain", share_text_layers=True, eval_data="")
+    result = finetune(cfg, shared, init, data_dir, folder, data=str(train_path))
+    with torch.inference_mode():
+        positive, negative = score_validation(load(result["checkpoint"], batch_size=64), read_jsonl(val_path))
+    chosen = choose_threshold(positive, negative)
+    result["validation"] = {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen}
+    result["threshold"] = chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold
+    result["model"] = result["checkpoint"]  # a pretrain-kind model: captions (no prompt) and ITM
+    return result
+
+
+def run_ablations(
+    cfg: DemoConfig,
+    out: Path,
+    stages: Stages,
+    data_dir: Path,
+    main: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The arms beyond the demo's two (see the module docstring). `main`: the demo's results by name (`pre_web`,
+    `cap_web`, `filter`, `pre_capfilt`, and `arms`: the headline numbers of `web` and `capfilt`). Returns
+    `{"arms": {arm: numbers}, "ablations": ABLATIONS}`."""
+    from blip.demo.stages import arm_result, finetune, run_capfilt_stage, train_arm, train_filter
+
+    root = out / "ablations"
+    clean = data_dir / "clean.jsonl"
+    records = out / "capfilt_data"
+    arms: dict[str, dict[str, Any]] = {}
+    for name in ("web", "capfilt"):
+        arms[name] = dict(main["arms"][name])
+    arms["capfilt"]["capfilt"] = _capfilt_numbers(records, main["filter"]["threshold"])
+    arms["capfilt"]["data"] = dataset_makeup(out / "capfilt_data" / "bootstrap.jsonl", records)
+
+    def arm(name: str, dataset: str, capfilt_folder: Path, threshold: float | None) -> None:
+        results = train_arm(cfg, stages, name, dataset, root / name, data_dir)
+        arms[name] = arm_result(results)
+        arms[name]["data"] = dataset_makeup(Path(dataset), capfilt_folder)
+        if threshold is not None:
+            arms[name]["capfilt"] = _capfilt_numbers(capfilt_folder, threshold)
+
+    # Table 1: captioner only, filter only.
+    for name, web, synthetic in (("captioner_only", "all", "all"), ("filter_only", "kept", "none")):
+        made = stages.run(
+            f"data_{name}",
+            root / name / "data",
+            f"{name}: web texts {web}, synthetic captions {synthetic}, + clean",
+            lambda name=name, web=web, synthetic=synthetic: write_variant(
+                records, clean, root / name / "data" / "bootstrap.jsonl", web=web, synthetic=synthetic
+            ),
+        )
+        arm(name, made["dataset"], records, None)
+
+    # Table 2: beam search instead of nucleus sampling.
+    beam_cfg = cfg.replace(capfilt=dataclasses.replace(cfg.capfilt, num_beams=BEAM_WIDTH))
+    beam = stages.run(
+        "capfilt_beam",
+        root / "beam" / "capfilt_data",
+        f"CapFilt with beam search (width {BEAM_WIDTH})",
+        lambda: run_capfilt_stage(
+            beam_cfg,
+            main["cap_web"]["model"],
+            main["filter"]["model"],
+            main["filter"]["threshold"],
+            data_dir,
+            root / "beam" / "capfilt_data",
+        ),
+    )
+    arm("beam", beam["dataset"], root / "beam" / "capfilt_data", main["filter"]["threshold"])
+
+    # Table 3: captioner and filter sharing parameters.
+    shared = stages.run(
+        "shared_model",
+        root / "shared" / "model",
+        "fine-tune one model as captioner and filter (ITC + ITM + LM, shared layers)",
+        lambda: train_shared(cfg, main["pre_web"]["checkpoint"], data_dir, root / "shared" / "model"),
+    )
+    shared_cfg = cfg.replace(capfilt=dataclasses.replace(cfg.capfilt, prompt=""))  # the LM was trained unprompted
+    shared_cf = stages.run(
+        "capfilt_shared",
+        root / "shared" / "capfilt_data",
+        "CapFilt with the shared model as captioner and filter",
+        lambda: run_capfilt_stage(
+            shared_cfg,
+            shared["model"],
+            shared["model"],
+            shared["threshold"],
+            data_dir,
+            root / "shared" / "capfilt_data",
+        ),
+    )
+    arm("shared", shared_cf["dataset"], root / "shared" / "capfilt_data", shared["threshold"])
+    arms["shared"]["filter_validation"] = shared["validation"]
+
+    # A second round, from the CapFilt model.
+    init = main["pre_capfilt"]["checkpoint"]
+    cap2 = stages.run(
+        "captioner_round2",
+        root / "round2" / "captioner",
+        "round 2: fine-tune a captioner from the CapFilt model",
+        lambda: finetune(cfg, cfg.caption, init, data_dir, root / "round2" / "captioner"),
+    )
+    filt2 = stages.run(
+        "filter_round2",
+        root / "round2" / "filter",
+        "round 2: fine-tune a filter from the CapFilt model, choose its threshold",
+        lambda: train_filter(cfg, init, data_dir, root / "round2" / "filter"),
+    )
+    cf2 = stages.run(
+        "capfilt_round2",
+        root / "round2" / "capfilt_data",
+        "round 2: CapFilt of the web split",
+        lambda: run_capfilt_stage(
+            cfg, cap2["model"], filt2["model"], filt2["threshold"], data_dir, root / "round2" / "capfilt_data"
+        ),
+    )
+    arm("round2", cf2["dataset"], root / "round2" / "capfilt_data", filt2["threshold"])
+    arms["round2"]["filter_validation"] = filt2["validation"]
+    ordered = {name: arms[name] for name in ARMS}
+    return {"arms": ordered, "ablations": {k: list(v) for k, v in ABLATIONS.items()}, "findings": findings(ordered)}
+
+
+def _capfilt_numbers(folder: Path, threshold: float) -> dict[str, Any]:
+    from blip.demo.stages import analyse_capfilt
+
+    analysis = analyse_capfilt(folder, threshold)
+    synth = analysis["synthetic"]
+    false = synth["texts"] - synth["true"]
+    kept_false = synth["kept"] - synth["kept_true"]
+    return {
+        "threshold": threshold,
+        "filter_precision": analysis["web"]["precision"],
+        "filter_recall": analysis["web"]["recall"],
+        "web_removed_by_noise": {
+            k: v["removed"] / v["texts"] for k, v in analysis["web"]["by_noise"].items() if v["texts"]
+        },
+        "synthetic_true_rate": synth["true_rate"],
+        "synthetic_distinct_rate": synth["distinct_rate"],
+        "false_synthetic_accepted": kept_false / false if false else 0.0,
+        "true_synthetic_accepted": synth["kept_true"] / synth["true"] if synth["true"] else 0.0,
+    }
+
+
+# What the paper found, as comparisons of arms on the downstream numbers (`metrics.json` keys of an arm).
+DOWNSTREAM = ("cider", "vqa_accuracy", "retrieval_r1")
+CLAIMS: dict[str, str] = {
+    "effect": "captioner and filter each help, and together most (Table 1: C+F > C, F > web)",
+    "diversity": "nucleus sampling beats beam search downstream although more of its captions are noisy (Table 2)",
+    "sharing": "a filter that shares parameters with the captioner accepts more of its false captions, and "
+    "downstream results drop (Table 3)",
+    "rounds": "bootstrapping again from the CapFilt model helps further (the larger-model result)",
+}
+
+
+def _wins(arms: dict[str, dict[str, Any]], better: str, worse: str) -> dict[str, bool]:
+    return {k: arms[better][k] > arms[worse][k] for k in DOWNSTREAM}
+
+
+def findings(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each ablation: the paper's claim, the comparisons it rests on (metric -> does the paper's side win here),
+    and `holds`: every comparison goes the paper's way."""
+    out: dict[str, dict[str, Any]] = {}
+    effect = {
+        "capfilt > captioner_only": _wins(arms, "capfilt", "captioner_only"),
+        "capfilt > filter_only": _wins(arms, "capfilt", "filter_only"),
+        "captioner_only > web": _wins(arms, "captioner_only", "web"),
+        "filter_only > web": _wins(arms, "filter_only", "web"),
+    }
+    diversity = {"capfilt (nucleus) > beam": _wins(arms, "capfilt", "beam")}
+    nucleus, beam = arms["capfilt"].get("capfilt", {}), arms["beam"].get("capfilt", {})
+    diversity["nucleus captions noisier than beam"] = {
+        "synthetic_false_rate": nucleus.get("synthetic_true_rate", 0) < beam.get("synthetic_true_rate", 0)
+    }
+    sharing = {"capfilt (separate) > shared": _wins(arms, "capfilt", "shared")}
+    separate, shared = arms["capfilt"].get("capfilt", {}), arms["shared"].get("capfilt", {})
+    sharing["shared filter accepts more false synthetic captions"] = {
+        "false_synthetic_accepted": shared.get("false_synthetic_accepted", 0)
+        > separate.get("false_synthetic_accepted", 0)
+    }
+    rounds = {"round2 > capfilt": _wins(arms, "round2", "capfilt")}
+    for name, comparisons in (("effect", effect), ("diversity", diversity), ("sharing", sharing), ("rounds", rounds)):
+        out[name] = {
+            "claim": CLAIMS[name],
+            "comparisons": comparisons,
+            "holds": all(v for c in comparisons.values() for v in c.values()),
+        }
+    return out
