@@ -88,7 +88,6 @@ def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
 
 
 def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
-    from blip.capfilt import read_records
     from blip.demo.ablations import ARMS, findings
 
     out = tmp_path_factory.mktemp("ablations")
@@ -107,13 +106,10 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     assert data["filter_only"]["synthetic"]["texts"] == 0
     assert data["filter_only"]["web"] == data["capfilt"]["web"]
     assert all(d["clean"]["texts"] == 16 * 5 for d in data.values())
-    # the beam arm's captions are the captioner's beam search; the shared arm used one model for both roles
-    beam = next(read_records(out / "ablations" / "beam" / "capfilt_data"))
-    import blip
-
-    captioner = blip.load(out / "web" / "caption" / "model")
-    expected = captioner.caption(str(out / "data" / beam["image"]), prompt="a picture of ", num_beams=3)[0].text
-    assert "a picture of " + beam["synthetic"][0]["text"] == expected
+    # the beam arm captioned by beam search (tests/capfilt/test_run.py: those are the captioner's beams); the shared
+    # arm used one model for both roles; round 2 started from the CapFilt model
+    beam = json.loads((out / "ablations" / "beam" / "capfilt_data" / "summary.json").read_text())["options"]
+    assert beam["num_beams"] == 3
     shared = json.loads((out / "ablations" / "shared" / "capfilt_data" / "summary.json").read_text())["models"]
     assert shared.count("shared/model/checkpoint.pt") == 2
     round2 = json.loads((out / "ablations" / "round2" / "captioner" / "config.json").read_text())

@@ -194,3 +194,27 @@ def test_missing_clean_split_fails_before_the_work(models, shapes_dir, tmp_path)
     with pytest.raises(DataError, match="nope.jsonl"):
         run_capfilt(captioner, filter_, shapes_dir, tmp_path / "out", cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_beam_search_captions_are_the_captioners_beams(models, shapes_dir, tmp_path):
+    from blip.io import read_jsonl as read_rows
+
+    captioner, filter_ = models
+    cfg = CapfiltConfig(num_beams=3, num_captions=2, **FAST)
+    assert cfg.captioning().num_beams == 3 and not cfg.captioning().do_sample
+    run_capfilt(captioner, filter_, shapes_dir, tmp_path / "beam", cfg, progress=False)
+    records = list(read_records(tmp_path / "beam"))
+    web = read_rows(shapes_dir / "web.jsonl")
+    first = next(r for r in records if r["id"] == web[0]["id"])
+    expected = captioner.caption(
+        str(shapes_dir / web[0]["image"]),
+        prompt="a picture of ",
+        num_beams=3,
+        num_captions=2,
+        max_new_tokens=8,
+        min_new_tokens=2,
+        repetition_penalty=1.1,
+    )
+    beams = [c.text.removeprefix("a picture of ").strip() for c in expected[0]]  # one image: its two best beams
+    assert [s["text"] for s in first["synthetic"]] == beams
+    assert "num_beams" in cfg.describe() and "num_beams" not in CapfiltConfig().describe()  # sampled runs' ids kept
