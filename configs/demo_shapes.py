@@ -1,28 +1,33 @@
-"""`make demo`: the paper's CapFilt story on the shapes world, end to end, sized for ~12 minutes on 2 CPU cores.
+"""`make demo`: the paper's CapFilt story on the shapes world, end to end, sized for ~7 minutes on 2 CPU cores.
 
     blip demo --out runs/demo                            # what `make demo` runs (this file, seed 0)
     blip demo --out runs/demo_s1 --seed 1                # another draw of the world, the models and the sampling
     blip demo --out /tmp/demo_toy --smoke                # toy sizes, seconds: checks the plumbing only
     python benchmarks/demo_seeds.py --seeds 0 1 2        # several seeds and their spread
+    blip demo --out runs/demo --ablations                # + the paper's ablations (five more arms, ~3x the time)
 
 Stages (each resumable: a finished stage is not run again): generate the world -> pretrain on noisy web + clean
-captions -> fine-tune a captioner (LM) and a filter (ITC + ITM) on the clean captions -> CapFilt the web split ->
+captions -> fine-tune a captioner (LM) and a filter (ITC + ITM, written negatives; its threshold chosen on held-out
+clean images) on the clean captions -> CapFilt the web split ->
 pretrain again from scratch on the bootstrapped data -> fine-tune each pretrained model for captioning and VQA with
 the same budget, and evaluate zero-shot retrieval, captioning and VQA on the same test images.
 
-Both pretraining runs get the same architecture, seed, optimizer steps and schedule; only the data differ. Two
+Both pretraining runs get the same architecture, seed, optimizer steps and schedule; only the data differ. Three
 changes to the generator's defaults make the story fit the budget: the web split is noisier (40% of its captions
-correct instead of 50%: 30% partial, 20% unrelated, 10% junk), and images hold 1-2 shapes instead of 1-3, so that a
-model trained for minutes names shapes often enough to be a useful captioner and filter.
+correct instead of 50%: 30% partial, 20% unrelated, 10% junk), images hold 1-2 shapes instead of 1-3, and they are
+96 px instead of 64 - at 64 px in 16 px patches this ViT tells shape kinds apart only slowly (a supervised probe on
+single-shape images: 37% after 250 steps of 32 fresh images, 74% after 1000; at 96 px 88% after 250), and the
+pretrained captioner named the kind of a lone shape at chance (22%) while getting its colour right every time.
 """
 
 from blip.capfilt import CapfiltConfig
 from blip.demo import DemoConfig
 from blip.train.config import SHAPES_MODEL, TrainConfig
 
-# One architecture for every stage: 64 px images in 16 px patches, ViT 128 x 3, text 128 x 2 (encoder and decoder
-# share all but self-attention while pretraining, as in the paper). 16 px patches halve the cost of a step against 8.
-MODEL = {**SHAPES_MODEL, "image_size": 96, "patch_size": 16}  # SHAPES_MODEL also turns off flips and colour augmentation
+# One architecture for every stage: 96 px images in 16 px patches (36 tokens), ViT 128 x 3, text 128 x 2 (encoder and
+# decoder share all but self-attention while pretraining, as in the paper). SHAPES_MODEL also turns off flips and
+# colour augmentation.
+MODEL = {**SHAPES_MODEL, "image_size": 96, "patch_size": 16}
 
 
 def get_config(smoke: bool = False) -> DemoConfig:
@@ -34,10 +39,9 @@ def get_config(smoke: bool = False) -> DemoConfig:
         noise_rates=(0.4, 0.3, 0.2, 0.1),  # correct, partial, unrelated, junk
         max_shapes=2,
         world_image_size=96,
-        # One torch thread. This model's operations are small: a second thread makes a training step only ~1.2x
-        # faster on an idle 2-core machine (9.4 against 7.6 steps/s), and when other processes keep the cores busy
-        # two threads must wait for each other at every operation: 0.07-1.4 steps/s against 2.3-5.3 for one thread
-        # (2-core AMD EPYC). One thread keeps the demo's time predictable on a shared machine.
+        # Two torch threads: ~7.5 pretraining steps/s at 96 px on an idle 2-core machine. When other processes keep
+        # the cores busy, pass --threads 1: two threads then wait for each other at every operation (measured at
+        # 64 px: 0.07-1.4 steps/s against 2.3-5.3 for one thread, 2-core AMD EPYC).
         threads=2,
         pretrain=TrainConfig(
             task="pretrain",

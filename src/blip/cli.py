@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
     p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's, 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's; 2 in demo_shapes.py)")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
     p.add_argument(
         "--ablations",

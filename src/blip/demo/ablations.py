@@ -99,24 +99,15 @@ def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, s
 
 def train_shared(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
     """One model as captioner and filter: ITC + ITM + LM (the pretraining objectives, encoder and decoder sharing all
-    but self-attention) fine-tuned on the filter's data with the filter's schedule; threshold chosen as the filter's."""
-    import torch
-
-    from blip.api import load
-    from blip.capfilt import choose_threshold, score_validation
-    from blip.demo.stages import filter_manifests, finetune
-    from blip.io import read_jsonl
+    but self-attention) fine-tuned on the filter's data with the filter's schedule; threshold chosen as the filter's.
+    A pretrain-kind model captions without a prompt (its LM was trained on bare captions)."""
+    from blip.demo.stages import choose_filter_threshold, filter_manifests, finetune
 
     train_path, val_path = filter_manifests(cfg, data_dir, folder)
-    shared = cfg.filter.replace(task="pretrain", share_text_layers=True, eval_data="")
+    shared = cfg.filter.replace(task="pretrain", share_text_layers=True)
     result = finetune(cfg, shared, init, data_dir, folder, data=str(train_path))
-    with torch.inference_mode():
-        positive, negative = score_validation(load(result["checkpoint"], batch_size=64), read_jsonl(val_path))
-    chosen = choose_threshold(positive, negative)
-    result["validation"] = {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen}
-    result["threshold"] = chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold
-    result["model"] = result["checkpoint"]  # a pretrain-kind model: captions (no prompt) and ITM
-    return result
+    result["model"] = result["checkpoint"]  # pretrain-kind models have no HF folder
+    return {**result, **choose_filter_threshold(cfg, result["model"], val_path)}
 
 
 def run_ablations(

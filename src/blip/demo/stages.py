@@ -301,17 +301,24 @@ def train_filter(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> di
     """Fine-tune the filter (ITC + ITM; written negatives when `hard_negatives`) on the clean split minus the
     validation images, then choose its threshold on those (`choose_threshold`) unless `threshold_on_validation` is
     off (then the CapFilt config's threshold stays)."""
+    train_path, val_path = filter_manifests(cfg, data_dir, folder)
+    result = finetune(cfg, cfg.filter, init, data_dir, folder, data=str(train_path))
+    return {**result, **choose_filter_threshold(cfg, result["model"], val_path)}
+
+
+def choose_filter_threshold(cfg: DemoConfig, model: str, val_path: Path) -> dict[str, Any]:
+    """`{"validation": ..., "threshold": ...}`: `model`'s ITM scores on the validation manifest and the threshold
+    `choose_threshold` picks from them (the CapFilt config's own when `threshold_on_validation` is off)."""
     from blip.api import load
     from blip.capfilt import choose_threshold, score_validation
 
-    train_path, val_path = filter_manifests(cfg, data_dir, folder)
-    result = finetune(cfg, cfg.filter, init, data_dir, folder, data=str(train_path))
     with torch.inference_mode():
-        positive, negative = score_validation(load(result["model"], batch_size=64), read_jsonl(val_path))
+        positive, negative = score_validation(load(model, batch_size=64), read_jsonl(val_path))
     chosen = choose_threshold(positive, negative)
-    result["validation"] = {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen}
-    result["threshold"] = chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold
-    return result
+    return {
+        "validation": {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen},
+        "threshold": chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold,
+    }
 
 
 def run_capfilt_stage(
