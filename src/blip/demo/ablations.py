@@ -69,6 +69,31 @@ def dataset_makeup(dataset: Path, records: Path) -> dict[str, Any]:
     }
 
 
+def web_makeup(records: Path, clean_manifest: Path) -> dict[str, Any]:
+    """`dataset_makeup` of the web arm's pretraining data: every web text (checked against its scene) + the clean
+    captions."""
+    from blip.capfilt import read_records
+    from blip.data.shapes import Scene, check_caption
+
+    web = false = 0
+    for record in read_records(records):
+        if record["web_text"]:
+            web += 1
+            false += not check_caption(Scene.from_dict(record["scene"]), record["web_text"])
+    with open(clean_manifest, encoding="utf-8") as f:
+        clean = sum(len(json.loads(line)["captions"]) for line in f if line.strip())
+    return {
+        "texts": web + clean,
+        "by_origin": {
+            "web": {"texts": web, "false": false},
+            "synthetic": {"texts": 0, "false": 0},
+            "clean": {"texts": clean, "false": 0},
+        },
+        "false": false,
+        "false_rate": false / (web + clean) if web + clean else 0.0,
+    }
+
+
 def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, synthetic: str) -> dict[str, Any]:
     """A bootstrapped dataset from CapFilt's records with other rules: `web` / `synthetic` each "all", "kept" (the
     filter's verdict) or "none"; the clean captions always (the layout of `bootstrap.jsonl`)."""
@@ -128,6 +153,7 @@ def run_ablations(
     arms: dict[str, dict[str, Any]] = {}
     for name in ("web", "capfilt"):
         arms[name] = dict(main["arms"][name])
+    arms["web"]["data"] = web_makeup(records, clean)
     arms["capfilt"]["capfilt"] = _capfilt_numbers(records, main["filter"]["threshold"])
     arms["capfilt"]["data"] = dataset_makeup(out / "capfilt_data" / "bootstrap.jsonl", records)
 

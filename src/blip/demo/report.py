@@ -88,7 +88,7 @@ def plot_filter_scores(scores: dict[str, Any], threshold: float, path: Path) -> 
         ax.set_xlabel("P(match)")
         ax.set_ylabel("texts")
         ax.set_yscale("log")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper right")
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
