@@ -100,13 +100,13 @@ def _mean_std(values: list[float]) -> str:
 def summarize_ablations(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     """Mean ± std of every arm's numbers over the seeds that ran `--ablations`, and on how many seeds each of the
     paper's claims held."""
-    runs = {seed: m for seed, m in runs.items() if "ablations" in m}
+    runs = {seed: m for seed, m in runs.items() if "ablation_findings" in m}
     if not runs:
         return None
-    first = next(iter(runs.values()))["ablations"]
+    first = next(iter(runs.values()))["ablation_findings"]
     arms: dict[str, dict[str, list[float]]] = {}
     for m in runs.values():
-        for arm, numbers in m["ablations"]["arms"].items():
+        for arm, numbers in m["ablations"].items():
             for key, _ in ABLATION_KEYS:
                 try:
                     value = _get(numbers, key)
@@ -114,22 +114,22 @@ def summarize_ablations(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | Non
                     continue
                 scale = 100.0 if key.startswith(("data.", "capfilt.")) else 1.0
                 arms.setdefault(arm, {}).setdefault(key, []).append(value * scale)
-    held = {name: sum(m["ablations"]["findings"][name]["holds"] for m in runs.values()) for name in first["findings"]}
+    held = {name: sum(m["ablation_findings"][name]["holds"] for m in runs.values()) for name in first}
     comparisons = {
         name: {
             what: {
-                metric: sum(m["ablations"]["findings"][name]["comparisons"][what][metric] for m in runs.values())
+                metric: sum(m["ablation_findings"][name]["comparisons"][what][metric] for m in runs.values())
                 for metric in result
             }
             for what, result in finding["comparisons"].items()
         }
-        for name, finding in first["findings"].items()
+        for name, finding in first.items()
     }
-    claims = {name: f["claim"] for name, f in first["findings"].items()}
+    claims = {name: f["claim"] for name, f in first.items()}
     return {
         "seeds": sorted(runs),
         "arms": arms,
-        "ablations": first["ablations"],
+        "ablations": {name: f["arms"] for name, f in first.items()},
         "held": held,
         "comparisons": comparisons,
         "claims": claims,

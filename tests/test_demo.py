@@ -95,13 +95,13 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), ablations=True, say=lines.append) == 0
     assert any(line.startswith("[33/33] vqa_round2: done") for line in lines)
     metrics = json.loads((out / "metrics.json").read_text())
-    ab = metrics["ablations"]
-    assert list(ab["arms"]) == list(ARMS)
-    for arm, numbers in ab["arms"].items():
+    arms = metrics["ablations"]  # keyed by arm (DESIGN §9)
+    assert list(arms) == list(ARMS)
+    for arm, numbers in arms.items():
         for key in ("cider", "bleu4", "vqa_accuracy", "retrieval_r1"):
             assert isinstance(numbers[key], float), (arm, key)
-    assert ab["arms"]["web"]["cider"] == metrics["web"]["cider"]  # the demo's arms are reused, not rerun
-    data = {arm: ab["arms"][arm]["data"]["by_origin"] for arm in ("captioner_only", "filter_only", "capfilt")}
+    assert arms["web"]["cider"] == metrics["web"]["cider"]  # the demo's arms are reused, not rerun
+    data = {arm: arms[arm]["data"]["by_origin"] for arm in ("captioner_only", "filter_only", "capfilt")}
     assert data["captioner_only"]["web"]["texts"] == 48 and data["captioner_only"]["synthetic"]["texts"] == 48
     assert data["filter_only"]["synthetic"]["texts"] == 0
     assert data["filter_only"]["web"] == data["capfilt"]["web"]
@@ -114,8 +114,8 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     assert shared.count("shared/model/checkpoint.pt") == 2
     round2 = json.loads((out / "ablations" / "round2" / "captioner" / "config.json").read_text())
     assert round2["init"].endswith("capfilt/pretrain/checkpoint.pt")
-    assert set(ab["findings"]) == {"effect", "diversity", "sharing", "rounds"}
-    assert ab["findings"] == findings(ab["arms"])
+    assert set(metrics["ablation_findings"]) == {"effect", "diversity", "sharing", "rounds"}
+    assert metrics["ablation_findings"] == findings(arms)
     assert "Ablations" in (out / "report.html").read_text()
 
 

@@ -13,7 +13,8 @@ gets the demo's fine-tuning budget for captioning and VQA and its zero-shot retr
 - `round2`: a second round - captioner and filter fine-tuned from the `capfilt` arm's pretrained model, CapFilt of
   the web split again, a new model pretrained on the result.
 
-Which arms each ablation compares: `ABLATIONS`. Each arm's data is described by `dataset_makeup` (texts, false texts
+Which arms each ablation compares: `ABLATIONS`. `metrics.json` gets `ablations` (every arm's numbers, keyed by arm)
+and `ablation_findings` (`findings`). Each arm's data is described by `dataset_makeup` (texts, false texts
 by origin, checked against the true scenes); CapFilt arms also by `analyse_capfilt` (the filter's removal rates by
 noise kind, the synthetic captions' true share and the filter's acceptance of false ones).
 """
@@ -144,7 +145,7 @@ def run_ablations(
 ) -> dict[str, Any]:
     """The arms beyond the demo's two (see the module docstring). `main`: the demo's results by name (`pre_web`,
     `cap_web`, `filter`, `pre_capfilt`, and `arms`: the headline numbers of `web` and `capfilt`). Returns
-    `{"arms": {arm: numbers}, "ablations": ABLATIONS}`."""
+    every arm's numbers, keyed by arm (`metrics.json`'s `ablations`; `findings` reads them)."""
     from blip.demo.stages import arm_result, finetune, run_capfilt_stage, train_arm, train_filter
 
     root = out / "ablations"
@@ -241,8 +242,7 @@ def run_ablations(
     )
     arm("round2", cf2["dataset"], root / "round2" / "capfilt_data", filt2["threshold"])
     arms["round2"]["filter_validation"] = filt2["validation"]
-    ordered = {name: arms[name] for name in ARMS}
-    return {"arms": ordered, "ablations": {k: list(v) for k, v in ABLATIONS.items()}, "findings": findings(ordered)}
+    return {name: arms[name] for name in ARMS}
 
 
 def _capfilt_numbers(folder: Path, threshold: float) -> dict[str, Any]:
@@ -282,8 +282,9 @@ def _wins(arms: dict[str, dict[str, Any]], better: str, worse: str) -> dict[str,
 
 
 def findings(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """For each ablation: the paper's claim, the comparisons it rests on (metric -> does the paper's side win here),
-    and `holds`: every comparison goes the paper's way."""
+    """For each ablation (`metrics.json`'s `ablation_findings`): the arms it compares, the paper's claim, the
+    comparisons it rests on (metric -> does the paper's side win here), and `holds`: every comparison goes the
+    paper's way."""
     out: dict[str, dict[str, Any]] = {}
     effect = {
         "capfilt > captioner_only": _wins(arms, "capfilt", "captioner_only"),
@@ -305,6 +306,7 @@ def findings(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     rounds = {"round2 > capfilt": _wins(arms, "round2", "capfilt")}
     for name, comparisons in (("effect", effect), ("diversity", diversity), ("sharing", sharing), ("rounds", rounds)):
         out[name] = {
+            "arms": list(ABLATIONS[name]),
             "claim": CLAIMS[name],
             "comparisons": comparisons,
             "holds": all(v for c in comparisons.values() for v in c.values()),

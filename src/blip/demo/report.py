@@ -323,18 +323,17 @@ def _cell(value: float | None, pct: bool = False) -> str:
 
 def _ablations(m: dict[str, Any]) -> str:
     """The paper's ablations on this seed: one table per ablation, and whether the paper's direction holds."""
-    ab = m.get("ablations")
-    if not ab:
+    arms, found = m.get("ablations"), m.get("ablation_findings")
+    if not arms or not found:
         return ""
-    arms, parts = ab["arms"], ["<h2>Ablations (the paper's Tables 1-3, and a second round)</h2>"]
+    parts = ["<h2>Ablations (the paper's Tables 1-3, and a second round)</h2>"]
     head = (
         "<tr><th>arm</th><th>CIDEr</th><th>BLEU-4</th><th>VQA</th><th>zs R@1</th><th>false texts in pretraining</th>"
         "<th>synthetic true</th><th>synthetic distinct</th><th>false synthetic kept</th><th>filter P / R</th></tr>"
     )
-    for name, arm_names in ab["ablations"].items():
-        finding = ab["findings"][name]
+    for name, finding in found.items():
         rows = []
-        for arm in arm_names:
+        for arm in finding["arms"]:
             a = arms[arm]
             cf = a.get("capfilt", {})
             pr = f"{_pct(cf['filter_precision'])} / {_pct(cf['filter_recall'])}" if cf else "&ndash;"

@@ -639,11 +639,12 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     for arm, pre, cap in (("web", pre_web, cap_web), ("capfilt", pre_cf, cap_cf)):
         metrics[arm] = arm_result({"pretrain": pre, "caption": cap, "vqa": vqa[arm]})
     if ablations:
-        from blip.demo.ablations import run_ablations
+        from blip.demo.ablations import findings, run_ablations
 
         main = {"pre_web": pre_web, "cap_web": cap_web, "filter": filt, "pre_capfilt": pre_cf}
         main["arms"] = {"web": metrics["web"], "capfilt": metrics["capfilt"]}
-        metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)
+        metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)  # keyed by arm (DESIGN §9)
+        metrics["ablation_findings"] = findings(metrics["ablations"])
     metrics["baselines"] = {"untrained": base["untrained"], "chance": base["chance"]}
     metrics["constant_caption"] = base["constant_caption"]
     metrics["filter"] = {k: v for k, v in analysis.items() if k != "scores"}
