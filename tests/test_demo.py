@@ -95,7 +95,7 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), ablations=True, say=lines.append) == 0
     assert any(line.startswith("[33/33] vqa_round2: done") for line in lines)
     metrics = json.loads((out / "metrics.json").read_text())
-    arms = metrics["ablations"]  # keyed by arm (DESIGN §9)
+    arms = metrics["ablations"]  # keyed by arm (the metrics.json contract)
     assert list(arms) == list(ARMS)
     for arm, numbers in arms.items():
         for key in ("cider", "bleu4", "vqa_accuracy", "retrieval_r1"):

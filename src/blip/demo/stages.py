@@ -643,7 +643,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
 
         main = {"pre_web": pre_web, "cap_web": cap_web, "filter": filt, "pre_capfilt": pre_cf}
         main["arms"] = {"web": metrics["web"], "capfilt": metrics["capfilt"]}
-        metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)  # keyed by arm (DESIGN §9)
+        metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)  # by arm: a contract
         metrics["ablation_findings"] = findings(metrics["ablations"])
     metrics["baselines"] = {"untrained": base["untrained"], "chance": base["chance"]}
     metrics["constant_caption"] = base["constant_caption"]
