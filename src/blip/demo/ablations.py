@@ -8,8 +8,8 @@ gets the demo's fine-tuning budget for captioning and VQA and its zero-shot retr
 - `captioner_only`: every web text and every synthetic caption, unfiltered (+ clean) - paper Table 1 "C";
 - `filter_only`: the web texts the filter keeps, no synthetic captions (+ clean) - paper Table 1 "F";
 - `beam`: CapFilt with beam search (width 3) instead of nucleus sampling - paper Table 2;
-- `shared`: one model fine-tuned as captioner and filter at once (ITC + ITM + LM on the clean captions, the text
-  encoder and decoder sharing all but self-attention, as in pretraining), used for both roles - paper Table 3;
+- `shared`: one model fine-tuned as captioner and filter at once (ITC + ITM + LM on the filter's clean captions, the
+  text encoder and decoder sharing all but self-attention, as in pretraining), used for both roles - paper Table 3;
 - `round2`: a second round - captioner and filter fine-tuned from the `capfilt` arm's pretrained model, CapFilt of
   the web split again, a new model pretrained on the result.
 
@@ -38,8 +38,10 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "sharing": ("capfilt", "shared"),  # Table 3: captioner and filter separate vs sharing parameters
     "rounds": ("capfilt", "round2"),  # bootstrapping again from the CapFilt model
 }
-ARMS: tuple[str, ...] = ("web", "captioner_only", "filter_only", "capfilt", "beam", "shared", "round2")
-STAGES = 23  # stages `run_ablations` adds to the demo's
+ARMS: tuple[str, ...] = tuple(dict.fromkeys(arm for arms in ABLATIONS.values() for arm in arms))
+# Stages `run_ablations` adds to the demo's: 3 per arm it trains (all but web and capfilt), 2 data variants, beam's
+# CapFilt, the shared model and its CapFilt, and round 2's captioner, filter and CapFilt.
+STAGES = 3 * (len(ARMS) - 2) + 8
 BEAM_WIDTH = 3
 
 
@@ -99,6 +101,7 @@ def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, s
     """A bootstrapped dataset from CapFilt's records with other rules: `web` / `synthetic` each "all", "kept" (the
     filter's verdict) or "none"; the clean captions always (the layout of `bootstrap.jsonl`)."""
     from blip.capfilt import read_records
+    from blip.capfilt.core import _clean_rows
 
     def take(rule: str, keep: bool) -> bool:
         return rule == "all" or (rule == "kept" and keep)
@@ -112,28 +115,9 @@ def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, s
             rows += [("synthetic", s["text"]) for s in record["synthetic"] if s["text"] and take(synthetic, s["keep"])]
             for origin, text in rows:
                 f.write(json.dumps({"image": image, "caption": text, "origin": origin, "id": record["id"]}) + "\n")
-        with open(clean_manifest, encoding="utf-8") as clean:
-            for line in clean:
-                if line.strip():
-                    row = json.loads(line)
-                    image = str((clean_manifest.parent / row["image"]).resolve())
-                    for text in row["captions"]:
-                        f.write(json.dumps({"image": image, "caption": text, "origin": "clean", "id": row["id"]}))
-                        f.write("\n")
+        for row in _clean_rows(str(clean_manifest)):  # as `blip capfilt --keep-clean` adds them
+            f.write(json.dumps(row) + "\n")
     return {"dataset": str(out)}
-
-
-def train_shared(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
-    """One model as captioner and filter: ITC + ITM + LM (the pretraining objectives, encoder and decoder sharing all
-    but self-attention) fine-tuned on the filter's data with the filter's schedule; threshold chosen as the filter's.
-    A pretrain-kind model captions without a prompt (its LM was trained on bare captions)."""
-    from blip.demo.stages import choose_filter_threshold, filter_manifests, finetune
-
-    train_path, val_path = filter_manifests(cfg, data_dir, folder)
-    shared = cfg.filter.replace(task="pretrain", share_text_layers=True)
-    result = finetune(cfg, shared, init, data_dir, folder, data=str(train_path))
-    result["model"] = result["checkpoint"]  # pretrain-kind models have no HF folder
-    return {**result, **choose_filter_threshold(cfg, result["model"], val_path)}
 
 
 def run_ablations(
@@ -146,16 +130,17 @@ def run_ablations(
     """The arms beyond the demo's two (see the module docstring). `main`: the demo's results by name (`pre_web`,
     `cap_web`, `filter`, `pre_capfilt`, and `arms`: the headline numbers of `web` and `capfilt`). Returns
     every arm's numbers, keyed by arm (`metrics.json`'s `ablations`; `findings` reads them)."""
-    from blip.demo.stages import arm_result, finetune, run_capfilt_stage, train_arm, train_filter
+    from blip.demo.stages import analyse_capfilt, arm_result, finetune, run_capfilt_stage, train_arm, train_filter
 
     root = out / "ablations"
     clean = data_dir / "clean.jsonl"
     records = out / "capfilt_data"
+    manifests = (out / "filter" / "filter_train.jsonl", out / "filter" / "filter_val.jsonl")  # the filter's, reused
     arms: dict[str, dict[str, Any]] = {}
     for name in ("web", "capfilt"):
         arms[name] = dict(main["arms"][name])
     arms["web"]["data"] = web_makeup(records, clean)
-    arms["capfilt"]["capfilt"] = _capfilt_numbers(records, main["filter"]["threshold"])
+    arms["capfilt"]["capfilt"] = _capfilt_numbers(main["analysis"])
     arms["capfilt"]["data"] = dataset_makeup(out / "capfilt_data" / "bootstrap.jsonl", records)
 
     def arm(name: str, dataset: str, capfilt_folder: Path, threshold: float | None) -> None:
@@ -163,7 +148,7 @@ def run_ablations(
         arms[name] = arm_result(results)
         arms[name]["data"] = dataset_makeup(Path(dataset), capfilt_folder)
         if threshold is not None:
-            arms[name]["capfilt"] = _capfilt_numbers(capfilt_folder, threshold)
+            arms[name]["capfilt"] = _capfilt_numbers(analyse_capfilt(capfilt_folder, threshold))
 
     # Table 1: captioner only, filter only.
     for name, web, synthetic in (("captioner_only", "all", "all"), ("filter_only", "kept", "none")):
@@ -194,12 +179,21 @@ def run_ablations(
     )
     arm("beam", beam["dataset"], root / "beam" / "capfilt_data", main["filter"]["threshold"])
 
-    # Table 3: captioner and filter sharing parameters.
+    # Table 3: captioner and filter sharing parameters: the pretraining objectives (ITC + ITM + LM, encoder and decoder
+    # sharing all but self-attention) fine-tuned on the filter's data with its schedule; the model captions unprompted.
+    shared_base = cfg.filter.replace(task="pretrain", share_text_layers=True)
     shared = stages.run(
         "shared_model",
         root / "shared" / "model",
         "fine-tune one model as captioner and filter (ITC + ITM + LM, shared layers)",
-        lambda: train_shared(cfg, main["pre_web"]["checkpoint"], data_dir, root / "shared" / "model"),
+        lambda: train_filter(
+            cfg,
+            main["pre_web"]["checkpoint"],
+            data_dir,
+            root / "shared" / "model",
+            base=shared_base,
+            manifests=manifests,
+        ),
     )
     shared_cfg = cfg.replace(capfilt=dataclasses.replace(cfg.capfilt, prompt=""))  # the LM was trained unprompted
     shared_cf = stages.run(
@@ -230,7 +224,7 @@ def run_ablations(
         "filter_round2",
         root / "round2" / "filter",
         "round 2: fine-tune a filter from the CapFilt model, choose its threshold",
-        lambda: train_filter(cfg, init, data_dir, root / "round2" / "filter"),
+        lambda: train_filter(cfg, init, data_dir, root / "round2" / "filter", manifests=manifests),
     )
     cf2 = stages.run(
         "capfilt_round2",
@@ -245,15 +239,13 @@ def run_ablations(
     return {name: arms[name] for name in ARMS}
 
 
-def _capfilt_numbers(folder: Path, threshold: float) -> dict[str, Any]:
-    from blip.demo.stages import analyse_capfilt
-
-    analysis = analyse_capfilt(folder, threshold)
+def _capfilt_numbers(analysis: dict[str, Any]) -> dict[str, Any]:
+    """An arm's CapFilt numbers from `analyse_capfilt`'s analysis of its records."""
     synth = analysis["synthetic"]
     false = synth["texts"] - synth["true"]
     kept_false = synth["kept"] - synth["kept_true"]
     return {
-        "threshold": threshold,
+        "threshold": analysis["threshold"],
         "filter_precision": analysis["web"]["precision"],
         "filter_recall": analysis["web"]["recall"],
         "web_removed_by_noise": {

@@ -297,12 +297,24 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
     return train_path, val_path
 
 
-def train_filter(cfg: DemoConfig, init: str, data_dir: Path, folder: Path) -> dict[str, Any]:
-    """Fine-tune the filter (ITC + ITM; written negatives when `hard_negatives`) on the clean split minus the
-    validation images, then choose its threshold on those (`choose_threshold`) unless `threshold_on_validation` is
-    off (then the CapFilt config's threshold stays)."""
-    train_path, val_path = filter_manifests(cfg, data_dir, folder)
-    result = finetune(cfg, cfg.filter, init, data_dir, folder, data=str(train_path))
+def train_filter(
+    cfg: DemoConfig,
+    init: str,
+    data_dir: Path,
+    folder: Path,
+    base: TrainConfig | None = None,
+    manifests: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the filter (`base`, default `cfg.filter`: ITC + ITM; written negatives when `hard_negatives`) on the
+    clean split minus the validation images (`manifests`: `filter_manifests`' two files, written here when not
+    given), then choose its threshold on those (`choose_threshold`) unless `threshold_on_validation` is off (then the
+    CapFilt config's threshold stays). A pretrain-kind `base` (one model as captioner and filter) is used from its
+    checkpoint, as it has no HF folder."""
+    base = base or cfg.filter
+    train_path, val_path = manifests or filter_manifests(cfg, data_dir, folder)
+    result = finetune(cfg, base, init, data_dir, folder, data=str(train_path))
+    if base.task == "pretrain":
+        result["model"] = result["checkpoint"]
     return {**result, **choose_filter_threshold(cfg, result["model"], val_path)}
 
 
@@ -347,6 +359,8 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
 
     kinds: Counter = Counter()
     removed: Counter = Counter()
+    partial: Counter = Counter()  # partly wrong web captions by the attribute swapped (colour, shape, position)
+    partial_removed: Counter = Counter()
     synth = Counter()
     distinct: set[str] = set()
     scores: dict[str, list[float]] = {k: [] for k in NOISE_KINDS}
@@ -355,9 +369,9 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
         noise = record.get("noise") or record.get("input_noise")
         kinds[noise] += 1
         removed[noise] += not record["web_keep"]
-        if noise == "partial" and record.get("noise_detail"):  # which attribute was swapped: colour, shape, position
-            kinds[f"partial {record['noise_detail']}"] += 1
-            removed[f"partial {record['noise_detail']}"] += not record["web_keep"]
+        if noise == "partial" and record.get("noise_detail"):
+            partial[record["noise_detail"]] += 1
+            partial_removed[record["noise_detail"]] += not record["web_keep"]
         scores.setdefault(noise, []).append(float(record["web_score"]))
         scene = Scene.from_dict(record["scene"])
         for s in record["synthetic"]:
@@ -369,11 +383,10 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
             synth["kept_true"] += ok and bool(s["keep"])
             synth["removed_false"] += (not ok) and not s["keep"]
             synth_scores["true" if ok else "false"].append(float(s["score"]))
-    labels = [k for k in kinds if " " not in k]  # the noise kinds (not their "partial <attribute>" breakdown)
-    noisy = sum(kinds[k] for k in labels if k != "correct")
-    removed_noisy = sum(removed[k] for k in labels if k != "correct")
-    removed_all = sum(removed[k] for k in labels)
-    web_total = sum(kinds[k] for k in labels)
+    noisy = sum(n for k, n in kinds.items() if k != "correct")
+    removed_noisy = sum(n for k, n in removed.items() if k != "correct")
+    removed_all = sum(removed.values())
+    web_total = sum(kinds.values())
     synth_false = synth["texts"] - synth["true"]
     return {
         "threshold": threshold,
@@ -387,9 +400,7 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
             "recall": removed_noisy / noisy if noisy else 0.0,
             "kept_correct_rate": 1 - removed["correct"] / kinds["correct"] if kinds["correct"] else 0.0,
             "by_noise": {k: {"texts": kinds[k], "removed": removed[k]} for k in scores if kinds[k]},
-            "partial_by_attribute": {
-                k.split()[1]: {"texts": kinds[k], "removed": removed[k]} for k in sorted(kinds) if " " in k
-            },
+            "partial_by_attribute": {a: {"texts": partial[a], "removed": partial_removed[a]} for a in sorted(partial)},
         },
         "synthetic": {
             "texts": synth["texts"],
@@ -641,7 +652,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     if ablations:
         from blip.demo.ablations import findings, run_ablations
 
-        main = {"pre_web": pre_web, "cap_web": cap_web, "filter": filt, "pre_capfilt": pre_cf}
+        main = {"pre_web": pre_web, "cap_web": cap_web, "filter": filt, "pre_capfilt": pre_cf, "analysis": analysis}
         main["arms"] = {"web": metrics["web"], "capfilt": metrics["capfilt"]}
         metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)  # by arm: a contract
         metrics["ablation_findings"] = findings(metrics["ablations"])

@@ -104,10 +104,10 @@ class _ContrastiveTask(TrainTask):
         idx = batch["image_ids"] if self.itc.use_idx else None
         itc = self.itc(image_feat, text_feat, pixels, ids, mask, idx=idx)
         pad = model.config.text.pad_token_id
-        written = None
-        if "negative_ids" in batch:  # texts the data says are false for their image: more ITM negatives
-            written = (_first_token(batch["negative_ids"], self.itm_token_id), batch["negative_mask"])
-            written += (batch["negative_owner"],)
+        written = None  # texts the data says are false for their image: more ITM negatives
+        if "negative_ids" in batch:
+            ids_w = _first_token(batch["negative_ids"], self.itm_token_id)
+            written = (ids_w, batch["negative_mask"], batch["negative_owner"])
         itm_loss = self.itm(model, image_embeds, _first_token(ids, self.itm_token_id), mask, itc, pad, written)
         return image_embeds, itc.loss, itm_loss
 
