@@ -348,8 +348,13 @@ class Service:
         build: Callable[[list[ImageItem]], Any],
         *,
         solo: bool = False,
+        listener: TokenListener | None = None,
     ) -> Any:
-        """Admit, load images, queue for the model, and wait (bounded by the request timeout)."""
+        """Admit, load images, queue for the model, and wait (bounded by the request timeout). With a `listener`
+        (a streaming request): alone (no other request's rows), its greedy or sampling decoding calling `listener`
+        after each step on the inference thread."""
+        if listener is not None:
+            build, solo = (lambda items, make=build: Listened(make(items), listener)), True
         try:
             slot = self.batcher.admit()
         except QueueFull as e:
@@ -378,26 +383,18 @@ class Service:
         except ValueError as e:  # the task functions' own argument checks
             raise ApiError(422, "invalid_request", str(e)) from e
 
-    async def listened(
-        self,
-        task: str,
-        model: str,
-        options: Hashable,
-        sources: list[ImageSource],
-        build: Callable[[list[ImageItem]], Any],
-        listener: TokenListener,
-    ) -> Any:
-        """`run` for a streaming request: alone (no other request's rows), under the same admission, limits and
-        timeout, its greedy or sampling decoding calling `listener` after each step on the inference thread. The
-        caller checks the options first, as `caption` and `answer` do."""
-        return await self.run(task, model, options, sources, lambda items: Listened(build(items), listener), solo=True)
-
     async def caption(
-        self, name: str, blip: Blip, options: CaptionOptions, sources: list[ImageSource], field: str = "images"
+        self,
+        name: str,
+        blip: Blip,
+        options: CaptionOptions,
+        sources: list[ImageSource],
+        field: str = "images",
+        listener: TokenListener | None = None,
     ) -> list[list[Caption]]:
         self.check_count(len(sources), self.settings.max_images, field, "images")
         options = self.caption_options(options, blip)
-        return await self.run("caption", name, options, sources, CaptionWork, solo=options.do_sample)
+        return await self.run("caption", name, options, sources, CaptionWork, solo=options.do_sample, listener=listener)
 
     async def answer(
         self,
@@ -407,10 +404,12 @@ class Service:
         questions: list[str],
         image_of: list[int],
         fields: list[str],
+        listener: TokenListener | None = None,
     ) -> list[Answer]:
         """Answers for questions[q] about sources[image_of[q]]; `fields[q]` names question q in the request."""
         self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
-        return await self.run("vqa", name, options, sources, lambda items: PairWork(items, questions, image_of))
+        pairs = lambda items: PairWork(items, questions, image_of)  # noqa: E731
+        return await self.run("vqa", name, options, sources, pairs, listener=listener)
 
     async def top_answers(
         self,
@@ -421,12 +420,14 @@ class Service:
         questions: list[str],
         image_of: list[int],
         fields: list[str],
+        listener: TokenListener | None = None,
     ) -> list[list[Answer]]:
         """`answer`, with the `count` best generated answers per question (the best beams of beam search of width
         `options.num_beams`, at least `count`), best first."""
         self.check_question_lengths(self.models[name], options, list(zip(fields, questions)))
         top = TopAnswers(options, count)
-        return await self.run("vqa_top", name, top, sources, lambda items: PairWork(items, questions, image_of))
+        pairs = lambda items: PairWork(items, questions, image_of)  # noqa: E731
+        return await self.run("vqa_top", name, top, sources, pairs, listener=listener)
 
     async def match(self, name: str, sources: list[ImageSource], texts: list[str], image_of: list[int]) -> list[float]:
         return await self.run("match", name, None, sources, lambda items: PairWork(items, texts, image_of))

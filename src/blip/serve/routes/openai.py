@@ -58,9 +58,8 @@ from blip.serve.schemas import (
     OpenAiErrorResponse,
 )
 from blip.serve.service import Service
-from blip.tasks.batch import CaptionWork, PairWork, TopAnswers
 from blip.tasks.common import Answer, Caption
-from blip.tasks.options import CaptionOptions, OptionError, VqaOptions, is_blip2
+from blip.tasks.options import CaptionOptions, VqaOptions, is_blip2
 from blip.tasks.streaming import TextDeltas, partial_text
 
 if TYPE_CHECKING:
@@ -136,28 +135,18 @@ class _Completion:
     async def results(self, listener: TokenListener | None) -> list[Caption] | list[Answer]:
         """The choices' results: through the micro-batcher; with a `listener` (streaming), alone, the decoding
         reporting each step to it. An option's error is named as the request names it."""
-        return await _renaming(self._run(listener), self.text_field)
+        with _renamed_errors(self.text_field):
+            return await self._run(listener)
 
     async def _run(self, listener: TokenListener | None) -> list[Caption] | list[Answer]:
         svc, name, blip, source, n, options = self.svc, self.name, self.blip, self.source, self.body.n, self.options
         if isinstance(options, CaptionOptions):
-            if listener is None:
-                (captions,) = await svc.caption(name, blip, options, [source], field=source.field)
-            else:
-                checked = svc.caption_options(options, blip)
-                (captions,) = await svc.listened("caption", name, checked, [source], CaptionWork, listener)
+            (captions,) = await svc.caption(name, blip, options, [source], field=source.field, listener=listener)
             return captions
         question, field = [self.text], [self.text_field]
-        if listener is None:
-            if n == 1:
-                return await svc.answer(name, options, [source], question, [0], field)
-            (answers,) = await svc.top_answers(name, options, n, [source], question, [0], field)
-            return answers
-        svc.check_question_lengths(blip, options, list(zip(field, question)))
-        pair = lambda items: PairWork(items, question, [0])  # noqa: E731
         if n == 1:
-            return await svc.listened("vqa", name, options, [source], pair, listener)
-        (answers,) = await svc.listened("vqa_top", name, TopAnswers(options, n), [source], pair, listener)
+            return await svc.answer(name, options, [source], question, [0], field, listener=listener)
+        (answers,) = await svc.top_answers(name, options, n, [source], question, [0], field, listener=listener)
         return answers
 
     def completion(self, results: list[Caption] | list[Answer]) -> ChatCompletion:
@@ -235,10 +224,8 @@ def _target(svc: Service, model: str, text: str, text_field: str) -> tuple[str, 
 OPTION_NAMES = {"max_new_tokens": "max_tokens", "num_captions": "n", "num_beams": "n"}  # options -> request fields
 
 
-def _renamed(field: str | None, message: str, text_field: str) -> tuple[str, str]:
+def _renamed(field: str, message: str, text_field: str) -> tuple[str, str]:
     """An option's error as the request names it: (field, message)."""
-    if field is None:
-        return "", message
     name = text_field if field == "prompt" else OPTION_NAMES.get(field, field)
     reason = message.removeprefix(f"{field}: ")
     return name, f"{name}: {'as the prompt: ' if field == 'prompt' else ''}{reason}"
@@ -256,20 +243,6 @@ def _renamed_errors(text_field: str) -> Iterator[None]:
         raise ApiError(e.status, e.code, message, field=field, headers=e.headers) from e
 
 
-async def _renaming(work: Any, text_field: str) -> Any:
-    """`await work`, an error of an option named as the request names it."""
-    with _renamed_errors(text_field):
-        return await work
-
-
-def _options(make: Any, text_field: str) -> Any:
-    try:
-        return make()
-    except OptionError as e:
-        field, message = _renamed(e.field, str(e), text_field)
-        raise ApiError(422, "invalid_request", message, field=field) from e
-
-
 def _caption_options(body: ChatRequest, text: str, text_field: str, max_new_tokens: int | None) -> CaptionOptions:
     sampling = body.temperature > 0 if body.temperature is not None else body.top_p is not None
     values: dict[str, Any] = {"prompt": text or None}
@@ -282,7 +255,8 @@ def _caption_options(body: ChatRequest, text: str, text_field: str, max_new_toke
         values["num_captions"] = body.n
     elif body.n > 1:
         values.update(num_beams=body.n, num_captions=body.n)  # the n best beams
-    return _options(lambda: CaptionOptions(**values), text_field)
+    with _renamed_errors(text_field):
+        return Service.options(lambda: CaptionOptions(**values))
 
 
 def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: int | None) -> VqaOptions:
@@ -292,9 +266,8 @@ def _vqa_options(svc: Service, body: ChatRequest, blip: Blip, max_new_tokens: in
     values: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if body.n > 1:
         values["num_beams"] = body.n  # the n best beams
-    options = _options(lambda: VqaOptions(**values), "")
     with _renamed_errors(""):  # the server's caps and the model's limits never name a prompt here
-        return svc.vqa_options(options, blip)
+        return svc.vqa_options(svc.options(lambda: VqaOptions(**values)), blip)
 
 
 # --- usage ------------------------------------------------------------------------------------------------------------
