@@ -75,13 +75,13 @@ def evaluate_video_retrieval(
     blip: Blip, rows: list[dict[str, Any]], *, num_frames: int = 8, k_test: int = 16
 ) -> EvalResult:
     """Text -> video R@1/5/10 and median rank (ITM re-scored; ``itc_*``: by ITC alone), with chance levels."""
-    from blip.tasks.video import concatenated_tokens, video_embeddings
+    from blip.tasks.video import frame_tokens, video_feature
 
     model = blip.model
     device = next(model.parameters()).device
     size = blip.transform.image_size
-    frames = [read_frames(r["video"], num_frames, size=size, name=r["id"]) for r in rows]
-    video_feats = video_embeddings(blip, frames)
+    tokens = [frame_tokens(blip, read_frames(r["video"], num_frames, size=size, name=r["id"])) for r in rows]
+    video_feats = torch.stack([video_feature(blip, t) for t in tokens])  # the ViT runs once per clip: ITC and ITM
     captions = list(dict.fromkeys(r["caption"] for r in rows))
     truth = [[i for i, r in enumerate(rows) if r["caption"] == c] for c in captions]
     text_feats = blip.embed_texts(captions)
@@ -91,11 +91,12 @@ def evaluate_video_retrieval(
     top = sims.topk(k, dim=1).indices
     rescored = torch.full_like(sims, -100.0)
     ids, mask = blip.tokenizer(captions, max_length=MAX_TEXT_TOKENS)
-    for v in range(len(rows)):
-        queries = [q for q in range(len(captions)) if bool((top[q] == v).any())]
-        if not queries:
-            continue
-        cross = model.image_cross_kv(concatenated_tokens(blip, frames[v]))
+    queries_of: dict[int, list[int]] = {}  # clip -> the captions whose top k hold it, in caption order
+    for q, clips in enumerate(top.tolist()):
+        for v in clips:
+            queries_of.setdefault(v, []).append(q)
+    for v, queries in sorted(queries_of.items()):
+        cross = model.image_cross_kv(tokens[v].reshape(1, -1, tokens[v].shape[-1]))  # all frames' tokens, in order
         states = model.encode_multimodal(
             ids[queries].to(device), mask[queries].to(device), cross=cross, first_only=True
         )

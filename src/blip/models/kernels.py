@@ -233,6 +233,7 @@ def onednn_linear_available() -> bool:
     return cpu_matmul().library == "onednn"
 
 
+@functools.cache  # a property of this PyTorch build: one check per process, not one per `pack_linears` call
 def _onednn_works() -> bool:
     """The op exists on this build and agrees with `F.linear` (it is internal to PyTorch: inductor uses it)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):

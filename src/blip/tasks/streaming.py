@@ -35,13 +35,9 @@ def partial_text(blip: Blip, task: str, prompt: str | None) -> Callable[[list[in
         from blip.tasks import blip2
 
         return blip2.partial_caption(blip, prompt) if task == "caption" else blip2.partial_answer(blip)
-    if task == "caption":
-        from blip.tasks.caption import partial_caption
+    from blip.tasks.caption import partial_caption
 
-        return partial_caption(blip, prompt)
-    from blip.tasks.vqa import partial_answer
-
-    return partial_answer(blip)
+    return partial_caption(blip, prompt if task == "caption" else None)  # an answer: [DEC] + generated, decoded
 
 
 def settled(text: str) -> str:

@@ -77,14 +77,17 @@ def concatenated_tokens(blip: Blip, frames: Frames) -> torch.Tensor:
 def video_embeddings(blip: Blip, videos: Sequence[Frames]) -> torch.Tensor:
     """L2-normalised ITC video features `[n, embed_dim]` (float32, on CPU): the normalised mean of the frames'
     projected `[CLS]` features."""
+    feats = [video_feature(blip, frame_tokens(blip, frames)) for frames in videos]
+    return torch.stack(feats) if feats else torch.empty(0, blip.config.embed_dim)
+
+
+def video_feature(blip: Blip, tokens: torch.Tensor) -> torch.Tensor:
+    """One video's L2-normalised ITC feature `[embed_dim]` (float32, CPU) from its frames' tokens `[N, 1 + P, D]`."""
     projection = blip.model.vision_proj
     if projection is None:
         raise ValueError(f"this {blip.config.kind!r} model has no vision_proj")
-    feats = []
-    for frames in videos:
-        per_frame = projection(frame_tokens(blip, frames)[:, 0]).float()  # [N, E], not normalised
-        feats.append(F.normalize(per_frame.mean(0), dim=-1).cpu())
-    return torch.stack(feats) if feats else torch.empty(0, blip.config.embed_dim)
+    per_frame = projection(tokens[:, 0]).float()  # [N, E], not normalised
+    return F.normalize(per_frame.mean(0), dim=-1).cpu()
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,17 +40,6 @@ def encode_questions(
     inverse[torch.tensor(order)] = torch.arange(len(order))
     inverse = inverse.to(device)
     return states.index_select(0, inverse), mask.index_select(0, inverse)
-
-
-def answer_text(blip: Blip, token_ids: list[int]) -> str:
-    """A generated answer's text from its token ids ([DEC] + generated)."""
-    return blip.tokenizer.decode(token_ids)
-
-
-def partial_answer(blip: Blip) -> Callable[[list[int]], str]:
-    """generated ids -> the text a generated answer that ends there has (a streamed answer so far)."""
-    bos = blip.config.text.bos_token_id
-    return lambda generated: answer_text(blip, [bos] + generated)
 
 
 def _answer_cross(blip: Blip, states: torch.Tensor, mask: torch.Tensor) -> CrossKV:
@@ -96,7 +85,7 @@ def _generated(
     cross = _answer_cross(blip, states, mask)
     stepper = text_decoder_stepper(blip.model.text_decoder, cross, [bos], generation.decode)
     return [
-        [Answer(answer_text(blip, s.token_ids), s.score, s.token_ids) for s in sequences]
+        [Answer(blip.tokenizer.decode(s.token_ids), s.score, s.token_ids) for s in sequences]
         for sequences in generate(stepper, generation, eos_id=eos)
     ]
 
