@@ -189,14 +189,20 @@ class CausalLmStepper:
         self.length = 0  # positions filled (prefix + tokens so far)
 
     def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
+        logits = self.prefill(max_new_tokens)
+        _expand_cache(self.cache, len(self.prefix_ids), rows_per_source, logits.device)
+        self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
+        return logits
+
+    def prefill(self, max_new_tokens: int) -> torch.Tensor:
+        """`start` before its rows are expanded: the prefixes in a cache of one row per source (room for
+        `max_new_tokens` more positions), `mask` `[sources, prefix + new]`; returns each source's next-token logits."""
         shared = self._shared_lengths()
         if shared is None:
             logits = self._start_whole(max_new_tokens)
         else:
             logits = self._start_shared(shared, max_new_tokens)
         self.embeds = None  # the prefix lives in the cache now
-        _expand_cache(self.cache, len(self.prefix_ids), rows_per_source, logits.device)
-        self.mask = self.mask.repeat_interleave(rows_per_source, dim=0)
         return logits
 
     def _start_whole(self, max_new_tokens: int) -> torch.Tensor:

@@ -423,8 +423,9 @@ class StaticCausalLmStepper(_SlotStepper):
         self.prefix_ids = self.eager.prefix_ids
 
     def start(self, rows_per_source: int, max_new_tokens: int) -> torch.Tensor:
-        logits = self.eager.start(rows_per_source, max_new_tokens)
-        cache, mask = self.eager.cache, self.eager.mask.bool()  # (E * r, prefix + new): 1 = real
+        logits = self.eager.prefill(max_new_tokens)  # one cache row per source: copied once, into the slots
+        cache = self.eager.cache
+        mask = self.eager.mask.bool().repeat_interleave(rows_per_source, dim=0)  # (E * r, prefix + new): 1 = real
         self.eager = None  # its cache is copied below, then dropped
         rows, length = mask.shape
         keys0 = next(k for k in cache.keys if k is not None)
@@ -446,7 +447,7 @@ class StaticCausalLmStepper(_SlotStepper):
         filled = cache.length
         buf.row_offset.zero_()
         buf.row_offset[:rows] = mask[:, :filled].sum(1) - filled  # position id = real tokens before the position
-        self._fill_prefix(cache, rows, 1)
+        self._fill_prefix(cache, rows, rows_per_source)
         return logits
 
     def _step(self) -> torch.Tensor:
