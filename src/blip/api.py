@@ -194,12 +194,10 @@ class Blip:
 
     def _video_frames(self, task: str, video: Any, num_frames: int, name: str) -> list[Any]:
         """Refuse BLIP-2 and a model without the head for `task`, then decode and sample `video`'s frames."""
-        from blip.tasks.options import is_blip2
-        from blip.tasks.video import BLIP2_REFUSAL, check_num_frames
+        from blip.tasks.video import check_num_frames, check_video_model
         from blip.video import read_frames
 
-        if is_blip2(self):
-            raise ValueError(BLIP2_REFUSAL)
+        check_video_model(self)
         self.require(task)
         check_num_frames(num_frames)
         return read_frames(video, num_frames, size=self.transform.image_size, name=name)

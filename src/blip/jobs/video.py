@@ -103,11 +103,9 @@ class VideoRowRunner(RowRunner):
     """`blip batch embed` over videos: one L2-normalised ITC feature per video (`blip.tasks.video`)."""
 
     def __init__(self, blip: Blip, num_frames: int):
-        from blip.tasks.options import is_blip2
-        from blip.tasks.video import BLIP2_REFUSAL
+        from blip.tasks.video import check_video_model
 
-        if is_blip2(blip):
-            raise ValueError(BLIP2_REFUSAL)
+        check_video_model(blip)
         super().__init__(blip, "embed", TaskOptions())
         self.num_frames = num_frames
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from blip.tasks.common import Verdict, chunks, model_input
+from blip.tasks.common import Verdict, chunks, image_input
 
 if TYPE_CHECKING:
     from blip.api import Blip
@@ -34,7 +34,7 @@ def reason_pairs(
         rows = list(chunk)
         used = sorted({index_a[r] for r in rows} | {index_b[r] for r in rows})
         local = {img: i for i, img in enumerate(used)}
-        image_embeds = model.encode_image(model_input(blip.transform([images[i] for i in used]), model))  # (U, N, D)
+        image_embeds = model.encode_image(image_input(blip, [images[i] for i in used], model))  # (U, N, D)
         a = torch.tensor([local[index_a[r]] for r in rows], device=device)
         b = torch.tensor([local[index_b[r]] for r in rows], device=device)
         ids, mask = blip.tokenizer([statements[r] for r in rows], max_length=max_length)

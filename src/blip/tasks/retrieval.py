@@ -176,15 +176,21 @@ class FaissIndex:
 def read_source_image(row_id: str, source: str, fetch: Fetch | None = None) -> Image.Image:
     """A collection row's image: a local path, a WebDataset member (tar://shard#offset:size) or, with `fetch`, an
     http(s) URL."""
+    return load_image(_source_data(source, fetch, "image"), name=row_id)
+
+
+def _source_data(source: str, fetch: Fetch | None, what: str) -> str | bytes:
+    """What a collection row's source holds, for a decoder: a local path as is, else the bytes of a WebDataset
+    member or (with `fetch`) of an http(s) URL."""
     if source.startswith(TAR_PREFIX):
-        return load_image(read_member(source), name=row_id)
+        return read_member(source)
     if source.startswith(("http://", "https://")):
         if fetch is None:
             raise OSError(f"cannot fetch {source}: no URL fetcher given")
-        return load_image(fetch(source), name=row_id)
+        return fetch(source)
     if not source:
-        raise OSError("no image")
-    return load_image(source, name=row_id)
+        raise OSError(f"no {what}")
+    return source
 
 
 def best_per_owner(scores: np.ndarray, ids: np.ndarray, per_owner: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,15 +245,7 @@ class CollectionIndex:
 
         row = self.rows[i]
         source, num_frames = row.get("source", ""), int(self.meta.get("num_frames", 8))
-        if source.startswith(TAR_PREFIX):
-            return read_frames(read_member(source), num_frames, size=size, name=row["image"])
-        if source.startswith(("http://", "https://")):
-            if self.fetch is None:
-                raise OSError(f"cannot fetch {source}: no URL fetcher given")
-            return read_frames(self.fetch(source), num_frames, size=size, name=row["image"])
-        if not source:
-            raise OSError("no video")
-        return read_frames(source, num_frames, size=size, name=row["image"])
+        return read_frames(_source_data(source, self.fetch, "video"), num_frames, size=size, name=row["image"])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [q, k], rows [q, k]) of the k best images per query, best first: an image's score is its

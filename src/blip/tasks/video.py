@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip.models.generation import GenerationConfig
-from blip.tasks.common import MAX_TEXT_TOKENS, Answer, check_texts, chunks, model_input
+from blip.tasks.common import MAX_TEXT_TOKENS, Answer, check_texts, chunks, image_input
 from blip.tasks.vqa import answer_ids, answers_from_states
 
 if TYPE_CHECKING:
@@ -34,6 +34,14 @@ BLIP2_REFUSAL = (
 
 
 MAX_VIDEO_FRAMES = 256  # frames per video in one call: each adds 1 + P tokens to the cross-attention memory
+
+
+def check_video_model(blip: object) -> None:
+    """BLIP-2 models are refused for video tasks (`BLIP2_REFUSAL`)."""
+    from blip.tasks.options import is_blip2
+
+    if is_blip2(blip):
+        raise ValueError(BLIP2_REFUSAL)
 
 
 def check_num_frames(num_frames: object) -> None:
@@ -61,7 +69,7 @@ def frame_tokens(blip: Blip, frames: Frames) -> torch.Tensor:
     """The ViT's tokens of each frame, `[N, 1 + P, D]`, `blip.batch_size` frames per pass."""
     model = blip.model
     parts = [
-        model.encode_image(model_input(blip.transform([frames[i] for i in c]), model))
+        model.encode_image(image_input(blip, [frames[i] for i in c], model))
         for c in chunks(len(frames), blip.batch_size)
     ]
     return torch.cat(parts)
