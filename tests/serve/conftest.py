@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_helpers import ImageServer, LiveServer, RecordingTransport, png_bytes  # noqa: E402
+from serve_helpers import ImageServer, LiveServer, RecordingTransport, guarded_server, png_bytes  # noqa: E402
 
 import blip  # noqa: E402
 from blip.fetch import FetchLimits, SafeFetcher  # noqa: E402
@@ -150,3 +150,10 @@ def image_server(images) -> Iterator[ImageServer]:
     served = ImageServer(png_bytes(images[0]))
     yield served
     served.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_models, request):
+    """The tiny models behind the test module's `TOKEN`, with small text and pixel limits (the client tests)."""
+    with guarded_server(tiny_models, request.module.TOKEN) as live:
+        yield live

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import LiveServer, b64, guarded_server, png_bytes
+from serve_helpers import LiveServer, b64, png_bytes
 
 from blip.serve import ServeSettings, create_app
 
@@ -17,13 +17,6 @@ from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 
 TOKEN = "hf-test-token"
 QUESTION = "what color is the circle ?"
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_models):
-    """The tiny models behind a token, with small text and pixel limits."""
-    with guarded_server(tiny_models, TOKEN) as live:
-        yield live
 
 
 def client_for(live: LiveServer, path: str = "/hf", token: str | None = TOKEN) -> InferenceClient:

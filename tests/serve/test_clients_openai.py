@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import LiveServer, b64, guarded_server, png_bytes
+from serve_helpers import LiveServer, b64, png_bytes
 
 from blip.serve import ServeSettings, create_app
 
@@ -21,13 +21,6 @@ openai = pytest.importorskip("openai")
 TOKEN = "openai-test-key"
 QUESTION = "what color is the circle ?"
 PROMPT = "a picture of"
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_models):
-    """The tiny models behind a token, with small text and pixel limits."""
-    with guarded_server(tiny_models, TOKEN) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")
