@@ -23,6 +23,7 @@ CONFIG = ROOT / "configs" / "demo_shapes.py"
 STAGES = (
     "data",
     "baselines",
+    "vision",
     "pretrain_web",
     "captioner",
     "filter",
@@ -67,8 +68,17 @@ def test_demo_writes_metrics_and_report(demo_run):
         assert (out / png).stat().st_size > 1000
         assert png in page
     assert "precision" in page and "data:image/png;base64," in page
-    assert any(line.startswith("[10/10] vqa_capfilt: done") for line in lines)
+    assert any(line.startswith("[11/11] vqa_capfilt: done") for line in lines)
     assert any("filter on web captions: precision" in line for line in lines)
+
+
+def test_every_pretraining_starts_its_vit_from_the_vision_stage(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["vision"]["accuracy"]) == {"kind", "position"} and metrics["vision"]["steps"] == 2
+    weights = out / "vision" / "vision.safetensors"
+    for arm in ("web", "capfilt"):
+        assert json.loads((out / arm / "pretrain" / "config.json").read_text())["vision_init"] == str(weights)
 
 
 def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
@@ -93,7 +103,7 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablations")
     lines: list[str] = []
     assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), ablations=True, say=lines.append) == 0
-    assert any(line.startswith("[33/33] vqa_round2: done") for line in lines)
+    assert any(line.startswith("[34/34] vqa_round2: done") for line in lines)
     metrics = json.loads((out / "metrics.json").read_text())
     arms = metrics["ablations"]  # keyed by arm (the metrics.json contract)
     assert list(arms) == list(ARMS)
@@ -137,7 +147,7 @@ def test_findings_follow_the_numbers():
 
 def test_training_stages_label_their_progress_bars(demo_run):
     out, _ = demo_run
-    for folder, label in (("web/pretrain", "demo 3/10 pretrain_web"), ("capfilt/vqa", "demo 10/10 vqa_capfilt")):
+    for folder, label in (("web/pretrain", "demo 4/11 pretrain_web"), ("capfilt/vqa", "demo 11/11 vqa_capfilt")):
         assert json.loads((out / folder / "config.json").read_text())["label"] == label
 
 
@@ -215,6 +225,7 @@ def test_kill_9_in_a_demo_stage_then_rerun_resumes_from_a_recent_checkpoint(tmp_
     # The rerun of the stage (what `blip demo` does next time) resumes from that checkpoint and ends exactly where an
     # uninterrupted run of the same stage ends.
     cfg = load_demo_config(config).replace(threads=1)
+    cfg = cfg.replace(pretrain=cfg.pretrain.replace(vision_init=str(out / "vision" / "vision.safetensors")))  # as _run
     data_dir, web_data = out / "data", f"{out / 'data' / 'web.jsonl'},{out / 'data' / 'clean.jsonl'}"
     with caplog.at_level(logging.INFO, logger="blip.train.loop"):
         resumed = pretrain(cfg, web_data, stage, data_dir)

@@ -454,3 +454,24 @@ def test_cli_main_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         S.cli_main(["--out", str(out), "--noise-rates", "0.5,0.5"])
     assert e.value.code == 2
+
+
+def test_lone_shapes_are_a_seeded_labelled_set_of_their_own():
+    from blip.data.shapes import KINDS, LONE_SHAPE_LABELS, POSITIONS, ShapesConfig, lone_shapes
+
+    cfg = ShapesConfig(image_size=32)
+    images, labels = lone_shapes(120, seed=3, cfg=cfg)
+    again, same = lone_shapes(120, seed=3, cfg=cfg)
+    assert same == labels and all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
+    assert {im.size for im in images} == {(32, 32)}
+    assert {k for k, _ in labels} == set(range(len(KINDS))) and {p for _, p in labels} == set(range(len(POSITIONS)))
+    assert list(LONE_SHAPE_LABELS) == ["kind", "position"]
+    _, other = lone_shapes(120, seed=3, part="test", cfg=cfg)
+    assert other != labels
+    # a lone shape at the left slot darkens (or lightens) the left of the image, not the right
+    left = LONE_SHAPE_LABELS["position"].index("left")
+    for image, (_, position) in zip(images, labels):
+        if position == left:
+            pixels = np.asarray(image, dtype=np.float32)
+            background = pixels[16, 31]  # right edge, middle row: background
+            assert np.abs(pixels[16, 5] - background).sum() > 60

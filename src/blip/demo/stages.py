@@ -1,7 +1,8 @@
 """`blip demo` / `make demo`: the paper's CapFilt story on the shapes world, end to end, on a CPU in minutes.
 
 1. generate the shapes world: noisy web captions (with their noise labels), a small clean split, VQA, a test split;
-2. pretrain a tiny BLIP (ITC + ITM + LM) on web + clean captions;
+2. pretrain a tiny BLIP (ITC + ITM + LM) on web + clean captions, its ViT started from a kind classifier trained on
+   single-shape images (the paper starts from an ImageNet ViT; `vision` in the config, `blip.train.vision`);
 3. fine-tune it into a captioner (LM on clean captions) and a filter (ITC + ITM on clean captions);
 4. CapFilt: a synthetic caption per web image (nucleus sampling), the filter's verdict on every web and synthetic
    text (`blip.capfilt.run_capfilt`);
@@ -38,6 +39,7 @@ from blip.capfilt import CapfiltConfig
 from blip.demo.report import write_report
 from blip.io import atomic_write_json, read_jsonl
 from blip.train.config import TrainConfig
+from blip.train.vision import VisionPretrainConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class DemoConfig:
     world_image_size: int = 64  # pixels of the generated images
     max_shapes: int = 3  # shapes per image, at most
     threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
+    # the ViT's supervised start (the world's ImageNet: lone shapes' kinds and places); None: a random ViT
+    vision: VisionPretrainConfig | None = None
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
     alpha_ramp_steps: int = 150  # pretraining: momentum-distillation alpha ramps in over this many steps
     caption: TrainConfig = field(default_factory=lambda: TrainConfig(task="caption"))
@@ -186,6 +190,26 @@ def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
         progress=True,
     )
     return {"counts": meta["counts"], "noise_rates": meta["noise_rates"]}
+
+
+def pretrain_vision_stage(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    """The world's ImageNet: the pretraining architecture's ViT learns to name the kind and the position of a lone
+    shape (`lone_shapes`, a random stream of its own, no image of the splits); every pretraining starts from it."""
+    from blip.data.shapes import LONE_SHAPE_LABELS, ShapesConfig, lone_shapes
+    from blip.train.vision import pretrain_vision
+    from blip.transforms import ImageTransform
+
+    assert cfg.vision is not None
+    world = ShapesConfig(image_size=cfg.world_image_size)
+    transform = ImageTransform(cfg.pretrain.image_size)
+
+    def labelled(n: int, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = lone_shapes(n, seed=cfg.seed, part=part, cfg=world)
+        return transform(images), torch.tensor(labels)
+
+    train, test = labelled(cfg.vision.images, "train"), labelled(cfg.vision.eval_images, "test")
+    classes = {name: len(values) for name, values in LONE_SHAPE_LABELS.items()}
+    return pretrain_vision(cfg.pretrain, cfg.vision, train, test, classes, folder, seed=cfg.seed)
 
 
 def _count_pairs(data: str) -> int:
@@ -586,7 +610,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
     from blip.demo.ablations import STAGES as ABLATION_STAGES
 
-    stages = Stages(total=10 + (ABLATION_STAGES if ablations else 0), say=say)
+    stages = Stages(total=10 + (cfg.vision is not None) + (ABLATION_STAGES if ablations else 0), say=say)
     world = stages.run(
         "data",
         data_dir,
@@ -594,6 +618,15 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         lambda: generate_world(cfg, data_dir),
     )
     base = stages.run("baselines", out / "baselines", "untrained models and chance", lambda: baselines(cfg, data_dir))
+    vision = None
+    if cfg.vision is not None:
+        vision = stages.run(
+            "vision",
+            out / "vision",
+            f"pretrain the ViT to name the kind and place of a lone shape ({cfg.vision.steps} steps)",
+            lambda: pretrain_vision_stage(cfg, out / "vision"),
+        )
+        cfg = cfg.replace(pretrain=cfg.pretrain.replace(vision_init=vision["path"]))  # every pretraining run below
     pre_web = stages.run(
         "pretrain_web",
         out / "web" / "pretrain",
@@ -656,6 +689,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         main["arms"] = {"web": metrics["web"], "capfilt": metrics["capfilt"]}
         metrics["ablations"] = run_ablations(cfg, out, stages, data_dir, main)  # by arm: a contract
         metrics["ablation_findings"] = findings(metrics["ablations"])
+    metrics["vision"] = vision and {k: v for k, v in vision.items() if k != "path"}
     metrics["baselines"] = {"untrained": base["untrained"], "chance": base["chance"]}
     metrics["constant_caption"] = base["constant_caption"]
     metrics["filter"] = {k: v for k, v in analysis.items() if k != "scores"}

@@ -47,6 +47,7 @@ SHAPES_MODEL: dict[str, Any] = dict(
     text_heads=4,
     embed_dim=64,
     init_std=0.1,  # BERT's 0.02 learns very slowly at width 128 from scratch
+    pos_init="sincos",  # a normal table of std 0.1 stays there: the image tokens would hardly know where they are
     # the shapes world says left/right and names colours: no flips, no colour-changing augmentation
     augment=False,
     hflip=False,
@@ -109,6 +110,10 @@ class TrainConfig:
     text_heads: int = 0
     embed_dim: int = 0
     init_std: float = 0.02  # random init: truncated-normal std (BERT/ViT use 0.02; tiny models learn faster wider)
+    pos_init: Literal["normal", "sincos"] = "normal"  # random init of the ViT position table (blip.models.init)
+    # random init: start the image encoder from this checkpoint's (a timm/DeiT ViT .pth/.safetensors as the paper's
+    # ImageNet ViT, any checkpoint blip.load reads, or a hub id); its position table resized to this run's grid
+    vision_init: str = ""
     dropout: float = 0.0  # text hidden and attention dropout
     drop_path: float = 0.0  # ViT stochastic depth
     share_text_layers: bool = True  # pretrain: decoder shares all but self-attention with the encoder (the paper)
@@ -201,6 +206,8 @@ class TrainConfig:
             errors.append(f"init_std must be > 0, got {self.init_std}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.drop_path < 1.0:
             errors.append("dropout and drop_path must be in [0, 1)")
+        if self.vision_init and self.init:
+            errors.append("vision_init starts a random-init model's image encoder; init= already sets every weight")
         if self.make_shapes and not self.data:
             errors.append("make_shapes needs data=<folder> to write the shapes world into")
         if errors:

@@ -111,6 +111,30 @@ def random_config(cfg: TrainConfig, tokenizer: BlipTokenizer) -> BlipConfig:
         raise ModelInitError(f"the model config of this run is not valid: {e}") from e
 
 
+def load_vision_init(model: BlipModel, source: str) -> None:
+    """Replace `model`'s image encoder by `source`'s (`blip.weights.load.load_vision_weights`), every tensor of it."""
+    from blip.weights.load import load_vision_weights
+
+    vision = model.vision_model
+    state = load_vision_weights(source, vision.config.image_size // vision.config.patch_size)
+    expected = vision.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or extra or wrong:
+        problems = [f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else ""]
+        problems.append(f"shapes differ (checkpoint vs this run): {wrong[:4]}" if wrong else "")
+        raise ModelInitError(
+            f"vision_init={source}: its image encoder does not fit this run's "
+            f"({'; '.join(p for p in problems if p)}); set the vision sizes to the checkpoint's"
+        )
+    vision.load_state_dict(state)
+    _logger.info("image encoder from %s", source)
+
+
 def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
     """The model (task kind, training-time dropout) and tokenizer a run starts from. Random init uses the current
     torch seed."""
@@ -124,7 +148,9 @@ def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
     else:
         tokenizer = build_tokenizer(cfg.vocab)
         model = BlipModel(random_config(cfg, tokenizer))
-        init_weights(model, std=cfg.init_std)
+        init_weights(model, std=cfg.init_std, positions=cfg.pos_init)
+        if cfg.vision_init:
+            load_vision_init(model, cfg.vision_init)
     model = _rebuilt(model, _apply_dropout(model.config, cfg))
     if cfg.task == "pretrain" and cfg.share_text_layers:
         tie_text_layers(model)

@@ -135,6 +135,32 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
     return convert_hf_blip(state_dict), []
 
 
+# A bare timm/DeiT ViT (what BLIP's pretraining starts its image encoder from): these top-level names are the ViT;
+# classifier heads (`head`, `fc_norm`, `head_dist`, ...) have no place in an image encoder.
+TIMM_VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+VISION_PREFIX = "vision_model."
+
+
+def vision_part(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image encoder of a checkpoint, named as our `VisionTransformer`'s own parameters (no `vision_model.`):
+    from ours/HF (`vision_model.*`), the original Salesforce layout (`visual_encoder.*`) or a bare timm/DeiT ViT
+    (`cls_token`, `pos_embed`, `blocks.*`, ...; heads dropped). Raises ValueError when there is none."""
+    if "dist_token" in state_dict:
+        raise ValueError("a distilled DeiT (with a dist_token) has two class tokens; BLIP's image encoder has one")
+    if not any(k.startswith((VISION_PREFIX, "visual_encoder.")) for k in state_dict):
+        state_dict = {f"visual_encoder.{k}": v for k, v in state_dict.items() if k.split(".", 1)[0] in TIMM_VIT_NAMES}
+    salesforce = {k: v for k, v in state_dict.items() if k.startswith("visual_encoder.")}
+    renamed = {_rename(k, SALESFORCE_VISION_SWAPS): v for k, v in fuse_split_qkv(salesforce).items()}
+    renamed.update({k: v for k, v in state_dict.items() if k.startswith(VISION_PREFIX)})
+    out = {k[len(VISION_PREFIX) :]: v for k, v in renamed.items() if k.startswith(VISION_PREFIX)}
+    if "embeddings.class_embedding" not in out:
+        raise ValueError(
+            "no image encoder in this checkpoint (expected 'vision_model.*', 'visual_encoder.*' or a timm ViT's "
+            "'cls_token', 'pos_embed', 'blocks.*')"
+        )
+    return out
+
+
 def to_salesforce(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours/HF -> the original layout (tied LM-head entries written under every name, as the original saves)."""
     out = {_rename(k, HF_VISION_SWAPS): v for k, v in convert_hf_blip(state_dict).items()}

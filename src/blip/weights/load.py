@@ -57,6 +57,7 @@ __all__ = [
     "load_model",
     "load_strict",
     "load_tokenizer",
+    "load_vision_weights",
     "locate",
     "model_for_kind",
     "read_state_dict",
@@ -197,6 +198,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if checkpoint.is_checkpoint_dict(contents):
         return checkpoint.model_entries(checkpoint.check_version(contents, path), str(path))[0]
     return contents
+
+
+def load_vision_weights(source: str | os.PathLike, grid_size: int) -> dict[str, torch.Tensor]:
+    """The image encoder of any checkpoint `blip.load` reads, or of a timm/DeiT ViT file (the ImageNet-trained ViT
+    BLIP's pretraining starts from), as our `VisionTransformer`'s state dict; its position table resized to
+    `grid_size` patches a side."""
+    path = locate(source)
+    weights_path = _weights_file(path) if path.is_dir() else path
+    try:
+        state = convert.vision_part(read_state_dict(weights_path))
+        pos = "embeddings.position_embedding"
+        state[pos] = resize_pos_embed(state[pos], grid_size)
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from e
+    return state
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor] | dict:
