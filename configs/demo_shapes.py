@@ -1,4 +1,4 @@
-"""`make demo`: the paper's CapFilt story on the shapes world, end to end, sized for ~7 minutes on 2 CPU cores.
+"""`make demo`: the paper's CapFilt story on the shapes world, end to end, sized for ~10 minutes on 2 CPU cores.
 
     blip demo --out runs/demo                            # what `make demo` runs (this file, seed 0)
     blip demo --out runs/demo_s1 --seed 1                # another draw of the world, the models and the sampling
@@ -6,13 +6,14 @@
     python benchmarks/demo_seeds.py --seeds 0 1 2        # several seeds and their spread
     blip demo --out runs/demo --ablations                # + the paper's ablations (five more arms, ~3x the time)
 
-Stages (each resumable: a finished stage is not run again): generate the world -> pretrain on noisy web + clean
-captions -> fine-tune a captioner (LM) and a filter (ITC + ITM, written negatives; its threshold chosen on held-out
-clean images) on the clean captions -> CapFilt the web split ->
-pretrain again from scratch on the bootstrapped data -> fine-tune each pretrained model for captioning and VQA with
+Stages (each resumable: a finished stage is not run again): generate the world -> pretrain the ViT to name what a
+lone shape is and where (the world's ImageNet; the paper starts from an ImageNet ViT) -> pretrain on noisy web +
+clean captions from it -> fine-tune a captioner (LM) and a filter (ITC + ITM, written negatives; its threshold chosen
+on held-out clean images) on the clean captions -> CapFilt the web split -> pretrain again from the same ViT start on
+the bootstrapped data -> fine-tune each pretrained model for captioning and VQA with
 the same budget, and evaluate zero-shot retrieval, captioning and VQA on the same test images.
 
-Both pretraining runs get the same architecture, seed, optimizer steps and schedule; only the data differ. Three
+Both pretraining runs get the same architecture, ViT start, seed, optimizer steps and schedule; only the data differ. Three
 changes to the generator's defaults make the story fit the budget: the web split is noisier (40% of its captions
 correct instead of 50%: 30% partial, 20% unrelated, 10% junk), images hold 1-2 shapes instead of 1-3, and they are
 96 px instead of 64 - at 64 px in 16 px patches this ViT tells shape kinds apart only slowly (a supervised probe on

@@ -76,6 +76,7 @@ def test_every_pretraining_starts_its_vit_from_the_vision_stage(demo_run):
     out, _ = demo_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["vision"]["accuracy"]) == {"kind", "position"} and metrics["vision"]["steps"] == 2
+    assert "classifier of lone shapes" in (out / "report.html").read_text()
     weights = out / "vision" / "vision.safetensors"
     for arm in ("web", "capfilt"):
         assert json.loads((out / arm / "pretrain" / "config.json").read_text())["vision_init"] == str(weights)

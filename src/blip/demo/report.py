@@ -292,6 +292,12 @@ def _filter_table(m: dict[str, Any]) -> str:
             f"captions), not on the web labels: there it keeps {_pct(c['kept_true'])} of the true and removes "
             f"{_pct(c['removed_false'])} of the false texts.</p>"
         )
+    if m.get("vision"):
+        right = ", ".join(f"{label} {_pct(share)}" for label, share in m["vision"]["accuracy"].items())
+        chosen += (
+            f"<p>Every pretraining started its ViT from a classifier of lone shapes ({m['vision']['steps']} steps; "
+            f"right on held-out images: {right}), as the paper starts from an ImageNet ViT.</p>"
+        )
     return (
         chosen
         + "<table><tr><th>web caption</th><th>texts</th><th>removed</th><th>removed %</th></tr>"
