@@ -13,12 +13,13 @@ on held-out clean images) on the clean captions -> CapFilt the web split -> pret
 the bootstrapped data -> fine-tune each pretrained model for captioning and VQA with
 the same budget, and evaluate zero-shot retrieval, captioning and VQA on the same test images.
 
-Both pretraining runs get the same architecture, ViT start, seed, optimizer steps and schedule; only the data differ. Three
-changes to the generator's defaults make the story fit the budget: the web split is noisier (40% of its captions
-correct instead of 50%: 30% partial, 20% unrelated, 10% junk), images hold 1-2 shapes instead of 1-3, and they are
-96 px instead of 64 - at 64 px in 16 px patches this ViT tells shape kinds apart only slowly (a supervised probe on
-single-shape images: 37% after 250 steps of 32 fresh images, 74% after 1000; at 96 px 88% after 250), and the
-pretrained captioner named the kind of a lone shape at chance (22%) while getting its colour right every time.
+Both pretraining runs get the same architecture, ViT start, seed, optimizer steps and schedule; only the data
+differ. Three changes to the generator's defaults make the story fit the budget: the web split is noisier (40% of
+its captions correct instead of 50%: 30% partial, 20% unrelated, 10% junk), images hold 1-2 shapes instead of 1-3,
+and they are 96 px instead of 64 - at 64 px in 16 px patches this ViT tells shape kinds apart only slowly (a
+supervised probe on single-shape images: 37% after 250 steps of 32 fresh images, 74% after 1000; at 96 px 88% after
+250), and the pretrained captioner named the kind of a lone shape at chance (22%) while getting its colour right
+every time.
 """
 
 from blip.capfilt import CapfiltConfig
