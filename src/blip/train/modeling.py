@@ -113,24 +113,17 @@ def random_config(cfg: TrainConfig, tokenizer: BlipTokenizer) -> BlipConfig:
 
 def load_vision_init(model: BlipModel, source: str) -> None:
     """Replace `model`'s image encoder by `source`'s (`blip.weights.load.load_vision_weights`), every tensor of it."""
-    from blip.weights.load import load_vision_weights
+    from blip.weights.errors import CheckpointError
+    from blip.weights.load import check_keys, load_vision_weights
 
     vision = model.vision_model
     state = load_vision_weights(source, vision.config.image_size // vision.config.patch_size)
-    expected = vision.state_dict()
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or extra or wrong:
-        problems = [f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else ""]
-        problems.append(f"shapes differ (checkpoint vs this run): {wrong[:4]}" if wrong else "")
+    try:
+        check_keys(vision, state, source, "this run's image encoder")
+    except CheckpointError as e:
         raise ModelInitError(
-            f"vision_init={source}: its image encoder does not fit this run's "
-            f"({'; '.join(p for p in problems if p)}); set the vision sizes to the checkpoint's"
-        )
+            f"vision_init={source}: {e}; where shapes differ, set this run's vision sizes to the checkpoint's"
+        ) from e
     vision.load_state_dict(state)
     _logger.info("image encoder from %s", source)
 

@@ -10,7 +10,6 @@ linear head per label on its CLS token (the losses summed), AdamW with warmup an
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -98,6 +97,7 @@ def pretrain_vision(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from blip.io import atomic_write_json
     from blip.train.modeling import build_model
 
     pixels, labels = train
@@ -142,5 +142,5 @@ def pretrain_vision(
         "seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(cfg),
     }
-    (out_dir / "vision.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out_dir / "vision.json", result)
     return result

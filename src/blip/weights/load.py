@@ -50,6 +50,7 @@ from blip.weights.registry import DEFAULT_TOKENIZER_SOURCE, HUB_FILES, resolve_n
 
 __all__ = [
     "CheckpointError",
+    "check_keys",
     "LoadReport",
     "Loaded",
     "inference_config",
@@ -532,13 +533,13 @@ def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor
 def load_strict(model: BlipModel, state: dict[str, torch.Tensor], source: str) -> None:
     """`load_state_dict(strict=True, assign=True)` with a one-line error that names the missing, unexpected or
     mis-shaped keys; then the LM head is tied to the word embeddings."""
-    _check_keys(model, state, source, f"a {model.config.kind!r} BLIP model")
+    check_keys(model, state, source, f"a {model.config.kind!r} BLIP model")
     model.load_state_dict(state, strict=True, assign=True)
     if model.text_decoder is not None:
         model.text_decoder.tie_weights()
 
 
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+def check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
     """One-line CheckpointError naming the missing, unexpected or mis-shaped keys of `state` for `model`."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -642,7 +643,7 @@ def load_blip2(
     groups = convert.tied_groups(model)
     state = convert.fill_tied(state, groups)
     state = {k: _cast(v, dtype_of(k)) for k, v in state.items()}
-    _check_keys(model, state, str(weights_path), f"a {config.kind!r} BLIP-2 model ({origin})")
+    check_keys(model, state, str(weights_path), f"a {config.kind!r} BLIP-2 model ({origin})")
     model.load_state_dict(state, strict=True, assign=True)
     retie(model, groups)
     model.eval().to(device)
