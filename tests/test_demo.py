@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip.demo import DemoConfigError, load_demo_config, pretrain, run_demo
+from blip.demo import DemoConfigError, load_demo_config, pretrain, pretraining_clean, run_demo
 from blip.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,8 @@ def test_demo_writes_metrics_and_report(demo_run):
     assert set(metrics["timings"]) == set(STAGES)
     assert metrics["baselines"]["chance"]["retrieval_r1"] == pytest.approx(100 / 8)
     sets = metrics["training_sets"]
-    assert sets["web"]["web"] == 48 and sets["web"]["clean"] == sets["capfilt"]["clean"] == 16 * 5
+    # smoke: 16 clean images, 4 of them held out for the filter's threshold
+    assert sets["web"]["web"] == 48 and sets["web"]["clean"] == sets["capfilt"]["clean"] == (16 - 4) * 5
     # each pretraining run reads every text of its set (the clean captions included)
     for arm in ("web", "capfilt"):
         assert metrics[arm]["pretrain_pairs"] == sets[arm]["texts"]
@@ -75,8 +76,8 @@ def test_demo_writes_metrics_and_report(demo_run):
 def test_every_pretraining_starts_its_vit_from_the_vision_stage(demo_run):
     out, _ = demo_run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["vision"]["accuracy"]) == {"kind", "position"} and metrics["vision"]["steps"] == 2
-    assert "classifier of lone shapes" in (out / "report.html").read_text()
+    assert set(metrics["vision"]["accuracy"]) == {"kind", "color", "position"} and metrics["vision"]["steps"] == 2
+    assert "the shape under each patch" in (out / "report.html").read_text()
     weights = out / "vision" / "vision.safetensors"
     for arm in ("web", "capfilt"):
         assert json.loads((out / arm / "pretrain" / "config.json").read_text())["vision_init"] == str(weights)
@@ -92,6 +93,13 @@ def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
     assert len(train) == 16 - 4 and len(val) == 4  # smoke: 16 clean images, 4 held out
     assert not {r["image"] for r in train} & {r["image"] for r in val}
     assert all(r["negatives"] for r in train) and metrics["filter"]["validation"]["true_texts"] == 4 * 5
+    # held out of pretraining too (both arms): images pretraining read scored higher than the web's
+    held_out = {r["image"] for r in val}
+    pretrained_on = {json.loads(line)["image"] for line in (out / "clean_pretrain.jsonl").read_text().splitlines()}
+    bootstrapped = {
+        json.loads(line)["image"] for line in (out / "capfilt_data" / "bootstrap.jsonl").read_text().splitlines()
+    }
+    assert pretrained_on == {r["image"] for r in train} and not held_out & bootstrapped
     web = metrics["filter"]["web"]
     partial = web["by_noise"].get("partial", {"texts": 0, "removed": 0})
     assert sum(v["texts"] for v in web["partial_by_attribute"].values()) == partial["texts"]
@@ -116,7 +124,7 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     assert data["captioner_only"]["web"]["texts"] == 48 and data["captioner_only"]["synthetic"]["texts"] == 48
     assert data["filter_only"]["synthetic"]["texts"] == 0
     assert data["filter_only"]["web"] == data["capfilt"]["web"]
-    assert all(d["clean"]["texts"] == 16 * 5 for d in data.values())
+    assert all(d["clean"]["texts"] == (16 - 4) * 5 for d in data.values())  # validation images held out
     # the beam arm captioned by beam search (tests/capfilt/test_run.py: those are the captioner's beams); the shared
     # arm used one model for both roles; round 2 started from the CapFilt model
     beam = json.loads((out / "ablations" / "beam" / "capfilt_data" / "summary.json").read_text())["options"]
@@ -227,7 +235,8 @@ def test_kill_9_in_a_demo_stage_then_rerun_resumes_from_a_recent_checkpoint(tmp_
     # uninterrupted run of the same stage ends.
     cfg = load_demo_config(config).replace(threads=1)
     cfg = cfg.replace(pretrain=cfg.pretrain.replace(vision_init=str(out / "vision" / "vision.safetensors")))  # as _run
-    data_dir, web_data = out / "data", f"{out / 'data' / 'web.jsonl'},{out / 'data' / 'clean.jsonl'}"
+    data_dir = out / "data"
+    web_data = f"{data_dir / 'web.jsonl'},{pretraining_clean(cfg, data_dir)}"  # as _run
     with caplog.at_level(logging.INFO, logger="blip.train.loop"):
         resumed = pretrain(cfg, web_data, stage, data_dir)
     reference = pretrain(cfg, web_data, tmp_path / "reference", data_dir)

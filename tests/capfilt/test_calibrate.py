@@ -37,3 +37,20 @@ def test_all_true_texts_above_all_false_ones_is_not_required():
     assert chosen["threshold"] == pytest.approx(0.7) and chosen["balanced_accuracy"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="true and of false"):
         choose_threshold([], [0.5])
+
+
+def test_keep_true_is_the_strictest_cut_that_keeps_that_share_of_true_texts():
+    rng = random.Random(1)
+    positive = [rng.random() for _ in range(250)]
+    negative = [rng.random() * 0.5 for _ in range(500)]
+    for share in (0.9, 0.95, 0.5):
+        chosen = choose_threshold(positive, negative, keep_true=share)
+        kept = sum(p >= chosen["threshold"] for p in positive) / len(positive)
+        assert kept == chosen["kept_true"] >= share
+        # one more true text below the cut and fewer than `share` would be kept
+        assert (sum(p >= chosen["threshold"] for p in positive) - 1) / len(positive) < share
+        assert chosen["removed_false"] == sum(n < chosen["threshold"] for n in negative) / len(negative)
+    assert choose_threshold([0.3, 0.6], [0.1], keep_true=0.5)["threshold"] == pytest.approx(0.45)
+    assert choose_threshold([0.3, 0.6], [0.1], keep_true=1.0)["threshold"] == 0.3  # every true text kept
+    with pytest.raises(ValueError, match="keep_true"):
+        choose_threshold([0.3], [0.1], keep_true=0.0)

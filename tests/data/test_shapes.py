@@ -232,6 +232,20 @@ def test_hard_negatives_change_one_phrase_and_are_false():
     assert set(categories) >= {"color", "shape", "position", "count", "background", "relation", "size"}
 
 
+def test_hard_negatives_of_chosen_categories_change_only_those():
+    checked = 0
+    for index in range(10):
+        example = S.make_example("clean", index)
+        for caption in example.rows["clean"][0]["captions"]:
+            for text in S.hard_negatives(example.scene, caption, random.Random(0), n=5, categories=("position",)):
+                errors = S.caption_errors(example.scene, text)
+                assert len(errors) == 1 and " is at " in errors[0], (caption, text)  # the one error: a place
+                checked += 1
+    assert checked >= 10
+    with pytest.raises(ValueError, match="unknown negative categories"):
+        S.hard_negatives(example.scene, "a red circle", random.Random(0), categories=("colour",))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Questions
 
@@ -456,22 +470,47 @@ def test_cli_main_end_to_end(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_lone_shapes_are_a_seeded_labelled_set_of_their_own():
-    from blip.data.shapes import KINDS, LONE_SHAPE_LABELS, POSITIONS, ShapesConfig, lone_shapes
+def test_labelled_scenes_name_the_shape_under_each_patch():
+    from blip.data.shapes import (
+        KINDS,
+        PATCH_LABELS,
+        POSITIONS,
+        SHAPE_COLORS,
+        Scene,
+        Shape,
+        ShapesConfig,
+        labelled_scenes,
+        patch_labels,
+    )
 
-    cfg = ShapesConfig(image_size=32)
-    images, labels = lone_shapes(120, seed=3, cfg=cfg)
-    again, same = lone_shapes(120, seed=3, cfg=cfg)
+    assert list(PATCH_LABELS) == ["kind", "color", "position"] and {v[0] for v in PATCH_LABELS.values()} == {"none"}
+    cfg = ShapesConfig(image_size=48, max_shapes=2)
+    images, labels = labelled_scenes(40, grid=3, seed=3, cfg=cfg)
+    again, same = labelled_scenes(40, grid=3, seed=3, cfg=cfg)
     assert same == labels and all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
-    assert {im.size for im in images} == {(32, 32)}
-    assert {k for k, _ in labels} == set(range(len(KINDS))) and {p for _, p in labels} == set(range(len(POSITIONS)))
-    assert list(LONE_SHAPE_LABELS) == ["kind", "position"]
-    _, other = lone_shapes(120, seed=3, part="test", cfg=cfg)
-    assert other != labels
-    # a lone shape at the left slot darkens (or lightens) the left of the image, not the right
-    left = LONE_SHAPE_LABELS["position"].index("left")
-    for image, (_, position) in zip(images, labels):
-        if position == left:
-            pixels = np.asarray(image, dtype=np.float32)
-            background = pixels[16, 31]  # right edge, middle row: background
-            assert np.abs(pixels[16, 5] - background).sum() > 60
+    assert {im.size for im in images} == {(48, 48)} and {len(lab) for lab in labels} == {9}
+    assert labelled_scenes(40, grid=3, seed=3, part="test", cfg=cfg)[1] != labels
+    # one large red circle in the centre: the centre patch names it, the corners nothing
+    circle = Scene("white", (Shape("circle", "red", "large", "center"),))
+    named = (1 + KINDS.index("circle"), 1 + list(SHAPE_COLORS).index("red"), 1 + list(POSITIONS).index("center"))
+    grid3 = patch_labels(circle, 3)
+    assert grid3[4] == named and grid3[0] == grid3[2] == grid3[6] == grid3[8] == (0, 0, 0)
+    # two shapes: each patch names its own one, with that one's place
+    pair = Scene("gray", (Shape("star", "blue", "large", "left"), Shape("square", "pink", "small", "right")))
+    row = patch_labels(pair, 6)[3 * 6 : 4 * 6]  # the middle row (centres at y = 0.5 sit on rows 2 and 3)
+    assert row[0][2] == row[1][2] == 1 + list(POSITIONS).index("left") and row[0][0] == 1 + KINDS.index("star")
+    assert row[5][2] == 1 + list(POSITIONS).index("right") and row[5][1] == 1 + list(SHAPE_COLORS).index("pink")
+    assert row[2] == row[3] == (0, 0, 0)
+    with pytest.raises(ValueError, match="grid"):
+        patch_labels(pair, 0)
+    # on the drawn images: a named patch is covered by pixels of the named colour, an unnamed one mostly background
+    names = list(SHAPE_COLORS)
+    for image, scene_labels in zip(images, labels):
+        pixels = np.asarray(image, dtype=np.float32).reshape(3, 16, 3, 16, 3).transpose(0, 2, 1, 3, 4)
+        for (r, c), (kind, color, _) in zip(np.ndindex(3, 3), scene_labels):
+            patch = pixels[r, c].reshape(-1, 3)
+            near = {n: np.abs(patch - SHAPE_COLORS[n]).sum(1) < 60 for n in names}
+            if kind:
+                assert near[names[color - 1]].mean() >= 0.05
+            else:
+                assert max(share.mean() for share in near.values()) <= 0.2

@@ -175,7 +175,7 @@ def test_a_negatives_column_reaches_the_batch_as_written_itm_negatives(mixed):
     assert [p.negatives for p in pairs] == [("a blue square",), ("a blue square",), ()]
     dataset = PairDataset(pairs, _image_fn, seed=0)
     items = [dataset[(0, i)] for i in range(3)]
-    assert [item.get("negative") for item in items] == ["a blue square", "a blue square", None]
+    assert [item.get("negatives") for item in items] == [["a blue square"], ["a blue square"], None]
     assert [item["pixel_values"].tolist() for item in items] == [  # drawing a negative leaves augmentation alone
         _image_fn(Image.new("RGB", (1, 1), c), random.Random(f"blip.train/0/0/{i}")).tolist()
         for i, c in enumerate([(255, 0, 0), (255, 0, 0), (0, 0, 255)])
@@ -185,6 +185,21 @@ def test_a_negatives_column_reaches_the_batch_as_written_itm_negatives(mixed):
     assert batch["negative_owner"].tolist() == [0]
     assert tokenizer.decode(batch["negative_ids"][0]) == "a blue square"
     assert "negative_ids" not in PairCollator(tokenizer, max_length=30)(items[2:])
+    # several per sample: distinct texts of the row's own, each owned by its row in the batch
+    (mixed / "k.jsonl").write_text(
+        json.dumps({"image": "b.png", "caption": "a blue square", "negatives": ["a red star", "a blue star", "a red"]})
+        + "\n"
+        + json.dumps({"image": "a.png", "caption": "a red square", "negatives": ["a blue square"]})
+        + "\n"
+    )
+    rows = read_pairs([str(mixed / "k.jsonl")])
+    two = [PairDataset(rows, _image_fn, seed=0, negatives=2)[(0, i)] for i in range(2)]
+    assert len(two[0]["negatives"]) == 2 and set(two[0]["negatives"]) < {"a red star", "a blue star", "a red"}
+    assert two[1]["negatives"] == ["a blue square"]  # fewer written than asked: all of them
+    batch = PairCollator(tokenizer, max_length=30)(two)
+    assert batch["negative_owner"].tolist() == [0, 0, 1]
+    assert [tokenizer.decode(i) for i in batch["negative_ids"]] == [*two[0]["negatives"], "a blue square"]
+    assert "negatives" not in PairDataset(rows, _image_fn, seed=0, negatives=0)[(0, 0)]
 
 
 def test_collators():

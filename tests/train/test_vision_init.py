@@ -156,3 +156,33 @@ def test_pretrain_vision_learns_its_labels_and_writes_a_vision_init(tmp_path):
         pretrain_vision(model_cfg, cfg, (train[0], train[1] * 2), test, CLASSES, tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="a row of 2 labels"):
         pretrain_vision(model_cfg, cfg, (train[0], train[1][:, 0]), test, CLASSES, tmp_path / "bad", progress=False)
+
+
+def test_pretrain_vision_learns_labels_of_patches(tmp_path):
+    """`[N, T, L]` labels train a head on every patch token; accuracy counts the patches whose class is not 0."""
+    model_cfg = _tiny(tmp_path, pos_init="sincos")
+    config = build_model(model_cfg)[0].vision_model.config
+    size, patch = config.image_size, config.patch_size
+    grid = size // patch
+
+    def bright_patches(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise images; label "lit" is 1 on patches whose red channel is bright (else 0, nothing there) and
+        "side" says which half of the image a lit patch is in (1 left, 2 right; 0 where unlit)."""
+        g = torch.Generator().manual_seed(seed)
+        lit = torch.rand(n, grid, grid, generator=g) < 0.3
+        pixels = torch.randn(n, 3, size, size, generator=g) * 0.3
+        pixels[:, 0] += lit.repeat_interleave(patch, 1).repeat_interleave(patch, 2).float() * 3 - 1
+        side = (torch.arange(grid) >= grid // 2).long().expand(n, grid, grid) + 1
+        labels = torch.stack([lit.long(), lit.long() * side], dim=-1)
+        return pixels, labels.reshape(n, grid * grid, 2)
+
+    cfg = VisionPretrainConfig(images=64, eval_images=32, steps=60, batch_size=16, lr=2e-3, warmup_steps=3)
+    classes = {"lit": 2, "side": 3}
+    train, test = bright_patches(64, 0), bright_patches(32, 1)
+    result = pretrain_vision(model_cfg, cfg, train, test, classes, tmp_path / "vision", seed=0, progress=False)
+    assert result["labels"] == "patches"
+    assert result["accuracy"]["lit"] >= 0.9 and result["accuracy"]["side"] >= 0.9 > result["chance"]["side"]
+    assert result["chance"]["lit"] == 1.0  # among lit patches "lit" is the only class: chance is no bar there
+    assert result["loss"] < result["first_loss"]
+    with pytest.raises(ValueError, match=rf"\[{grid * grid}, 2\] labels per image"):
+        pretrain_vision(model_cfg, cfg, (train[0], train[1][:, :-1]), test, classes, tmp_path / "bad", progress=False)

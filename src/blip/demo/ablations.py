@@ -97,9 +97,12 @@ def web_makeup(records: Path, clean_manifest: Path) -> dict[str, Any]:
     }
 
 
-def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, synthetic: str) -> dict[str, Any]:
-    """A bootstrapped dataset from CapFilt's records with other rules: `web` / `synthetic` each "all", "kept" (the
-    filter's verdict) or "none"; the clean captions always (the layout of `bootstrap.jsonl`)."""
+def write_variant(
+    records: Path, clean_manifest: Path, out: Path, *, web: str, synthetic: str, data_dir: Path
+) -> dict[str, Any]:
+    """A bootstrapped dataset from CapFilt's records (image paths relative to `data_dir`, the world's folder) with
+    other rules: `web` / `synthetic` each "all", "kept" (the filter's verdict) or "none"; the clean captions always
+    (the layout of `bootstrap.jsonl`)."""
     from blip.capfilt import read_records
     from blip.capfilt.core import _clean_rows
 
@@ -110,7 +113,7 @@ def write_variant(records: Path, clean_manifest: Path, out: Path, *, web: str, s
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in read_records(records):
             image = record["image"]
-            image = image if Path(image).is_absolute() else str((clean_manifest.parent / image).resolve())
+            image = image if Path(image).is_absolute() else str((data_dir / image).resolve())
             rows = [("web", record["web_text"])] if record["web_text"] and take(web, record["web_keep"]) else []
             rows += [("synthetic", s["text"]) for s in record["synthetic"] if s["text"] and take(synthetic, s["keep"])]
             for origin, text in rows:
@@ -130,10 +133,18 @@ def run_ablations(
     """The arms beyond the demo's two (see the module docstring). `main`: the demo's results by name (`pre_web`,
     `cap_web`, `filter`, `pre_capfilt`, and `arms`: the headline numbers of `web` and `capfilt`). Returns
     every arm's numbers, keyed by arm (`metrics.json`'s `ablations`; `findings` reads them)."""
-    from blip.demo.stages import analyse_capfilt, arm_result, finetune, run_capfilt_stage, train_arm, train_filter
+    from blip.demo.stages import (
+        analyse_capfilt,
+        arm_result,
+        finetune,
+        pretraining_clean,
+        run_capfilt_stage,
+        train_arm,
+        train_filter,
+    )
 
     root = out / "ablations"
-    clean = data_dir / "clean.jsonl"
+    clean = pretraining_clean(cfg, data_dir)
     records = out / "capfilt_data"
     manifests = (out / "filter" / "filter_train.jsonl", out / "filter" / "filter_val.jsonl")  # the filter's, reused
     arms: dict[str, dict[str, Any]] = {}
@@ -157,7 +168,12 @@ def run_ablations(
             root / name / "data",
             f"{name}: web texts {web}, synthetic captions {synthetic}, + clean",
             lambda name=name, web=web, synthetic=synthetic: write_variant(
-                records, clean, root / name / "data" / "bootstrap.jsonl", web=web, synthetic=synthetic
+                records,
+                clean,
+                root / name / "data" / "bootstrap.jsonl",
+                web=web,
+                synthetic=synthetic,
+                data_dir=data_dir,
             ),
         )
         arm(name, made["dataset"], records, None)

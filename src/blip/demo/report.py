@@ -286,17 +286,21 @@ def _filter_table(m: dict[str, Any]) -> str:
     chosen = ""
     if validation:
         c = validation["chosen"]
+        keep = m.get("config", {}).get("filter_keep_true")
+        rule = f"the strictest cut keeping {_pct(keep)} of the true ones" if keep else "the best balanced accuracy"
         chosen = (
-            f"<p>Threshold {m['filter']['threshold']:.3g}, chosen on {validation['true_texts']} true captions and "
-            f"{validation['false_texts']} false ones of held-out clean images (written negatives and other images' "
-            f"captions), not on the web labels: there it keeps {_pct(c['kept_true'])} of the true and removes "
-            f"{_pct(c['removed_false'])} of the false texts.</p>"
+            f"<p>Threshold {m['filter']['threshold']:.3g} ({rule}), chosen on {validation['true_texts']} true "
+            f"captions and {validation['false_texts']} false ones of held-out clean images (written negatives and "
+            f"other images' captions; images neither the filter nor its pretraining saw), not on the web labels: "
+            f"there it keeps {_pct(c['kept_true'])} of the true and removes {_pct(c['removed_false'])} of the false "
+            "texts.</p>"
         )
     if m.get("vision"):
         right = ", ".join(f"{label} {_pct(share)}" for label, share in m["vision"]["accuracy"].items())
         chosen += (
-            f"<p>Every pretraining started its ViT from a classifier of lone shapes ({m['vision']['steps']} steps; "
-            f"right on held-out images: {right}), as the paper starts from an ImageNet ViT.</p>"
+            f"<p>Every pretraining started its ViT from one taught to name the shape under each patch and its place "
+            f"({m['vision']['steps']} steps; right on the shapes' patches of held-out images: {right}), as the paper "
+            f"starts from an ImageNet ViT.</p>"
         )
     return (
         chosen

@@ -1,8 +1,9 @@
 """`blip demo` / `make demo`: the paper's CapFilt story on the shapes world, end to end, on a CPU in minutes.
 
 1. generate the shapes world: noisy web captions (with their noise labels), a small clean split, VQA, a test split;
-2. pretrain a tiny BLIP (ITC + ITM + LM) on web + clean captions, its ViT started from a kind classifier trained on
-   single-shape images (the paper starts from an ImageNet ViT; `vision` in the config, `blip.train.vision`);
+2. pretrain a tiny BLIP (ITC + ITM + LM) on web + clean captions, its ViT started from one trained to name the shape
+   under each patch of scenes of its own (the paper starts from an ImageNet ViT; `vision` in the config,
+   `blip.train.vision`);
 3. fine-tune it into a captioner (LM on clean captions) and a filter (ITC + ITM on clean captions);
 4. CapFilt: a synthetic caption per web image (nucleus sampling), the filter's verdict on every web and synthetic
    text (`blip.capfilt.run_capfilt`);
@@ -37,7 +38,7 @@ import torch
 
 from blip.capfilt import CapfiltConfig
 from blip.demo.report import write_report
-from blip.io import atomic_write_json, read_jsonl
+from blip.io import atomic_write_bytes, atomic_write_json, jsonl_bytes, read_jsonl
 from blip.train.config import TrainConfig
 from blip.train.vision import VisionPretrainConfig
 
@@ -72,7 +73,7 @@ class DemoConfig:
     world_image_size: int = 64  # pixels of the generated images
     max_shapes: int = 3  # shapes per image, at most
     threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
-    # the ViT's supervised start (the world's ImageNet: lone shapes' kinds and places); None: a random ViT
+    # the ViT's supervised start (the world's ImageNet: per patch, the shape under it and its place); None: a random ViT
     vision: VisionPretrainConfig | None = None
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
     alpha_ramp_steps: int = 150  # pretraining: momentum-distillation alpha ramps in over this many steps
@@ -80,9 +81,16 @@ class DemoConfig:
     filter: TrainConfig = field(default_factory=lambda: TrainConfig(task="retrieval"))
     vqa: TrainConfig = field(default_factory=lambda: TrainConfig(task="vqa"))
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
-    filter_val_images: int = 50  # clean images held out of the filter's training to choose its threshold on
+    # Clean images held out of the filter's training (and of pretraining, which it starts from) to choose its
+    # threshold on: images pretraining has read score higher than the web's, and the threshold came out too strict.
+    filter_val_images: int = 50
     hard_negatives: int = 3  # written ITM negatives per clean caption for the filter (0: mined negatives only)
+    # what the written negatives change (of `blip.data.shapes.NEGATIVE_SWAPS`); empty: every kind of phrase
+    negative_categories: tuple[str, ...] = ()
     threshold_on_validation: bool = True  # the filter's threshold from the validation images (else capfilt's)
+    # None: the validation cut with the best balanced accuracy; a share: the strictest cut keeping that share of the
+    # validation images' true captions (`blip.capfilt.choose_threshold`)
+    filter_keep_true: float | None = None
     k_test: int = 16  # retrieval: candidates re-ranked with ITM per query
     untrained_baseline: bool = True  # also evaluate the architecture with random weights (about a CPU minute)
     examples: int = 12  # example images in the report
@@ -99,6 +107,13 @@ class DemoConfig:
             raise ValueError("filter_val_images must leave the filter at least one clean image to train on")
         if self.hard_negatives < 0:
             raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.filter_keep_true is not None and not 0 < self.filter_keep_true <= 1:
+            raise ValueError(f"filter_keep_true must be in (0, 1] or None, got {self.filter_keep_true}")
+        from blip.data.shapes import NEGATIVE_SWAPS
+
+        unknown = sorted(set(self.negative_categories) - set(NEGATIVE_SWAPS))
+        if unknown:
+            raise ValueError(f"negative_categories: unknown {unknown}; expected some of {sorted(NEGATIVE_SWAPS)}")
 
     def replace(self, **changes: Any) -> DemoConfig:
         return dataclasses.replace(self, **changes)
@@ -193,22 +208,24 @@ def generate_world(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def pretrain_vision_stage(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
-    """The world's ImageNet: the pretraining architecture's ViT learns to name the kind and the position of a lone
-    shape (`lone_shapes`, a random stream of its own, no image of the splits); every pretraining starts from it."""
-    from blip.data.shapes import LONE_SHAPE_LABELS, ShapesConfig, lone_shapes
+    """The world's ImageNet: the pretraining architecture's ViT learns to name, patch by patch, the kind, colour and
+    place of the shape under each patch (`labelled_scenes`: scenes of the demo's world from a random stream of their
+    own, no image of the splits); every pretraining starts from it."""
+    from blip.data.shapes import PATCH_LABELS, ShapesConfig, labelled_scenes
     from blip.train.vision import pretrain_vision
     from blip.transforms import ImageTransform
 
     assert cfg.vision is not None
-    world = ShapesConfig(image_size=cfg.world_image_size)
+    world = ShapesConfig(image_size=cfg.world_image_size, max_shapes=cfg.max_shapes)
     transform = ImageTransform(cfg.pretrain.image_size)
+    grid = cfg.pretrain.image_size // cfg.pretrain.patch_size
 
     def labelled(n: int, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = lone_shapes(n, seed=cfg.seed, part=part, cfg=world)
+        images, labels = labelled_scenes(n, grid=grid, seed=cfg.seed, part=part, cfg=world)
         return transform(images), torch.tensor(labels)
 
     train, test = labelled(cfg.vision.images, "train"), labelled(cfg.vision.eval_images, "test")
-    classes = {name: len(values) for name, values in LONE_SHAPE_LABELS.items()}
+    classes = {name: len(values) for name, values in PATCH_LABELS.items()}
     return pretrain_vision(cfg.pretrain, cfg.vision, train, test, classes, folder, seed=cfg.seed)
 
 
@@ -286,26 +303,45 @@ def finetune(
     return _train(train_cfg)
 
 
+def clean_split(cfg: DemoConfig, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The clean split's rows: (those everything trains on, the last `filter_val_images` held out to choose the
+    filter's threshold on)."""
+    rows = read_jsonl(data_dir / "clean.jsonl")
+    n_val = min(cfg.filter_val_images, len(rows) - 1)
+    return rows[: len(rows) - n_val], rows[len(rows) - n_val :]
+
+
+def pretraining_clean(cfg: DemoConfig, data_dir: Path) -> Path:
+    """`clean_pretrain.jsonl` beside the data folder: the clean captions every pretraining run reads and every
+    bootstrapped dataset adds unfiltered (`clean_split`'s first part: no validation image). Image paths absolute."""
+    path = data_dir.parent / "clean_pretrain.jsonl"
+    if not path.is_file():
+        rows = [{**row, "image": str((data_dir / row["image"]).resolve())} for row in clean_split(cfg, data_dir)[0]]
+        atomic_write_bytes(path, jsonl_bytes(rows))
+    return path
+
+
 def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Path, Path]:
-    """The filter's data, from the clean split: `filter_train.jsonl` (all but the last `filter_val_images` images;
-    each image with `hard_negatives` written negatives per caption) and `filter_val.jsonl` (those held-out images:
-    their true captions, and as negatives one written negative per caption plus as many captions of other held-out
-    images that are false for this one). Image paths absolute."""
+    """The filter's data, from the clean split (`clean_split`): `filter_train.jsonl` (each image with
+    `hard_negatives` written negatives per caption) and `filter_val.jsonl` (the held-out images: their true captions,
+    and as negatives one written negative per caption plus as many captions of other held-out images that are false
+    for this one). Written negatives change a phrase of `negative_categories`. Image paths absolute."""
     import random
 
     from blip.data.shapes import Scene, check_caption
     from blip.data.shapes.grammar import hard_negatives
 
-    rows = read_jsonl(data_dir / "clean.jsonl")
-    n_val = min(cfg.filter_val_images, len(rows) - 1)
-    train, val = rows[: len(rows) - n_val], rows[len(rows) - n_val :]
+    train, val = clean_split(cfg, data_dir)
+    categories = cfg.negative_categories or None
     rng = random.Random(f"blip.demo/{cfg.seed}/filter")
     folder.mkdir(parents=True, exist_ok=True)
     train_path, val_path = folder / "filter_train.jsonl", folder / "filter_val.jsonl"
     with open(train_path, "w", encoding="utf-8") as f:
         for row in train:
             scene = Scene.from_dict(row["scene"])
-            negatives = [t for c in row["captions"] for t in hard_negatives(scene, c, rng, cfg.hard_negatives)]
+            negatives = [
+                t for c in row["captions"] for t in hard_negatives(scene, c, rng, cfg.hard_negatives, categories)
+            ]
             image = str((data_dir / row["image"]).resolve())
             out = {"id": row["id"], "image": image, "captions": row["captions"]}
             f.write(json.dumps({**out, "negatives": negatives} if negatives else out) + "\n")
@@ -313,7 +349,7 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
     with open(val_path, "w", encoding="utf-8") as f:
         for row in val:
             scene = Scene.from_dict(row["scene"])
-            written = [t for c in row["captions"] for t in hard_negatives(scene, c, rng, 1)]
+            written = [t for c in row["captions"] for t in hard_negatives(scene, c, rng, 1, categories)]
             unrelated = [t for t in others if not check_caption(scene, t)]
             unrelated = rng.sample(unrelated, min(len(row["captions"]), len(unrelated)))
             image = str((data_dir / row["image"]).resolve())
@@ -350,7 +386,7 @@ def choose_filter_threshold(cfg: DemoConfig, model: str, val_path: Path) -> dict
 
     with torch.inference_mode():
         positive, negative = score_validation(load(model, batch_size=64), read_jsonl(val_path))
-    chosen = choose_threshold(positive, negative)
+    chosen = choose_threshold(positive, negative, keep_true=cfg.filter_keep_true)
     return {
         "validation": {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen},
         "threshold": chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold,
@@ -362,8 +398,7 @@ def run_capfilt_stage(
 ) -> dict:
     from blip.capfilt import run_capfilt
 
-    # An absolute path: the bootstrapped dataset names the clean images as this path does.
-    clean = str((data_dir / "clean.jsonl").resolve())
+    clean = str(pretraining_clean(cfg, data_dir))  # the bootstrapped dataset names its images as this file does
     capfilt_cfg = dataclasses.replace(
         cfg.capfilt, seed=cfg.seed, threads=cfg.threads, keep_clean=clean, device="cpu", threshold=threshold
     )
@@ -443,9 +478,9 @@ def analyse_capfilt(folder: Path, threshold: float) -> dict[str, Any]:
     }
 
 
-def training_sets(data_dir: Path, capfilt_dataset: str, analysis: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def training_sets(clean_manifest: Path, capfilt_dataset: str, analysis: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """How many texts each pretraining run reads, and how many of them are false for their image."""
-    clean = sum(len(row["captions"]) for row in read_jsonl(data_dir / "clean.jsonl"))
+    clean = sum(len(row["captions"]) for row in read_jsonl(clean_manifest))
     web, synth = analysis["web"], analysis["synthetic"]
     kept_web = web["texts"] - web["removed"]
     kept_web_false = web["noisy"] - web["removed_noisy"]
@@ -606,7 +641,6 @@ def run_demo(
 
 def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool = False) -> int:
     data_dir = out / "data"
-    web_data = f"{data_dir / 'web.jsonl'},{data_dir / 'clean.jsonl'}"
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
     from blip.demo.ablations import STAGES as ABLATION_STAGES
 
@@ -623,10 +657,11 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         vision = stages.run(
             "vision",
             out / "vision",
-            f"pretrain the ViT to name the kind and place of a lone shape ({cfg.vision.steps} steps)",
+            f"pretrain the ViT to name the shape under each patch and its place ({cfg.vision.steps} steps)",
             lambda: pretrain_vision_stage(cfg, out / "vision"),
         )
         cfg = cfg.replace(pretrain=cfg.pretrain.replace(vision_init=vision["path"]))  # every pretraining run below
+    web_data = f"{data_dir / 'web.jsonl'},{pretraining_clean(cfg, data_dir)}"
     pre_web = stages.run(
         "pretrain_web",
         out / "web" / "pretrain",
@@ -696,7 +731,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     metrics["filter"]["validation"] = filt["validation"]
     metrics["filter_model"] = _headline("retrieval", filt["test"]["retrieval"])
     metrics["captioner"] = _headline("caption", cap_web["test"]["caption"])
-    metrics["training_sets"] = training_sets(data_dir, capfilt["dataset"], analysis)
+    metrics["training_sets"] = training_sets(pretraining_clean(cfg, data_dir), capfilt["dataset"], analysis)
     metrics["capfilt_summary"] = {k: capfilt[k] for k in ("web_kept", "synthetic_kept", "clean_texts", "texts_out")}
     metrics["world"] = world
     metrics["timings"] = dict(stages.timings)

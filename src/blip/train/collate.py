@@ -26,7 +26,8 @@ def pre_question(text: str, max_words: int = 50) -> str:
 
 class PairCollator:
     """-> `pixel_values [B, 3, S, S]`, `input_ids`/`attention_mask` `[B, T]` of `prompt + caption`, `image_ids [B]`;
-    items with a written negative add `negative_ids`/`negative_mask` `[K, T']` and `negative_owner [K]` (its row)."""
+    items with written negatives (`"negatives"`) add them as `negative_ids`/`negative_mask` `[K, T']` and
+    `negative_owner [K]` (each one's row)."""
 
     def __init__(self, tokenizer: BlipTokenizer, max_length: int = 30, prompt: str = "", max_words: int = 50):
         self.tokenizer, self.max_length, self.prompt, self.max_words = tokenizer, max_length, prompt, max_words
@@ -40,9 +41,10 @@ class PairCollator:
             "attention_mask": mask,
             "image_ids": torch.tensor([item["image_id"] for item in items], dtype=torch.long),
         }
-        owners = [row for row, item in enumerate(items) if "negative" in item]
-        if owners:
-            negatives = [pre_caption(items[row]["negative"], self.max_words) for row in owners]
+        written = [(row, text) for row, item in enumerate(items) for text in item.get("negatives", ())]
+        if written:
+            owners = [row for row, _ in written]
+            negatives = [pre_caption(text, self.max_words) for _, text in written]
             batch["negative_ids"], batch["negative_mask"] = self.tokenizer(negatives, max_length=self.max_length)
             batch["negative_owner"] = torch.tensor(owners, dtype=torch.long)
         return batch

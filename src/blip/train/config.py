@@ -130,6 +130,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     itm_token: Literal["cls", "enc"] = "cls"  # start token of the image-grounded encoder (ITM and VQA questions)
     negatives_all_ranks: bool = True  # ITM hard negatives from the global batch
+    written_negatives: int = 1  # ITM negatives per sample from the data's `negatives` column (when a row has some)
     # --- optimisation ----------------------------------------------------------------------------------------------
     epochs: int = 1
     max_steps: int = 0  # optimizer steps in all (0 = epochs x steps per epoch; epochs repeat as needed)
@@ -184,6 +185,7 @@ class TrainConfig:
             "ckpt_every",
             "num_workers",
             "threads",
+            "written_negatives",
         )
         for name in non_negative + ("eval_max_images", "image_size", "patch_size"):
             if getattr(self, name) < 0:

@@ -85,14 +85,22 @@ class _ImageRows(Dataset):
 
 
 class PairDataset(_ImageRows):
-    """(image, caption) pairs -> `{"pixel_values": [3, S, S], "text": str, "image_id": int}`, plus `"negative"`:
-    one of the row's written negatives (texts false for the image), drawn by the sample's RNG, when it has any."""
+    """(image, caption) pairs -> `{"pixel_values": [3, S, S], "text": str, "image_id": int}`, plus `"negatives"`:
+    `negatives` distinct texts of the row's written negatives (texts false for the image; all of them when it has
+    fewer), drawn by the sample's RNG, when it has any."""
+
+    def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0, negatives: int = 1):
+        super().__init__(rows, image_fn, seed)
+        self.negatives = negatives
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         row, image, rng = self._decoded(key)
         item = {"pixel_values": self.image_fn(image, rng), "text": row.text, "image_id": row.image_id}
-        if getattr(row, "negatives", ()):
-            item["negative"] = rng.choice(row.negatives)
+        written = getattr(row, "negatives", ())
+        if written and self.negatives == 1:
+            item["negatives"] = [rng.choice(written)]
+        elif written and self.negatives > 1:
+            item["negatives"] = rng.sample(written, min(self.negatives, len(written)))
         return item
 
 

@@ -183,7 +183,7 @@ def build_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, dist
             skips.report("training data")
             return data, stream.skips
         rows = read_pairs(sources, text_column=cfg.text_column, split=cfg.data_split, **read_kw)
-        dataset = PairDataset(rows[: cfg.max_samples or None], image_fn, cfg.seed)
+        dataset = PairDataset(rows[: cfg.max_samples or None], image_fn, cfg.seed, negatives=cfg.written_negatives)
     skips.report("training data")
     sampler = GlobalBatchSampler(
         len(dataset), cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed

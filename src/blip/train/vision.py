@@ -2,8 +2,9 @@
 
 The paper never trains BLIP's ViT from nothing: it starts from an ImageNet classifier (DeiT / ViT, §4.1). A user with
 such a checkpoint passes it as `TrainConfig.vision_init`; a world without one (the shapes world, whose stand-in for
-ImageNet is `blip.data.shapes.lone_shapes`: what a lone shape is and where) trains one here: the run's own ViT with a
-linear head per label on its CLS token (the losses summed), AdamW with warmup and a cosine schedule, then
+ImageNet is `blip.data.shapes.labelled_scenes`: what shape lies under each patch, and where) trains one here: the run's
+own ViT with a linear head per label, on its CLS token for labels of the image (`[N, L]`) or on every patch token for
+labels of the patches (`[N, T, L]`), the losses summed; AdamW with warmup and a cosine schedule, then
 `vision.safetensors` (`vision_model.*` keys) for `vision_init`.
 """
 
@@ -47,19 +48,22 @@ class VisionPretrainConfig:
 
 
 class _Classifier(nn.Module):
-    """The ViT and one linear head per label on its CLS token (after the final LayerNorm)."""
+    """The ViT and one linear head per label, after the final LayerNorm: on the CLS token, or with `patches` on every
+    patch token."""
 
-    def __init__(self, vision: nn.Module, classes: dict[str, int]):
+    def __init__(self, vision: nn.Module, classes: dict[str, int], patches: bool = False):
         super().__init__()
-        self.vision = vision
+        self.vision, self.patches = vision, patches
         self.heads = nn.ModuleList(nn.Linear(vision.config.hidden_size, n) for n in classes.values())
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        cls = self.vision(pixels)[:, 0]
-        return [head(cls) for head in self.heads]  # per label: [B, classes]
+        tokens = self.vision(pixels)
+        x = tokens[:, 1:] if self.patches else tokens[:, 0]
+        return [head(x) for head in self.heads]  # per label: [B, classes] or [B, T, classes]
 
     def loss(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(F.cross_entropy(logits, labels[:, i]) for i, logits in enumerate(self(pixels)))  # type: ignore[return-value]
+        logits = self(pixels)
+        return sum(F.cross_entropy(x.flatten(0, -2), labels[..., i].flatten()) for i, x in enumerate(logits))  # type: ignore[return-value]
 
 
 def _lr(cfg: VisionPretrainConfig, step: int) -> float:
@@ -69,14 +73,29 @@ def _lr(cfg: VisionPretrainConfig, step: int) -> float:
 
 @torch.no_grad()
 def _accuracy(model: _Classifier, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> list[float]:
-    """Per label, the share of images whose class is the head's argmax."""
+    """Per label, the share of images (patch labels: of patches whose class is not 0, "nothing there") whose class
+    is the head's argmax."""
     model.eval()
-    right = torch.zeros(labels.shape[1])
+    right, total = torch.zeros(labels.shape[-1]), torch.zeros(labels.shape[-1])
     for i in range(0, len(labels), batch_size):
         for j, logits in enumerate(model(pixels[i : i + batch_size])):
-            right[j] += (logits.argmax(1) == labels[i : i + batch_size, j]).sum()
+            truth = labels[i : i + batch_size, ..., j]
+            counted = truth != 0 if model.patches else torch.ones_like(truth, dtype=torch.bool)
+            right[j] += ((logits.argmax(-1) == truth) & counted).sum()
+            total[j] += counted.sum()
     model.train()
-    return (right / len(labels)).tolist()
+    return (right / total.clamp(min=1)).tolist()
+
+
+def _chance(labels: torch.Tensor, patches: bool) -> list[float]:
+    """Per label, the accuracy of always answering its most common class (patch labels: among classes other than 0)."""
+    out = []
+    for j in range(labels.shape[-1]):
+        counts = labels[..., j].flatten().bincount()
+        if patches:
+            counts = counts[1:]
+        out.append(float(counts.max()) / max(1, int(counts.sum())) if len(counts) else 0.0)
+    return out
 
 
 def pretrain_vision(
@@ -91,9 +110,11 @@ def pretrain_vision(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `model_cfg`'s image encoder (its random init: sizes, `init_std`, `pos_init`) to classify `train`
-    (`pixels [N, 3, S, S]` as the model's transform makes them, `labels [N, len(classes)]`: a column per label of
-    `classes`, name -> number of classes), measure it on `test`, and write `out_dir/vision.safetensors` and
-    `out_dir/vision.json`. Returns `{"path", "accuracy": {label: share}, "chance", "loss", "steps", ...}`."""
+    (`pixels [N, 3, S, S]` as the model's transform makes them; `labels [N, len(classes)]`, a column per label of
+    `classes` (name -> number of classes), or `[N, T, len(classes)]` for the T patch tokens, class 0 meaning nothing
+    there), measure it on `test`, and write `out_dir/vision.safetensors` and `out_dir/vision.json`. Returns
+    `{"path", "accuracy": {label: share}, "chance", "loss", "steps", ...}`; patch labels are scored on the patches
+    whose class is not 0."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -101,14 +122,28 @@ def pretrain_vision(
     from blip.train.modeling import build_model
 
     pixels, labels = train
-    for what, (x, y) in (("training", train), ("test", test)):
-        if len(x) != len(y) or not len(y) or y.ndim != 2 or y.shape[1] != len(classes):
-            raise ValueError(f"vision pretraining: {what} needs a row of {len(classes)} labels per image, and images")
-        if y.min() < 0 or any(int(y[:, j].max()) >= n for j, n in enumerate(classes.values())):
-            raise ValueError(f"vision pretraining: a {what} label outside its classes {classes}")
+    patches = labels.ndim == 3
     torch.manual_seed(seed)
     model, _ = build_model(model_cfg.replace(task="pretrain", init="", vision_init=""))
-    classifier = _Classifier(model.vision_model, classes)
+    tokens = (model.vision_model.config.image_size // model.vision_model.config.patch_size) ** 2
+    shape = (
+        f"[{tokens}, {len(classes)}] labels per image (one row per patch)"
+        if patches
+        else f"a row of {len(classes)} labels per image"
+    )
+    for what, (x, y) in (("training", train), ("test", test)):
+        if (
+            len(x) != len(y)
+            or not len(y)
+            or y.ndim != labels.ndim
+            or y.ndim not in (2, 3)
+            or y.shape[-1] != len(classes)
+            or (patches and y.shape[1] != tokens)
+        ):
+            raise ValueError(f"vision pretraining: {what} needs {shape}, and images")
+        if y.min() < 0 or any(int(y[..., j].max()) >= n for j, n in enumerate(classes.values())):
+            raise ValueError(f"vision pretraining: a {what} label outside its classes {classes}")
+    classifier = _Classifier(model.vision_model, classes, patches=patches)
     classifier.train()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(seed)
@@ -134,7 +169,8 @@ def pretrain_vision(
     result = {
         "path": str(path),
         "accuracy": dict(zip(classes, _accuracy(classifier, *test))),
-        "chance": {name: float(test[1][:, j].bincount().max()) / len(test[1]) for j, name in enumerate(classes)},
+        "chance": dict(zip(classes, _chance(test[1], patches))),
+        "labels": "patches" if patches else "image",
         "loss": sum(tail) / len(tail),
         "first_loss": losses[0],
         "steps": cfg.steps,

@@ -18,18 +18,18 @@ trains and evaluates on:
 The package, one module per concern, each readable top to bottom: `scene` (the world, `Scene`, `ShapesConfig`,
 `sample_scene`), `words` (the language, `tokenize`, `vocabulary`), `drawing` (`render`), `grammar` (captions and
 their noise: `describe`, `references`, `corrupt`, `hard_negatives`), `parse` (`parse_caption`, `caption_errors`,
-`check_caption`), `qa` (`questions`), `examples` (`make_example`: one image's scene and rows), `lone`
-(`lone_shapes`: the world's ImageNet), `dataset` (`generate`; its docstring gives the on-disk layout), `cli`
-(`blip data shapes`). Everything public is importable from `blip.data.shapes` itself.
+`check_caption`), `qa` (`questions`), `examples` (`make_example`: one image's scene and rows), `patches`
+(`labelled_scenes`, `patch_labels`: the world's ImageNet), `dataset` (`generate`; its docstring gives the on-disk
+layout), `cli` (`blip data shapes`). Everything public is importable from `blip.data.shapes` itself.
 """
 
 from blip.data.shapes.cli import cli_main
 from blip.data.shapes.dataset import FORMAT_VERSION, generate
-from blip.data.shapes.drawing import render
+from blip.data.shapes.drawing import render, shape_map
 from blip.data.shapes.examples import Example, image_path, make_example, scene_for
 from blip.data.shapes.grammar import NEGATIVE_SWAPS, corrupt, describe, hard_negatives, junk, references, swap_attribute
-from blip.data.shapes.lone import LONE_SHAPE_LABELS, lone_shapes
 from blip.data.shapes.parse import Mention, ParsedCaption, caption_errors, check_caption, parse_caption
+from blip.data.shapes.patches import MIN_COVER, PATCH_LABELS, labelled_scenes, patch_labels
 from blip.data.shapes.qa import QA, questions
 from blip.data.shapes.scene import (
     BACKGROUNDS,
@@ -65,7 +65,8 @@ __all__ = [
     "FORMAT_VERSION",
     "JUNK_PHRASES",
     "KINDS",
-    "LONE_SHAPE_LABELS",
+    "MIN_COVER",
+    "PATCH_LABELS",
     "NOISE_KINDS",
     "PARTIAL_ATTRIBUTES",
     "POSITIONS",
@@ -90,12 +91,14 @@ __all__ = [
     "generate",
     "image_path",
     "junk",
-    "lone_shapes",
+    "labelled_scenes",
+    "patch_labels",
     "make_example",
     "parse_caption",
     "questions",
     "references",
     "render",
+    "shape_map",
     "sample_scene",
     "scene_for",
     "swap_attribute",

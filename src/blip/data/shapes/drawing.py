@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,20 +33,23 @@ def _outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
+def _draw_shapes(draw: ImageDraw.ImageDraw, scene: Scene, side: int, fills: Sequence[Any]) -> None:
+    """Draw each shape of the scene, filled with its entry of `fills`, on a canvas of `side` pixels."""
+    for s, fill in zip(scene.shapes, fills):
+        x, y = s.center()
+        cx, cy, r = x * side, y * side, SIZES[s.size] * side
+        if s.kind == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_outline(s.kind, cx, cy, r), fill=fill)
+
+
 def render(scene: Scene, cfg: ShapesConfig = ShapesConfig()) -> Image.Image:
     """Draw a scene as an RGB image of ``cfg.image_size`` pixels. A pure function of (scene, cfg)."""
     ss = 4 if cfg.antialias else 1
     side = cfg.image_size * ss
     img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(img)
-    for s in scene.shapes:
-        x, y = s.center()
-        cx, cy, r = x * side, y * side, SIZES[s.size] * side
-        fill = SHAPE_COLORS[s.color]
-        if s.kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_outline(s.kind, cx, cy, r), fill=fill)
+    _draw_shapes(ImageDraw.Draw(img), scene, side, [SHAPE_COLORS[s.color] for s in scene.shapes])
     if ss > 1:
         img = img.reduce(ss)
     if cfg.texture and cfg.texture_strength > 0:
@@ -53,3 +57,11 @@ def render(scene: Scene, cfg: ShapesConfig = ShapesConfig()) -> Image.Image:
         pixels = np.asarray(img, dtype=np.float32) + noise
         img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
     return img
+
+
+def shape_map(scene: Scene, side: int) -> np.ndarray:
+    """`[side, side]` uint8: at each pixel 1 + the index (in `scene.shapes`) of the shape drawn there, 0 where the
+    background shows. Drawn as `render` draws the shapes, at `side` pixels (no antialiasing)."""
+    canvas = Image.new("L", (side, side), 0)
+    _draw_shapes(ImageDraw.Draw(canvas), scene, side, range(1, len(scene.shapes) + 1))
+    return np.asarray(canvas)
