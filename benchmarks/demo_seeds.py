@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 KEYS = (
+    ("vision.accuracy.kind", "ViT start: kind of the shape under a patch right (%)", 100.0),
+    ("vision.accuracy.position", "ViT start: place of the shape under a patch right (%)", 100.0),
     ("filter_precision", "filter precision (%)", 100.0),
     ("filter_recall", "filter recall (%)", 100.0),
     ("filter.web.kept_correct_rate", "correct web captions kept (%)", 100.0),
@@ -45,10 +47,24 @@ def _get(metrics: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
+def _has(metrics: dict[str, Any], dotted: str) -> bool:
+    try:
+        _get(metrics, dotted)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def _keys(runs: dict[int, dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """The rows every run has (a run with a random ViT start has no `vision`)."""
+    return [row for row in KEYS if all(_has(m, row[0]) for m in runs.values())]
+
+
 def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    per_seed = {seed: {key: _get(m, key) * scale for key, _, scale in KEYS} for seed, m in runs.items()}
+    keys = _keys(runs)
+    per_seed = {seed: {key: _get(m, key) * scale for key, _, scale in keys} for seed, m in runs.items()}
     spread = {}
-    for key, _, _ in KEYS:
+    for key, _, _ in keys:
         values = [row[key] for row in per_seed.values()]
         spread[key] = {
             "mean": statistics.fmean(values),
@@ -66,6 +82,8 @@ def markdown(summary: dict[str, Any]) -> str:
     head = "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |"
     lines = [head, "|---" * (len(seeds) + 2) + "|"]
     for key, name, _ in KEYS:
+        if key not in summary["spread"]:
+            continue
         cells = " | ".join(f"{summary['per_seed'][s][key]:.1f}" for s in seeds)
         sp = summary["spread"][key]
         lines.append(f"| {name} | {cells} | {sp['mean']:.1f} ± {sp['std']:.1f} |")
