@@ -48,23 +48,17 @@ def choose_threshold(
         return at(pos[0] if removable == 0 else (pos[removable - 1] + pos[removable]) / 2)
     cuts = sorted(set(pos) | set(neg))
     candidates = [cuts[0]] + [(a + b) / 2 for a, b in zip(cuts, cuts[1:])] + [cuts[-1] + 1e-6]
-    best: dict[str, float] = {}
+    best_cut, best_score = candidates[0], -1.0
     i = j = 0  # pos[:i] and neg[:j] are below the cut
     for cut in candidates:
         while i < len(pos) and pos[i] < cut:
             i += 1
         while j < len(neg) and neg[j] < cut:
             j += 1
-        kept_true, removed_false = 1 - i / len(pos), j / len(neg)
-        score = (kept_true + removed_false) / 2
-        if not best or score > best["balanced_accuracy"]:
-            best = {
-                "threshold": cut,
-                "kept_true": kept_true,
-                "removed_false": removed_false,
-                "balanced_accuracy": score,
-            }
-    return best
+        score = (1 - i / len(pos) + j / len(neg)) / 2
+        if score > best_score:
+            best_cut, best_score = cut, score
+    return at(best_cut)
 
 
 def score_validation(filter: Blip, rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:

@@ -109,11 +109,9 @@ class DemoConfig:
             raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
         if self.filter_keep_true is not None and not 0 < self.filter_keep_true <= 1:
             raise ValueError(f"filter_keep_true must be in (0, 1] or None, got {self.filter_keep_true}")
-        from blip.data.shapes import NEGATIVE_SWAPS
+        from blip.data.shapes.grammar import check_negative_categories
 
-        unknown = sorted(set(self.negative_categories) - set(NEGATIVE_SWAPS))
-        if unknown:
-            raise ValueError(f"negative_categories: unknown {unknown}; expected some of {sorted(NEGATIVE_SWAPS)}")
+        check_negative_categories(self.negative_categories)
 
     def replace(self, **changes: Any) -> DemoConfig:
         return dataclasses.replace(self, **changes)

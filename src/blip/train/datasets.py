@@ -97,7 +97,7 @@ class PairDataset(_ImageRows):
         row, image, rng = self._decoded(key)
         item = {"pixel_values": self.image_fn(image, rng), "text": row.text, "image_id": row.image_id}
         written = getattr(row, "negatives", ())
-        if written and self.negatives == 1:
+        if written and self.negatives == 1:  # one draw, as before `negatives` existed: the same RNG stream
             item["negatives"] = [rng.choice(written)]
         elif written and self.negatives > 1:
             item["negatives"] = rng.sample(written, min(self.negatives, len(written)))

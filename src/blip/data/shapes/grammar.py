@@ -200,15 +200,20 @@ def _swap_candidates(text: str) -> dict[str, list[str]]:
     return out
 
 
+def check_negative_categories(categories: Sequence[str]) -> None:
+    """Raises `ValueError` naming any of `categories` that is not a category of `NEGATIVE_SWAPS`."""
+    unknown = sorted(set(categories) - set(NEGATIVE_SWAPS))
+    if unknown:
+        raise ValueError(f"unknown negative categories {unknown}; expected some of {sorted(NEGATIVE_SWAPS)}")
+
+
 def hard_negatives(
     scene: Scene, caption: str, rng: random.Random, n: int = 3, categories: Sequence[str] | None = None
 ) -> list[str]:
     """Up to `n` distinct captions that differ from the true `caption` of `scene` in one phrase of `categories`
     (of `NEGATIVE_SWAPS`: a colour, kind, size, position, relation, count or background; default all) and are false
     for the scene; categories drawn evenly."""
-    unknown = sorted(set(categories or ()) - set(NEGATIVE_SWAPS))
-    if unknown:
-        raise ValueError(f"unknown negative categories {unknown}; expected some of {sorted(NEGATIVE_SWAPS)}")
+    check_negative_categories(categories or ())
     false = {
         category: sorted({t for t in texts if t != caption and not check_caption(scene, t)})
         for category, texts in _swap_candidates(caption).items()
