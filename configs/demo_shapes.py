@@ -3,8 +3,8 @@
     blip demo --out runs/demo                            # what `make demo` runs (this file, seed 0)
     blip demo --out runs/demo_s1 --seed 1                # another draw of the world, the models and the sampling
     blip demo --out /tmp/demo_toy --smoke                # toy sizes, seconds: checks the plumbing only
-    python benchmarks/demo_seeds.py --seeds 0 1 2        # several seeds and their spread
     blip demo --out runs/demo --ablations                # + the paper's ablations (five more arms, ~3x the time)
+    blip demo --seeds 0 1 2 --ablations                  # several seeds (runs/demo_seeds/seed<N>) and their spread
 
 Stages (each resumable: a finished stage is not run again): generate the world -> pretrain the ViT to name, patch by
 patch, the shape under it and its place (the world's ImageNet; the paper starts from an ImageNet ViT) -> pretrain on

@@ -154,6 +154,53 @@ def test_findings_follow_the_numbers():
     assert findings(arms)["diversity"]["comparisons"]["capfilt (nucleus) > beam"]["cider"] is False
 
 
+def test_several_seeds_tabulate_their_spread_and_the_claims(demo_run, tmp_path, monkeypatch, capsys):
+    import blip.demo.seeds as seeds
+    from blip.cli import main
+    from blip.demo.ablations import ARMS, findings
+
+    base = json.loads((demo_run[0] / "metrics.json").read_text())
+    calls = []
+
+    def fake_run_demo(folder, *, seed, ablations, **_):  # a real run's metrics.json, with numbers set per seed
+        m = json.loads(json.dumps(base))
+        m["web"]["cider"], m["capfilt"]["cider"] = 10.0, 10.0 + seed  # seed 0: a tie, not a win
+        arms = {arm: {"cider": 5.0, "vqa_accuracy": 1.0, "retrieval_r1": 1.0} for arm in ARMS}
+        arms["capfilt"]["data"] = {"false_rate": 0.1 * seed}
+        arms["round2"]["cider"] = 4.0 + seed  # above round 1 (5.0) on seed 2 only
+        m["ablations"], m["ablation_findings"] = arms, findings(arms)
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(m))
+        calls.append((folder.name, seed, ablations))
+        return 0
+
+    monkeypatch.setattr(seeds, "run_demo", fake_run_demo)
+    out = tmp_path / "seeds"
+    assert main(["demo", "--seeds", "0", "1", "2", "--ablations", "--out", str(out)]) == 0
+    assert calls == [("seed0", 0, True), ("seed1", 1, True), ("seed2", 2, True)]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["per_seed"]["2"]["capfilt.cider"] == 12.0
+    assert summary["spread"]["capfilt.cider"] == {"mean": 11.0, "std": 1.0, "min": 10.0, "max": 12.0}
+    assert summary["deltas"]["cider"] == [0.0, 1.0, 2.0] and summary["capfilt_wins"]["cider"] == 2
+    ablations = summary["ablations"]
+    assert ablations["arms"]["capfilt"]["data.false_rate"] == pytest.approx([0.0, 10.0, 20.0])  # in %
+    assert ablations["comparisons"]["rounds"]["round2 > capfilt"]["cider"] == 1 and ablations["held"]["rounds"] == 0
+    table = (out / "seeds.md").read_text()
+    assert "| CIDEr, CapFilt | 10.0 | 11.0 | 12.0 | 11.0 ± 1.0 |" in table
+    assert "| cider: CapFilt − web | +0.0 | +1.0 | +2.0 | +1.0 ± 1.0 |" in table
+    assert "- round2 > capfilt: cider 1/3" in table
+    report = (out / "report.html").read_text()
+    assert "seed2/report.html" in report and "Holds on 0/3 seeds" in report
+    capsys.readouterr()
+    # a folder holding one seed's run is not overwritten by a seeds report; --seed and --seeds do not mix
+    assert main(["demo", "--seeds", "0", "--out", str(demo_run[0])]) == 2
+    assert "holds a single-seed demo run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "1", "--seeds", "0", "1"])
+    assert main(["demo", "--seeds", "0", "0", "--out", str(tmp_path / "twice")]) == 2
+    assert "distinct" in capsys.readouterr().err
+
+
 def test_training_stages_label_their_progress_bars(demo_run):
     out, _ = demo_run
     for folder, label in (("web/pretrain", "demo 4/11 pretrain_web"), ("capfilt/vqa", "demo 11/11 vqa_capfilt")):

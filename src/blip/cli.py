@@ -184,9 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         "run CapFilt, pretrain again on the bootstrapped data and compare both models; writes metrics.json and "
         "report.html to --out. Rerunning resumes (finished stages are kept).",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--out", help="output folder (default: runs/demo; with --seeds runs/demo_seeds)")
     p.add_argument("--config", help="demo config file (default: configs/demo_shapes.py)")
-    p.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, help="seed of the world, the models and the sampling (default: the config's)")
+    seed.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="one run per seed in <out>/seed<N>, then their spread (mean ± std) in <out>/seeds.json, seeds.md and "
+        "report.html",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's; 2 in demo_shapes.py)")
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
     p.add_argument(
@@ -546,10 +555,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from blip.demo import DemoConfigError, run_demo
+    from blip.demo.seeds import run_seeds
 
     try:
+        if args.seeds:
+            return run_seeds(
+                Path(args.out or "runs/demo_seeds"),
+                args.seeds,
+                config=args.config,
+                threads=args.threads,
+                smoke=args.smoke,
+                ablations=args.ablations,
+            )
         return run_demo(
-            Path(args.out),
+            Path(args.out or "runs/demo"),
             config=args.config,
             seed=args.seed,
             threads=args.threads,

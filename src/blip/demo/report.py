@@ -248,7 +248,7 @@ def _reading(m: dict[str, Any]) -> str:
         f"{_pct(m['filter_recall'])} of the noisy ones"
         + (", so clean human captions make up a larger share of the CapFilt set." if clean_share_up else "."),
         "One seed: differences of a few points can be noise. "
-        "<code>python benchmarks/demo_seeds.py --seeds 0 1 2</code> runs several and reports the spread.",
+        "<code>blip demo --seeds 0 1 2</code> runs several and reports the spread.",
     ]
     return "<h2>Reading the result</h2><ul>" + "".join(f"<li>{p}</li>" for p in points) + "</ul>"
 
@@ -367,7 +367,7 @@ def _ablations(m: dict[str, Any]) -> str:
     parts.append(
         "<p class='small'>Every arm pretrains the same architecture from scratch with the same steps, schedule and "
         "seed, then gets the same captioning and VQA fine-tunes. One seed: "
-        "<code>python benchmarks/demo_seeds.py --seeds 0 1 2 --ablations</code> gives the spread.</p>"
+        "<code>blip demo --seeds 0 1 2 --ablations</code> gives the spread.</p>"
     )
     return "".join(parts)
 
@@ -510,5 +510,45 @@ and its verdict.</p>
         f"<style>{CSS}</style></head><body>{body}</body></html>\n"
     )
     path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_seeds_report(out: Path, summary: dict[str, Any]) -> Path:
+    """`report.html` of several seeds (`blip.demo.seeds`): the headline numbers per seed with their spread, and the
+    ablations as mean ± std with on how many seeds each of the paper's claims held; links each seed's own report."""
+    from blip.demo.seeds import COMPARED, ablation_tables, headline_table
+
+    seeds, n = summary["seeds"], len(summary["seeds"])
+    wins = ", ".join(f"{metric} {summary['capfilt_wins'][metric]}/{n}" for metric in COMPARED)
+    links = " &middot; ".join(f"<a href='seed{s}/report.html'>seed {s}</a>" for s in seeds)
+    parts = [
+        "<h1>CapFilt on the shapes world, several seeds</h1>",
+        f"<div class='small'>blip demo --seeds {' '.join(map(str, seeds))} &middot; each seed's report: {links}</div>",
+        f"<p class='headline'>CapFilt above web on: {html.escape(wins)} (seeds).</p>",
+        _html_table(*headline_table(summary)),
+    ]
+    if summary.get("ablations"):
+        parts.append("<h2>Ablations (the paper's Tables 1-3, and a second round): mean ± std over the seeds</h2>")
+        for ablation in ablation_tables(summary["ablations"]):
+            header, rows = ablation["table"]
+            rows = [[ARM_NAMES.get(row[0], row[0]), *row[1:]] for row in rows]
+            comparisons = "".join(f"<li>{html.escape(c)}</li>" for c in ablation["comparisons"])
+            parts.append(
+                f"<h3>{html.escape(ablation['name'])}</h3><p>Paper: {html.escape(ablation['claim'])}. "
+                f"<b>Holds on {ablation['held']} seeds.</b></p>{_html_table(header, rows)}"
+                f"<ul class='small'>{comparisons}</ul>"
+            )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>blip demo: several seeds</title>"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+    path = Path(out) / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
