@@ -120,6 +120,8 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
         for key in ("cider", "bleu4", "vqa_accuracy", "retrieval_r1"):
             assert isinstance(numbers[key], float), (arm, key)
     assert arms["web"]["cider"] == metrics["web"]["cider"]  # the demo's arms are reused, not rerun
+    assert metrics["demo_seconds"] == pytest.approx(sum(metrics["timings"][s] for s in STAGES))
+    assert metrics["total_seconds"] > metrics["demo_seconds"]
     data = {arm: arms[arm]["data"]["by_origin"] for arm in ("captioner_only", "filter_only", "capfilt")}
     assert data["captioner_only"]["web"]["texts"] == 48 and data["captioner_only"]["synthetic"]["texts"] == 48
     assert data["filter_only"]["synthetic"]["texts"] == 0
@@ -191,6 +193,7 @@ def test_several_seeds_tabulate_their_spread_and_the_claims(demo_run, tmp_path, 
     assert "- round2 > capfilt: cider 1/3" in table
     report = (out / "report.html").read_text()
     assert "seed2/report.html" in report and "Holds on 0/3 seeds" in report
+    assert "report_seeds.png" in report and (out / "report_seeds.png").stat().st_size > 0
     capsys.readouterr()
     # a folder holding one seed's run is not overwritten by a seeds report; --seed and --seeds do not mix
     assert main(["demo", "--seeds", "0", "--out", str(demo_run[0])]) == 2

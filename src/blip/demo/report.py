@@ -96,6 +96,46 @@ def plot_filter_scores(scores: dict[str, Any], threshold: float, path: Path) -> 
     return path
 
 
+def plot_seed_bars(summary: dict[str, Any], path: Path) -> Path:
+    """Per test metric: web and CapFilt bars (mean over the seeds, std as error bars) with every seed's value as a
+    dot; with ablations, one more row of every arm's mean ± std."""
+    import statistics
+
+    plt = _pyplot()
+    ablations = summary.get("ablations")
+    rows = 2 if ablations else 1
+    fig, axes = plt.subplots(rows, len(METRICS) - 1, figsize=(13, 3.6 * rows), squeeze=False)
+    shown = [m for m in METRICS if m[0] != "bleu4"]
+    for ax, (key, title, _) in zip(axes[0], shown):
+        for i, arm in enumerate(("web", "capfilt")):
+            values = [summary["per_seed"][s][f"{arm}.{key}"] for s in summary["seeds"]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.bar(i, statistics.fmean(values), yerr=std, color=COLORS[arm], capsize=4)
+            ax.plot([i] * len(values), values, "o", color="black", ms=3)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["web", "CapFilt"], fontsize=8)
+        ax.set_title(f"{title}, {len(summary['seeds'])} seeds", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    if ablations:
+        arms = list(ablations["arms"])
+        for ax, (key, title, _) in zip(axes[1], shown):
+            means = [statistics.fmean(ablations["arms"][a][key]) for a in arms]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (ablations["arms"][a][key] for a in arms)]
+            colors = [COLORS.get(a, "#4c72b0") for a in arms]
+            ax.bar(range(len(arms)), means, yerr=stds, color=colors, capsize=3)
+            ax.set_xticks(range(len(arms)))
+            ax.set_xticklabels(arms, fontsize=7, rotation=30, ha="right")
+            low, high = min(m - s for m, s in zip(means, stds)) * 0.9, max(m + s for m, s in zip(means, stds)) * 1.03
+            if high > low:  # the arms' differences are small against their size: do not start at 0
+                ax.set_ylim(low, high)
+            ax.set_title(f"{title}: ablation arms", fontsize=10)
+            ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_training_data(sets: dict[str, dict[str, Any]], path: Path) -> Path:
     """Stacked bars: true/false web, true/false synthetic and clean texts in each pretraining set."""
     plt = _pyplot()
@@ -532,6 +572,7 @@ def write_seeds_report(out: Path, summary: dict[str, Any]) -> Path:
         "<h1>CapFilt on the shapes world, several seeds</h1>",
         f"<div class='small'>blip demo --seeds {' '.join(map(str, seeds))} &middot; each seed's report: {links}</div>",
         f"<p class='headline'>CapFilt above web on: {html.escape(wins)} (seeds).</p>",
+        f"<img class='fig' src='{plot_seed_bars(summary, Path(out) / 'report_seeds.png').name}' alt='per seed'>",
         _html_table(*headline_table(summary)),
     ]
     if summary.get("ablations"):
