@@ -106,6 +106,30 @@ def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
     assert sum(v["removed"] for v in web["partial_by_attribute"].values()) == partial["removed"]
 
 
+def test_web_negatives_join_the_filters_written_negatives_false_for_their_image(demo_run, tmp_path):
+    from blip.data.shapes import Scene, check_caption
+    from blip.demo.stages import filter_manifests
+
+    out, _ = demo_run
+    cfg = load_demo_config(CONFIG, smoke=True)
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    plain = read(filter_manifests(cfg, out / "data", tmp_path / "plain")[0])
+    with_web = read(filter_manifests(cfg.replace(web_negatives=4), out / "data", tmp_path / "web")[0])
+    web_texts = {json.loads(line)["caption"] for line in (out / "data" / "web.jsonl").read_text().splitlines()}
+    scenes = {json.loads(line)["id"]: json.loads(line)["scene"] for line in (out / "data" / "clean.jsonl").open()}
+    added = 0
+    for a, b in zip(plain, with_web):
+        written = a.get("negatives", [])
+        assert b["negatives"][: len(written)] == written  # the written negatives are drawn as before
+        extra = b["negatives"][len(written) :]
+        assert len(extra) == len(set(extra)) <= 4 and set(extra) <= web_texts
+        assert not any(check_caption(Scene.from_dict(scenes[b["id"]]), t) for t in extra)
+        added += len(extra)
+    assert added >= 3 * len(plain)  # junk and unrelated texts abound: nearly every image gets its 4
+    with pytest.raises(ValueError, match="web_negatives"):
+        cfg.replace(web_negatives=-1)
+
+
 def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     from blip.demo.ablations import ARMS, findings
 

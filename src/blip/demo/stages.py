@@ -85,6 +85,9 @@ class DemoConfig:
     # threshold on: images pretraining has read score higher than the web's, and the threshold came out too strict.
     filter_val_images: int = 50
     hard_negatives: int = 3  # written ITM negatives per clean caption for the filter (0: mined negatives only)
+    # per clean image, this many web texts of other images (checked false for it) join its written negatives: the
+    # filter sees the kind of text it will judge - ads, other images' captions - as non-matches (never their labels)
+    web_negatives: int = 0
     # what the written negatives change (of `blip.data.shapes.NEGATIVE_SWAPS`); empty: every kind of phrase
     negative_categories: tuple[str, ...] = ()
     threshold_on_validation: bool = True  # the filter's threshold from the validation images (else capfilt's)
@@ -105,8 +108,10 @@ class DemoConfig:
             raise ValueError("every split needs at least one image")
         if not 1 <= self.filter_val_images < self.n_clean:
             raise ValueError("filter_val_images must leave the filter at least one clean image to train on")
-        if self.hard_negatives < 0:
-            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.hard_negatives < 0 or self.web_negatives < 0:
+            raise ValueError(
+                f"hard_negatives and web_negatives must be >= 0, got {self.hard_negatives}, {self.web_negatives}"
+            )
         if self.filter_keep_true is not None and not 0 < self.filter_keep_true <= 1:
             raise ValueError(f"filter_keep_true must be in (0, 1] or None, got {self.filter_keep_true}")
         from blip.data.shapes.grammar import check_negative_categories
@@ -319,11 +324,27 @@ def pretraining_clean(cfg: DemoConfig, data_dir: Path) -> Path:
     return path
 
 
+def _false_texts(scene: Any, texts: list[str], n: int, rng: Any) -> list[str]:
+    """Up to `n` distinct texts drawn from `texts` that are false for `scene` (the world's parser: `check_caption`);
+    gives up after 20 n draws (a pool of mostly true texts)."""
+    from blip.data.shapes import check_caption
+
+    out: list[str] = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        text = rng.choice(texts)
+        if text not in out and not check_caption(scene, text):
+            out.append(text)
+    return out
+
+
 def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Path, Path]:
     """The filter's data, from the clean split (`clean_split`): `filter_train.jsonl` (each image with
-    `hard_negatives` written negatives per caption) and `filter_val.jsonl` (the held-out images: their true captions,
-    and as negatives one written negative per caption plus as many captions of other held-out images that are false
-    for this one). Written negatives change a phrase of `negative_categories`. Image paths absolute."""
+    `hard_negatives` written negatives per caption, plus `web_negatives` web texts of other images that are false for
+    it) and `filter_val.jsonl` (the held-out images: their true captions, and as negatives one written negative per
+    caption plus as many captions of other held-out images that are false for this one). Written negatives change a
+    phrase of `negative_categories`. Image paths absolute."""
     import random
 
     from blip.data.shapes import Scene, check_caption
@@ -332,6 +353,8 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
     train, val = clean_split(cfg, data_dir)
     categories = cfg.negative_categories or None
     rng = random.Random(f"blip.demo/{cfg.seed}/filter")
+    web_rng = random.Random(f"blip.demo/{cfg.seed}/filter/web")  # its own: the written negatives stay as they were
+    web_texts = [row["caption"] for row in read_jsonl(data_dir / "web.jsonl")] if cfg.web_negatives else []
     folder.mkdir(parents=True, exist_ok=True)
     train_path, val_path = folder / "filter_train.jsonl", folder / "filter_val.jsonl"
     with open(train_path, "w", encoding="utf-8") as f:
@@ -340,6 +363,7 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
             negatives = [
                 t for c in row["captions"] for t in hard_negatives(scene, c, rng, cfg.hard_negatives, categories)
             ]
+            negatives += _false_texts(scene, web_texts, cfg.web_negatives, web_rng)
             image = str((data_dir / row["image"]).resolve())
             out = {"id": row["id"], "image": image, "captions": row["captions"]}
             f.write(json.dumps({**out, "negatives": negatives} if negatives else out) + "\n")
