@@ -248,6 +248,23 @@ def test_demo_refuses_a_folder_of_another_config(demo_run):
         run_demo(out, config=load_demo_config(CONFIG, smoke=True), seed=7, say=lambda _: None)
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(demo_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(demo_run[0], out)
+    saved = json.loads((out / "demo_config.json").read_text())
+    del saved["web_negatives"], saved["filter"]["warmup_lr"]  # as a run from before they existed (defaults here)
+    (out / "demo_config.json").write_text(json.dumps(saved))
+    lines: list[str] = []
+    assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), say=lines.append) == 0
+    assert all("done earlier" in line for line in lines if line.startswith("[")), lines
+    saved["filter"]["written_negatives"] = 5  # a value that differs is still another config
+    (out / "demo_config.json").write_text(json.dumps(saved))
+    with pytest.raises(DemoConfigError, match="another config"):
+        run_demo(out, config=load_demo_config(CONFIG, smoke=True), say=lambda _: None)
+
+
 def test_the_full_demo_config_loads_and_is_bigger_than_the_smoke_one():
     full, smoke = load_demo_config(CONFIG), load_demo_config(CONFIG, smoke=True)
     assert full.n_web > smoke.n_web and full.pretrain.max_steps > smoke.pretrain.max_steps

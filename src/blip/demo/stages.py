@@ -626,6 +626,17 @@ def _headline(task: str, m: dict[str, float]) -> dict[str, float]:
 # The whole story.
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with every key it lacks (at any depth) taken from `defaults`."""
+    out = dict(saved)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(out[key], dict) and isinstance(default, dict):
+            out[key] = _with_defaults(out[key], default)
+    return out
+
+
 def run_demo(
     out: Path | str,
     *,
@@ -649,8 +660,11 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "demo_config.json"
     identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "threads"}
-    if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "threads"} != identity:
-        raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
+    if saved.is_file():
+        # a field added since that run was saved has its default there (new fields default to the old behaviour)
+        before = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(DemoConfig().to_dict())))
+        if {k: v for k, v in before.items() if k != "threads"} != identity:
+            raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
     atomic_write_json(saved, cfg.to_dict())
     threads = torch.get_num_threads()
     if cfg.threads:
