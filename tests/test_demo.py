@@ -214,7 +214,8 @@ def test_several_seeds_tabulate_their_spread_and_the_claims(demo_run, tmp_path, 
     table = (out / "seeds.md").read_text()
     assert "| CIDEr, CapFilt | 10.0 | 11.0 | 12.0 | 11.0 ± 1.0 |" in table
     assert "| cider: CapFilt − web | +0.0 | +1.0 | +2.0 | +1.0 ± 1.0 |" in table
-    assert "- round2 > capfilt: cider 1/3" in table
+    assert "- round2 > capfilt: cider 1/3 (+0.0 ± 1.0)" in table  # round 2 − round 1: −1, 0, +1
+    assert ablations["deltas"]["rounds"]["round2 > capfilt"]["cider"] == [-1.0, 0.0, 1.0]
     report = (out / "report.html").read_text()
     assert "seed2/report.html" in report and "Holds on 0/3 seeds" in report
     assert "report_seeds.png" in report and (out / "report_seeds.png").stat().st_size > 0

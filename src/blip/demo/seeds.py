@@ -14,6 +14,7 @@ this is how the README's tables are made.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,7 +133,23 @@ def summarize_ablations(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | Non
             }
             for name, finding in first.items()
         },
+        "deltas": {
+            name: {what: _paired_deltas(runs, what, result) for what, result in finding["comparisons"].items()}
+            for name, finding in first.items()
+        },
     }
+
+
+_ARM_VS_ARM = re.compile(r"^(\w+)(?: \([^)]*\))? > (\w+)$")  # "capfilt (nucleus) > beam"
+
+
+def _paired_deltas(runs: dict[int, dict[str, Any]], what: str, result: dict[str, Any]) -> dict[str, list[float]]:
+    """For a comparison of two arms ("a > b"), a − b per seed for each of its metrics; {} for other comparisons."""
+    match = _ARM_VS_ARM.match(what)
+    if not match:
+        return {}
+    a, b = match.groups()
+    return {metric: [m["ablations"][a][metric] - m["ablations"][b][metric] for m in runs.values()] for metric in result}
 
 
 def headline_table(summary: dict[str, Any]) -> Table:
@@ -152,15 +169,21 @@ def headline_table(summary: dict[str, Any]) -> Table:
 
 def ablation_tables(ablations: dict[str, Any]) -> list[dict[str, Any]]:
     """Per ablation: its name, the paper's claim, on how many seeds it held, a table of its arms (mean ± std) and the
-    comparisons it rests on (how many seeds went the paper's way, per metric)."""
+    comparisons it rests on (how many seeds went the paper's way, per metric, and for two arms their difference,
+    mean ± std over the seeds)."""
     n = len(ablations["seeds"])
     out = []
     for name, arms in ablations["ablations"].items():
         header = ["arm", *(label for _, label in ARM_COLUMNS)]
         numbers = ablations["arms"]
         rows = [[arm, *(_pm(numbers[arm][k]) if k in numbers[arm] else "–" for k, _ in ARM_COLUMNS)] for arm in arms]
+        deltas = ablations["deltas"][name]
         comparisons = [
-            f"{what}: " + ", ".join(f"{metric} {k}/{n}" for metric, k in result.items())
+            f"{what}: "
+            + ", ".join(
+                f"{metric} {k}/{n}" + (f" ({_pm(deltas[what][metric], '+')})" if metric in deltas[what] else "")
+                for metric, k in result.items()
+            )
             for what, result in ablations["comparisons"][name].items()
         ]
         out.append(
