@@ -51,7 +51,8 @@ def test_demo_writes_metrics_and_report(demo_run):
     for arm in ("web", "capfilt"):
         for key in ("cider", "bleu4", "vqa_accuracy", "retrieval_r1"):
             assert isinstance(metrics[arm][key], float), (arm, key)
-    assert set(metrics["timings"]) == set(STAGES)
+    assert set(metrics["timings"]) == set(metrics["stage_threads"]) == set(STAGES)
+    assert set(metrics["stage_threads"].values()) == {metrics["threads"]} == {2}  # the config's, as each stage ran
     assert metrics["baselines"]["chance"]["retrieval_r1"] == pytest.approx(100 / 8)
     sets = metrics["training_sets"]
     # smoke: 16 clean images, 4 of them held out for the filter's threshold

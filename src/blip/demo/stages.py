@@ -154,6 +154,7 @@ class Stages:
         self.total, self.say = total, say
         self.timings: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # CPU seconds of this process (all threads): less sensitive to other load
+        self.threads: dict[str, int | None] = {}  # torch threads each stage ran with (None: a marker from before)
         self.started = time.perf_counter()
         self.count = 0
 
@@ -165,6 +166,7 @@ class Stages:
             record = json.loads(marker.read_text())
             self.timings[name] = record["seconds"]
             self.cpu[name] = record.get("cpu_seconds", 0.0)
+            self.threads[name] = record.get("threads")
             self.say(f"{head}: done earlier ({record['seconds']:.0f}s) - kept")
             return record["result"]
         self.say(f"{head}: {what} ...")
@@ -176,8 +178,9 @@ class Stages:
             _LABEL.reset(token)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"seconds": seconds, "cpu_seconds": cpu, "result": result})  # never half a marker
-        self.timings[name], self.cpu[name] = seconds, cpu
+        record = {"seconds": seconds, "cpu_seconds": cpu, "threads": torch.get_num_threads(), "result": result}
+        atomic_write_json(marker, record)  # never half a marker
+        self.timings[name], self.cpu[name], self.threads[name] = seconds, cpu, record["threads"]
         elapsed = time.perf_counter() - self.started
         self.say(f"{head}: done in {seconds:.0f}s (elapsed {elapsed / 60:.1f} min)")
         return result
@@ -776,7 +779,8 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     metrics["demo_seconds"] = demo_seconds
     metrics["cpu_seconds"] = dict(stages.cpu)
     metrics["load_average"] = _load_average()
-    metrics["threads"] = cfg.threads
+    metrics["threads"] = cfg.threads  # this invocation's; a resumed run's stages may have run with others:
+    metrics["stage_threads"] = dict(stages.threads)
     metrics["config"] = cfg.to_dict()
     atomic_write_json(out / "metrics.json", metrics)
     examples = pick_examples(out / "capfilt_data", data_dir, cfg.examples)
