@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,11 @@ from blip.demo.report import write_report
 from blip.io import atomic_write_bytes, atomic_write_json, jsonl_bytes, read_jsonl
 from blip.train.config import TrainConfig
 from blip.train.vision import VisionPretrainConfig
+
+if TYPE_CHECKING:
+    import random
+
+    from blip.data.shapes import Scene
 
 _logger = logging.getLogger(__name__)
 
@@ -327,7 +332,7 @@ def pretraining_clean(cfg: DemoConfig, data_dir: Path) -> Path:
     return path
 
 
-def _false_texts(scene: Any, texts: list[str], n: int, rng: Any) -> list[str]:
+def _false_texts(scene: Scene, texts: list[str], n: int, rng: random.Random) -> list[str]:
     """Up to `n` distinct texts drawn from `texts` that are false for `scene` (the world's parser: `check_caption`);
     gives up after 20 n draws (a pool of mostly true texts)."""
     from blip.data.shapes import check_caption
@@ -779,7 +784,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     metrics["demo_seconds"] = demo_seconds
     metrics["cpu_seconds"] = dict(stages.cpu)
     metrics["load_average"] = _load_average()
-    metrics["threads"] = cfg.threads  # this invocation's; a resumed run's stages may have run with others:
+    metrics["threads"] = cfg.threads  # this invocation's; a resumed run's stages may have run with others
     metrics["stage_threads"] = dict(stages.threads)
     metrics["config"] = cfg.to_dict()
     atomic_write_json(out / "metrics.json", metrics)
