@@ -99,7 +99,7 @@ def plot_filter_scores(scores: dict[str, Any], threshold: float, path: Path) -> 
 def plot_seed_bars(summary: dict[str, Any], path: Path) -> Path:
     """Per test metric: web and CapFilt bars (mean over the seeds, std as error bars) with every seed's value as a
     dot; with ablations, one more row of every arm's mean ± std."""
-    import statistics
+    from blip.demo.seeds import mean_std
 
     plt = _pyplot()
     ablations = summary.get("ablations")
@@ -108,9 +108,9 @@ def plot_seed_bars(summary: dict[str, Any], path: Path) -> Path:
     shown = [m for m in METRICS if m[0] != "bleu4"]
     for ax, (key, title, _) in zip(axes[0], shown):
         for i, arm in enumerate(("web", "capfilt")):
+            spread = summary["spread"][f"{arm}.{key}"]
+            ax.bar(i, spread["mean"], yerr=spread["std"], color=COLORS[arm], capsize=4)
             values = [summary["per_seed"][s][f"{arm}.{key}"] for s in summary["seeds"]]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            ax.bar(i, statistics.fmean(values), yerr=std, color=COLORS[arm], capsize=4)
             ax.plot([i] * len(values), values, "o", color="black", ms=3)
         ax.set_xticks([0, 1])
         ax.set_xticklabels(["web", "CapFilt"], fontsize=8)
@@ -119,8 +119,7 @@ def plot_seed_bars(summary: dict[str, Any], path: Path) -> Path:
     if ablations:
         arms = list(ablations["arms"])
         for ax, (key, title, _) in zip(axes[1], shown):
-            means = [statistics.fmean(ablations["arms"][a][key]) for a in arms]
-            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (ablations["arms"][a][key] for a in arms)]
+            means, stds = zip(*(mean_std(ablations["arms"][a][key]) for a in arms))
             colors = [COLORS.get(a, "#4c72b0") for a in arms]
             ax.bar(range(len(arms)), means, yerr=stds, color=colors, capsize=3)
             ax.set_xticks(range(len(arms)))

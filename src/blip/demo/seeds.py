@@ -74,12 +74,13 @@ def _has(metrics: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std; 0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _pm(values: Sequence[float], sign: str = "") -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:{sign}.1f} ± {std:.1f}"
 
 
@@ -91,7 +92,7 @@ def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     spread = {}
     for key, _, _ in keys:
         values = [row[key] for row in per_seed.values()]
-        mean, std = _mean_std(values)
+        mean, std = mean_std(values)
         spread[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values)}
     ordered = [runs[seed] for seed in sorted(runs)]
     return {
