@@ -112,7 +112,7 @@ def test_web_negatives_join_the_filters_written_negatives_false_for_their_image(
     from blip.demo.stages import filter_manifests
 
     out, _ = demo_run
-    cfg = load_demo_config(CONFIG, smoke=True)
+    cfg = load_demo_config(CONFIG, smoke=True).replace(position_negatives=0)  # the written negatives alone
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
     plain = read(filter_manifests(cfg, out / "data", tmp_path / "plain")[0])
     with_web = read(filter_manifests(cfg.replace(web_negatives=4), out / "data", tmp_path / "web")[0])
@@ -129,6 +129,33 @@ def test_web_negatives_join_the_filters_written_negatives_false_for_their_image(
     assert added >= 3 * len(plain)  # junk and unrelated texts abound: nearly every image gets its 4
     with pytest.raises(ValueError, match="web_negatives"):
         cfg.replace(web_negatives=-1)
+
+
+def test_position_negatives_add_position_swaps_of_the_images_own_captions(demo_run, tmp_path):
+    from blip.data.shapes import Scene, caption_errors
+    from blip.demo.stages import filter_manifests
+
+    out, _ = demo_run
+    cfg = load_demo_config(CONFIG, smoke=True).replace(position_negatives=0)  # the written negatives alone
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    plain = read(filter_manifests(cfg, out / "data", tmp_path / "plain")[0])
+    moved = read(filter_manifests(cfg.replace(position_negatives=6), out / "data", tmp_path / "moved")[0])
+    scenes = {json.loads(line)["id"]: json.loads(line)["scene"] for line in (out / "data" / "clean.jsonl").open()}
+    added = 0
+    for a, b in zip(plain, moved):
+        written = a.get("negatives", [])
+        assert b.get("negatives", [])[: len(written)] == written  # the written negatives are drawn as before
+        extra = b.get("negatives", [])[len(written) :]
+        assert len(extra) == len(set(extra)) and not set(extra) & set(written)
+        scene = Scene.from_dict(scenes[b["id"]])
+        for text in extra:
+            errors = caption_errors(scene, text)
+            assert errors and all(" is at " in e for e in errors), (text, errors)  # false only in a shape's place
+            assert any(len(set(text.split()) ^ set(c.split())) <= 6 for c in b["captions"])  # one phrase swapped
+        added += len(extra)
+    assert added >= len(plain)  # about half the captions state a place: most images get several
+    with pytest.raises(ValueError, match="position_negatives"):
+        cfg.replace(position_negatives=-1)
 
 
 def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):

@@ -93,6 +93,10 @@ class DemoConfig:
     # per clean image, this many web texts of other images (checked false for it) join its written negatives: the
     # filter sees the kind of text it will judge - ads, other images' captions - as non-matches (never their labels)
     web_negatives: int = 0
+    # per clean caption, up to this many more written negatives that move a shape to another place (a position swap
+    # alone): the filter learns a wrong place last and slowly, and among negatives drawn evenly from the categories it
+    # hardly learns it at all
+    position_negatives: int = 0
     # what the written negatives change (of `blip.data.shapes.NEGATIVE_SWAPS`); empty: every kind of phrase
     negative_categories: tuple[str, ...] = ()
     threshold_on_validation: bool = True  # the filter's threshold from the validation images (else capfilt's)
@@ -113,10 +117,10 @@ class DemoConfig:
             raise ValueError("every split needs at least one image")
         if not 1 <= self.filter_val_images < self.n_clean:
             raise ValueError("filter_val_images must leave the filter at least one clean image to train on")
-        if self.hard_negatives < 0 or self.web_negatives < 0:
-            raise ValueError(
-                f"hard_negatives and web_negatives must be >= 0, got {self.hard_negatives}, {self.web_negatives}"
-            )
+        counts = ("hard_negatives", "web_negatives", "position_negatives")
+        negative = [f"{n}={getattr(self, n)}" for n in counts if getattr(self, n) < 0]
+        if negative:
+            raise ValueError(f"negative counts must be >= 0, got {', '.join(negative)}")
         if self.filter_keep_true is not None and not 0 < self.filter_keep_true <= 1:
             raise ValueError(f"filter_keep_true must be in (0, 1] or None, got {self.filter_keep_true}")
         from blip.data.shapes.grammar import check_negative_categories
@@ -349,10 +353,11 @@ def _false_texts(scene: Scene, texts: list[str], n: int, rng: random.Random) -> 
 
 def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Path, Path]:
     """The filter's data, from the clean split (`clean_split`): `filter_train.jsonl` (each image with
-    `hard_negatives` written negatives per caption, plus `web_negatives` web texts of other images that are false for
-    it) and `filter_val.jsonl` (the held-out images: their true captions, and as negatives one written negative per
-    caption plus as many captions of other held-out images that are false for this one). Written negatives change a
-    phrase of `negative_categories`. Image paths absolute."""
+    `hard_negatives` written negatives per caption and up to `position_negatives` position swaps per caption, plus
+    `web_negatives` web texts of other images that are false for it) and `filter_val.jsonl` (the held-out images:
+    their true captions, and as negatives one written negative per caption plus as many captions of other held-out
+    images that are false for this one). Written negatives change a phrase of `negative_categories`. Image paths
+    absolute."""
     import random
 
     from blip.data.shapes import Scene, check_caption
@@ -362,6 +367,7 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
     categories = cfg.negative_categories or None
     rng = random.Random(f"blip.demo/{cfg.seed}/filter")
     web_rng = random.Random(f"blip.demo/{cfg.seed}/filter/web")  # its own: the written negatives stay as they were
+    place_rng = random.Random(f"blip.demo/{cfg.seed}/filter/position")  # its own too
     web_texts = [row["caption"] for row in read_jsonl(data_dir / "web.jsonl")] if cfg.web_negatives else []
     folder.mkdir(parents=True, exist_ok=True)
     train_path, val_path = folder / "filter_train.jsonl", folder / "filter_val.jsonl"
@@ -372,6 +378,13 @@ def filter_manifests(cfg: DemoConfig, data_dir: Path, folder: Path) -> tuple[Pat
                 t for c in row["captions"] for t in hard_negatives(scene, c, rng, cfg.hard_negatives, categories)
             ]
             negatives += _false_texts(scene, web_texts, cfg.web_negatives, web_rng)
+            if cfg.position_negatives:
+                moved = (
+                    t
+                    for c in row["captions"]
+                    for t in hard_negatives(scene, c, place_rng, cfg.position_negatives, ("position",))
+                )
+                negatives += [t for t in dict.fromkeys(moved) if t not in negatives]
             image = str((data_dir / row["image"]).resolve())
             out = {"id": row["id"], "image": image, "captions": row["captions"]}
             f.write(json.dumps({**out, "negatives": negatives} if negatives else out) + "\n")
