@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from blip.demo.stages import DemoConfig, DemoConfigError, _stdout, run_demo
+from blip.demo.stages import DemoConfig, DemoConfigError, print_line, run_demo
 from blip.io import atomic_write_bytes, atomic_write_json
 
 # (dotted key in a run's metrics.json, row label, scale to the printed unit)
@@ -224,7 +224,7 @@ def run_seeds(
     threads: int | None = None,
     smoke: bool = False,
     ablations: bool = False,
-    say: Callable[[str], None] = _stdout,
+    say: Callable[[str], None] = print_line,
 ) -> int:
     """Run (or resume) the demo for each seed into `out/seed<N>`, then write `seeds.json`, `seeds.md` and
     `report.html` into `out`; returns the exit code (0)."""

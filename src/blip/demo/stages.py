@@ -195,7 +195,8 @@ class Stages:
         return result
 
 
-def _stdout(message: str) -> None:
+def print_line(message: str) -> None:
+    """One line to stdout, flushed at once: the stages' default `say`."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
 
@@ -666,7 +667,7 @@ def run_demo(
     threads: int | None = None,
     smoke: bool = False,
     ablations: bool = False,
-    say: Callable[[str], None] = _stdout,
+    say: Callable[[str], None] = print_line,
 ) -> int:
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
     None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
