@@ -70,7 +70,8 @@ def get_config(smoke: bool = False) -> DemoConfig:
         # The filter learns a wrong position last and slowly (seed 0, position swaps removed: 13% after 4 epochs with
         # one written negative per sample, 21% after 8 with three, 30% after 12; 43% after 7 of position swaps alone,
         # but shape swaps then fell from 67% to 43%). 10 epochs, three written negatives per sample drawn from a pool
-        # mostly of position swaps: 54% (seeds 1, 2: 60%, 71%), shape and colour swaps at 53-93%.
+        # mostly of position swaps: 53% (seeds 1, 2: 62%, 67%; 15-41% before the pool), colour and shape swaps then
+        # 78-90% and 53-62% (92-95% and 67-70% before).
         filter=TrainConfig(
             task="retrieval",
             **MODEL,
