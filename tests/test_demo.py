@@ -107,55 +107,54 @@ def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
     assert sum(v["removed"] for v in web["partial_by_attribute"].values()) == partial["removed"]
 
 
-def test_web_negatives_join_the_filters_written_negatives_false_for_their_image(demo_run, tmp_path):
-    from blip.data.shapes import Scene, check_caption
+def _added_negatives(demo_run, folder, **change):
+    """Per clean training image: (its scene, its captions, its written negatives, the negatives `change` adds to
+    them), after checking that the written negatives are drawn as before and the added ones are distinct."""
+    from blip.data.shapes import Scene
     from blip.demo.stages import filter_manifests
 
     out, _ = demo_run
     cfg = load_demo_config(CONFIG, smoke=True).replace(position_negatives=0)  # the written negatives alone
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
-    plain = read(filter_manifests(cfg, out / "data", tmp_path / "plain")[0])
-    with_web = read(filter_manifests(cfg.replace(web_negatives=4), out / "data", tmp_path / "web")[0])
-    web_texts = {json.loads(line)["caption"] for line in (out / "data" / "web.jsonl").read_text().splitlines()}
+    plain = read(filter_manifests(cfg, out / "data", folder / "plain")[0])
+    changed = read(filter_manifests(cfg.replace(**change), out / "data", folder / "changed")[0])
     scenes = {json.loads(line)["id"]: json.loads(line)["scene"] for line in (out / "data" / "clean.jsonl").open()}
-    added = 0
-    for a, b in zip(plain, with_web):
-        written = a.get("negatives", [])
-        assert b["negatives"][: len(written)] == written  # the written negatives are drawn as before
-        extra = b["negatives"][len(written) :]
-        assert len(extra) == len(set(extra)) <= 4 and set(extra) <= web_texts
-        assert not any(check_caption(Scene.from_dict(scenes[b["id"]]), t) for t in extra)
-        added += len(extra)
-    assert added >= 3 * len(plain)  # junk and unrelated texts abound: nearly every image gets its 4
+    rows = []
+    for a, b in zip(plain, changed, strict=True):
+        written, negatives = a.get("negatives", []), b.get("negatives", [])
+        assert negatives[: len(written)] == written
+        extra = negatives[len(written) :]
+        assert len(extra) == len(set(extra))
+        rows.append((Scene.from_dict(scenes[b["id"]]), b["captions"], written, extra))
+    return rows
+
+
+def test_web_negatives_join_the_filters_written_negatives_false_for_their_image(demo_run, tmp_path):
+    from blip.data.shapes import check_caption
+
+    rows = _added_negatives(demo_run, tmp_path, web_negatives=4)
+    web_texts = {json.loads(line)["caption"] for line in (demo_run[0] / "data" / "web.jsonl").open()}
+    for scene, _, _, extra in rows:
+        assert len(extra) <= 4 and set(extra) <= web_texts
+        assert not any(check_caption(scene, t) for t in extra)
+    assert sum(len(extra) for *_, extra in rows) >= 3 * len(rows)  # junk and unrelated abound: nearly all get 4
     with pytest.raises(ValueError, match="web_negatives"):
-        cfg.replace(web_negatives=-1)
+        load_demo_config(CONFIG, smoke=True).replace(web_negatives=-1)
 
 
 def test_position_negatives_add_position_swaps_of_the_images_own_captions(demo_run, tmp_path):
-    from blip.data.shapes import Scene, caption_errors
-    from blip.demo.stages import filter_manifests
+    from blip.data.shapes import caption_errors
 
-    out, _ = demo_run
-    cfg = load_demo_config(CONFIG, smoke=True).replace(position_negatives=0)  # the written negatives alone
-    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
-    plain = read(filter_manifests(cfg, out / "data", tmp_path / "plain")[0])
-    moved = read(filter_manifests(cfg.replace(position_negatives=6), out / "data", tmp_path / "moved")[0])
-    scenes = {json.loads(line)["id"]: json.loads(line)["scene"] for line in (out / "data" / "clean.jsonl").open()}
-    added = 0
-    for a, b in zip(plain, moved):
-        written = a.get("negatives", [])
-        assert b.get("negatives", [])[: len(written)] == written  # the written negatives are drawn as before
-        extra = b.get("negatives", [])[len(written) :]
-        assert len(extra) == len(set(extra)) and not set(extra) & set(written)
-        scene = Scene.from_dict(scenes[b["id"]])
+    rows = _added_negatives(demo_run, tmp_path, position_negatives=6)
+    for scene, captions, written, extra in rows:
+        assert not set(extra) & set(written)
         for text in extra:
             errors = caption_errors(scene, text)
             assert errors and all(" is at " in e for e in errors), (text, errors)  # false only in a shape's place
-            assert any(len(set(text.split()) ^ set(c.split())) <= 6 for c in b["captions"])  # one phrase swapped
-        added += len(extra)
-    assert added >= len(plain)  # about half the captions state a place: most images get several
+            assert any(len(set(text.split()) ^ set(c.split())) <= 6 for c in captions)  # one phrase swapped
+    assert sum(len(extra) for *_, extra in rows) >= len(rows)  # half the captions state a place: most images get some
     with pytest.raises(ValueError, match="position_negatives"):
-        cfg.replace(position_negatives=-1)
+        load_demo_config(CONFIG, smoke=True).replace(position_negatives=-1)
 
 
 def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
