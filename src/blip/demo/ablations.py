@@ -285,6 +285,20 @@ CLAIMS: dict[str, str] = {
 }
 
 
+# The two-arm comparisons each ablation rests on: label -> (the arm the paper expects to win, the other).
+ARM_PAIRS: dict[str, dict[str, tuple[str, str]]] = {
+    "effect": {
+        "capfilt > captioner_only": ("capfilt", "captioner_only"),
+        "capfilt > filter_only": ("capfilt", "filter_only"),
+        "captioner_only > web": ("captioner_only", "web"),
+        "filter_only > web": ("filter_only", "web"),
+    },
+    "diversity": {"capfilt (nucleus) > beam": ("capfilt", "beam")},
+    "sharing": {"capfilt (separate) > shared": ("capfilt", "shared")},
+    "rounds": {"round2 > capfilt": ("round2", "capfilt")},
+}
+
+
 def _wins(arms: dict[str, dict[str, Any]], better: str, worse: str) -> dict[str, bool]:
     return {k: arms[better][k] > arms[worse][k] for k in DOWNSTREAM}
 
@@ -294,29 +308,21 @@ def findings(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     comparisons it rests on (metric -> does the paper's side win here), and `holds`: every comparison goes the
     paper's way."""
     out: dict[str, dict[str, Any]] = {}
-    effect = {
-        "capfilt > captioner_only": _wins(arms, "capfilt", "captioner_only"),
-        "capfilt > filter_only": _wins(arms, "capfilt", "filter_only"),
-        "captioner_only > web": _wins(arms, "captioner_only", "web"),
-        "filter_only > web": _wins(arms, "filter_only", "web"),
-    }
-    diversity = {"capfilt (nucleus) > beam": _wins(arms, "capfilt", "beam")}
+    comparisons = {name: {what: _wins(arms, *pair) for what, pair in two.items()} for name, two in ARM_PAIRS.items()}
     nucleus, beam = arms["capfilt"].get("capfilt", {}), arms["beam"].get("capfilt", {})
-    diversity["nucleus captions noisier than beam"] = {
+    comparisons["diversity"]["nucleus captions noisier than beam"] = {
         "synthetic_false_rate": nucleus.get("synthetic_true_rate", 0) < beam.get("synthetic_true_rate", 0)
     }
-    sharing = {"capfilt (separate) > shared": _wins(arms, "capfilt", "shared")}
     separate, shared = arms["capfilt"].get("capfilt", {}), arms["shared"].get("capfilt", {})
-    sharing["shared filter accepts more false synthetic captions"] = {
+    comparisons["sharing"]["shared filter accepts more false synthetic captions"] = {
         "false_synthetic_accepted": shared.get("false_synthetic_accepted", 0)
         > separate.get("false_synthetic_accepted", 0)
     }
-    rounds = {"round2 > capfilt": _wins(arms, "round2", "capfilt")}
-    for name, comparisons in (("effect", effect), ("diversity", diversity), ("sharing", sharing), ("rounds", rounds)):
+    for name, checks in comparisons.items():
         out[name] = {
             "arms": list(ABLATIONS[name]),
             "claim": CLAIMS[name],
-            "comparisons": comparisons,
-            "holds": all(v for c in comparisons.values() for v in c.values()),
+            "comparisons": checks,
+            "holds": all(v for c in checks.values() for v in c.values()),
         }
     return out

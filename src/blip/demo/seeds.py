@@ -14,12 +14,12 @@ this is how the README's tables are made.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from blip.demo.ablations import ARM_PAIRS
 from blip.demo.stages import DemoConfig, DemoConfigError, print_line, run_demo
 from blip.io import atomic_write_bytes, atomic_write_json
 
@@ -141,15 +141,14 @@ def summarize_ablations(runs: dict[int, dict[str, Any]]) -> dict[str, Any] | Non
     }
 
 
-_ARM_VS_ARM = re.compile(r"^(\w+)(?: \([^)]*\))? > (\w+)$")  # "capfilt (nucleus) > beam"
+_PAIRS = {what: pair for pairs in ARM_PAIRS.values() for what, pair in pairs.items()}
 
 
 def _paired_deltas(runs: dict[int, dict[str, Any]], what: str, result: dict[str, Any]) -> dict[str, list[float]]:
-    """For a comparison of two arms ("a > b"), a − b per seed for each of its metrics; {} for other comparisons."""
-    match = _ARM_VS_ARM.match(what)
-    if not match:
+    """For a comparison of two arms (`ARM_PAIRS`), a − b per seed for each of its metrics; {} for other comparisons."""
+    if what not in _PAIRS:
         return {}
-    a, b = match.groups()
+    a, b = _PAIRS[what]
     return {metric: [m["ablations"][a][metric] - m["ablations"][b][metric] for m in runs.values()] for metric in result}
 
 
