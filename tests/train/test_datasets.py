@@ -7,6 +7,7 @@ import io
 import json
 import random
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from blip.data.manifests import DataError, SkipLog, read_caption_rows, read_pair
 from blip.data.vocab import shapes_tokenizer
 from blip.train.collate import PairCollator, QuestionCollator, pre_caption
 from blip.train.datasets import GlobalBatchSampler, PairDataset, TarPairStream, count_tar_samples
+from blip.transforms import load_image
 
 
 def _image_fn(image, rng):
@@ -106,6 +108,48 @@ def test_augmentation_rng_depends_only_on_seed_epoch_and_index(mixed):
     dataset = PairDataset(pairs, _image_fn, seed=5)
     assert torch.equal(dataset[(3, 1)]["pixel_values"], dataset[(3, 1)]["pixel_values"])
     assert not torch.equal(dataset[(3, 1)]["pixel_values"], dataset[(4, 1)]["pixel_values"])
+
+
+def test_cached_pixels_are_the_decoded_ones_and_each_image_is_decoded_once(mixed, monkeypatch):
+    import blip.train.datasets as datasets
+
+    decoded = {"plain": [], "cached": []}
+    pairs = read_pairs_from(mixed, [("a.png", "one"), ("corrupt.png", "two"), ("b.png", "three"), ("a.png", "four")])
+    plain = PairDataset(pairs, _pixels_fn, seed=3)
+    cached = PairDataset(pairs, _pixels_fn, seed=3, cache_bytes=10**6)
+    items = {}
+    for name, dataset in (("plain", plain), ("cached", cached)):
+        monkeypatch.setattr(
+            datasets, "load_image", lambda path, log=decoded[name]: log.append(Path(path).name) or load_image(path)
+        )
+        items[name] = [dataset[(epoch, i)] for epoch in range(3) for i in range(4)]
+    for a, b in zip(items["plain"], items["cached"], strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["text"] == b["text"]
+    assert decoded["plain"].count("a.png") == 6 and decoded["cached"].count("a.png") == 1  # two rows, three epochs
+    assert decoded["plain"].count("corrupt.png") == decoded["cached"].count("corrupt.png") == 1
+    # the corrupt row's stand-in (the next row) is not cached under the corrupt row's name
+    assert sorted(Path(k).name for k in cached._cache) == ["a.png", "b.png"]
+
+    one_image = PairDataset(pairs, _pixels_fn, seed=3, cache_bytes=_pixels_fn(None, None).nbytes)
+    for i in range(4):
+        one_image[(0, i)]
+    assert len(one_image._cache) == 1 and one_image._cache_left == 0
+
+
+def _pixels_fn(image, rng):
+    """Deterministic pixels (no augmentation): what the cache is for."""
+    return torch.full((3, 4, 4), float(image.getpixel((0, 0))[2]) if image is not None else 0.0)
+
+
+def test_the_image_cache_is_used_only_where_pixels_repeat():
+    from blip.train.config import ConfigError, TrainConfig
+    from blip.train.recipe import _cache_bytes
+
+    assert _cache_bytes(TrainConfig(augment=False, image_cache_mb=2)) == 2 * 2**20
+    assert _cache_bytes(TrainConfig(augment=True, image_cache_mb=2)) == 0
+    assert _cache_bytes(TrainConfig(augment=False, num_workers=2, image_cache_mb=2)) == 0
+    with pytest.raises(ConfigError, match="image_cache_mb must be >= 0, got -1"):
+        TrainConfig(image_cache_mb=-1)
 
 
 def test_global_batch_sampler_splits_the_same_global_batch_over_ranks():

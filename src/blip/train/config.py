@@ -153,6 +153,9 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True  # off for data whose text says left/right (the shapes world)
     randaugment: bool = True
+    # Without augmentation an image's pixels are the same every epoch: keep up to this many MiB of them in memory
+    # rather than decode them again (0 = off; num_workers=0 only, as workers start afresh each epoch)
+    image_cache_mb: int = 1024
     # --- bookkeeping -----------------------------------------------------------------------------------------------
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are exactly reproducible anyway)
@@ -186,6 +189,7 @@ class TrainConfig:
             "num_workers",
             "threads",
             "written_negatives",
+            "image_cache_mb",
         )
         for name in non_negative + ("eval_max_images", "image_size", "patch_size"):
             if getattr(self, name) < 0:

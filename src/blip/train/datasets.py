@@ -48,12 +48,16 @@ class _ImageRows(Dataset):
     empty_error = "no usable rows"
     exhausted_error = "no row of this dataset has a decodable image"
 
-    def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0):
+    def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0, cache_bytes: int = 0):
         if not rows:
             raise DataError(self.empty_error)
         self.rows, self.image_fn, self.seed = rows, image_fn, seed
         self.skips = SkipLog()
         self._bad: set[int] = set()
+        # `_load`'s pixels by image (path, or row index), up to `cache_bytes`; only for an `image_fn` that ignores
+        # the sample's RNG (no augmentation), whose pixels are the same every epoch
+        self._cache: dict[Any, torch.Tensor] = {}
+        self._cache_left = cache_bytes
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -79,9 +83,21 @@ class _ImageRows(Dataset):
             return row, images, sample_rng(self.seed, epoch, index)
         raise DataError(self.exhausted_error)
 
-    def _load(self, key: tuple[int, int] | int) -> tuple[Any, torch.Tensor]:
+    def _load(self, key: tuple[int, int] | int) -> tuple[Any, torch.Tensor, random.Random]:
+        """(row, its pixels, the sample's RNG) for `key`: from the cache, or decoded (and then cached while there is
+        room)."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.rows[index]
+        name = row.image if isinstance(row.image, str) else index
+        pixels = self._cache.get(name)
+        if pixels is not None:
+            return row, pixels, sample_rng(self.seed, epoch, index)
         row, image, rng = self._decoded(key)
-        return row, self.image_fn(image, rng)
+        pixels = self.image_fn(image, rng)
+        if self._cache_left >= pixels.nbytes and row is self.rows[index]:  # not a replacement for a bad row
+            self._cache[name] = pixels
+            self._cache_left -= pixels.nbytes
+        return row, pixels, rng
 
 
 class PairDataset(_ImageRows):
@@ -89,13 +105,13 @@ class PairDataset(_ImageRows):
     `negatives` distinct texts of the row's written negatives (texts false for the image; all of them when it has
     fewer), drawn by the sample's RNG, when it has any."""
 
-    def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0, negatives: int = 1):
-        super().__init__(rows, image_fn, seed)
+    def __init__(self, rows: list[Any], image_fn: ImageFn, seed: int = 0, negatives: int = 1, cache_bytes: int = 0):
+        super().__init__(rows, image_fn, seed, cache_bytes)
         self.negatives = negatives
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        row, image, rng = self._decoded(key)
-        item = {"pixel_values": self.image_fn(image, rng), "text": row.text, "image_id": row.image_id}
+        row, pixels, rng = self._load(key)
+        item = {"pixel_values": pixels, "text": row.text, "image_id": row.image_id}
         written = getattr(row, "negatives", ())
         if written and self.negatives == 1:  # one draw, as before `negatives` existed: the same RNG stream
             item["negatives"] = [rng.choice(written)]
@@ -108,7 +124,7 @@ class QuestionDataset(_ImageRows):
     """VQA questions -> `{"pixel_values", "question", "answers": [...], "weights": [...]}`."""
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        row, pixels = self._load(key)
+        row, pixels, _ = self._load(key)
         answers, weights = row.answer_weights()
         return {"pixel_values": pixels, "question": row.question, "answers": answers, "weights": weights}
 

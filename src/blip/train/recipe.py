@@ -142,6 +142,12 @@ def build_nlvr_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int,
     return data, dataset.skips
 
 
+def _cache_bytes(cfg: TrainConfig) -> int:
+    """Room for preprocessed images in memory: none when augmentation draws new pixels every epoch, or when loader
+    workers (started afresh each epoch) would fill copies of the cache only to drop them."""
+    return 0 if cfg.augment or cfg.num_workers else cfg.image_cache_mb * 2**20
+
+
 def build_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, dist: D.DistInfo) -> tuple[Any, SkipLog]:
     skips = SkipLog()
     sources = resolve_sources(cfg.data, cfg.task, cfg.data_split)
@@ -158,7 +164,7 @@ def build_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, dist
             if not q.answers:
                 skips.skip("no answers", str(q.question_id))
         rows = [q for q in rows if q.answers]
-        dataset = QuestionDataset(rows[: cfg.max_samples or None], image_fn, cfg.seed)
+        dataset = QuestionDataset(rows[: cfg.max_samples or None], image_fn, cfg.seed, _cache_bytes(cfg))
         collate = QuestionCollator(tokenizer, cfg.max_text_len, cfg.max_answer_len)
     else:
         prompt = cfg.prompt if cfg.task == "caption" else ""
@@ -183,7 +189,13 @@ def build_data(cfg: TrainConfig, tokenizer: BlipTokenizer, image_size: int, dist
             skips.report("training data")
             return data, stream.skips
         rows = read_pairs(sources, text_column=cfg.text_column, split=cfg.data_split, **read_kw)
-        dataset = PairDataset(rows[: cfg.max_samples or None], image_fn, cfg.seed, negatives=cfg.written_negatives)
+        dataset = PairDataset(
+            rows[: cfg.max_samples or None],
+            image_fn,
+            cfg.seed,
+            negatives=cfg.written_negatives,
+            cache_bytes=_cache_bytes(cfg),
+        )
     skips.report("training data")
     sampler = GlobalBatchSampler(
         len(dataset), cfg.batch_size, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed
