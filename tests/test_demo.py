@@ -89,6 +89,16 @@ def test_the_filter_threshold_is_chosen_on_held_out_clean_images(demo_run):
     metrics = json.loads((out / "metrics.json").read_text())
     chosen = metrics["filter"]["validation"]["chosen"]
     assert metrics["filter"]["threshold"] == chosen["threshold"]
+    # the ITC weight: the config's candidate with the best validation AUC, and the one CapFilt scored with
+    auc = metrics["filter"]["validation"]["auc_by_itc_weight"]
+    assert [float(w) for w in auc] == list(load_demo_config(CONFIG, smoke=True).filter_itc_weights)
+    assert metrics["filter"]["itc_weight"] == chosen["itc_weight"] == max(map(float, auc), key=lambda w: auc[str(w)])
+    capfilt_options = json.loads((out / "capfilt_data" / "summary.json").read_text())["options"]
+    assert capfilt_options.get("itc_weight", 0.0) == chosen["itc_weight"]
+    assert capfilt_options["threshold"] == chosen["threshold"]
+    for bad in ((), (0.0, -5.0)):
+        with pytest.raises(ValueError, match="filter_itc_weights must be numbers >= 0"):
+            load_demo_config(CONFIG, smoke=True).replace(filter_itc_weights=bad)
     train = [json.loads(line) for line in (out / "filter" / "filter_train.jsonl").read_text().splitlines()]
     val = [json.loads(line) for line in (out / "filter" / "filter_val.jsonl").read_text().splitlines()]
     assert len(train) == 16 - 4 and len(val) == 4  # smoke: 16 clean images, 4 held out

@@ -218,3 +218,28 @@ def test_beam_search_captions_are_the_captioners_beams(models, shapes_dir, tmp_p
     beams = [c.text.removeprefix("a picture of ").strip() for c in expected[0]]  # one image: its two best beams
     assert [s["text"] for s in first["synthetic"]] == beams
     assert "num_beams" in cfg.describe() and "num_beams" not in CapfiltConfig().describe()  # sampled runs' ids kept
+
+
+def test_an_itc_weight_adds_the_itc_cosine_to_the_itm_score(models, shapes_dir, tmp_path):
+    from blip.capfilt import filter_score
+
+    captioner, filter_ = models
+    plain_cfg = CapfiltConfig(**FAST)
+    run_capfilt(captioner, filter_, shapes_dir, tmp_path / "itm", plain_cfg, progress=False)
+    cfg = CapfiltConfig(itc_weight=8.0, threshold=0.4, **FAST)
+    run_capfilt(captioner, filter_, shapes_dir, tmp_path / "both", cfg, progress=False)
+    plain, both = list(read_records(tmp_path / "itm")), list(read_records(tmp_path / "both"))
+    for a, b in zip(plain, both, strict=True):
+        texts = [a["web_text"]] + [s["text"] for s in a["synthetic"]]
+        assert texts == [b["web_text"]] + [s["text"] for s in b["synthetic"]]  # the same captions
+        image = str(shapes_dir / a["image"])
+        cosine = filter_.similarity(image, texts)[0].tolist()
+        itm = [a["web_score"]] + [s["score"] for s in a["synthetic"]]  # the ITM-only run's scores: P(match)
+        expected = [filter_score(m, c, 8.0) for m, c in zip(itm, cosine)]
+        got = [b["web_score"]] + [s["score"] for s in b["synthetic"]]
+        assert got == pytest.approx(expected, abs=1e-5)
+        assert b["web_keep"] == (b["web_score"] >= 0.4)
+    assert any(abs(a["web_score"] - b["web_score"]) > 1e-3 for a, b in zip(plain, both))
+    assert cfg.describe()["itc_weight"] == 8.0 and "itc_weight" not in plain_cfg.describe()  # ITM-only ids kept
+    with pytest.raises(ValueError, match="--itc-weight must be a number >= 0, got -1"):
+        CapfiltConfig(itc_weight=-1.0).validate()

@@ -3,11 +3,12 @@ texts with a fine-tuned ITM filter, and write the bootstrapped dataset a new mod
 
 - `core`: `run_capfilt` (resumable, sharded: a job kind, `CapfiltKind`, on the `blip.jobs` engines), `CapfiltConfig`,
   `CapfiltSummary`
-- `calibrate`: `choose_threshold` (the filter's threshold from validation scores), `score_validation`
+- `calibrate`: `choose_threshold` (the filter's threshold from validation scores), `score_validation`,
+  `choose_itc_weight` and `filter_score` (the ITC head's share of the filter's score)
 - `cli`: `capfilt_main` (`blip capfilt ...`)
 """
 
-from blip.capfilt.calibrate import choose_threshold, score_validation
+from blip.capfilt.calibrate import ValidationScores, choose_itc_weight, choose_threshold, filter_score, score_validation
 from blip.capfilt.core import (
     DATASET,
     RECORDS_PREFIX,
@@ -25,7 +26,10 @@ __all__ = [
     "SUMMARY",
     "CapfiltConfig",
     "CapfiltSummary",
+    "ValidationScores",
+    "choose_itc_weight",
     "choose_threshold",
+    "filter_score",
     "read_records",
     "row_seed",
     "run_capfilt",

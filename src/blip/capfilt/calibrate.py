@@ -7,18 +7,23 @@ captions), `choose_threshold` picks the cut with the best balanced accuracy - th
 and the share of false texts removed - which does not depend on how many of each the validation set holds; or, with
 `keep_true`, the strictest cut that still keeps that share of the true texts (the good data a user accepts to lose:
 balanced accuracy's optimum is often flat, and where it lands on it moves from one validation draw to the next).
+
+The filter's score can also take the ITC head's word (`filter_score`): sigma(logit P(match) + itc_weight x ITC cosine),
+as BLIP ranks retrieval candidates by the ITM score plus the ITC similarity. `choose_itc_weight` picks the weight that
+best separates the validation set's true and false texts (ROC AUC); 0 is the paper's filter, ITM alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blip.api import Blip
 
-__all__ = ["choose_threshold", "score_validation"]
+__all__ = ["ValidationScores", "choose_itc_weight", "choose_threshold", "filter_score", "score_validation"]
 
 
 def choose_threshold(
@@ -61,14 +66,72 @@ def choose_threshold(
     return at(best_cut)
 
 
-def score_validation(filter: Blip, rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """The filter's P(match) for every `captions` text (true) and every `negatives` text (false) of `rows`
-    (`{"image": path, "captions": [...], "negatives": [...]}`), each image encoded once."""
-    positive: list[float] = []
-    negative: list[float] = []
+def filter_score(match: float, cosine: float, itc_weight: float) -> float:
+    """A text's filter score from its ITM P(match) and ITC cosine: P(match) itself when `itc_weight` is 0, else
+    sigma(logit P(match) + itc_weight x cosine), still in [0, 1] and still compared with the threshold."""
+    if not itc_weight:
+        return match
+    p = min(max(match, 1e-30), 1 - 1e-7)  # float32 softmax: 1.0 exactly past a logit of ~17
+    z = math.log(p) - math.log1p(-p) + itc_weight * cosine
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+
+
+@dataclass
+class ValidationScores:
+    """Both heads' scores of a validation set's true and false texts: ITM P(match) and ITC cosine, in text order."""
+
+    true_match: list[float]
+    true_cosine: list[float]
+    false_match: list[float]
+    false_cosine: list[float]
+
+    def scores(self, itc_weight: float = 0.0) -> tuple[list[float], list[float]]:
+        """(true texts' filter scores, false texts' filter scores) with this ITC weight."""
+        true = [filter_score(m, c, itc_weight) for m, c in zip(self.true_match, self.true_cosine, strict=True)]
+        false = [filter_score(m, c, itc_weight) for m, c in zip(self.false_match, self.false_cosine, strict=True)]
+        return true, false
+
+
+def score_validation(filter: Blip, rows: Sequence[dict[str, Any]]) -> ValidationScores:
+    """The filter's ITM P(match) and ITC cosine for every `captions` text (true) and every `negatives` text (false)
+    of `rows` (`{"image": path, "captions": [...], "negatives": [...]}`)."""
+    out = ValidationScores([], [], [], [])
     for row in rows:
         texts = list(row["captions"]) + list(row.get("negatives", ()))
-        scores = filter.match([row["image"]] * len(texts), texts)
-        positive += scores[: len(row["captions"])]
-        negative += scores[len(row["captions"]) :]
-    return positive, negative
+        match = filter.match([row["image"]] * len(texts), texts)
+        cosine = filter.similarity(row["image"], texts)[0].tolist()
+        k = len(row["captions"])
+        out.true_match += match[:k]
+        out.true_cosine += cosine[:k]
+        out.false_match += match[k:]
+        out.false_cosine += cosine[k:]
+    return out
+
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """The chance that a random true text scores above a random false one (ties count half)."""
+    if not positive or not negative:
+        raise ValueError("an AUC needs scores of true and of false texts")
+    ranked = sorted([(s, 1) for s in positive] + [(s, 0) for s in negative])
+    above = 0.0  # sum over true texts of the false texts below them
+    below_false = i = 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        tied = ranked[i:j]
+        tied_false = sum(1 for _, label in tied if label == 0)
+        above += sum(below_false + tied_false / 2 for _, label in tied if label == 1)
+        below_false += tied_false
+        i = j
+    return above / (len(positive) * len(negative))
+
+
+def choose_itc_weight(scores: ValidationScores, weights: Sequence[float]) -> tuple[float, dict[float, float]]:
+    """The weight in `weights` whose filter scores separate the true from the false texts best (ROC AUC; on a tie,
+    the earlier one), and the AUC of each."""
+    if not weights or any(not w >= 0 for w in weights):
+        raise ValueError(f"ITC weights must be a non-empty list of numbers >= 0, got {list(weights)}")
+    auc = {float(w): roc_auc(*scores.scores(w)) for w in weights}
+    best = max(auc, key=lambda w: (auc[w], -list(auc).index(w)))
+    return best, auc

@@ -62,7 +62,16 @@ def build_parser(prog: str = "blip capfilt") -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, help="nucleus sampling mass (default: 0.9)")
     g.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="sample among the top k tokens (default: 50)")
     g.add_argument(
-        "--threshold", type=float, default=_DEFAULTS.threshold, help="keep a text when P(match) >= this (default 0.5)"
+        "--threshold",
+        type=float,
+        default=_DEFAULTS.threshold,
+        help="keep a text when its score (P(match), see --itc-weight) >= this (default 0.5)",
+    )
+    g.add_argument(
+        "--itc-weight",
+        type=float,
+        default=_DEFAULTS.itc_weight,
+        help="> 0: score = sigmoid(logit P(match) + this x ITC cosine) (default 0: ITM alone, the paper's)",
     )
     g.add_argument("--prompt", default=_DEFAULTS.prompt, help='captioner prompt (default: "a picture of ")')
     g.add_argument("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens)
@@ -118,6 +127,7 @@ def capfilt_main(argv: list[str] | None = None, prog: str = "blip capfilt") -> i
         top_p=args.top_p,
         top_k=args.top_k,
         threshold=args.threshold,
+        itc_weight=args.itc_weight,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,

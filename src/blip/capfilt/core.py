@@ -1,5 +1,6 @@
 """CapFilt over a dataset: a synthetic caption per image from the captioner, and the filter's ITM verdict on the web
-text and on every synthetic text; the texts it keeps make a new pre-training dataset (the paper, §3.3).
+text and on every synthetic text (with `itc_weight`, ITM and ITC together: `blip.capfilt.filter_score`); the texts it
+keeps make a new pre-training dataset (the paper, §3.3).
 
     from blip.capfilt import CapfiltConfig, run_capfilt
     summary = run_capfilt("runs/caption_shapes/model", "runs/retrieval_shapes/model", "runs/shapes",
@@ -34,6 +35,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from blip.capfilt.calibrate import filter_score
 from blip.io import atomic_path, atomic_write_bytes, atomic_write_json
 from blip.jobs.engines import run_job
 from blip.jobs.job import EngineOptions, Job, JobKind, RunInfo, RunSettings, new_job
@@ -62,7 +65,7 @@ from blip.jobs.sources import (
     require_rows,
 )
 from blip.jobs.writer import ERRORS, OutputDir
-from blip.tasks.batch import CaptionWork, ImageItem, PairWork, dispatch
+from blip.tasks.batch import CaptionWork, ImageItem, PairWork, SimilarityWork, dispatch
 from blip.tasks.batch import row_seed as _row_seed
 from blip.tasks.caption import prompt_prefix
 from blip.tasks.options import CaptionOptions
@@ -91,7 +94,9 @@ class CapfiltConfig:
     num_beams: int = 1  # 1: nucleus sampling (the paper's choice); above 1: beam search of this width instead
     top_p: float = 0.9  # nucleus mass
     top_k: int = 50  # sample among the k most likely tokens (0: no limit)
-    threshold: float = 0.5  # keep a text when the filter's ITM P(match) >= threshold
+    threshold: float = 0.5  # keep a text when the filter's score (ITM P(match), or with itc_weight ...) >= threshold
+    # > 0: the score is sigma(logit P(match) + itc_weight x ITC cosine) (`blip.capfilt.filter_score`); 0: the paper's
+    itc_weight: float = 0.0
     prompt: str = "a picture of "  # the captioner's prompt; removed from the synthetic text
     max_new_tokens: int = 20
     min_new_tokens: int = 5
@@ -122,6 +127,8 @@ class CapfiltConfig:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.threshold != self.threshold:  # NaN
             raise ValueError("threshold must be a number (0 keeps every text, above 1 none)")
+        if not 0 <= self.itc_weight < math.inf:
+            raise ValueError(f"--itc-weight must be a number >= 0, got {self.itc_weight}")
         self.captioning()  # OptionError (a ValueError) naming a bad generation option
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
@@ -167,6 +174,7 @@ class CapfiltConfig:
             "top_p": self.top_p,
             "top_k": self.top_k,
             "threshold": self.threshold,
+            **({"itc_weight": self.itc_weight} if self.itc_weight else {}),  # fingerprints of ITM-only runs unchanged
             "prompt": self.prompt,
             "max_new_tokens": self.max_new_tokens,
             "min_new_tokens": self.min_new_tokens,
@@ -313,6 +321,10 @@ class CapfiltRunner(RowRunner):
             texts = [text or "." for text in ([web] if web else []) + synthetic[-1]]  # "" is scored as ".", not kept
             pairs.append(PairWork([item], texts, [0] * len(texts)))
         scores = [score for row_scores in dispatch(self.filter, "match", None, pairs) for score in row_scores]
+        if cfg.itc_weight:
+            works = [SimilarityWork(pair.images, pair.texts) for pair in pairs]
+            cosines = [c for row_cosines in dispatch(self.filter, "similarity", None, works) for c in row_cosines[0]]
+            scores = [filter_score(m, c, cfg.itc_weight) for m, c in zip(scores, cosines, strict=True)]
         out: list[dict[str, Any]] = []
         position = 0
         for row, web, synth in zip(rows, webs, synthetic):

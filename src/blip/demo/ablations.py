@@ -188,7 +188,7 @@ def run_ablations(
             beam_cfg,
             main["cap_web"]["model"],
             main["filter"]["model"],
-            main["filter"]["threshold"],
+            main["filter"],
             data_dir,
             root / "beam" / "capfilt_data",
         ),
@@ -220,7 +220,7 @@ def run_ablations(
             shared_cfg,
             shared["model"],
             shared["model"],
-            shared["threshold"],
+            shared,
             data_dir,
             root / "shared" / "capfilt_data",
         ),
@@ -247,7 +247,7 @@ def run_ablations(
         root / "round2" / "capfilt_data",
         "round 2: CapFilt of the web split",
         lambda: run_capfilt_stage(
-            cfg, cap2["model"], filt2["model"], filt2["threshold"], data_dir, root / "round2" / "capfilt_data"
+            cfg, cap2["model"], filt2["model"], filt2, data_dir, root / "round2" / "capfilt_data"
         ),
     )
     arm("round2", cf2["dataset"], root / "round2" / "capfilt_data", filt2["threshold"])

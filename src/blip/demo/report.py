@@ -2,7 +2,7 @@
 
     write_report(out, metrics, scores, examples) -> out/report.html
         out/report_metrics.png   before / after bars (chance, untrained, web, CapFilt) per test metric
-        out/report_filter.png    the filter's P(match) histograms: web captions by noise label, synthetic by truth
+        out/report_filter.png    the filter's score histograms: web captions by noise label, synthetic by truth
         out/report_data.png      what each pretraining run reads: true / false web, synthetic and clean texts
         out/report_losses.png    the two pretraining runs' losses
 
@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,27 +69,36 @@ def plot_metric_bars(metrics: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _logit(p: float, eps: float = 1e-7) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
 def plot_filter_scores(scores: dict[str, Any], threshold: float, path: Path) -> Path:
+    """Histograms of the filter's scores on a logit axis: with the ITC term most true texts score above 0.99, where a
+    linear axis would put them all in one bin."""
     plt = _pyplot()
     fig, (ax_web, ax_syn) = plt.subplots(1, 2, figsize=(12, 3.8))
-    bins = [i / 25 for i in range(26)]
+    bins = [-16 + i * 0.8 for i in range(41)]
     for kind, values in scores["web"].items():
         if values:
-            ax_web.hist(values, bins=bins, histtype="step", lw=2, color=NOISE_COLORS.get(kind), label=kind)
-    ax_web.set_title("filter P(match) on web captions, by noise label", fontsize=10)
+            logits = [_logit(v) for v in values]
+            ax_web.hist(logits, bins=bins, histtype="step", lw=2, color=NOISE_COLORS.get(kind), label=kind)
+    ax_web.set_title("filter score on web captions, by noise label", fontsize=10)
     for name, color in (("true", NOISE_COLORS["correct"]), ("false", NOISE_COLORS["unrelated"])):
-        values = scores["synthetic"].get(name, [])
+        values = [_logit(v) for v in scores["synthetic"].get(name, [])]
         if values:
             ax_syn.hist(values, bins=bins, histtype="step", lw=2, color=color, label=f"{name} for the image")
-    ax_syn.set_title("filter P(match) on synthetic captions, by truth", fontsize=10)
+    ax_syn.set_title("filter score on synthetic captions, by truth", fontsize=10)
+    cut = _logit(threshold)
     for ax in (ax_web, ax_syn):
-        ax.axvline(threshold, color="black", ls="--", lw=1)
-        ax.text(threshold, ax.get_ylim()[1] * 0.95, " keep \u2192", fontsize=8, va="top")
-        ax.text(threshold, ax.get_ylim()[1] * 0.95, "\u2190 remove ", fontsize=8, va="top", ha="right")
-        ax.set_xlabel("P(match)")
+        ax.axvline(cut, color="black", ls="--", lw=1)
+        ax.text(cut, ax.get_ylim()[1] * 0.95, " keep \u2192", fontsize=8, va="top")
+        ax.text(cut, ax.get_ylim()[1] * 0.95, "\u2190 remove ", fontsize=8, va="top", ha="right")
+        ax.set_xlabel("logit of the filter's score (ITM P(match), or with the ITC term)")
         ax.set_ylabel("texts")
         ax.set_yscale("log")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left")
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -327,8 +337,16 @@ def _filter_table(m: dict[str, Any]) -> str:
         c = validation["chosen"]
         keep = m.get("config", {}).get("filter_keep_true")
         rule = f"the strictest cut keeping {_pct(keep)} of the true ones" if keep else "the best balanced accuracy"
+        weight, auc = m["filter"].get("itc_weight", 0), validation.get("auc_by_itc_weight", {})
+        score = (
+            f"The filter's score is &sigma;(logit ITM P(match) + {weight:g} &times; ITC cosine): of the ITC weights "
+            f"{', '.join(f'{float(w):g}' for w in auc)}, the one whose scores best separate the held-out true and "
+            f"false texts (ROC AUC {auc[str(float(weight))]:.3f}; ITM alone {auc.get('0.0', float('nan')):.3f}). "
+            if weight and str(float(weight)) in auc
+            else ""
+        )
         chosen = (
-            f"<p>Threshold {m['filter']['threshold']:.3g} ({rule}), chosen on {validation['true_texts']} true "
+            f"<p>{score}Threshold {m['filter']['threshold']:.3g} ({rule}), chosen on {validation['true_texts']} true "
             f"captions and {validation['false_texts']} false ones of held-out clean images (written negatives and "
             f"other images' captions; images neither the filter nor its pretraining saw), not on the web labels: "
             f"there it keeps {_pct(c['kept_true'])} of the true and removes {_pct(c['removed_false'])} of the false "
@@ -485,6 +503,7 @@ def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], exa
     cfg = metrics["config"]
     rates = dict(zip(NOISE_KINDS, cfg["noise_rates"]))
     rates_text = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items())
+    score_text = "matching probability" + (", with its ITC similarity" if metrics["filter"].get("itc_weight") else "")
     web_sets = metrics["training_sets"]
     losses = (
         f"<h2>Pretraining losses</h2><img class='fig' src='{figures['losses'].name}'>"
@@ -513,8 +532,8 @@ ranking. Untrained: the same architecture with random weights.</p>
 <p>The BLIP paper's bootstrapping (CapFilt, &sect;3.3) at toy scale: a model pretrained on noisy web captions is
 fine-tuned on a small clean, human-annotated split into a <b>captioner</b> (language modelling) and a
 <b>filter</b> (image-text contrastive + matching). The captioner writes a synthetic caption for every web image;
-the filter removes every web and synthetic text whose matching probability is below
-{metrics["filter"]["threshold"]}; a new model is pretrained from scratch on what is left plus the clean
+the filter removes every web and synthetic text whose score (its {score_text}) is below
+{metrics["filter"]["threshold"]:.3g}; a new model is pretrained from scratch on what is left plus the clean
 captions. The shapes world knows the truth: every web caption carries its noise label ({rates_text}) and every
 synthetic caption is checked against the scene it describes. Images are {cfg["world_image_size"]} px with 1 to
 {cfg["max_shapes"]} shapes.</p>
@@ -535,7 +554,7 @@ CapFilt data: {web_sets["capfilt"]["texts"]} texts, {_pct(web_sets["capfilt"]["f
 <img class="fig" src="{figures["data"].name}" alt="training data composition">
 {losses}
 <h2>Examples</h2>
-<p>Web images of each noise kind, with the web caption, the captioner's synthetic caption, the filter's P(match)
+<p>Web images of each noise kind, with the web caption, the captioner's synthetic caption, the filter's score
 and its verdict.</p>
 {_example_cards(examples)}
 

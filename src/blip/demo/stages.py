@@ -25,6 +25,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -53,7 +54,8 @@ ARMS = ("web", "capfilt")
 DEFAULT_CONFIG = "configs/demo_shapes.py"
 FILTER_DEFINITION = (
     "positive class = a noisy web caption (partial, unrelated or junk: false for its image); predicted positive = "
-    "the filter removes it (ITM P(match) below the threshold). precision = noisy among removed, recall = removed "
+    "the filter removes it (its score - ITM P(match), with the ITC cosine when metrics.filter.itc_weight > 0 - below "
+    "the threshold). precision = noisy among removed, recall = removed "
     "among noisy."
 )
 
@@ -103,6 +105,9 @@ class DemoConfig:
     # None: the validation cut with the best balanced accuracy; a share: the strictest cut keeping that share of the
     # validation images' true captions (`blip.capfilt.choose_threshold`)
     filter_keep_true: float | None = None
+    # the ITC weights the filter's score may take (`blip.capfilt.filter_score`); the one whose scores best separate the
+    # validation images' true and false texts (ROC AUC) is used, before the threshold is chosen. (0.0,): ITM alone
+    filter_itc_weights: tuple[float, ...] = (0.0,)
     k_test: int = 16  # retrieval: candidates re-ranked with ITM per query
     untrained_baseline: bool = True  # also evaluate the architecture with random weights (about a CPU minute)
     examples: int = 12  # example images in the report
@@ -123,6 +128,8 @@ class DemoConfig:
             raise ValueError(f"negative counts must be >= 0, got {', '.join(negative)}")
         if self.filter_keep_true is not None and not 0 < self.filter_keep_true <= 1:
             raise ValueError(f"filter_keep_true must be in (0, 1] or None, got {self.filter_keep_true}")
+        if not self.filter_itc_weights or not all(0 <= w < math.inf for w in self.filter_itc_weights):
+            raise ValueError(f"filter_itc_weights must be numbers >= 0 (at least one), got {self.filter_itc_weights}")
         from blip.data.shapes.grammar import check_negative_categories
 
         check_negative_categories(self.negative_categories)
@@ -423,28 +430,45 @@ def train_filter(
 
 
 def choose_filter_threshold(cfg: DemoConfig, model: str, val_path: Path) -> dict[str, Any]:
-    """`{"validation": ..., "threshold": ...}`: `model`'s ITM scores on the validation manifest and the threshold
-    `choose_threshold` picks from them (the CapFilt config's own when `threshold_on_validation` is off)."""
+    """`{"validation": ..., "itc_weight": ..., "threshold": ...}`: `model`'s scores on the validation manifest, the
+    ITC weight of `cfg.filter_itc_weights` that separates its true and false texts best, and the threshold
+    `choose_threshold` picks from the scores with it (the CapFilt config's own weight and threshold when
+    `threshold_on_validation` is off)."""
     from blip.api import load
-    from blip.capfilt import choose_threshold, score_validation
+    from blip.capfilt import choose_itc_weight, choose_threshold, score_validation
 
     with torch.inference_mode():
-        positive, negative = score_validation(load(model, batch_size=64), read_jsonl(val_path))
+        scores = score_validation(load(model, batch_size=64), read_jsonl(val_path))
+    weight, auc = choose_itc_weight(scores, cfg.filter_itc_weights)
+    positive, negative = scores.scores(weight)
     chosen = choose_threshold(positive, negative, keep_true=cfg.filter_keep_true)
-    return {
-        "validation": {"true_texts": len(positive), "false_texts": len(negative), "chosen": chosen},
-        "threshold": chosen["threshold"] if cfg.threshold_on_validation else cfg.capfilt.threshold,
+    validation = {
+        "true_texts": len(positive),
+        "false_texts": len(negative),
+        "auc_by_itc_weight": {str(w): a for w, a in auc.items()},
+        "chosen": {**chosen, "itc_weight": weight},
     }
+    if not cfg.threshold_on_validation:
+        return {"validation": validation, "itc_weight": cfg.capfilt.itc_weight, "threshold": cfg.capfilt.threshold}
+    return {"validation": validation, "itc_weight": weight, "threshold": chosen["threshold"]}
 
 
 def run_capfilt_stage(
-    cfg: DemoConfig, captioner: str, filter_model: str, threshold: float, data_dir: Path, folder: Path
+    cfg: DemoConfig, captioner: str, filter_model: str, choice: dict[str, Any], data_dir: Path, folder: Path
 ) -> dict:
+    """CapFilt of the web split with the filter's `choice` (`choose_filter_threshold`: its threshold and ITC
+    weight)."""
     from blip.capfilt import run_capfilt
 
     clean = str(pretraining_clean(cfg, data_dir))  # the bootstrapped dataset names its images as this file does
     capfilt_cfg = dataclasses.replace(
-        cfg.capfilt, seed=cfg.seed, threads=cfg.threads, keep_clean=clean, device="cpu", threshold=threshold
+        cfg.capfilt,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        keep_clean=clean,
+        device="cpu",
+        threshold=choice["threshold"],
+        itc_weight=choice["itc_weight"],
     )
     summary = run_capfilt(captioner, filter_model, data_dir, folder, capfilt_cfg, progress=True)
     if not summary.complete or summary.dataset is None:
@@ -742,9 +766,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         "capfilt",
         out / "capfilt_data",
         "CapFilt: caption every web image, filter web and synthetic texts",
-        lambda: run_capfilt_stage(
-            cfg, cap_web["model"], filt["model"], filt["threshold"], data_dir, out / "capfilt_data"
-        ),
+        lambda: run_capfilt_stage(cfg, cap_web["model"], filt["model"], filt, data_dir, out / "capfilt_data"),
     )
     pre_cf = stages.run(
         "pretrain_capfilt",
@@ -788,6 +810,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     metrics["constant_caption"] = base["constant_caption"]
     metrics["filter"] = {k: v for k, v in analysis.items() if k != "scores"}
     metrics["filter"]["validation"] = filt["validation"]
+    metrics["filter"]["itc_weight"] = filt["itc_weight"]
     metrics["filter_model"] = _headline("retrieval", filt["test"]["retrieval"])
     metrics["captioner"] = _headline("caption", cap_web["test"]["caption"])
     metrics["training_sets"] = training_sets(pretraining_clean(cfg, data_dir), capfilt["dataset"], analysis)
