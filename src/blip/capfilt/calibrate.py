@@ -133,5 +133,4 @@ def choose_itc_weight(scores: ValidationScores, weights: Sequence[float]) -> tup
     if not weights or any(not w >= 0 for w in weights):
         raise ValueError(f"ITC weights must be a non-empty list of numbers >= 0, got {list(weights)}")
     auc = {float(w): roc_auc(*scores.scores(w)) for w in weights}
-    best = max(auc, key=lambda w: (auc[w], -list(auc).index(w)))
-    return best, auc
+    return max(auc, key=auc.__getitem__), auc  # max keeps the first of equals

@@ -55,8 +55,7 @@ DEFAULT_CONFIG = "configs/demo_shapes.py"
 FILTER_DEFINITION = (
     "positive class = a noisy web caption (partial, unrelated or junk: false for its image); predicted positive = "
     "the filter removes it (its score - ITM P(match), with the ITC cosine when metrics.filter.itc_weight > 0 - below "
-    "the threshold). precision = noisy among removed, recall = removed "
-    "among noisy."
+    "the threshold). precision = noisy among removed, recall = removed among noisy."
 )
 
 
