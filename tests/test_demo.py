@@ -32,6 +32,8 @@ STAGES = (
     "caption_capfilt",
     "vqa_web",
     "vqa_capfilt",
+    "caption_web_2",  # smoke: two captioning fine-tunes per arm
+    "caption_capfilt_2",
 )
 
 
@@ -70,8 +72,71 @@ def test_demo_writes_metrics_and_report(demo_run):
         assert (out / png).stat().st_size > 1000
         assert png in page
     assert "precision" in page and "data:image/png;base64," in page
-    assert any(line.startswith("[11/11] vqa_capfilt: done") for line in lines)
+    assert "Captioning is fine-tuned 2 times per arm" in page
+    assert any("the mean of 2 captioning fine-tunes per arm" in line for line in lines)
+    assert any(line.startswith("[13/13] caption_capfilt_2: done") for line in lines)
     assert any("filter on web captions: precision" in line for line in lines)
+
+
+def test_an_arms_captioning_numbers_are_the_mean_of_its_fine_tunes_each_with_its_own_seed(demo_run):
+    out, _ = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for arm in ("web", "capfilt"):
+        draws = metrics[arm]["caption_finetunes"]
+        assert len(draws) == 2
+        for key in ("cider", "bleu4", "rouge_l"):
+            assert metrics[arm][key] == pytest.approx(sum(d[key] for d in draws) / 2)
+        configs = [json.loads((out / arm / f / "config.json").read_text()) for f in ("caption", "caption_2")]
+        assert [c["seed"] for c in configs] == [0, 1000]  # the demo's seed, then seed + 1000
+        assert configs[0]["init"] == configs[1]["init"] == str(out / arm / "pretrain" / "checkpoint.pt")
+        evaluated = [
+            json.loads((out / arm / f / "summary.json").read_text())["evaluation"] for f in ("caption", "caption_2")
+        ]
+        assert [100 * e["caption"]["cider"] for e in evaluated] == pytest.approx([d["cider"] for d in draws])
+    # the web arm's first fine-tune is the captioner CapFilt used
+    assert metrics["captioner"] == metrics["web"]["caption_finetunes"][0]
+    with pytest.raises(ValueError, match="caption_finetunes"):
+        load_demo_config(CONFIG, smoke=True).replace(caption_finetunes=0)
+
+
+def test_stages_side_by_side_run_in_one_thread_processes_keep_finished_ones_and_raise_a_failure(tmp_path):
+    from blip.demo.stages import Job, Stages
+
+    lines: list[str] = []
+    stages = Stages(total=3, say=lines.append)
+    jobs = [Job(n, tmp_path / n, f"parse {n}", json.loads, (json.dumps({"n": n}),)) for n in ("a", "b", "c")]
+    t0 = time.perf_counter()
+    assert stages.run_side_by_side(jobs, processes=2) == {n: {"n": n} for n in ("a", "b", "c")}
+    elapsed = time.perf_counter() - t0
+    assert stages.threads == {"a": 1, "b": 1, "c": 1}  # each in a worker of one torch thread
+    assert max(stages.timings.values()) <= stages.wall <= elapsed  # the group's wall time, once
+    for n in ("a", "b", "c"):
+        assert json.loads((tmp_path / n / "stage.json").read_text())["result"] == {"n": n}
+    # a rerun keeps them: the job is not called again (it would fail now)
+    again = Stages(total=3, say=lines.append)
+    broken = [Job(n, tmp_path / n, "", json.loads, ("not json",)) for n in ("a", "b", "c")]
+    assert again.run_side_by_side(broken, processes=2) == {n: {"n": n} for n in ("a", "b", "c")}
+    assert sum(line.endswith("- kept") for line in lines) == 3
+    # one job fails: its error is raised, the other's stage is kept for the next run
+    mixed = [Job("ok", tmp_path / "ok", "", json.loads, ("[1]",)), Job("bad", tmp_path / "bad", "", json.loads, ("{",))]
+    with pytest.raises(json.JSONDecodeError):
+        Stages(total=2, say=lines.append).run_side_by_side(mixed, processes=2)
+    assert (tmp_path / "ok" / "stage.json").is_file() and not (tmp_path / "bad" / "stage.json").exists()
+
+
+def test_the_demo_with_side_by_side_processes_matches_the_demo_run_in_one(demo_run, tmp_path):
+    out = tmp_path / "procs"
+    assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), processes=2, say=lambda _: None) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    before = json.loads((demo_run[0] / "metrics.json").read_text())
+    side_by_side = {"captioner", "filter", "caption_web_2", "vqa_web", "caption_capfilt", "caption_capfilt_2"}
+    assert {s for s, t in metrics["stage_threads"].items() if t == 1} == side_by_side | {"vqa_capfilt"}
+    for folder in ("web/caption", "web/caption_2", "filter", "web/vqa", "capfilt/caption_2", "capfilt/vqa"):
+        assert json.loads((out / folder / "config.json").read_text())["threads"] == 1, folder  # as they trained
+    assert json.loads((out / "capfilt" / "pretrain" / "config.json").read_text())["threads"] == 2
+    for arm in ("web", "capfilt"):
+        for key in ("cider", "vqa_accuracy", "retrieval_r1"):
+            assert metrics[arm][key] == pytest.approx(before[arm][key], abs=1e-6), (arm, key)
 
 
 def test_every_pretraining_starts_its_vit_from_the_vision_stage(demo_run):
@@ -173,7 +238,7 @@ def test_ablations_run_every_arm_on_its_own_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablations")
     lines: list[str] = []
     assert run_demo(out, config=load_demo_config(CONFIG, smoke=True), ablations=True, say=lines.append) == 0
-    assert any(line.startswith("[34/34] vqa_round2: done") for line in lines)
+    assert any(line.startswith("[41/41] caption_round2_2: done") for line in lines)
     metrics = json.loads((out / "metrics.json").read_text())
     arms = metrics["ablations"]  # keyed by arm (the metrics.json contract)
     assert list(arms) == list(ARMS)
@@ -268,7 +333,7 @@ def test_several_seeds_tabulate_their_spread_and_the_claims(demo_run, tmp_path, 
 
 def test_training_stages_label_their_progress_bars(demo_run):
     out, _ = demo_run
-    for folder, label in (("web/pretrain", "demo 4/11 pretrain_web"), ("capfilt/vqa", "demo 11/11 vqa_capfilt")):
+    for folder, label in (("web/pretrain", "demo 4/13 pretrain_web"), ("capfilt/vqa", "demo 11/13 vqa_capfilt")):
         assert json.loads((out / folder / "config.json").read_text())["label"] == label
 
 

@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "report.html",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's; 2 in demo_shapes.py)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="fine-tunes that need nothing of each other run side by side in this many one-thread processes "
+        "(default: the config's; 2 in demo_shapes.py; 1 when other work shares the cores)",
+    )
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the plumbing in seconds, learns nothing")
     p.add_argument(
         "--ablations",
@@ -564,6 +570,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.seeds,
                 config=args.config,
                 threads=args.threads,
+                processes=args.processes,
                 smoke=args.smoke,
                 ablations=args.ablations,
             )
@@ -572,6 +579,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config=args.config,
             seed=args.seed,
             threads=args.threads,
+            processes=args.processes,
             smoke=args.smoke,
             ablations=args.ablations,
         )

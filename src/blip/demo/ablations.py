@@ -39,9 +39,15 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "rounds": ("capfilt", "round2"),  # bootstrapping again from the CapFilt model
 }
 ARMS: tuple[str, ...] = tuple(dict.fromkeys(arm for arms in ABLATIONS.values() for arm in arms))
-# Stages `run_ablations` adds to the demo's: 3 per arm it trains (all but web and capfilt), 2 data variants, beam's
-# CapFilt, the shared model and its CapFilt, and round 2's captioner, filter and CapFilt.
-STAGES = 3 * (len(ARMS) - 2) + 8
+
+
+def stage_count(cfg: DemoConfig) -> int:
+    """Stages `run_ablations` adds to the demo's: per arm it trains (all but web and capfilt) a pretraining, its
+    captioning fine-tunes and a VQA fine-tune; 2 data variants, beam's CapFilt, the shared model and its CapFilt,
+    and round 2's captioner, filter and CapFilt."""
+    return (len(ARMS) - 2) * (2 + cfg.caption_finetunes) + 8
+
+
 BEAM_WIDTH = 3
 
 

@@ -34,6 +34,18 @@ METRICS = (
 )
 
 
+def _finetunes_note(metrics: dict[str, Any]) -> str:
+    """A sentence naming each arm's captioning fine-tunes when there are several (their CIDEr is the mean)."""
+    draws = {arm: metrics[arm].get("caption_finetunes", []) for arm in ("web", "capfilt")}
+    if len(draws["web"]) < 2:
+        return ""
+    each = "; ".join(arm + ": " + " / ".join(f"{d['cider']:.1f}" for d in ds) for arm, ds in draws.items())
+    return (
+        f"Captioning is fine-tuned {len(draws['web'])} times per arm, each time with its own seed, and its numbers are "
+        f"the mean (each fine-tune's CIDEr &mdash; {each}). "
+    )
+
+
 def _pyplot():
     import matplotlib
 
@@ -520,9 +532,9 @@ def write_report(out: Path, metrics: dict[str, Any], scores: dict[str, Any], exa
 <img class="fig" src="{figures["metrics"].name}" alt="test metrics">
 {_metrics_table(metrics)}
 <p class="small">Both arms use the same architecture, seed, number of pretraining steps ({cfg["pretrain"]["max_steps"]})
-and schedule, and the same fine-tuning runs; only the pretraining texts differ. CIDEr-D and BLEU-4 on the papers'
-x100 scale. Retrieval R@1 is zero-shot (the pretrained model itself), the mean of text R@1 and image R@1 over
-{cfg["n_test"]} test images with 5 captions each. Chance: the most common clean caption for every image
+and schedule, and the same fine-tuning runs; only the pretraining texts differ. {_finetunes_note(metrics)}CIDEr-D and
+BLEU-4 on the papers' x100 scale. Retrieval R@1 is zero-shot (the pretrained model itself), the mean of text R@1 and
+image R@1 over {cfg["n_test"]} test images with 5 captions each. Chance: the most common clean caption for every image
 (&ldquo;{html.escape(metrics["constant_caption"])}&rdquo;), each question's most common training answer, a random
 ranking. Untrained: the same architecture with random weights.</p>
 

@@ -221,6 +221,7 @@ def run_seeds(
     *,
     config: DemoConfig | str | Path | None = None,
     threads: int | None = None,
+    processes: int | None = None,
     smoke: bool = False,
     ablations: bool = False,
     say: Callable[[str], None] = print_line,
@@ -238,7 +239,16 @@ def run_seeds(
     for i, seed in enumerate(seeds, 1):
         say(f"== seed {seed} ({i}/{len(seeds)}) ==")
         folder = out / f"seed{seed}"
-        run_demo(folder, config=config, seed=seed, threads=threads, smoke=smoke, ablations=ablations, say=say)
+        run_demo(
+            folder,
+            config=config,
+            seed=seed,
+            threads=threads,
+            processes=processes,
+            smoke=smoke,
+            ablations=ablations,
+            say=say,
+        )
         runs[seed] = json.loads((folder / "metrics.json").read_text())
     summary = summarize(runs)
     summary["ablations"] = summarize_ablations(runs)

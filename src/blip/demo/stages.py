@@ -10,7 +10,9 @@
 5. pretrain the same architecture again, from scratch, on the bootstrapped data (kept web + kept synthetic + clean),
    with the same steps, schedule and seed;
 6. evaluate both pretrained models the same way: zero-shot retrieval, and captioning and VQA after the same
-   fine-tuning budget (the web model's captioning fine-tune is the captioner of step 3);
+   fine-tuning budget (captioning `caption_finetunes` times with their own seeds, the numbers their mean; the web
+   model's first captioning fine-tune is the captioner of step 3); fine-tunes that need nothing of each other run
+   side by side in `processes` one-thread processes;
 7. write `metrics.json` and `report.html` (PNGs beside it) into the output folder.
 
 Stage configs are data (`configs/demo_shapes.py`, a `get_config(smoke=False) -> DemoConfig`). Every stage writes
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -79,6 +82,9 @@ class DemoConfig:
     world_image_size: int = 64  # pixels of the generated images
     max_shapes: int = 3  # shapes per image, at most
     threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
+    # fine-tunes that do not wait for each other (after each pretraining run) run side by side in this many processes
+    # of one torch thread each; 1: one after another with `threads`. Like `threads`, not part of a run's identity.
+    processes: int = 1
     # the ViT's supervised start (the world's ImageNet: per patch, the shape under it and its place); None: a random ViT
     vision: VisionPretrainConfig | None = None
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(task="pretrain", max_steps=600))
@@ -87,6 +93,9 @@ class DemoConfig:
     filter: TrainConfig = field(default_factory=lambda: TrainConfig(task="retrieval"))
     vqa: TrainConfig = field(default_factory=lambda: TrainConfig(task="vqa"))
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
+    # captioning fine-tunes per arm, each with its own seed (the first with the demo's: the web arm's first is the
+    # captioner); an arm's CIDEr, BLEU-4 and ROUGE-L are their mean. One fine-tune's CIDEr swings by ~10 with its seed
+    caption_finetunes: int = 1
     # Clean images held out of the filter's training (and of pretraining, which it starts from) to choose its
     # threshold on: images pretraining has read score higher than the web's, and the threshold came out too strict.
     filter_val_images: int = 50
@@ -121,6 +130,10 @@ class DemoConfig:
             raise ValueError("every split needs at least one image")
         if not 1 <= self.filter_val_images < self.n_clean:
             raise ValueError("filter_val_images must leave the filter at least one clean image to train on")
+        if self.caption_finetunes < 1 or self.processes < 1:
+            raise ValueError(
+                f"caption_finetunes and processes must be >= 1, got {self.caption_finetunes} and {self.processes}"
+            )
         counts = ("hard_negatives", "web_negatives", "position_negatives")
         negative = [f"{n}={getattr(self, n)}" for n in counts if getattr(self, n) < 0]
         if negative:
@@ -162,43 +175,128 @@ def load_demo_config(path: str | Path | None = None, *, smoke: bool = False) -> 
 # Stages: run once, remember the result and the time.
 
 
+@dataclass(frozen=True)
+class Job:
+    """A stage that can run in another process: `fn(*args)` (a module-level function, picklable arguments)."""
+
+    name: str
+    folder: Path
+    what: str
+    fn: Callable[..., dict[str, Any]]
+    args: tuple[Any, ...] = ()
+
+
 class Stages:
-    """Runs named stages in order; a stage whose folder holds `stage.json` is not run again."""
+    """Runs named stages in order (`run`), or several at once (`run_side_by_side`); a stage whose folder holds
+    `stage.json` is not run again."""
 
     def __init__(self, total: int, say: Callable[[str], None]):
         self.total, self.say = total, say
         self.timings: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}  # CPU seconds of this process (all threads): less sensitive to other load
+        self.cpu: dict[str, float] = {}  # CPU seconds of the process that ran it (all threads)
         self.threads: dict[str, int | None] = {}  # torch threads each stage ran with (None: a marker from before)
+        self.wall = 0.0  # seconds of the stages so far, side-by-side ones counted once (a kept stage: as it took)
         self.started = time.perf_counter()
         self.count = 0
 
-    def run(self, name: str, folder: Path, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _head(self, name: str) -> str:
         self.count += 1
+        return f"[{self.count}/{self.total}] {name}"
+
+    def _kept(self, name: str, folder: Path, head: str) -> dict[str, Any] | None:
         marker = folder / "stage.json"
-        head = f"[{self.count}/{self.total}] {name}"
-        if marker.is_file():
-            record = json.loads(marker.read_text())
-            self.timings[name] = record["seconds"]
-            self.cpu[name] = record.get("cpu_seconds", 0.0)
-            self.threads[name] = record.get("threads")
-            self.say(f"{head}: done earlier ({record['seconds']:.0f}s) - kept")
-            return record["result"]
-        self.say(f"{head}: {what} ...")
-        t0, c0 = time.perf_counter(), time.process_time()
-        token = _LABEL.set(f"demo {self.count}/{self.total} {name}")  # training progress bars show it
-        try:
-            result = fn()
-        finally:
-            _LABEL.reset(token)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if not marker.is_file():
+            return None
+        record = json.loads(marker.read_text())
+        self.timings[name] = record["seconds"]
+        self.cpu[name] = record.get("cpu_seconds", 0.0)
+        self.threads[name] = record.get("threads")
+        self.say(f"{head}: done earlier ({record['seconds']:.0f}s) - kept")
+        return record
+
+    def _record(self, name: str, folder: Path, head: str, result: dict, seconds: float, cpu: float, threads: int):
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"seconds": seconds, "cpu_seconds": cpu, "threads": torch.get_num_threads(), "result": result}
-        atomic_write_json(marker, record)  # never half a marker
-        self.timings[name], self.cpu[name], self.threads[name] = seconds, cpu, record["threads"]
+        record = {"seconds": seconds, "cpu_seconds": cpu, "threads": threads, "result": result}
+        atomic_write_json(folder / "stage.json", record)  # never half a marker
+        self.timings[name], self.cpu[name], self.threads[name] = seconds, cpu, threads
         elapsed = time.perf_counter() - self.started
         self.say(f"{head}: done in {seconds:.0f}s (elapsed {elapsed / 60:.1f} min)")
+
+    def run(self, name: str, folder: Path, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        head = self._head(name)
+        record = self._kept(name, folder, head)
+        if record is not None:
+            self.wall += record["seconds"]
+            return record["result"]
+        self.say(f"{head}: {what} ...")
+        result, seconds, cpu, threads = _timed(fn, (), f"demo {self.count}/{self.total} {name}")
+        self._record(name, folder, head, result, seconds, cpu, threads)
+        self.wall += seconds
         return result
+
+    def run_side_by_side(self, jobs: list[Job], processes: int) -> dict[str, dict[str, Any]]:
+        """Every job's result by name. With `processes` > 1 the unfinished jobs run in that many spawned processes of
+        one torch thread each (on 2 cores two one-thread fine-tunes side by side take ~72% of their time one after
+        another with two threads); else one after another here, as `run`. A job that fails stops the others not yet
+        started and is raised once the running ones are done (their stages are kept)."""
+        if processes <= 1:
+            return {
+                job.name: self.run(job.name, job.folder, job.what, functools.partial(job.fn, *job.args)) for job in jobs
+            }
+        results: dict[str, dict[str, Any]] = {}
+        pending: list[tuple[Job, str, str]] = []
+        kept_seconds = 0.0
+        for job in jobs:
+            head = self._head(job.name)
+            record = self._kept(job.name, job.folder, head)
+            if record is None:
+                pending.append((job, head, f"demo {self.count}/{self.total} {job.name}"))
+            else:
+                results[job.name] = record["result"]
+                kept_seconds = max(kept_seconds, record["seconds"])
+        if not pending:
+            self.wall += kept_seconds
+            return results
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        t0 = time.perf_counter()
+        workers = min(processes, len(pending))
+        self.say(f"{', '.join(head for _, head, _ in pending)}: side by side in {workers} processes ...")
+        error: BaseException | None = None
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_timed, job.fn, job.args, label, 1): (job, head) for job, head, label in pending}
+            for future in as_completed(futures):
+                job, head = futures[future]
+                try:
+                    result, seconds, cpu, threads = future.result()
+                except BaseException as e:  # the first error wins; jobs not yet started are dropped
+                    error = error or e
+                    for other in futures:
+                        other.cancel()
+                    continue
+                self._record(job.name, job.folder, head, result, seconds, cpu, threads)
+                results[job.name] = result
+        self.wall += time.perf_counter() - t0
+        if error is not None:
+            raise error
+        return {job.name: results[job.name] for job in jobs}
+
+
+def _timed(
+    fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], label: str, threads: int | None = None
+) -> tuple[dict[str, Any], float, float, int]:
+    """`fn(*args)` with training progress bars labelled `label` (and `threads` torch threads when given): its result,
+    wall and CPU seconds, and the torch threads it ran with. Runs in a side-by-side stage's process too."""
+    if threads:
+        torch.set_num_threads(threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    token = _LABEL.set(label)
+    try:
+        result = fn(*args)
+    finally:
+        _LABEL.reset(token)
+    return result, time.perf_counter() - t0, time.process_time() - c0, torch.get_num_threads()
 
 
 def print_line(message: str) -> None:
@@ -308,15 +406,22 @@ def pretrain(cfg: DemoConfig, data: str, folder: Path, data_dir: Path) -> dict[s
 
 
 def finetune(
-    cfg: DemoConfig, base: TrainConfig, init: str, data_dir: Path, folder: Path, data: str = ""
+    cfg: DemoConfig,
+    base: TrainConfig,
+    init: str,
+    data_dir: Path,
+    folder: Path,
+    data: str = "",
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `init` on the world's task split (clean captions or VQA; or `data`) and evaluate on the test split."""
+    """Fine-tune `init` on the world's task split (clean captions or VQA; or `data`) and evaluate on the test split.
+    `seed`: the fine-tune's own (default the demo's)."""
     train_cfg = base.replace(
         data=data or str(data_dir),
         data_split="",
         init=init,
         out_dir=str(folder),
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         threads=cfg.threads,
         eval_data=str(data_dir),
         eval_max_images=cfg.n_test,
@@ -682,33 +787,39 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
     return out
 
 
+_NOT_IDENTITY = ("threads", "processes")  # how a run uses the CPU, not what it computes
+
+
 def run_demo(
     out: Path | str,
     *,
     config: DemoConfig | str | Path | None = None,
     seed: int | None = None,
     threads: int | None = None,
+    processes: int | None = None,
     smoke: bool = False,
     ablations: bool = False,
     say: Callable[[str], None] = print_line,
 ) -> int:
     """Run (or resume) the demo into `out`; returns the exit code (0). `config`: a `DemoConfig`, a config file, or
-    None for `configs/demo_shapes.py`; `seed` and `threads` override the config's; `smoke` asks the file for toy
-    sizes; `ablations` adds the paper's ablations (`blip.demo.ablations`, about 3x the demo's time). A folder holding
-    a run of another config (threads aside) is refused with `DemoConfigError`."""
+    None for `configs/demo_shapes.py`; `seed`, `threads` and `processes` override the config's; `smoke` asks the file
+    for toy sizes; `ablations` adds the paper's ablations (`blip.demo.ablations`, about 3x the demo's time). A folder
+    holding a run of another config (threads and processes aside) is refused with `DemoConfigError`."""
     out = Path(out).resolve()  # every path a stage records is absolute, so the run works from any directory
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config, smoke=smoke)
     if seed is not None:
         cfg = cfg.replace(seed=seed)
     if threads is not None:
         cfg = cfg.replace(threads=threads)
+    if processes is not None:
+        cfg = cfg.replace(processes=processes)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "demo_config.json"
-    identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "threads"}
+    identity = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in _NOT_IDENTITY}
     if saved.is_file():
         # a field added since that run was saved has its default there (new fields default to the old behaviour)
         before = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(DemoConfig().to_dict())))
-        if {k: v for k, v in before.items() if k != "threads"} != identity:
+        if {k: v for k, v in before.items() if k not in _NOT_IDENTITY} != identity:
             raise DemoConfigError(f"{out} holds a demo run with another config; choose another --out or delete it")
     atomic_write_json(saved, cfg.to_dict())
     threads = torch.get_num_threads()
@@ -723,9 +834,10 @@ def run_demo(
 def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool = False) -> int:
     data_dir = out / "data"
     say(f"blip demo: CapFilt on the shapes world -> {out} (seed {cfg.seed}, {cfg.threads or 'default'} threads)")
-    from blip.demo.ablations import STAGES as ABLATION_STAGES
+    from blip.demo.ablations import stage_count
 
-    stages = Stages(total=10 + (cfg.vision is not None) + (ABLATION_STAGES if ablations else 0), say=say)
+    added = 2 * (cfg.caption_finetunes - 1) + (stage_count(cfg) if ablations else 0)
+    stages = Stages(total=10 + (cfg.vision is not None) + added, say=say)
     world = stages.run(
         "data",
         data_dir,
@@ -749,18 +861,30 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         f"pretrain on web + clean captions ({cfg.pretrain.max_steps} steps)",
         lambda: pretrain(cfg, web_data, out / "web" / "pretrain", data_dir),
     )
-    cap_web = stages.run(
-        "captioner",
-        out / "web" / "caption",
-        "fine-tune the captioner (LM on clean captions)",
-        lambda: finetune(cfg, cfg.caption, pre_web["checkpoint"], data_dir, out / "web" / "caption"),
-    )
-    filt = stages.run(
-        "filter",
-        out / "filter",
-        "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
-        lambda: train_filter(cfg, pre_web["checkpoint"], data_dir, out / "filter"),
-    )
+    # after the web pretraining: the filter, the web arm's VQA fine-tune, the captioner (its first captioning
+    # fine-tune) and its other captioning fine-tunes need nothing of each other (longest first: side by side, the
+    # group ends sooner)
+    side = side_by_side_config(cfg)
+    web_jobs = [
+        Job(
+            "filter",
+            out / "filter",
+            "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
+            train_filter,
+            (side, pre_web["checkpoint"], data_dir, out / "filter"),
+        ),
+        vqa_job(side, "web", pre_web["checkpoint"], data_dir, out / "web"),
+        Job(
+            "captioner",
+            out / "web" / "caption",
+            "fine-tune the captioner (LM on clean captions)",
+            finetune,
+            (side, cfg.caption, pre_web["checkpoint"], data_dir, out / "web" / "caption"),
+        ),
+        *caption_jobs(side, "web", pre_web["checkpoint"], data_dir, out / "web", first=1),
+    ]
+    done = stages.run_side_by_side(web_jobs, cfg.processes)
+    cap_web, filt = done["captioner"], done["filter"]
     capfilt = stages.run(
         "capfilt",
         out / "capfilt_data",
@@ -773,20 +897,19 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         f"pretrain from scratch on the bootstrapped data ({cfg.pretrain.max_steps} steps)",
         lambda: pretrain(cfg, capfilt["dataset"], out / "capfilt" / "pretrain", data_dir),
     )
-    cap_cf = stages.run(
-        "caption_capfilt",
-        out / "capfilt" / "caption",
-        "fine-tune the CapFilt model for captioning",
-        lambda: finetune(cfg, cfg.caption, pre_cf["checkpoint"], data_dir, out / "capfilt" / "caption"),
-    )
-    vqa = {}
-    for arm, pre in (("web", pre_web), ("capfilt", pre_cf)):
-        vqa[arm] = stages.run(
-            f"vqa_{arm}",
-            out / arm / "vqa",
-            f"fine-tune the {arm} model for VQA",
-            lambda pre=pre, arm=arm: finetune(cfg, cfg.vqa, pre["checkpoint"], data_dir, out / arm / "vqa"),
-        )
+    cf_jobs = [
+        vqa_job(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
+        *caption_jobs(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
+    ]
+    done_cf = stages.run_side_by_side(cf_jobs, cfg.processes)
+    results = {
+        "web": {"pretrain": pre_web, "captions": [done[j.name] for j in web_jobs[2:]], "vqa": done["vqa_web"]},
+        "capfilt": {
+            "pretrain": pre_cf,
+            "captions": [done_cf[j.name] for j in cf_jobs[1:]],
+            "vqa": done_cf["vqa_capfilt"],
+        },
+    }
     analysis = analyse_capfilt(out / "capfilt_data", filt["threshold"])
     metrics: dict[str, Any] = {
         "seed": cfg.seed,
@@ -794,9 +917,9 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         "filter_recall": analysis["web"]["recall"],
         "filter_definition": FILTER_DEFINITION,
     }
-    for arm, pre, cap in (("web", pre_web, cap_web), ("capfilt", pre_cf, cap_cf)):
-        metrics[arm] = arm_result({"pretrain": pre, "caption": cap, "vqa": vqa[arm]})
-    demo_seconds = sum(stages.timings.values())  # the demo's own stages, what `make demo` takes
+    for arm in ARMS:
+        metrics[arm] = arm_result(results[arm])
+    demo_seconds = stages.wall  # the demo's own stages, what `make demo` takes
     if ablations:
         from blip.demo.ablations import findings, run_ablations
 
@@ -816,11 +939,12 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     metrics["capfilt_summary"] = {k: capfilt[k] for k in ("web_kept", "synthetic_kept", "clean_texts", "texts_out")}
     metrics["world"] = world
     metrics["timings"] = dict(stages.timings)
-    metrics["total_seconds"] = sum(stages.timings.values())
+    metrics["total_seconds"] = stages.wall
     metrics["demo_seconds"] = demo_seconds
     metrics["cpu_seconds"] = dict(stages.cpu)
     metrics["load_average"] = _load_average()
     metrics["threads"] = cfg.threads  # this invocation's; a resumed run's stages may have run with others
+    metrics["processes"] = cfg.processes
     metrics["stage_threads"] = dict(stages.threads)
     metrics["config"] = cfg.to_dict()
     atomic_write_json(out / "metrics.json", metrics)
@@ -831,36 +955,66 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     return 0
 
 
-def train_arm(
-    cfg: DemoConfig, stages: Stages, name: str, data: str, folder: Path, data_dir: Path
-) -> dict[str, dict[str, Any]]:
-    """One arm of a comparison: pretrain from scratch on `data`, then the captioning and VQA fine-tunes (3 stages)."""
+def side_by_side_config(cfg: DemoConfig) -> DemoConfig:
+    """The config a side-by-side stage runs with: one torch thread when `processes` > 1 (training sets its threads
+    from the config, so the worker's own setting would not hold)."""
+    return cfg.replace(threads=1) if cfg.processes > 1 else cfg
+
+
+def caption_jobs(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path, first: int = 0) -> list[Job]:
+    """An arm's captioning fine-tunes `first`.. of `cfg.caption_finetunes` from `init`: the first in `folder/caption`
+    with the demo's seed (stage `caption_<name>`), fine-tune k (from 2) in `folder/caption_<k>` with seed
+    `seed + 1000 (k - 1)` (stage `caption_<name>_<k>`)."""
+    jobs = []
+    for k in range(first, cfg.caption_finetunes):
+        where, stage = (
+            (folder / "caption", f"caption_{name}")
+            if k == 0
+            else (folder / f"caption_{k + 1}", f"caption_{name}_{k + 1}")
+        )
+        what = f"fine-tune the {name} model for captioning" + (
+            f" (fine-tune {k + 1}, seed {cfg.seed + 1000 * k})" if k else ""
+        )
+        jobs.append(
+            Job(stage, where, what, finetune, (cfg, cfg.caption, init, data_dir, where, "", cfg.seed + 1000 * k))
+        )
+    return jobs
+
+
+def vqa_job(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path) -> Job:
+    """An arm's VQA fine-tune from `init`, in `folder/vqa` (stage `vqa_<name>`)."""
+    return Job(
+        f"vqa_{name}",
+        folder / "vqa",
+        f"fine-tune the {name} model for VQA",
+        finetune,
+        (cfg, cfg.vqa, init, data_dir, folder / "vqa"),
+    )
+
+
+def train_arm(cfg: DemoConfig, stages: Stages, name: str, data: str, folder: Path, data_dir: Path) -> dict[str, Any]:
+    """One arm of a comparison: pretrain from scratch on `data`, then its captioning fine-tunes and VQA fine-tune
+    (side by side with `cfg.processes`): `{"pretrain": ..., "captions": [...], "vqa": ...}`."""
     pre = stages.run(
         f"pretrain_{name}",
         folder / "pretrain",
         f"pretrain from scratch on the {name} data ({cfg.pretrain.max_steps} steps)",
         lambda: pretrain(cfg, data, folder / "pretrain", data_dir),
     )
-    cap = stages.run(
-        f"caption_{name}",
-        folder / "caption",
-        f"fine-tune the {name} model for captioning",
-        lambda: finetune(cfg, cfg.caption, pre["checkpoint"], data_dir, folder / "caption"),
-    )
-    vqa = stages.run(
-        f"vqa_{name}",
-        folder / "vqa",
-        f"fine-tune the {name} model for VQA",
-        lambda: finetune(cfg, cfg.vqa, pre["checkpoint"], data_dir, folder / "vqa"),
-    )
-    return {"pretrain": pre, "caption": cap, "vqa": vqa}
+    side = side_by_side_config(cfg)
+    captions = caption_jobs(side, name, pre["checkpoint"], data_dir, folder)
+    done = stages.run_side_by_side([vqa_job(side, name, pre["checkpoint"], data_dir, folder), *captions], cfg.processes)
+    return {"pretrain": pre, "captions": [done[job.name] for job in captions], "vqa": done[f"vqa_{name}"]}
 
 
-def arm_result(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """An arm's headline numbers (CIDEr, BLEU-4, VQA accuracy, zero-shot R@1) and its pretraining run."""
+def arm_result(results: dict[str, Any]) -> dict[str, Any]:
+    """An arm's headline numbers (CIDEr, BLEU-4 and ROUGE-L: the mean of its captioning fine-tunes, each one's in
+    `caption_finetunes`; VQA accuracy; zero-shot R@1) and its pretraining run."""
     pre = results["pretrain"]
+    draws = [_headline("caption", r["test"]["caption"]) for r in results["captions"]]
     return {
-        **_headline("caption", results["caption"]["test"]["caption"]),
+        **{key: sum(d[key] for d in draws) / len(draws) for key in draws[0]},
+        "caption_finetunes": draws,
         **_headline("vqa", results["vqa"]["test"]["vqa"]),
         **_headline("retrieval", pre["test"]["retrieval"]),
         "pretrain_pairs": pre["pairs"],
@@ -895,5 +1049,9 @@ def summary_text(m: dict[str, Any]) -> str:
     ):
         chance = m["baselines"]["chance"][key]
         lines.append(f"{name:14s}{m['web'][key]:9.1f}{m['capfilt'][key]:9.1f}{chance:9.1f}")
-    lines.append(f"total {m['total_seconds'] / 60:.1f} min on {m['threads'] or 'default'} threads")
+    draws = len(m["web"].get("caption_finetunes", [None]))
+    if draws > 1:
+        lines.append(f"CIDEr, BLEU-4: the mean of {draws} captioning fine-tunes per arm, each with its own seed")
+    side = f", fine-tunes {m['processes']} side by side" if m.get("processes", 1) > 1 else ""
+    lines.append(f"total {m['total_seconds'] / 60:.1f} min on {m['threads'] or 'default'} threads{side}")
     return "\n".join(lines)
