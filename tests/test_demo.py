@@ -100,11 +100,11 @@ def test_an_arms_captioning_numbers_are_the_mean_of_its_fine_tunes_each_with_its
 
 
 def test_stages_side_by_side_run_in_one_thread_processes_keep_finished_ones_and_raise_a_failure(tmp_path):
-    from blip.demo.stages import Job, Stages
+    from blip.demo.stages import Stage, Stages
 
     lines: list[str] = []
     stages = Stages(total=3, say=lines.append)
-    jobs = [Job(n, tmp_path / n, f"parse {n}", json.loads, (json.dumps({"n": n}),)) for n in ("a", "b", "c")]
+    jobs = [Stage(n, tmp_path / n, f"parse {n}", json.loads, (json.dumps({"n": n}),)) for n in ("a", "b", "c")]
     t0 = time.perf_counter()
     assert stages.run_side_by_side(jobs, processes=2) == {n: {"n": n} for n in ("a", "b", "c")}
     elapsed = time.perf_counter() - t0
@@ -112,13 +112,16 @@ def test_stages_side_by_side_run_in_one_thread_processes_keep_finished_ones_and_
     assert max(stages.timings.values()) <= stages.wall <= elapsed  # the group's wall time, once
     for n in ("a", "b", "c"):
         assert json.loads((tmp_path / n / "stage.json").read_text())["result"] == {"n": n}
-    # a rerun keeps them: the job is not called again (it would fail now)
+    # a rerun keeps them: the function is not called again (it would fail now)
     again = Stages(total=3, say=lines.append)
-    broken = [Job(n, tmp_path / n, "", json.loads, ("not json",)) for n in ("a", "b", "c")]
+    broken = [Stage(n, tmp_path / n, "", json.loads, ("not json",)) for n in ("a", "b", "c")]
     assert again.run_side_by_side(broken, processes=2) == {n: {"n": n} for n in ("a", "b", "c")}
     assert sum(line.endswith("- kept") for line in lines) == 3
-    # one job fails: its error is raised, the other's stage is kept for the next run
-    mixed = [Job("ok", tmp_path / "ok", "", json.loads, ("[1]",)), Job("bad", tmp_path / "bad", "", json.loads, ("{",))]
+    # one stage fails: its error is raised, the other's stage is kept for the next run
+    mixed = [
+        Stage("ok", tmp_path / "ok", "", json.loads, ("[1]",)),
+        Stage("bad", tmp_path / "bad", "", json.loads, ("{",)),
+    ]
     with pytest.raises(json.JSONDecodeError):
         Stages(total=2, say=lines.append).run_side_by_side(mixed, processes=2)
     assert (tmp_path / "ok" / "stage.json").is_file() and not (tmp_path / "bad" / "stage.json").exists()

@@ -176,8 +176,9 @@ def load_demo_config(path: str | Path | None = None, *, smoke: bool = False) -> 
 
 
 @dataclass(frozen=True)
-class Job:
-    """A stage that can run in another process: `fn(*args)` (a module-level function, picklable arguments)."""
+class Stage:
+    """A stage `Stages.run_side_by_side` may run in another process: `fn(*args)` (a module-level function, picklable
+    arguments), its results in `folder`."""
 
     name: str
     folder: Path
@@ -234,25 +235,26 @@ class Stages:
         self.wall += seconds
         return result
 
-    def run_side_by_side(self, jobs: list[Job], processes: int) -> dict[str, dict[str, Any]]:
-        """Every job's result by name. With `processes` > 1 the unfinished jobs run in that many spawned processes of
-        one torch thread each (on 2 cores two one-thread fine-tunes side by side take ~72% of their time one after
-        another with two threads); else one after another here, as `run`. A job that fails stops the others not yet
-        started and is raised once the running ones are done (their stages are kept)."""
+    def run_side_by_side(self, group: list[Stage], processes: int) -> dict[str, dict[str, Any]]:
+        """Every stage's result by name. With `processes` > 1 the unfinished stages run in that many spawned
+        processes of one torch thread each (on 2 cores two one-thread fine-tunes side by side take ~72% of their time
+        one after another with two threads); else one after another here, as `run`. A stage that fails stops the
+        others not yet started and its error is raised once the running ones are done (their markers are written)."""
         if processes <= 1:
             return {
-                job.name: self.run(job.name, job.folder, job.what, functools.partial(job.fn, *job.args)) for job in jobs
+                stage.name: self.run(stage.name, stage.folder, stage.what, functools.partial(stage.fn, *stage.args))
+                for stage in group
             }
         results: dict[str, dict[str, Any]] = {}
-        pending: list[tuple[Job, str, str]] = []
+        pending: list[tuple[Stage, str, str]] = []
         kept_seconds = 0.0
-        for job in jobs:
-            head = self._head(job.name)
-            record = self._kept(job.name, job.folder, head)
+        for stage in group:
+            head = self._head(stage.name)
+            record = self._kept(stage.name, stage.folder, head)
             if record is None:
-                pending.append((job, head, f"demo {self.count}/{self.total} {job.name}"))
+                pending.append((stage, head, f"demo {self.count}/{self.total} {stage.name}"))
             else:
-                results[job.name] = record["result"]
+                results[stage.name] = record["result"]
                 kept_seconds = max(kept_seconds, record["seconds"])
         if not pending:
             self.wall += kept_seconds
@@ -265,22 +267,24 @@ class Stages:
         self.say(f"{', '.join(head for _, head, _ in pending)}: side by side in {workers} processes ...")
         error: BaseException | None = None
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_timed, job.fn, job.args, label, 1): (job, head) for job, head, label in pending}
+            futures = {
+                pool.submit(_timed, stage.fn, stage.args, label, 1): (stage, head) for stage, head, label in pending
+            }
             for future in as_completed(futures):
-                job, head = futures[future]
+                stage, head = futures[future]
                 try:
                     result, seconds, cpu, threads = future.result()
-                except BaseException as e:  # the first error wins; jobs not yet started are dropped
+                except BaseException as e:  # the first error wins; stages not yet started are dropped
                     error = error or e
                     for other in futures:
                         other.cancel()
                     continue
-                self._record(job.name, job.folder, head, result, seconds, cpu, threads)
-                results[job.name] = result
+                self._record(stage.name, stage.folder, head, result, seconds, cpu, threads)
+                results[stage.name] = result
         self.wall += time.perf_counter() - t0
         if error is not None:
             raise error
-        return {job.name: results[job.name] for job in jobs}
+        return {stage.name: results[stage.name] for stage in group}
 
 
 def _timed(
@@ -865,25 +869,25 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     # fine-tune) and its other captioning fine-tunes need nothing of each other (longest first: side by side, the
     # group ends sooner)
     side = side_by_side_config(cfg)
-    web_jobs = [
-        Job(
+    web_group = [
+        Stage(
             "filter",
             out / "filter",
             "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
             train_filter,
             (side, pre_web["checkpoint"], data_dir, out / "filter"),
         ),
-        vqa_job(side, "web", pre_web["checkpoint"], data_dir, out / "web"),
-        Job(
+        vqa_stage(side, "web", pre_web["checkpoint"], data_dir, out / "web"),
+        Stage(
             "captioner",
             out / "web" / "caption",
             "fine-tune the captioner (LM on clean captions)",
             finetune,
             (side, cfg.caption, pre_web["checkpoint"], data_dir, out / "web" / "caption"),
         ),
-        *caption_jobs(side, "web", pre_web["checkpoint"], data_dir, out / "web", first=1),
+        *caption_stages(side, "web", pre_web["checkpoint"], data_dir, out / "web", first=1),
     ]
-    done = stages.run_side_by_side(web_jobs, cfg.processes)
+    done = stages.run_side_by_side(web_group, cfg.processes)
     cap_web, filt = done["captioner"], done["filter"]
     capfilt = stages.run(
         "capfilt",
@@ -897,16 +901,16 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         f"pretrain from scratch on the bootstrapped data ({cfg.pretrain.max_steps} steps)",
         lambda: pretrain(cfg, capfilt["dataset"], out / "capfilt" / "pretrain", data_dir),
     )
-    cf_jobs = [
-        vqa_job(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
-        *caption_jobs(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
+    cf_group = [
+        vqa_stage(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
+        *caption_stages(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
     ]
-    done_cf = stages.run_side_by_side(cf_jobs, cfg.processes)
+    done_cf = stages.run_side_by_side(cf_group, cfg.processes)
     results = {
-        "web": {"pretrain": pre_web, "captions": [done[j.name] for j in web_jobs[2:]], "vqa": done["vqa_web"]},
+        "web": {"pretrain": pre_web, "captions": [done[stage.name] for stage in web_group[2:]], "vqa": done["vqa_web"]},
         "capfilt": {
             "pretrain": pre_cf,
-            "captions": [done_cf[j.name] for j in cf_jobs[1:]],
+            "captions": [done_cf[stage.name] for stage in cf_group[1:]],
             "vqa": done_cf["vqa_capfilt"],
         },
     }
@@ -961,7 +965,7 @@ def side_by_side_config(cfg: DemoConfig) -> DemoConfig:
     return cfg.replace(threads=1) if cfg.processes > 1 else cfg
 
 
-def caption_jobs(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path, first: int = 0) -> list[Job]:
+def caption_stages(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path, first: int = 0) -> list[Stage]:
     """An arm's captioning fine-tunes `first`.. of `cfg.caption_finetunes` from `init`: the first in `folder/caption`
     with the demo's seed (stage `caption_<name>`), fine-tune k (from 2) in `folder/caption_<k>` with seed
     `seed + 1000 (k - 1)` (stage `caption_<name>_<k>`)."""
@@ -976,14 +980,14 @@ def caption_jobs(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: 
             f" (fine-tune {k + 1}, seed {cfg.seed + 1000 * k})" if k else ""
         )
         jobs.append(
-            Job(stage, where, what, finetune, (cfg, cfg.caption, init, data_dir, where, "", cfg.seed + 1000 * k))
+            Stage(stage, where, what, finetune, (cfg, cfg.caption, init, data_dir, where, "", cfg.seed + 1000 * k))
         )
     return jobs
 
 
-def vqa_job(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path) -> Job:
+def vqa_stage(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path) -> Stage:
     """An arm's VQA fine-tune from `init`, in `folder/vqa` (stage `vqa_<name>`)."""
-    return Job(
+    return Stage(
         f"vqa_{name}",
         folder / "vqa",
         f"fine-tune the {name} model for VQA",
@@ -1002,9 +1006,11 @@ def train_arm(cfg: DemoConfig, stages: Stages, name: str, data: str, folder: Pat
         lambda: pretrain(cfg, data, folder / "pretrain", data_dir),
     )
     side = side_by_side_config(cfg)
-    captions = caption_jobs(side, name, pre["checkpoint"], data_dir, folder)
-    done = stages.run_side_by_side([vqa_job(side, name, pre["checkpoint"], data_dir, folder), *captions], cfg.processes)
-    return {"pretrain": pre, "captions": [done[job.name] for job in captions], "vqa": done[f"vqa_{name}"]}
+    captions = caption_stages(side, name, pre["checkpoint"], data_dir, folder)
+    done = stages.run_side_by_side(
+        [vqa_stage(side, name, pre["checkpoint"], data_dir, folder), *captions], cfg.processes
+    )
+    return {"pretrain": pre, "captions": [done[stage.name] for stage in captions], "vqa": done[f"vqa_{name}"]}
 
 
 def arm_result(results: dict[str, Any]) -> dict[str, Any]:
