@@ -74,6 +74,13 @@ def test_single_commands_batch_size(command, tmp_path, capsys):
         assert one_line(capsys.readouterr().err) == f"blip {command}: error: --batch-size must be >= 1, got {value}"
 
 
+@pytest.mark.parametrize("flag", ["--threads", "--processes"])
+def test_demo_counts(tmp_path, capsys, flag):
+    assert main(["demo", "--smoke", "--out", str(tmp_path / "never-written"), flag, "0"]) == 2
+    assert one_line(capsys.readouterr().err) == f"blip demo: error: {flag} must be >= 1, got 0"
+    assert not (tmp_path / "never-written").exists()
+
+
 @pytest.mark.parametrize("flag", ["--top-k", "--nprobe", "--ef-search"])
 def test_retrieve_counts(tmp_path, capsys, flag):
     assert retrieve_main(["a dog", "--index", str(tmp_path), flag, "0"]) == 2

@@ -869,15 +869,7 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
     # fine-tune) and its other captioning fine-tunes need nothing of each other (longest first: side by side, the
     # group ends sooner)
     side = side_by_side_config(cfg)
-    web_group = [
-        Stage(
-            "filter",
-            out / "filter",
-            "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
-            train_filter,
-            (side, pre_web["checkpoint"], data_dir, out / "filter"),
-        ),
-        vqa_stage(side, "web", pre_web["checkpoint"], data_dir, out / "web"),
+    web_captions = [
         Stage(
             "captioner",
             out / "web" / "caption",
@@ -887,6 +879,14 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         ),
         *caption_stages(side, "web", pre_web["checkpoint"], data_dir, out / "web", first=1),
     ]
+    filter_stage = Stage(
+        "filter",
+        out / "filter",
+        "fine-tune the filter (ITC + ITM on clean captions, written negatives), choose its threshold",
+        train_filter,
+        (side, pre_web["checkpoint"], data_dir, out / "filter"),
+    )
+    web_group = [filter_stage, vqa_stage(side, "web", pre_web["checkpoint"], data_dir, out / "web"), *web_captions]
     done = stages.run_side_by_side(web_group, cfg.processes)
     cap_web, filt = done["captioner"], done["filter"]
     capfilt = stages.run(
@@ -901,18 +901,12 @@ def _run(cfg: DemoConfig, out: Path, say: Callable[[str], None], ablations: bool
         f"pretrain from scratch on the bootstrapped data ({cfg.pretrain.max_steps} steps)",
         lambda: pretrain(cfg, capfilt["dataset"], out / "capfilt" / "pretrain", data_dir),
     )
-    cf_group = [
-        vqa_stage(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
-        *caption_stages(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"),
-    ]
-    done_cf = stages.run_side_by_side(cf_group, cfg.processes)
+    cf_captions = caption_stages(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt")
+    cf_group = [vqa_stage(side, "capfilt", pre_cf["checkpoint"], data_dir, out / "capfilt"), *cf_captions]
+    done.update(stages.run_side_by_side(cf_group, cfg.processes))
     results = {
-        "web": {"pretrain": pre_web, "captions": [done[stage.name] for stage in web_group[2:]], "vqa": done["vqa_web"]},
-        "capfilt": {
-            "pretrain": pre_cf,
-            "captions": [done_cf[stage.name] for stage in cf_group[1:]],
-            "vqa": done_cf["vqa_capfilt"],
-        },
+        "web": {"pretrain": pre_web, "captions": [done[c.name] for c in web_captions], "vqa": done["vqa_web"]},
+        "capfilt": {"pretrain": pre_cf, "captions": [done[c.name] for c in cf_captions], "vqa": done["vqa_capfilt"]},
     }
     analysis = analyse_capfilt(out / "capfilt_data", filt["threshold"])
     metrics: dict[str, Any] = {
@@ -969,20 +963,16 @@ def caption_stages(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder
     """An arm's captioning fine-tunes `first`.. of `cfg.caption_finetunes` from `init`: the first in `folder/caption`
     with the demo's seed (stage `caption_<name>`), fine-tune k (from 2) in `folder/caption_<k>` with seed
     `seed + 1000 (k - 1)` (stage `caption_<name>_<k>`)."""
-    jobs = []
+    out = []
     for k in range(first, cfg.caption_finetunes):
-        where, stage = (
-            (folder / "caption", f"caption_{name}")
-            if k == 0
-            else (folder / f"caption_{k + 1}", f"caption_{name}_{k + 1}")
-        )
-        what = f"fine-tune the {name} model for captioning" + (
-            f" (fine-tune {k + 1}, seed {cfg.seed + 1000 * k})" if k else ""
-        )
-        jobs.append(
-            Stage(stage, where, what, finetune, (cfg, cfg.caption, init, data_dir, where, "", cfg.seed + 1000 * k))
-        )
-    return jobs
+        seed = cfg.seed + 1000 * k
+        if k == 0:
+            where, name_k, what = folder / "caption", f"caption_{name}", f"fine-tune the {name} model for captioning"
+        else:
+            where, name_k = folder / f"caption_{k + 1}", f"caption_{name}_{k + 1}"
+            what = f"fine-tune the {name} model for captioning (fine-tune {k + 1}, seed {seed})"
+        out.append(Stage(name_k, where, what, finetune, (cfg, cfg.caption, init, data_dir, where, "", seed)))
+    return out
 
 
 def vqa_stage(cfg: DemoConfig, name: str, init: str, data_dir: Path, folder: Path) -> Stage:
