@@ -219,12 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-COUNT_FLAGS = (
-    "batch_size",
-    "image_size",
-    "threads",
-    "processes",
-)  # integer flags that must be >= 1 where a command has them
+# integer flags that must be >= 1 where a command has them
+COUNT_FLAGS = ("batch_size", "image_size", "threads", "processes")
 
 
 def _check_counts(args: argparse.Namespace) -> None:

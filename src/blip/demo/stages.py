@@ -94,7 +94,8 @@ class DemoConfig:
     vqa: TrainConfig = field(default_factory=lambda: TrainConfig(task="vqa"))
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
     # captioning fine-tunes per arm, each with its own seed (the first with the demo's: the web arm's first is the
-    # captioner); an arm's CIDEr, BLEU-4 and ROUGE-L are their mean. One fine-tune's CIDEr swings by ~10 with its seed
+    # captioner); an arm's CIDEr, BLEU-4 and ROUGE-L are their mean. One fine-tune's CIDEr moved by up to 14 with
+    # its seed
     caption_finetunes: int = 1
     # Clean images held out of the filter's training (and of pretraining, which it starts from) to choose its
     # threshold on: images pretraining has read score higher than the web's, and the threshold came out too strict.
@@ -266,9 +267,10 @@ class Stages:
         workers = min(processes, len(pending))
         self.say(f"{', '.join(head for _, head, _ in pending)}: side by side in {workers} processes ...")
         error: BaseException | None = None
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {
-                pool.submit(_timed, stage.fn, stage.args, label, 1): (stage, head) for stage, head, label in pending
+                pool.submit(_timed, stage.fn, stage.args, label): (stage, head) for stage, head, label in pending
             }
             for future in as_completed(futures):
                 stage, head = futures[future]
@@ -288,12 +290,10 @@ class Stages:
 
 
 def _timed(
-    fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], label: str, threads: int | None = None
+    fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], label: str
 ) -> tuple[dict[str, Any], float, float, int]:
-    """`fn(*args)` with training progress bars labelled `label` (and `threads` torch threads when given): its result,
-    wall and CPU seconds, and the torch threads it ran with. Runs in a side-by-side stage's process too."""
-    if threads:
-        torch.set_num_threads(threads)
+    """`fn(*args)` with training progress bars labelled `label`: its result, wall and CPU seconds, and the torch
+    threads it ran with. Runs in a side-by-side stage's process too."""
     t0, c0 = time.perf_counter(), time.process_time()
     token = _LABEL.set(label)
     try:

@@ -65,9 +65,14 @@ class _ImageRows(Dataset):
     def _decode(self, row: Any) -> Any:
         return load_image(row.image)
 
+    @staticmethod
+    def _epoch_index(key: tuple[int, int] | int) -> tuple[int, int]:
+        """A sampler key: (epoch, index), or a bare index (epoch 0)."""
+        return key if isinstance(key, tuple) else (0, key)
+
     def _decoded(self, key: tuple[int, int] | int) -> tuple[Any, Any, random.Random]:
         """(row, its decoded image(s), the sample's RNG) for `key`, skipping rows that fail to decode."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = self._epoch_index(key)
         for attempt in range(len(self.rows)):
             i = (index + attempt) % len(self.rows)
             if i in self._bad:
@@ -86,7 +91,7 @@ class _ImageRows(Dataset):
     def _load(self, key: tuple[int, int] | int) -> tuple[Any, torch.Tensor, random.Random]:
         """(row, its pixels, the sample's RNG) for `key`: from the cache, or decoded (and then cached while there is
         room)."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = self._epoch_index(key)
         row = self.rows[index]
         name = row.image if isinstance(row.image, str) else index
         pixels = self._cache.get(name)
